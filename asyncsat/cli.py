@@ -1,0 +1,152 @@
+"""The command line: parse, build Settings, call the daemon or one database command.
+
+Exit codes: 0 success, 2 bad usage or input (one line on stderr, nothing written),
+1 any other failure (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import uvloop
+
+from asyncsat import __version__
+from asyncsat.config import LOG_FORMATS, LOG_LEVELS, Settings
+from asyncsat.errors import AsyncsatError, UsageError
+from asyncsat.logs import Redactor, configure
+from asyncsat.models import PROTOCOLS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage in one line, with exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _ids(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a download id: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a download id: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="asyncsat", description="Massive, resumable satellite data downloads "
+                "tracked in PostgreSQL.")
+    p.add_argument("--version", action="version", version=f"asyncsat {__version__}")
+    p.add_argument("--dsn", help="PostgreSQL DSN (default: ASYNCSAT_DSN, else embedded server)")
+    p.add_argument("--home", help="state directory (default: ASYNCSAT_HOME, else "
+                   "~/.local/share/asyncsat)")
+    p.add_argument("--log-format", choices=LOG_FORMATS)
+    p.add_argument("--log-level", choices=LOG_LEVELS)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("init", help="create or upgrade the schema")
+
+    prov = sub.add_parser("provider", help="manage providers").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    padd = prov.add_parser("add", help="add a provider")
+    padd.add_argument("name")
+    padd.add_argument("--protocol", required=True, choices=PROTOCOLS)
+    padd.add_argument("--url")
+    padd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    prov.add_parser("list", help="list providers").add_argument("--json", action="store_true")
+
+    cred = sub.add_parser("credential", help="manage credentials").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    cadd = cred.add_parser("add", help="add (or update) an account of a provider")
+    cadd.add_argument("provider")
+    cadd.add_argument("--user", required=True)
+    secret = cadd.add_mutually_exclusive_group(required=True)
+    secret.add_argument("--password-env", metavar="VAR")
+    secret.add_argument("--password-file", metavar="PATH")
+    secret.add_argument("--password-stdin", action="store_true")
+    cadd.add_argument("--max-connections", type=_positive)
+    cred.add_parser("list", help="list credentials").add_argument("--json", action="store_true")
+
+    get = sub.add_parser("get", help="queue URLs for download")
+    get.add_argument("urls", nargs="+", metavar="URL")
+    get.add_argument("--provider")
+    get.add_argument("--dest")
+    get.add_argument("--checksum", metavar="ALGO:HEX")
+    get.add_argument("--wait", action="store_true",
+                     help="download now (or wait for the daemon); exit 0 only if all are done")
+
+    search = sub.add_parser("search", help="search a provider's catalog")
+    search.add_argument("provider")
+    search.add_argument("--collection", required=True)
+    search.add_argument("--start")
+    search.add_argument("--end")
+    area = search.add_mutually_exclusive_group()
+    area.add_argument("--bbox")
+    area.add_argument("--wkt")
+    search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
+    search.add_argument("--limit", type=_positive)
+    search.add_argument("--dest")
+
+    status = sub.add_parser("status", help="show downloads")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--request", type=_ids)
+    status.add_argument("--watch", action="store_true")
+
+    retry = sub.add_parser("retry", help="queue failed downloads again")
+    retry.add_argument("ids", nargs="*", type=_ids, default=[], metavar="ID")
+    retry.add_argument("--failed", action="store_true", help="every failed download")
+
+    cancel = sub.add_parser("cancel", help="cancel downloads")
+    cancel.add_argument("ids", nargs="+", type=_ids, metavar="ID")
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--exit-when-idle", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    redactor = Redactor()
+    try:
+        args = build_parser().parse_args(argv)
+        settings = Settings.from_env(os.environ, dsn=args.dsn, home=args.home,
+                                     log_format=args.log_format, log_level=args.log_level)
+        redactor.add(settings.dsn)
+        configure(redactor, fmt=settings.log_format, level=settings.log_level)
+        return uvloop.run(_dispatch(args, settings, redactor))
+    except UsageError as exc:
+        _fail(redactor, exc.message)
+        return 2
+    except AsyncsatError as exc:
+        _fail(redactor, exc.message)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(redactor: Redactor, message: str) -> None:
+    line = " ".join(redactor(message).split())
+    print(f"asyncsat: error: {line}", file=sys.stderr)
+
+
+async def _dispatch(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    from asyncsat import commands  # imports the database layer only when needed
+
+    command = args.command if not hasattr(args, "action") else f"{args.command}_{args.action}"
+    handler = getattr(commands, command)
+    result: int = await handler(args, settings, redactor)
+    return result

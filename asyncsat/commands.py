@@ -1,0 +1,252 @@
+"""One coroutine per CLI command. Input is validated before anything is written."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from asyncsat import checksums, daemon, intake
+from asyncsat.config import Settings
+from asyncsat.db import queries
+from asyncsat.db.listener import DaemonLocked
+from asyncsat.errors import AsyncsatError, UsageError
+from asyncsat.logs import Redactor
+from asyncsat.models import TERMINAL
+from asyncsat.render import ProgressBar, status_table
+
+
+def _emit(data: object) -> None:
+    print(json.dumps(data, default=str, indent=None))
+
+
+# -- schema, providers, credentials ---------------------------------------------------------
+
+async def init(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    async with daemon.connection(settings, init=True):
+        pass
+    print("asyncsat schema is up to date")
+    return 0
+
+
+def _setting(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"invalid --set {text!r}: use KEY=VALUE")
+    try:
+        value: object = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+async def provider_add(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    config = dict(_setting(s) for s in args.set)
+    url = args.url
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https", "ftp", "ftps") or not parts.hostname:
+            raise UsageError(f"invalid provider URL {url!r}: use http(s):// or ftp:// with a host")
+        if parts.username or parts.password:
+            raise UsageError("put logins in a credential (asyncsat credential add), not the URL")
+    async with daemon.connection(settings) as conn:
+        provider = await queries.provider_add(conn, args.name, args.protocol, url, config)
+    print(f"provider {provider.name} added")
+    return 0
+
+
+async def provider_list(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    async with daemon.connection(settings) as conn:
+        providers = await queries.provider_list(conn)
+    if args.json:
+        _emit([{"name": p.name, "protocol": p.protocol, "url": p.url, "settings": p.settings,
+                "implicit": p.implicit} for p in providers])
+        return 0
+    for p in providers:
+        print(f"{p.name:<24} {p.protocol:<6} {p.url or '-'}" + ("  (implicit)" if p.implicit
+                                                                 else ""))
+    return 0
+
+
+def _read_secret(args: argparse.Namespace) -> str:
+    if args.password_env:
+        value = os.environ.get(args.password_env)
+        if not value:
+            raise UsageError(f"environment variable {args.password_env} is not set or empty")
+        return value
+    if args.password_file:
+        try:
+            text = Path(args.password_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise UsageError(f"cannot read password file {args.password_file}: {reason}") from None
+        source = f"password file {args.password_file}"
+    else:
+        text = sys.stdin.readline()
+        source = "standard input"
+    line = text.splitlines()[0] if text else ""
+    if not line:
+        raise UsageError(f"no password on the first line of {source}")
+    return line
+
+
+async def credential_add(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    secret = _read_secret(args)
+    redactor.add(secret)
+    async with daemon.connection(settings) as conn:
+        provider = await queries.provider_get(conn, args.provider)
+        if provider is None:
+            raise UsageError(f"unknown provider {args.provider!r}")
+        await queries.credential_upsert(conn, provider.id, args.user, secret,
+                                        args.max_connections)
+    print(f"credential {args.user} for {args.provider} saved")
+    return 0
+
+
+async def credential_list(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    async with daemon.connection(settings) as conn:
+        rows = await queries.credential_list(conn)
+    if args.json:
+        _emit([{k: r[k] for k in ("provider", "user", "max_connections", "enabled")}
+               for r in rows])
+        return 0
+    for r in rows:
+        state = "enabled" if r["enabled"] else "disabled"
+        print(f"{r['provider']:<24} {r['user']:<24} {r['max_connections']:>3} connections  {state}")
+    return 0
+
+
+# -- work -----------------------------------------------------------------------------------
+
+async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    urls = intake.parse_urls(args.urls)
+    for u in urls:
+        redactor.add(u.password)
+    checksum = checksums.parse(args.checksum) if args.checksum else None
+    if checksum is not None and len(urls) != 1:
+        raise UsageError("--checksum applies to exactly one URL")
+    dest = Path(args.dest).expanduser().absolute() if args.dest else settings.default_dest
+    async with daemon.connection(settings) as conn:
+        provider = None
+        if args.provider:
+            provider = await queries.provider_get(conn, args.provider)
+            if provider is None:
+                raise UsageError(f"unknown provider {args.provider!r}")
+        async with conn.transaction():
+            request_id = await queries.request_insert(
+                conn, provider_id=provider.id if provider else None, urls=[u.url for u in urls],
+                search=None, dest=str(dest), checksum=str(checksum) if checksum else None,
+                status="resolved")
+            ids = await intake.queue_urls(conn, request_id, urls, provider=provider,
+                                          dest=str(dest), checksum=checksum)
+    print(f"request {request_id}: {len(ids)} download(s) queued: "
+          + ", ".join(str(i) for i in ids), file=sys.stderr)
+    if not args.wait:
+        return 0
+    return await _wait(settings, redactor, request_id)
+
+
+async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
+    bar = ProgressBar()
+
+    async def request_final() -> bool:
+        async with daemon.connection(settings) as conn:
+            status, _e, counts = await queries.request_state(conn, request_id)
+        return status != "queued" and not set(counts) - TERMINAL
+
+    try:
+        await daemon.serve(settings, redactor, until=request_final, sink=bar)
+    except DaemonLocked:
+        print("a daemon is running: waiting for it to finish the downloads", file=sys.stderr)
+        await daemon.wait_for_request(settings, request_id, lambda _c: None)
+    async with daemon.connection(settings) as conn:
+        rows = await queries.status_rows(conn, request_id)
+    failed = 0
+    for r in rows:
+        if r["status"] == "done":
+            print(f"done    {r['path']}")
+        else:
+            failed += 1
+            print(f"{r['status']:<7} {r['url']}: {r['error'] or 'not finished'}")
+    return 0 if rows and not failed else 1
+
+
+async def search(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    async with daemon.connection(settings) as conn:
+        provider = await queries.provider_get(conn, args.provider)
+    if provider is None:
+        raise UsageError(f"unknown provider {args.provider!r}")
+    raise UsageError(f"catalog searches are not supported yet (provider protocol "
+                     f"{provider.protocol})")
+
+
+def _status_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    path = row["path"]
+    if path is None and row["name"]:
+        dest = Path(row["dest"]) if row["dest"] else settings.default_dest
+        path = str(dest / row["provider"] / row["name"])
+    return {
+        "id": row["id"], "request_id": row["request_id"], "provider": row["provider"],
+        "name": row["name"], "url": row["url"], "status": row["status"],
+        "bytes_done": row["bytes_done"], "size": row["size"], "attempts": row["attempts"],
+        "error": row["error"], "path": path,
+        "checksum": f"{row['checksum_algo']}:{row['checksum_value']}"
+        if row["checksum_algo"] else None,
+        "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat(),
+    }
+
+
+async def status(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    async with daemon.connection(settings) as conn:
+        if args.request is not None and not await queries.request_exists(conn, args.request):
+            raise UsageError(f"no request {args.request}")
+        while True:
+            rows = await queries.status_rows(conn, args.request)
+            if args.json:
+                _emit([_status_json(r, settings) for r in rows])
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\x1b[H\x1b[2J", end="")
+                print(redactor(status_table(rows)))
+            if not args.watch:
+                return 0
+            sys.stdout.flush()
+            await asyncio.sleep(1.0)
+
+
+async def _check_ids(conn: Any, ids: list[int]) -> None:
+    missing = await queries.downloads_missing(conn, ids)
+    if missing:
+        raise UsageError("no download " + ", ".join(str(i) for i in missing))
+
+
+async def retry(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    if args.failed == bool(args.ids):
+        raise UsageError("give either download ids or --failed")
+    async with daemon.connection(settings) as conn:
+        if args.ids:
+            await _check_ids(conn, args.ids)
+        count = await queries.retry(conn, None if args.failed else args.ids)
+    print(f"{count} download(s) queued again")
+    return 0
+
+
+async def cancel(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    async with daemon.connection(settings) as conn:
+        await _check_ids(conn, args.ids)
+        count = await queries.cancel(conn, args.ids)
+    print(f"{count} download(s) cancelled")
+    return 0
+
+
+async def run(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    try:
+        await daemon.serve(settings, redactor, exit_when_idle=args.exit_when_idle)
+    except DaemonLocked as exc:
+        raise AsyncsatError(exc.message) from None
+    return 0

@@ -1,0 +1,127 @@
+"""Settings: explicit data, read from the environment in `from_env`, never at import."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from asyncsat.errors import ConfigError
+
+LOG_FORMATS = ("json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    """`$XDG_DATA_HOME/asyncsat`, else `~/.local/share/asyncsat`."""
+    xdg = environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path(environ.get("HOME", str(Path.home()))) / ".local" / "share"
+    return base / "asyncsat"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the CLI and the daemon need to know before they touch the database."""
+
+    dsn: str | None = field(default=None, repr=False)
+    """PostgreSQL DSN; None starts (or reuses) the embedded server under `home`."""
+    home: Path = field(default_factory=lambda: default_home(os.environ))
+    """State directory: the embedded database lives in `home/pg`."""
+    dest: Path | None = None
+    """Default destination of downloads; None means `home/downloads`."""
+    log_format: str = "json"
+    """`json` (one object per line) or `console`."""
+    log_level: str = "info"
+    """Lowest level that is logged."""
+    chunk_size: int = 1 << 20
+    """Bytes read from the network and written to disk at a time."""
+    progress_interval: float = 1.0
+    """Seconds between two progress updates of a running download in the database."""
+    shutdown_timeout: float = 8.0
+    """Seconds granted to running transfers to stop cleanly on SIGTERM."""
+    listener_ping: float = 10.0
+    """Seconds of silence after which the LISTEN connection is checked."""
+
+    @property
+    def default_dest(self) -> Path:
+        return self.dest if self.dest is not None else self.home / "downloads"
+
+    def validate(self) -> Settings:
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log format must be one of {', '.join(LOG_FORMATS)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
+        if self.chunk_size < 4096:
+            raise ConfigError("chunk_size must be at least 4096")
+        return self
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: object) -> Settings:
+        """Build settings from ASYNCSAT_CONFIG (TOML), then ASYNCSAT_* variables, then overrides.
+
+        Overrides whose value is None are ignored.
+        """
+        values: dict[str, object] = {}
+        config_path = environ.get("ASYNCSAT_CONFIG")
+        if config_path:
+            values.update(_read_toml(Path(config_path)))
+        for key, var in (("dsn", "ASYNCSAT_DSN"), ("home", "ASYNCSAT_HOME"),
+                         ("dest", "ASYNCSAT_DEST")):
+            if environ.get(var):
+                values[key] = environ[var]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        defaults = cls(home=default_home(environ))
+        return cls(
+            dsn=_str(values, "dsn", defaults.dsn),
+            home=_path(values, "home") or defaults.home,
+            dest=_path(values, "dest"),
+            log_format=_str(values, "log_format", defaults.log_format) or "json",
+            log_level=_str(values, "log_level", defaults.log_level) or "info",
+            chunk_size=int(_num(values, "chunk_size", defaults.chunk_size)),
+            progress_interval=_num(values, "progress_interval", defaults.progress_interval),
+            shutdown_timeout=_num(values, "shutdown_timeout", defaults.shutdown_timeout),
+            listener_ping=_num(values, "listener_ping", defaults.listener_ping),
+        ).validate()
+
+
+def _str(values: Mapping[str, object], key: str, default: str | None) -> str | None:
+    value = values.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"setting {key} must be a string")
+    return value
+
+
+def _path(values: Mapping[str, object], key: str) -> Path | None:
+    value = values.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str | Path):
+        raise ConfigError(f"setting {key} must be a path")
+    return Path(value).expanduser().absolute()
+
+
+def _num(values: Mapping[str, object], key: str, default: float) -> float:
+    value = values.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"setting {key} must be a number")
+    return float(value)
+
+
+def _read_toml(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid config file {path}: {exc}") from None
+    section = data.get("asyncsat", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"invalid config file {path}: [asyncsat] must be a table")
+    known = set(Settings.__dataclass_fields__)
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting in {path}: {', '.join(unknown)}")
+    return dict(section)

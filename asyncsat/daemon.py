@@ -1,0 +1,123 @@
+"""The composition root: database, listener, engine, drivers and signals, wired together.
+
+Signals only set the stop event; the engine then stops claiming, cancels transfers
+(each puts its row back in the queue, its `.part` kept) and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import structlog
+
+from asyncsat.config import Settings
+from asyncsat.db import queries
+from asyncsat.db.embedded import ensure_server
+from asyncsat.db.listener import DaemonLocked, Listener
+from asyncsat.db.pool import apply_schema, connect, create_pool
+from asyncsat.db.store import Store
+from asyncsat.engine import Engine, ProgressSink, wait_any
+from asyncsat.logs import Redactor
+from asyncsat.models import TERMINAL
+from asyncsat.transfer.registry import Drivers
+
+log = structlog.get_logger("asyncsat")
+
+
+async def resolve_dsn(settings: Settings) -> str:
+    """The configured DSN, else the embedded server's (started when needed)."""
+    if settings.dsn:
+        return settings.dsn
+    return await asyncio.to_thread(ensure_server, settings.home)
+
+
+@asynccontextmanager
+async def connection(settings: Settings, *, init: bool = False) -> AsyncIterator[Any]:
+    """One connection for a CLI command; the schema is applied to an empty database."""
+    conn = await connect(await resolve_dsn(settings))
+    try:
+        await apply_schema(conn, always=init)
+        yield conn
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def _signals(stop: asyncio.Event) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, stop, sig)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    log.info("stop requested", signal=sig.name)
+    stop.set()
+
+
+async def serve(
+    settings: Settings, redactor: Redactor, *, exit_when_idle: bool = False,
+    until: Callable[[], Awaitable[bool]] | None = None, sink: ProgressSink | None = None,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT, a drained queue (`exit_when_idle`) or `until()`.
+
+    Raises DaemonLocked when another daemon serves the same database.
+    """
+    dsn = await resolve_dsn(settings)
+    redactor.add(dsn)
+    pool = await create_pool(dsn)
+    drivers = Drivers()
+    try:
+        async with pool.acquire() as conn:
+            await apply_schema(conn, always=False)
+        engine = Engine(Store(pool), settings, drivers, redactor, sink=sink)
+        listener = Listener(dsn, engine.notify, engine.rescan, ping=settings.listener_ping)
+        await listener.start()
+        stop = asyncio.Event()
+        log.info("daemon started", exit_when_idle=exit_when_idle)
+        async with _signals(stop), asyncio.TaskGroup() as group:
+            listening = group.create_task(listener.run(), name="listener")
+            try:
+                await engine.run(stop, exit_when_idle=exit_when_idle, until=until)
+            finally:
+                listening.cancel()
+        log.info("daemon stopped")
+    finally:
+        await drivers.aclose()
+        await pool.close()
+
+
+async def wait_for_request(settings: Settings, request_id: int,
+                           on_change: Callable[[dict[str, int]], None]) -> dict[str, int]:
+    """Wait until every download of a request is final (served by a running daemon)."""
+    changed = asyncio.Event()
+    conn = await connect(await resolve_dsn(settings))
+    try:
+        await conn.add_listener("asyncsat_status", lambda *_a: changed.set())
+        while True:
+            changed.clear()
+            status, _error, counts = await queries.request_state(conn, request_id)
+            on_change(counts)
+            if status != "queued" and not set(counts) - TERMINAL:
+                return counts
+            # the timeout is a safety net for a lost notification, not the wake-up path
+            await wait_any(changed, timeout=5.0)
+    finally:
+        with suppress(Exception):
+            await conn.close()
+
+
+async def daemon_running(settings: Settings) -> bool:
+    async with connection(settings) as conn:
+        return await queries.daemon_running(conn)
+
+
+__all__ = ["DaemonLocked", "connection", "daemon_running", "serve", "wait_for_request"]

@@ -1,0 +1,117 @@
+"""LISTEN on a dedicated connection, which also holds the single-daemon lock.
+
+The connection is checked with `SELECT 1` after `ping` seconds of silence. When it is
+lost, the listener reconnects with backoff, listens again, retakes the lock and calls
+`on_reconnect` so that the daemon re-scans: notifications sent meanwhile are not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from asyncsat.db import queries
+from asyncsat.db.pool import CONNECTION_ERRORS, connect
+from asyncsat.errors import AsyncsatError, DatabaseError
+
+CHANNEL = "asyncsat"
+log = structlog.get_logger("asyncsat.listener")
+
+
+class DaemonLocked(AsyncsatError):
+    """Another asyncsat daemon is running on this database."""
+
+
+class Listener:
+    """Calls `on_notify(payload)` for every NOTIFY on the asyncsat channel."""
+
+    def __init__(
+        self, dsn: str, on_notify: Callable[[dict[str, Any]], None],
+        on_reconnect: Callable[[], None], *, ping: float = 10.0, take_lock: bool = True,
+    ) -> None:
+        self._dsn = dsn
+        self._on_notify = on_notify
+        self._on_reconnect = on_reconnect
+        self._ping = ping
+        self._take_lock = take_lock
+        self._conn: Any = None
+        self._lost = asyncio.Event()
+        self._activity = asyncio.Event()
+
+    async def start(self) -> None:
+        """Connect, take the lock and LISTEN; DaemonLocked if another daemon holds the lock."""
+        conn = await connect(self._dsn)
+        try:
+            if self._take_lock and not await queries.try_daemon_lock(conn):
+                raise DaemonLocked()
+            await conn.add_listener(CHANNEL, self._notified)
+        except BaseException:
+            await conn.close()
+            raise
+        conn.add_termination_listener(lambda _c: self._lost.set())
+        self._conn = conn
+        self._lost.clear()
+
+    async def run(self) -> None:
+        """Watch the connection forever (cancel to stop); reconnect when it is lost."""
+        try:
+            while True:
+                await self._watch()
+                log.warning("database connection lost, reconnecting")
+                await self._close()
+                await self._reconnect()
+                log.info("database connection restored, re-scanning")
+                self._on_reconnect()
+        finally:
+            await self._close()
+
+    async def _watch(self) -> None:
+        while True:
+            self._activity.clear()
+            lost = asyncio.ensure_future(self._lost.wait())
+            active = asyncio.ensure_future(self._activity.wait())
+            try:
+                done, _ = await asyncio.wait({lost, active}, timeout=self._ping,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost.cancel()
+                active.cancel()
+            if self._lost.is_set():
+                return
+            if not done:
+                try:
+                    await self._conn.fetchval("SELECT 1", timeout=min(5.0, self._ping))
+                except (*CONNECTION_ERRORS, DatabaseError):
+                    return
+
+    async def _reconnect(self) -> None:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((DatabaseError, *CONNECTION_ERRORS)),
+            wait=wait_exponential_jitter(initial=0.2, max=10),
+        ):
+            with attempt:
+                await self.start()
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self._activity.set()
+        try:
+            data = json.loads(payload) if payload else {}
+        except ValueError:
+            data = {}
+        self._on_notify(data if isinstance(data, dict) else {})
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=2)
+            except CONNECTION_ERRORS:
+                conn.terminate()
+            except asyncio.CancelledError:
+                conn.terminate()
+                raise

@@ -1,0 +1,63 @@
+"""Connections: the pool for queries, single connections for LISTEN, schema application."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from asyncsat.errors import DatabaseError
+
+SCHEMA_LOCK = 0x61737973  # advisory lock key taken while the schema is applied
+
+# errors that mean "the server is gone for now", as opposed to a bad statement
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    TimeoutError,
+)
+
+
+def schema_sql() -> str:
+    """The schema shipped inside the package (the top-level schema.sql links to it)."""
+    return resources.files("asyncsat").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+async def _init_connection(conn: Any) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def connect(dsn: str, *, timeout: float = 10.0) -> Any:
+    """One connection with the jsonb codec (used for LISTEN and the CLI)."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout)
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from None
+    await _init_connection(conn)
+    return conn
+
+
+async def create_pool(dsn: str, *, size: int = 4) -> Any:
+    """The pool used for every query of the daemon."""
+    try:
+        return await asyncpg.create_pool(
+            dsn, min_size=1, max_size=size, init=_init_connection, timeout=10,
+            max_inactive_connection_lifetime=60,
+        )
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from None
+
+
+async def apply_schema(conn: Any, *, always: bool) -> bool:
+    """Apply schema.sql; with `always` False only to a database that has none. Returns applied."""
+    if not always and await conn.fetchval("SELECT to_regclass('download') IS NOT NULL"):
+        return False
+    async with conn.transaction():
+        await conn.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+        await conn.execute(schema_sql())
+    return True

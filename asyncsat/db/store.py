@@ -1,0 +1,68 @@
+"""The daemon's handle on the database: a pool, and statements retried while it is away."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from asyncsat.db.pool import CONNECTION_ERRORS
+
+P = ParamSpec("P")
+T = TypeVar("T")
+log = structlog.get_logger("asyncsat.db")
+
+
+class Store:
+    """Runs query functions on the pool; connection faults are retried for `patience` seconds."""
+
+    def __init__(self, pool: Any, *, patience: float = 300.0) -> None:
+        self.pool = pool
+        self.patience = patience
+
+    async def call(
+        self, fn: Callable[Concatenate[Any, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(CONNECTION_ERRORS),
+            wait=wait_exponential_jitter(initial=0.2, max=5),
+            stop=stop_after_delay(self.patience),
+            reraise=True,
+            before_sleep=_log_retry,
+        ):
+            with attempt:
+                return await fn(self.pool, *args, **kwargs)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run `fn(connection)` in one transaction, again from the start after a lost connection."""
+
+        async def run(pool: Any) -> T:
+            async with pool.acquire() as conn, conn.transaction():
+                return await fn(conn)
+
+        return await self.call(run)
+
+    async def try_call(
+        self, fn: Callable[Concatenate[Any, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T | None:
+        """Best effort (progress updates): None when the database is away right now."""
+        try:
+            return await fn(self.pool, *args, **kwargs)
+        except CONNECTION_ERRORS as exc:
+            log.debug("database unavailable, update skipped", error=str(exc))
+            return None
+
+
+def _log_retry(state: Any) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    log.warning("database unavailable, retrying", error=f"{type(exc).__name__}: {exc}",
+                attempt=state.attempt_number)
+

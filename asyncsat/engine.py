@@ -1,0 +1,288 @@
+"""The engine: resolve requests, claim downloads into free slots, run and record transfers.
+
+It knows the database only through `Store` + `queries` and the network only through the
+transfer drivers. Signals, LISTEN and the pool are wired up by `daemon.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from asyncsat import intake
+from asyncsat.config import Settings
+from asyncsat.db import queries
+from asyncsat.db.store import Store
+from asyncsat.errors import RetryableError, TransferError
+from asyncsat.logs import Redactor
+from asyncsat.models import Download, Provider
+from asyncsat.retry import Policy, decide
+from asyncsat.slots import Lease, ProviderSlots, accounts_for
+from asyncsat.transfer.base import Source, Validator
+from asyncsat.transfer.registry import Drivers
+from asyncsat.transfer.runner import Attempt, Job, transfer
+
+log = structlog.get_logger("asyncsat")
+REQUEST_BATCH = 50
+
+
+class ProgressSink(Protocol):
+    """Receives progress for display (the CLI's progress bar)."""
+
+    def progress(self, download_id: int, name: str, done: int, total: int | None) -> None: ...
+
+    def finished(self, download_id: int, status: str) -> None: ...
+
+
+async def wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Return when any event is set, or after `timeout` seconds."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+class Engine:
+    """Runs downloads within each provider's connection slots."""
+
+    def __init__(
+        self, store: Store, settings: Settings, drivers: Drivers, redactor: Redactor,
+        *, sink: ProgressSink | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.drivers = drivers
+        self.redactor = redactor
+        self.sink = sink
+        self.wake = asyncio.Event()
+        self._accounts_stale = True
+        self._providers: dict[int, Provider] = {}
+        self._slots: dict[int, ProviderSlots] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+
+    # -- wake-ups -----------------------------------------------------------------------------
+
+    def notify(self, payload: dict[str, Any]) -> None:
+        """A NOTIFY arrived (empty payload: re-scan everything)."""
+        kind = payload.get("type")
+        if kind in (None, "accounts"):
+            self._accounts_stale = True
+        if kind == "download" and payload.get("status") == "cancelled":
+            task = self._tasks.get(int(payload.get("id", 0)))
+            if task is not None:
+                task.cancel("cancelled by user")
+        self.wake.set()
+
+    def rescan(self) -> None:
+        """After a lost database connection: everything may have changed."""
+        self._accounts_stale = True
+        self.wake.set()
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    def slots(self, provider_id: int) -> ProviderSlots | None:
+        return self._slots.get(provider_id)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(
+        self, stop: asyncio.Event, *, exit_when_idle: bool = False,
+        until: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        """Serve until `stop` is set, the queue is drained (`exit_when_idle`) or `until()`."""
+        released = await self.store.call(queries.release_running)
+        if released:
+            log.info("interrupted downloads queued again", count=released)
+        try:
+            while not stop.is_set():
+                self.wake.clear()
+                if self._accounts_stale:
+                    await self._refresh_accounts()
+                more_requests = await self._resolve_requests()
+                next_in = await self._dispatch()
+                if until is not None and await until():
+                    return
+                if exit_when_idle and not self._tasks and next_in is None and \
+                        not more_requests and await self._drained():
+                    log.info("queue drained")
+                    return
+                if more_requests:
+                    continue
+                await wait_any(self.wake, stop, timeout=next_in)
+        finally:
+            await self._stop_transfers()
+
+    async def _drained(self) -> bool:
+        return not await self.store.call(queries.pending_work)
+
+    async def _refresh_accounts(self) -> None:
+        self._accounts_stale = False
+        for provider, credentials in await self.store.call(queries.accounts):
+            self._providers[provider.id] = provider
+            accounts = accounts_for(provider, credentials)
+            self.redactor.add(*(a.secret for a in accounts))
+            slots = self._slots.get(provider.id)
+            capacity = sum(a.limit for a in accounts)
+            if slots is None:
+                self._slots[provider.id] = ProviderSlots(accounts)
+            else:
+                slots.resize(accounts)
+            log.debug("provider slots", provider=provider.name, capacity=capacity)
+
+    async def _resolve_requests(self) -> bool:
+        """Turn queued requests into downloads. True when more may be waiting."""
+
+        async def batch(conn: Any) -> int:
+            requests = await queries.request_lock_queued(conn, REQUEST_BATCH)
+            for request in requests:
+                status, error, count = await intake.resolve(
+                    conn, request, self.settings.default_dest)
+                if status == "failed":
+                    log.error("request failed", request_id=request.id, error=error)
+                else:
+                    log.info("request resolved", request_id=request.id, downloads=count)
+            return len(requests)
+
+        n = await self.store.transaction(batch)
+        if n:
+            self._accounts_stale = True  # an implicit provider may have been created
+            await self._refresh_accounts()
+        return n >= REQUEST_BATCH
+
+    async def _dispatch(self) -> float | None:
+        """Claim due downloads into free slots; seconds until the next one is due (or None)."""
+        next_in: float | None = None
+        for provider_id, due, wait in await self.store.call(queries.queued_providers):
+            if wait is not None:
+                next_in = wait if next_in is None else min(next_in, wait)
+            slots = self._slots.get(provider_id)
+            if slots is None:
+                await self._refresh_accounts()
+                slots = self._slots.get(provider_id)
+            if not due or slots is None or not slots.free():
+                continue
+            for download in await self.store.call(queries.claim, provider_id, slots.free()):
+                lease = await slots.acquire()
+                task = asyncio.create_task(self._run_one(download, lease),
+                                           name=f"download-{download.id}")
+                self._tasks[download.id] = task
+        return next_in
+
+    async def _stop_transfers(self) -> None:
+        """Cancel running transfers; each puts its row back in the queue, resumable."""
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return
+        log.info("stopping transfers", count=len(tasks))
+        for task in tasks:
+            task.cancel()
+        done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
+        if pending:
+            log.warning("transfers did not stop in time", count=len(pending))
+
+    # -- one transfer -------------------------------------------------------------------------
+
+    async def _run_one(self, d: Download, lease: Lease) -> None:
+        bound = log.bind(download_id=d.id, request_id=d.request_id, provider=d.provider)
+        provider = self._providers[d.provider_id]
+        user, secret = (d.login_user, d.login_secret) if d.login_user else \
+            (lease.account.user, lease.account.secret)
+        self.redactor.add(secret)
+        folder = Path(d.dest or self.settings.default_dest) / d.provider
+        job = Job(Source(d.url, user, secret), folder, d.name, d.size, d.checksum,
+                  Validator(d.etag, d.last_modified), fallback_name=f"download-{d.id}")
+        attempt = Attempt(start_size=d.bytes_done, size=d.bytes_done)
+        events = _RowEvents(self, d)
+        bound.info("download running", url=d.url, attempt=d.attempts, user=user)
+        try:
+            outcome = await transfer(self.drivers.for_url(d.url), job, events, attempt,
+                                     self.settings.chunk_size)
+            await asyncio.shield(self.store.call(
+                queries.download_done, d.id, size=outcome.size, path=str(outcome.path)))
+        except asyncio.CancelledError:
+            await asyncio.shield(self._after_stop(d, attempt, bound))
+            raise
+        except TransferError as exc:
+            await asyncio.shield(self._after_failure(d, provider, exc, attempt, bound))
+        except Exception as exc:  # a bug must not lose the row: retry it within the budget
+            bound.exception("internal error in transfer")
+            error = RetryableError(f"internal error: {type(exc).__name__}: {exc}")
+            await asyncio.shield(self._after_failure(d, provider, error, attempt, bound))
+        else:
+            bound.info("download done", name=outcome.name, path=str(outcome.path),
+                       size=outcome.size, resumed_from=outcome.resumed_from,
+                       restarted=outcome.restarted)
+            self._finished(d.id, "done")
+        finally:
+            lease.release()
+            self._tasks.pop(d.id, None)
+            self.wake.set()
+
+    async def _after_stop(self, d: Download, attempt: Attempt, bound: Any) -> None:
+        await self.store.call(queries.download_requeue, d.id, error=d.error, failures=d.failures,
+                              bytes_done=attempt.size, delay=0.0)
+        status = await self.store.call(queries.download_status, d.id)
+        if status == "cancelled":
+            bound.info("download cancelled", bytes_done=attempt.size)
+        else:
+            bound.info("download queued", reason="stopped", bytes_done=attempt.size)
+        self._finished(d.id, status or "queued")
+
+    async def _after_failure(
+        self, d: Download, provider: Provider, exc: TransferError, attempt: Attempt, bound: Any
+    ) -> None:
+        decision = decide(exc, d.failures, attempt.progressed, Policy.for_provider(provider))
+        error = self.redactor(exc.message)
+        if decision.action == "retry":
+            await self.store.call(queries.download_requeue, d.id, error=error,
+                                  failures=decision.failures, bytes_done=attempt.size,
+                                  delay=decision.delay)
+            bound.warning("download queued", reason="retry", error=error,
+                          retry_in=round(decision.delay, 2), failures=decision.failures,
+                          bytes_done=attempt.size)
+            return
+        await self.store.call(queries.download_end, d.id, status=decision.action, error=error,
+                              failures=decision.failures, bytes_done=attempt.size)
+        if decision.action == "offline":
+            bound.warning("download offline", error=error)
+        else:
+            bound.error("download failed", error=error, attempts=d.attempts)
+        self._finished(d.id, decision.action)
+
+    def _finished(self, download_id: int, status: str) -> None:
+        if self.sink is not None:
+            self.sink.finished(download_id, status)
+
+
+class _RowEvents:
+    """Transfer events recorded in the download row (progress throttled)."""
+
+    def __init__(self, engine: Engine, download: Download) -> None:
+        self._engine = engine
+        self._download = download
+        self._name = download.name or ""
+        self._last = 0.0
+
+    async def named(self, name: str, size: int | None, validator: Validator) -> None:
+        self._name = name
+        await self._engine.store.call(
+            queries.download_named, self._download.id, name=name, size=size,
+            etag=validator.etag, last_modified=validator.last_modified)
+
+    async def progress(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self._last < self._engine.settings.progress_interval:
+            return
+        self._last = now
+        if self._engine.sink is not None:
+            self._engine.sink.progress(self._download.id, self._name, done, total)
+        await self._engine.store.try_call(queries.download_progress, self._download.id, done)

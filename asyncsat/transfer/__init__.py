@@ -1,0 +1,1 @@
+"""Transfer drivers (one per scheme) and the protocol-independent file handling."""

@@ -1,0 +1,68 @@
+"""The transfer-driver seam: what every protocol driver (HTTP, FTP, ...) provides."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a product is and how to log in (no secret in the URL)."""
+
+    url: str
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Validator:
+    """What identifies a version of a remote file, to resume only the same version."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.etag or self.last_modified)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What the server answered when the transfer started."""
+
+    offset: int
+    """Where the body starts in the file: the requested offset, or 0 for the whole file."""
+    total: int | None
+    """Size of the whole remote file, when the server tells it."""
+    name: str = ""
+    """The file name the server gives (Content-Disposition), sanitised, or ""."""
+    validator: Validator = field(default_factory=Validator)
+
+
+class Stream(Protocol):
+    """An open transfer: its metadata and its body, in chunks."""
+
+    @property
+    def opened(self) -> Opened: ...
+
+    def chunks(self, size: int) -> AsyncIterator[bytes]: ...
+
+
+class Driver(Protocol):
+    """One driver per scheme. Errors are raised as asyncsat.errors.TransferError subclasses."""
+
+    def open(
+        self, source: Source, offset: int, validator: Validator
+    ) -> AbstractAsyncContextManager[Stream]:
+        """Start sending the file from `offset` (0 = whole file).
+
+        When `validator` is set and the remote file no longer matches it, or the server
+        cannot resume, the stream starts at 0 (`opened.offset == 0`).
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release sessions and connections."""
+        ...

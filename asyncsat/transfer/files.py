@@ -1,0 +1,121 @@
+"""The `.part` file: append, hash while writing, verify, fsync, rename atomically."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from asyncsat.checksums import Hasher, new_hasher
+from asyncsat.errors import ChecksumError, PermanentError, RetryableError
+from asyncsat.models import Checksum
+from asyncsat.transfer import payload
+
+PART_SUFFIX = ".part"
+_HASH_BLOCK = 4 << 20
+
+
+class PartFile:
+    """`<folder>/<name>.part`, written in order; its size on disk is the resume offset.
+
+    Every chunk goes straight to the file descriptor (no user-space buffer), so a killed
+    process loses at most the chunk it was holding.
+    """
+
+    def __init__(self, folder: Path, name: str, checksum: Checksum | None) -> None:
+        self.final = folder / name
+        self.path = folder / (name + PART_SUFFIX)
+        self.checksum = checksum
+        self._fd: int | None = None
+        self._hasher: Hasher | None = None
+        self.size = 0
+
+    @property
+    def existing_size(self) -> int:
+        """Bytes of the part file already on disk (0 when there is none)."""
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    async def open(self, offset: int) -> None:
+        """Open for appending at `offset` (truncating anything after it); hash what is kept."""
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.ftruncate(self._fd, offset)
+            os.lseek(self._fd, offset, os.SEEK_SET)
+        except OSError as exc:
+            self.close()
+            raise PermanentError(f"cannot write {self.path}: {exc.strerror}") from None
+        self.size = offset
+        if self.checksum is not None:
+            self._hasher = new_hasher(self.checksum.algo)
+            if offset:
+                await asyncio.to_thread(self._hash_existing, offset)
+
+    def _hash_existing(self, length: int) -> None:
+        assert self._hasher is not None
+        with self.path.open("rb") as f:
+            remaining = length
+            while remaining:
+                block = f.read(min(_HASH_BLOCK, remaining))
+                if not block:
+                    break
+                self._hasher.update(block)
+                remaining -= len(block)
+
+    def write(self, chunk: bytes) -> None:
+        """Append one chunk (blocking for as long as the page cache takes it)."""
+        assert self._fd is not None
+        try:
+            view = memoryview(chunk)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            raise PermanentError(f"cannot write {self.path}: {exc.strerror}") from None
+        if self._hasher is not None:
+            self._hasher.update(chunk)
+        self.size += len(chunk)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    async def finish(self, expected_size: int | None, name: str) -> Path:
+        """Verify size, checksum and content, fsync, rename to the final name, fsync the folder."""
+        assert self._fd is not None
+        if expected_size is not None and self.size != expected_size:
+            self.close()
+            if self.size > expected_size:
+                self.path.unlink(missing_ok=True)
+            raise RetryableError(f"size mismatch: got {self.size} bytes, expected {expected_size}")
+        if self.checksum is not None and self._hasher is not None:
+            digest = self._hasher.hexdigest()
+            if digest != self.checksum.value:
+                self.close()
+                self.path.unlink(missing_ok=True)
+                raise ChecksumError(
+                    f"{self.checksum.algo} mismatch: got {digest}, expected {self.checksum.value}"
+                )
+        await asyncio.to_thread(self._seal, name)
+        return self.final
+
+    def _seal(self, name: str) -> None:
+        assert self._fd is not None
+        try:
+            payload.check(self.path, name)
+        except Exception:
+            self.close()
+            self.path.unlink(missing_ok=True)
+            raise
+        os.fsync(self._fd)
+        self.close()
+        os.replace(self.path, self.final)
+        dir_fd = os.open(self.final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,224 @@
+"""The HTTP(S) driver (aiohttp): Range/If-Range resume, status codes mapped to asyncsat errors."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+
+from asyncsat.errors import AuthError, PermanentError, RetryableError, TransferError
+from asyncsat.naming import name_from_content_disposition
+from asyncsat.transfer.base import Opened, Source, Validator
+
+USER_AGENT = "asyncsat/0.1"
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 509, 520, 521, 522, 523, 524})
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def parse_content_range(value: str | None) -> tuple[int | None, int | None]:
+    """(first byte, total size) from a Content-Range header; None where unknown."""
+    match = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if not match:
+        return None, None
+    first = int(match.group(1)) if match.group(1) is not None else None
+    total = int(match.group(3)) if match.group(3) != "*" else None
+    return first, total
+
+
+def error_for_status(status: int, reason: str, retry_after: str | None, detail: str = "") -> \
+        TransferError:
+    """The asyncsat error for an HTTP error status."""
+    text = f"HTTP {status} {reason}".strip() + (f": {detail}" if detail else "")
+    if status in (401, 403):
+        return AuthError(text)
+    if status in RETRYABLE_STATUS:
+        return RetryableError(text, retry_after=parse_retry_after(retry_after),
+                              throttled=status in (429, 509))
+    return PermanentError(text)
+
+
+@contextmanager
+def map_exceptions() -> Iterator[None]:
+    """Translate aiohttp and socket errors into asyncsat errors (the edge of the driver)."""
+    try:
+        yield
+    except TransferError:
+        raise
+    except aiohttp.InvalidURL as exc:
+        raise PermanentError(f"invalid URL: {exc}") from None
+    except aiohttp.TooManyRedirects:
+        raise PermanentError("too many redirects") from None
+    except aiohttp.ClientPayloadError as exc:
+        raise RetryableError(f"connection broken mid-file: {_cause(exc)}") from None
+    except aiohttp.ServerDisconnectedError:
+        raise RetryableError("the server closed the connection") from None
+    except aiohttp.ClientConnectorError as exc:
+        raise RetryableError(f"cannot connect: {exc.os_error.strerror or exc}") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise RetryableError(f"network error: {type(exc).__name__}: {exc}") from None
+    except TimeoutError:
+        raise RetryableError("timed out waiting for the server") from None
+
+
+def _cause(exc: BaseException) -> str:
+    inner = exc.__cause__ or exc.__context__
+    return f"{exc}" + (f" ({type(inner).__name__})" if inner else "")
+
+
+def _if_range(validator: Validator) -> str | None:
+    """If-Range takes a strong ETag or a Last-Modified date (RFC 9110, 13.1.5)."""
+    if validator.etag and not validator.etag.startswith("W/"):
+        return validator.etag
+    return validator.last_modified
+
+
+@dataclass
+class HttpStream:
+    """An open HTTP response (None: nothing left to send)."""
+
+    response: aiohttp.ClientResponse | None
+    opened: Opened
+
+    async def chunks(self, size: int) -> AsyncIterator[bytes]:
+        if self.response is None:
+            return
+        with map_exceptions():
+            async for chunk in self.response.content.iter_chunked(size):
+                yield chunk
+
+
+class HttpDriver:
+    """Downloads over HTTP(S) with one shared aiohttp session."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    @classmethod
+    def create(cls, *, connect_timeout: float = 30.0, read_timeout: float = 60.0) -> HttpDriver:
+        """A driver with its own session; the slots, not the connector, limit concurrency."""
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
+                                          sock_read=read_timeout),
+            auto_decompress=False,
+            read_bufsize=1 << 20,
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+        )
+        return cls(session)
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+    @asynccontextmanager
+    async def open(self, source: Source, offset: int, validator: Validator) -> \
+            AsyncIterator[HttpStream]:
+        auth = aiohttp.BasicAuth(source.user, source.password or "") if source.user else None
+        with map_exceptions():
+            stream = await self._start(source.url, auth, offset, validator)
+            try:
+                yield stream
+            finally:
+                if stream.response is not None:
+                    stream.response.release()
+
+    async def _start(
+        self, url: str, auth: aiohttp.BasicAuth | None, offset: int, validator: Validator
+    ) -> HttpStream:
+        if offset <= 0:
+            response = await self._get(url, auth, {})
+            return HttpStream(response, self._opened(response))
+        headers = {"Range": f"bytes={offset}-"}
+        if_range = _if_range(validator)
+        if if_range:
+            headers["If-Range"] = if_range
+        response = await self._get(url, auth, headers, ok_416=True)
+        if response.status == 416:
+            _, total = parse_content_range(response.headers.get("Content-Range"))
+            response.release()
+            if total == offset:  # the part file already holds the whole file
+                return HttpStream(None, Opened(offset=offset, total=total, validator=validator))
+        else:
+            opened = self._opened(response)
+            if not _changed(validator, opened.validator) or opened.offset == 0:
+                return HttpStream(response, opened)
+            response.release()
+        # the file changed or the range is unusable: start again from zero
+        response = await self._get(url, auth, {})
+        return HttpStream(response, self._opened(response))
+
+    async def _get(
+        self, url: str, auth: aiohttp.BasicAuth | None, headers: dict[str, str],
+        *, ok_416: bool = False,
+    ) -> aiohttp.ClientResponse:
+        response = await self._session.get(url, auth=auth, headers=headers)
+        if response.status >= 400 and not (ok_416 and response.status == 416):
+            detail = await _error_detail(response)
+            response.release()
+            raise error_for_status(response.status, response.reason or "",
+                                   response.headers.get("Retry-After"), detail)
+        return response
+
+    @staticmethod
+    def _opened(response: aiohttp.ClientResponse) -> Opened:
+        headers = response.headers
+        name = name_from_content_disposition(headers.get("Content-Disposition"))
+        validator = Validator(etag=headers.get("ETag"), last_modified=headers.get("Last-Modified"))
+        if response.status == 206:
+            first, total = parse_content_range(headers.get("Content-Range"))
+            if first is None:
+                response.release()
+                raise RetryableError("the server sent a partial answer without Content-Range")
+            return Opened(offset=first, total=total, name=name, validator=validator)
+        if response.status != 200:
+            response.release()
+            raise PermanentError(f"unexpected HTTP {response.status} {response.reason or ''}")
+        return Opened(offset=0, total=response.content_length, name=name, validator=validator)
+
+
+def _changed(old: Validator, new: Validator) -> bool:
+    """True when both sides know a validator and they differ."""
+    if old.etag and new.etag:
+        return old.etag != new.etag
+    if old.last_modified and new.last_modified:
+        return old.last_modified != new.last_modified
+    return False
+
+
+async def _error_detail(response: aiohttp.ClientResponse) -> str:
+    """A short, single-line reason from an error body (OData/JSON errors, cause-message)."""
+    cause = response.headers.get("cause-message")
+    if cause:
+        return cause[:200]
+    try:
+        async with asyncio.timeout(5):
+            body = await response.content.read(2048)
+    except (aiohttp.ClientError, TimeoutError):
+        return ""
+    text = body.decode("utf-8", "replace")
+    match = re.search(r"<message[^>]*>(.*?)</message>|\"(?:message|detail|error)\"\s*:\s*\"([^\"]+)\"",
+                      text, re.S)
+    if match:
+        return " ".join((match.group(1) or match.group(2)).split())[:200]
+    return ""

@@ -1,0 +1,53 @@
+"""Judge a payload by its content: an error page or a broken archive is never a product."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from asyncsat.errors import PayloadError
+
+# extensions of binary products: a text document in their place is an error page
+_BINARY = frozenset({
+    ".zip", ".nc", ".nc4", ".h5", ".hdf", ".he5", ".tif", ".tiff", ".jp2", ".gz", ".tgz",
+    ".tar", ".grib", ".grib2", ".grb", ".grb2", ".safe", ".sen3", ".7z", ".bz2", ".xz",
+    ".img", ".dat", ".bin",
+})
+_TEXTUAL_ERROR_STARTS = (b"<", b"{", b"[")
+
+
+def check(path: Path, name: str) -> None:
+    """Raise PayloadError unless the file at `path` can be the product `name`. Blocking.
+
+    The content decides: an HTML page is never a product, a zip must have a readable
+    central directory, and a text document in place of a binary product is an error
+    document. The name only says whether a binary product is expected.
+    """
+    with path.open("rb") as f:
+        head = f.read(512)
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    lowered = text[:200].lower()
+    if lowered.startswith((b"<!doctype html", b"<html")) or b"<html" in lowered[:100]:
+        raise PayloadError("the server sent an HTML page instead of the product")
+    if text.startswith(b"<?xml") and b"<error" in lowered or text.startswith(b"<error"):
+        raise PayloadError(f"the server sent an error document: {_snippet(text)}")
+    if head.startswith(b"PK"):
+        _check_zip(path)
+        return
+    suffix = Path(name).suffix.lower()
+    if suffix in _BINARY and text.startswith(_TEXTUAL_ERROR_STARTS):
+        raise PayloadError(
+            f"the server sent a text document instead of a {suffix} product: {_snippet(text)}"
+        )
+
+
+def _check_zip(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise PayloadError(f"the zip archive is broken: {exc}") from None
+
+
+def _snippet(text: bytes) -> str:
+    return " ".join(text[:160].decode("utf-8", "replace").split())

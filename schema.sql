@@ -1,0 +1,1 @@
+asyncsat/schema.sql

@@ -1,0 +1,145 @@
+"""Fixtures: a real PostgreSQL (template database cloned per test) and loopback servers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from asyncsat.config import Settings
+from asyncsat.db.pool import apply_schema, connect
+from tests.servers import FileServer, PgCluster
+
+TEMPLATE = "asyncsat_template"
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgCluster]:
+    cluster = PgCluster().init()
+    cluster.psql(f"CREATE DATABASE {TEMPLATE} OWNER asyncsat")
+
+    async def prepare() -> None:
+        conn = await connect(cluster.dsn(TEMPLATE))
+        try:
+            await apply_schema(conn, always=True)
+        finally:
+            await conn.close()
+
+    asyncio.run(prepare())
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def dsn(pg: PgCluster) -> Iterator[str]:
+    name = f"t_{os.getpid()}_{next(_counter)}"
+    pg.psql(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE} OWNER asyncsat")
+    yield pg.dsn(name)
+    pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[Any]:
+    conn = await connect(dsn)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FileServer]:
+    srv = await FileServer().start()
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+def settings(dsn: str, tmp_path: Path) -> Settings:
+    return Settings(dsn=dsn, home=tmp_path / "home", dest=tmp_path / "dest",
+                    progress_interval=0.05, shutdown_timeout=5.0, listener_ping=1.0)
+
+
+def cli(*args: str, dsn: str, home: Path, input: str | None = None,
+        env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `python -m asyncsat --dsn DSN --home HOME ARGS` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(home), *args],
+        capture_output=True, text=True, input=input, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+class DaemonProcess:
+    """`asyncsat run` in a subprocess, with its JSON log lines collected."""
+
+    def __init__(self, dsn: str, home: Path, *args: str, env: dict[str, str] | None = None):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(home), "run", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.raw.append(line)
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                pass
+
+    async def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20) -> \
+            dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if pred(line):
+                    return line
+            if self.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no such log line; daemon said: {''.join(self.raw)[-3000:]} "
+                             f"{self.proc.stderr.read() if self.proc.poll() is not None else ''}")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+async def fetchrow(dsn: str, sql: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchrow(sql, *args)
+    finally:
+        await conn.close()
