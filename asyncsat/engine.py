@@ -250,13 +250,14 @@ class Engine:
                           retry_in=round(decision.delay, 2), failures=decision.failures,
                           bytes_done=attempt.size)
             return
-        await self.store.call(queries.download_end, d.id, status=decision.action, error=error,
+        status = "offline" if decision.action == "offline" else "failed"
+        await self.store.call(queries.download_end, d.id, status=status, error=error,
                               failures=decision.failures, bytes_done=attempt.size)
-        if decision.action == "offline":
+        if status == "offline":
             bound.warning("download offline", error=error)
         else:
             bound.error("download failed", error=error, attempts=d.attempts)
-        self._finished(d.id, decision.action)
+        self._finished(d.id, status)
 
     def _finished(self, download_id: int, status: str) -> None:
         if self.sink is not None:

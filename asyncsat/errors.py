@@ -57,11 +57,19 @@ class AuthError(RetryableError):
     """The server refused the login (retried once, then permanent)."""
 
 
-class ChecksumError(RetryableError):
+class VerificationError(RetryableError):
+    """The whole file arrived but is not the product: bytes received are no progress."""
+
+
+class SizeError(VerificationError):
+    """The size of the downloaded file is not the announced one."""
+
+
+class ChecksumError(VerificationError):
     """The checksum of the downloaded file does not match (retried once, then permanent)."""
 
 
-class PayloadError(RetryableError):
+class PayloadError(VerificationError):
     """The server sent something that is not the product (an error page, a broken archive)."""
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from tenacity import RetryCallState, Retrying, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, wait_exponential, wait_random
 
 from asyncsat.errors import (
     AuthError,
@@ -16,6 +16,7 @@ from asyncsat.errors import (
     OfflineError,
     RetryableError,
     TransferError,
+    VerificationError,
 )
 from asyncsat.models import Provider
 
@@ -61,16 +62,17 @@ def backoff(failures: int, policy: Policy) -> float:
     """Exponential backoff with jitter for the n-th consecutive failure (n >= 1)."""
     state = RetryCallState(retry_object=Retrying(), fn=None, args=(), kwargs={})
     state.attempt_number = max(1, failures)
-    wait = wait_exponential_jitter(initial=policy.backoff_initial, max=policy.backoff_max,
-                                   jitter=policy.backoff_initial)
+    wait = wait_exponential(multiplier=policy.backoff_initial, max=policy.backoff_max) + \
+        wait_random(0, policy.backoff_initial)
     return min(float(wait(state)), policy.backoff_max)
 
 
 def decide(error: TransferError, failures: int, progressed: bool, policy: Policy) -> Decision:
     """Retry, fail or park as offline, given the consecutive failures before this attempt.
 
-    An attempt that moved the file forward resets the count: a flaky connection that keeps
-    delivering bytes never exhausts the budget. Throttling (429 and the like) never counts.
+    An attempt that moved the file forward before the connection broke resets the count: a
+    flaky connection that keeps delivering bytes never exhausts the budget. A file that
+    arrived whole but failed verification is no progress. Throttling (429 and the like) never counts.
     """
     if isinstance(error, OfflineError):
         return Decision("offline", failures)
@@ -82,7 +84,7 @@ def decide(error: TransferError, failures: int, progressed: bool, policy: Policy
             Decision("retry", n, _delay(error, n, policy))
     if error.throttled:
         return Decision("retry", failures, _delay(error, max(1, failures + 1), policy))
-    n = 0 if progressed else failures + 1
+    n = 0 if progressed and not isinstance(error, VerificationError) else failures + 1
     if n >= policy.max_attempts:
         return Decision("fail", n)
     return Decision("retry", n, _delay(error, max(1, n), policy))

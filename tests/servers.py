@@ -180,6 +180,9 @@ class FileServer:
                 if n:
                     await response.write(product.read(pos, pos + n))
                     self.bytes_sent += n
+                # let the client read what was sent (a real drop comes at a random time
+                # after the last delivered bytes), then cut the connection
+                await asyncio.sleep(0.05)
                 assert request.transport is not None
                 request.transport.abort()
                 raise asyncio.CancelledError  # end the handler; the client sees a short body

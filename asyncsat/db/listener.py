@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
 from asyncsat.db import queries
 from asyncsat.db.pool import CONNECTION_ERRORS, connect
@@ -92,7 +92,7 @@ class Listener:
     async def _reconnect(self) -> None:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type((DatabaseError, *CONNECTION_ERRORS)),
-            wait=wait_exponential_jitter(initial=0.2, max=10),
+            wait=wait_exponential(multiplier=0.2, max=10) + wait_random(0, 0.2),
         ):
             with attempt:
                 await self.start()

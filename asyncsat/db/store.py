@@ -10,7 +10,8 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from asyncsat.db.pool import CONNECTION_ERRORS
@@ -32,7 +33,7 @@ class Store:
     ) -> T:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(CONNECTION_ERRORS),
-            wait=wait_exponential_jitter(initial=0.2, max=5),
+            wait=wait_exponential(multiplier=0.2, max=5) + wait_random(0, 0.2),
             stop=stop_after_delay(self.patience),
             reraise=True,
             before_sleep=_log_retry,

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from asyncsat.checksums import Hasher, new_hasher
-from asyncsat.errors import ChecksumError, PermanentError, RetryableError
+from asyncsat.errors import ChecksumError, PermanentError, SizeError
 from asyncsat.models import Checksum
 from asyncsat.transfer import payload
 
@@ -91,7 +91,7 @@ class PartFile:
             self.close()
             if self.size > expected_size:
                 self.path.unlink(missing_ok=True)
-            raise RetryableError(f"size mismatch: got {self.size} bytes, expected {expected_size}")
+            raise SizeError(f"size mismatch: got {self.size} bytes, expected {expected_size}")
         if self.checksum is not None and self._hasher is not None:
             digest = self._hasher.hexdigest()
             if digest != self.checksum.value:

@@ -102,10 +102,12 @@ class HttpStream:
     opened: Opened
 
     async def chunks(self, size: int) -> AsyncIterator[bytes]:
+        """Whatever has arrived (at most `size` bytes), so that nothing received is lost."""
         if self.response is None:
             return
+        content = self.response.content
         with map_exceptions():
-            async for chunk in self.response.content.iter_chunked(size):
+            while chunk := await content.read(size):
                 yield chunk
 
 
@@ -123,7 +125,7 @@ class HttpDriver:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
                                           sock_read=read_timeout),
             auto_decompress=False,
-            read_bufsize=1 << 20,
+            read_bufsize=256 * 1024,
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         )
         return cls(session)
@@ -134,7 +136,7 @@ class HttpDriver:
     @asynccontextmanager
     async def open(self, source: Source, offset: int, validator: Validator) -> \
             AsyncIterator[HttpStream]:
-        auth = aiohttp.BasicAuth(source.user, source.password or "") if source.user else None
+        auth = _authorization(source)
         with map_exceptions():
             stream = await self._start(source.url, auth, offset, validator)
             try:
@@ -144,7 +146,7 @@ class HttpDriver:
                     stream.response.release()
 
     async def _start(
-        self, url: str, auth: aiohttp.BasicAuth | None, offset: int, validator: Validator
+        self, url: str, auth: dict[str, str], offset: int, validator: Validator
     ) -> HttpStream:
         if offset <= 0:
             response = await self._get(url, auth, {})
@@ -169,10 +171,10 @@ class HttpDriver:
         return HttpStream(response, self._opened(response))
 
     async def _get(
-        self, url: str, auth: aiohttp.BasicAuth | None, headers: dict[str, str],
+        self, url: str, auth: dict[str, str], headers: dict[str, str],
         *, ok_416: bool = False,
     ) -> aiohttp.ClientResponse:
-        response = await self._session.get(url, auth=auth, headers=headers)
+        response = await self._session.get(url, headers={**auth, **headers})
         if response.status >= 400 and not (ok_416 and response.status == 416):
             detail = await _error_detail(response)
             response.release()
@@ -195,6 +197,15 @@ class HttpDriver:
             response.release()
             raise PermanentError(f"unexpected HTTP {response.status} {response.reason or ''}")
         return Opened(offset=0, total=response.content_length, name=name, validator=validator)
+
+
+def _authorization(source: Source) -> dict[str, str]:
+    """The Authorization header of a login; aiohttp drops it on redirects to another host."""
+    if not source.user:
+        return {}
+    if ":" in source.user:
+        raise PermanentError("a user name cannot contain ':' (RFC 7617)")
+    return {"Authorization": aiohttp.encode_basic_auth(source.user, source.password or "")}
 
 
 def _changed(old: Validator, new: Validator) -> bool:

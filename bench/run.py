@@ -1,0 +1,666 @@
+"""Benchmark asyncsat against `aria2c -j N` and a sequential `curl` on the same local files.
+
+    python bench/run.py --files 20 --size-mb 100 --rate-mbps 20 --connections 5 \\
+        --scenario throttled
+
+K files of S MiB of random data are generated once; bench/serve.py (tests.servers.FileServer
+in a separate process) serves them on 127.0.0.1 with a per-connection bandwidth cap and an
+N-connection limit (429 + Retry-After beyond it). Each tool downloads every file in turn; its
+wall time, CPU (user+sys of its process tree, from os.wait4) and peak RSS are measured, its
+output is checked (size and MD5) and deleted before the next tool runs.
+
+Units: MiB = 2**20 bytes, GiB = 2**30 bytes; `--size-mb` and `--rate-mbps` are in MiB and
+MiB/s. Run it with the Python that has asyncsat installed (asyncsat runs as
+`sys.executable -m asyncsat`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+GiB = 1 << 30
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+TOOLS = ("asyncsat", "aria2c", "curl")
+SCENARIOS = ("throttled", "unthrottled", "memory")
+
+
+# -- data -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One generated file: what every tool must reproduce."""
+
+    name: str
+    size: int
+    md5: str
+
+
+@dataclass
+class Measured:
+    """One child process: wall time, rusage of its tree, exit code."""
+
+    wall: float
+    cpu: float
+    user: float
+    sys: float
+    maxrss_kib: int
+    returncode: int
+
+
+@dataclass
+class Result:
+    """One timed run of one tool over a set of files."""
+
+    scenario: str
+    tool: str
+    run: int
+    files: int
+    bytes: int
+    wall: float
+    cpu: float
+    user: float
+    sys: float
+    maxrss_kib: int
+    returncode: int
+    verified: bool
+    problem: str = ""
+    peak_connections: int = 0
+    over_limit: int = 0
+    requests: int = 0
+    server_cpu: float = 0.0
+    db_cpu: float | None = None
+    retries: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mib_s(self) -> float:
+        return self.bytes / MiB / self.wall if self.wall else 0.0
+
+    @property
+    def cpu_per_gib(self) -> float:
+        return self.cpu / (self.bytes / GiB) if self.bytes else 0.0
+
+    @property
+    def rss_mib(self) -> float:
+        return self.maxrss_kib / 1024
+
+
+# -- child processes ------------------------------------------------------------------------
+
+def clean_env() -> dict[str, str]:
+    """The environment of the tools: no ASYNCSAT_* setting leaks in from the caller."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("ASYNCSAT_")}
+
+
+def measure(cmd: Sequence[str], log: Path, timeout: float) -> Measured:
+    """Run `cmd` (output to `log`) and measure it with os.wait4: its own process tree only."""
+    with log.open("ab") as out:
+        out.write(("$ " + " ".join(cmd[:12]) + (" ..." if len(cmd) > 12 else "") + "\n")
+                  .encode())
+        out.flush()
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=clean_env())
+        timer = threading.Timer(timeout, _kill, (proc,))
+        timer.start()
+        try:
+            _pid, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return Measured(wall=wall, cpu=usage.ru_utime + usage.ru_stime, user=usage.ru_utime,
+                    sys=usage.ru_stime, maxrss_kib=usage.ru_maxrss, returncode=proc.returncode)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    print(f"bench: timeout, killing pid {proc.pid}", file=sys.stderr, flush=True)
+    proc.kill()
+
+
+class Server:
+    """bench/serve.py in its own process, with its port and counters."""
+
+    def __init__(self, directory: Path, *, rate: float | None, max_per_user: int,
+                 chunk: int) -> None:
+        cmd = [sys.executable, str(BENCH / "serve.py"), str(directory),
+               "--max-per-user", str(max_per_user), "--chunk", str(chunk)]
+        if rate:
+            cmd += ["--rate", str(rate)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=clean_env())
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise SystemExit(f"bench: the file server did not start (exit {self.proc.returncode})")
+        self.port = int(json.loads(line)["port"])
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/files/"
+
+    def _get(self, path: str) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as r:
+            data: dict[str, Any] = json.load(r)
+        return data
+
+    def stats(self) -> dict[str, Any]:
+        return self._get("/bench/stats")
+
+    def reset(self) -> None:
+        self._get("/bench/reset")
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()  # the server stops at the end of its stdin
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Postgres:
+    """CPU seconds of the embedded PostgreSQL under HOME/pg (postmaster and all backends)."""
+
+    def __init__(self, home: Path) -> None:
+        self.pidfile = home / "pg" / "postmaster.pid"
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def cpu(self) -> float | None:
+        pid = self.pid()
+        if pid is None:
+            return None
+        try:
+            import psutil  # type: ignore[import-untyped]
+        except ImportError:
+            return None
+        try:
+            master = psutil.Process(pid)
+            t = master.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            children = master.children(recursive=True)
+        except psutil.Error:
+            return None
+        for child in children:
+            try:
+                c = child.cpu_times()
+            except psutil.Error:
+                continue  # exited meanwhile: now counted in the postmaster's children times
+            total += c.user + c.system
+        return float(total)
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT) of the server this benchmark started, by its pid."""
+        pid = self.pid()
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGINT)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        print(f"bench: PostgreSQL pid {pid} did not stop", file=sys.stderr)
+
+
+# -- files ----------------------------------------------------------------------------------
+
+def _random_block(size: int) -> bytes:
+    """Random bytes that asyncsat's payload heuristic cannot take for a text/zip document.
+
+    asyncsat.transfer.payload rejects a `.bin` whose first non-blank byte is `<`, `{` or `[`
+    (and checks a file starting with `PK` as a zip): 3 random files in 256 would fail for
+    that reason alone. Only the first byte of each file is forced out of that set.
+    """
+    block = bytearray(os.urandom(size))
+    if block and block[0] in b"<{[PK\xef\xbb\xbf \t\r\n":
+        block[0] = 0
+    return bytes(block)
+
+
+def generate(folder: Path, names_sizes: Sequence[tuple[str, int]]) -> list[FileSpec]:
+    """Write files of random content (and hash them while writing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for name, size in names_sizes:
+        h = hashlib.md5()
+        with (folder / name).open("wb") as f:
+            left, first = size, True
+            while left:
+                n = min(4 * MiB, left)
+                block = _random_block(n) if first else os.urandom(n)
+                first = False
+                f.write(block)
+                h.update(block)
+                left -= n
+        specs.append(FileSpec(name, size, h.hexdigest()))
+    return specs
+
+
+def verify(files: Sequence[FileSpec], out: Path) -> str:
+    """'' when every file is under `out` (any depth) with its size and MD5, else the problem."""
+    found = {p.name: p for p in out.rglob("*") if p.is_file()}
+    for spec in files:
+        path = found.pop(spec.name, None)
+        if path is None:
+            return f"{spec.name} missing"
+        if path.stat().st_size != spec.size:
+            return f"{spec.name}: {path.stat().st_size} bytes, expected {spec.size}"
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "md5").hexdigest()
+        if digest != spec.md5:
+            return f"{spec.name}: MD5 mismatch"
+    leftovers = sorted(n for n in found if not n.endswith(".aria2"))
+    return f"unexpected files: {', '.join(leftovers[:3])}" if leftovers else ""
+
+
+# -- the tools ------------------------------------------------------------------------------
+
+class Bench:
+    """One benchmark session: work directory, asyncsat home, options."""
+
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.home = work / "home"
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.pg = Postgres(self.home)
+        self.providers = 0
+
+    def asyncsat(self, *argv: str) -> list[str]:
+        db = ["--dsn", self.args.dsn] if self.args.dsn else []
+        return [sys.executable, "-m", "asyncsat", *db, "--home", str(self.home),
+                "--log-format", "json", *argv]
+
+    def setup(self) -> None:
+        """Start the database before anything is timed (`asyncsat init`)."""
+        m = measure(self.asyncsat("init"), self.logs / "asyncsat-setup.log", 120)
+        if m.returncode:
+            raise SystemExit(f"bench: asyncsat init failed, see {self.logs}/asyncsat-setup.log")
+
+    def add_provider(self, server: Server) -> str:
+        """A provider per server (port), limited to N connections."""
+        self.providers += 1
+        name = f"bench-{os.getpid()}-{self.providers}"
+        m = measure(self.asyncsat("provider", "add", name, "--protocol", "http", "--url",
+                                  server.base, "--set",
+                                  f"max_connections={self.args.connections}"),
+                    self.logs / "asyncsat-setup.log", 60)
+        if m.returncode:
+            raise SystemExit(f"bench: asyncsat provider add failed, see {self.logs}")
+        return name
+
+    def command(self, tool: str, urls: Sequence[str], out: Path, label: str) -> list[str]:
+        n = str(self.args.connections)
+        if tool == "asyncsat":
+            cmd = self.asyncsat("get", *urls, "--dest", str(out), "--wait")
+            if self.args.cprofile:
+                prof = self.logs / f"asyncsat-{label}.prof"
+                cmd[1:3] = ["-m", "cProfile", "-o", str(prof), "-m", "asyncsat"]
+            return cmd
+        if tool == "aria2c":
+            listing = self.work / "aria2c-input.txt"
+            listing.write_text("".join(u + "\n" for u in urls))
+            return ["aria2c", "-j", n, "-x1", "-s1", "--file-allocation=none", "-d", str(out),
+                    "-i", str(listing), "--console-log-level=warn", "--summary-interval=0",
+                    "--show-console-readout=false", "--allow-overwrite=true",
+                    "--auto-file-renaming=false"]
+        cmd = ["curl", "-sS", "--fail"]
+        for u in urls:
+            cmd += ["-o", str(out / u.rsplit("/", 1)[1]), u]
+        return cmd
+
+    def run_tool(self, tool: str, files: Sequence[FileSpec], server: Server, *,
+                 scenario: str, run: int) -> Result:
+        out = self.work / "out" / tool
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        urls = [server.base + f.name for f in files]
+        label = f"{scenario}-{run}"
+        cmd = self.command(tool, urls, out, label)
+        log = self.logs / f"{tool}-{label}.log"
+        os.sync()  # earlier runs' dirty pages must not be written back during this one
+        server.reset()
+        db0, srv0 = self.pg.cpu(), server.stats()["cpu_seconds"]
+        m = measure(cmd, log, self.args.timeout)
+        time.sleep(0.3)  # let the closed backends exit before reading the database's CPU
+        stats, db1 = server.stats(), self.pg.cpu()
+        problem = verify(files, out) if m.returncode == 0 else f"exit code {m.returncode}"
+        shutil.rmtree(out, ignore_errors=True)
+        result = Result(
+            scenario=scenario, tool=tool, run=run, files=len(files),
+            bytes=sum(f.size for f in files), wall=m.wall, cpu=m.cpu, user=m.user, sys=m.sys,
+            maxrss_kib=m.maxrss_kib, returncode=m.returncode, verified=not problem,
+            problem=problem, peak_connections=max(stats["peak"].values(), default=0),
+            over_limit=stats["over_limit"], requests=stats["requests"],
+            server_cpu=stats["cpu_seconds"] - srv0,
+            db_cpu=db1 - db0 if db0 is not None and db1 is not None else None,
+            retries=_retries(log) if tool == "asyncsat" else 0,
+        )
+        print(f"bench: {scenario} run {run} {tool:<8} {result.wall:7.2f} s "
+              f"{result.mib_s:7.1f} MiB/s cpu {result.cpu:6.2f} s rss {result.rss_mib:6.1f} MiB"
+              f" {'ok' if result.verified else 'FAILED: ' + problem}", file=sys.stderr,
+              flush=True)
+        return result
+
+
+def _retries(log: Path) -> int:
+    """How many times asyncsat queued a download again after an error (from its JSON log)."""
+    count = 0
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"download queued"' in line:
+            with contextlib.suppress(ValueError):
+                count += json.loads(line).get("reason") == "retry"
+    return count
+
+
+# -- scenarios ------------------------------------------------------------------------------
+
+@dataclass
+class Scenario:
+    """What one section of the report is about."""
+
+    name: str
+    title: str
+    results: list[Result] = field(default_factory=list)
+    fixed_cost: Result | None = None
+    ideal: dict[str, float] = field(default_factory=dict)
+
+
+TINY = "_tiny.bin"
+
+
+def _fixed_cost(bench: Bench, tiny: FileSpec, server: Server, scenario: str) -> Result:
+    """asyncsat's cost for one 4 KiB file: interpreter, imports, database, daemon start."""
+    return bench.run_tool("asyncsat", [tiny], server, scenario=f"{scenario}-fixed", run=1)
+
+
+def run_transfer(bench: Bench, name: str, files: Sequence[FileSpec], tiny: FileSpec,
+                 src: Path) -> Scenario:
+    """The throttled or the unthrottled scenario over the same generated files."""
+    a = bench.args
+    rate = a.rate_mbps * MiB if name == "throttled" else None
+    chunk = a.chunk_kb * 1024 if a.chunk_kb else (64 * 1024 if rate else MiB)
+    size = files[0].size
+    title = (f"{name}: {len(files)} files x {size / MiB:g} MiB, "
+             + (f"{a.rate_mbps:g} MiB/s per connection" if rate else "no bandwidth cap")
+             + f", N={a.connections} connections, server chunk {chunk // 1024} KiB")
+    scenario = Scenario(name, title)
+    if rate:
+        rounds = -(-len(files) // a.connections)
+        scenario.ideal = {"parallel": rounds * size / rate, "sequential": len(files) * size / rate}
+    server = Server(src, rate=rate, max_per_user=a.connections, chunk=chunk)
+    try:
+        if "asyncsat" in a.tools:
+            bench.add_provider(server)
+            scenario.fixed_cost = _fixed_cost(bench, tiny, server, name)
+        for run in range(1, a.repeat + 1):
+            for tool in a.tools:
+                scenario.results.append(bench.run_tool(tool, files, server, scenario=name,
+                                                       run=run))
+    finally:
+        server.close()
+    return scenario
+
+
+def run_memory(bench: Bench, src: Path) -> Scenario:
+    """One small file, then one big file, per tool: does peak RSS grow with the file size?"""
+    a = bench.args
+    small, big = generate(src, [("mem_small.bin", a.small_mb * MiB),
+                                ("mem_big.bin", a.big_mb * MiB)])
+    chunk = a.chunk_kb * 1024 if a.chunk_kb else MiB
+    scenario = Scenario("memory", f"memory: one {a.small_mb} MiB file vs one {a.big_mb} MiB "
+                        f"file, no bandwidth cap, server chunk {chunk // 1024} KiB")
+    server = Server(src, rate=None, max_per_user=a.connections, chunk=chunk)
+    try:
+        if "asyncsat" in a.tools:
+            bench.add_provider(server)
+        for run in range(1, a.repeat + 1):
+            for tool in a.tools:
+                for spec, label in ((small, "small"), (big, "big")):
+                    r = bench.run_tool(tool, [spec], server, scenario=f"memory-{label}", run=run)
+                    r.extra["size"] = label
+                    scenario.results.append(r)
+    finally:
+        server.close()
+        shutil.rmtree(src, ignore_errors=True)
+    return scenario
+
+
+# -- report ---------------------------------------------------------------------------------
+
+HEADER = (f"{'tool':<9}{'run':>4}{'wall s':>9}{'MiB/s':>8}{'CPU s':>8}{'user':>7}{'sys':>7}"
+          f"{'CPU s/GiB':>10}{'peak RSS MiB':>13}{'ok':>4}{'conns':>6}{'429s':>5}"
+          f"{'retries':>8}{'db CPU s':>9}{'srv CPU s':>10}")
+
+
+def _row(r: Result, label: str | None = None) -> str:
+    db = f"{r.db_cpu:9.2f}" if r.db_cpu is not None else f"{'-':>9}"
+    return (f"{label or r.tool:<9}{r.run:>4}{r.wall:9.2f}{r.mib_s:8.1f}{r.cpu:8.2f}"
+            f"{r.user:7.2f}{r.sys:7.2f}{r.cpu_per_gib:10.2f}{r.rss_mib:13.1f}"
+            f"{'yes' if r.verified else 'NO':>4}{r.peak_connections:>6}{r.over_limit:>5}"
+            f"{r.retries:>8}{db}{r.server_cpu:10.2f}")
+
+
+def _median(results: Sequence[Result], tool: str, attr: str) -> float | None:
+    values = [float(getattr(r, attr)) for r in results if r.tool == tool and r.verified]
+    return statistics.median(values) if values else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _target(value: float | None, text: str, ok: bool | None) -> str:
+    if value is None:
+        return f"  {text}: n/a"
+    verdict = "" if ok is None else ("  -> target met" if ok else "  -> target NOT met")
+    return f"  {text} = {value:.3f}{verdict}"
+
+
+def report_transfer(s: Scenario) -> str:
+    lines = [f"== {s.title}", HEADER]
+    lines += [_row(r) for r in s.results]
+    if s.fixed_cost is not None:
+        f = s.fixed_cost
+        lines.append(f"asyncsat fixed cost (one 4 KiB file): wall {f.wall:.2f} s, CPU {f.cpu:.2f} s"
+                     f" (user {f.user:.2f}, sys {f.sys:.2f}), peak RSS {f.rss_mib:.1f} MiB"
+                     + ("" if f.verified else f", FAILED: {f.problem}"))
+    if s.ideal:
+        lines.append(f"ideal wall time: {s.ideal['parallel']:.2f} s with N connections, "
+                     f"{s.ideal['sequential']:.2f} s sequential")
+    wall = {t: _median(s.results, t, "wall") for t in TOOLS}
+    cpu = {t: _median(s.results, t, "cpu_per_gib") for t in TOOLS}
+    throttled = s.name == "throttled"
+    lines.append("ratios (medians of the verified runs):")
+    r1 = _ratio(wall["asyncsat"], wall["aria2c"])
+    lines.append(_target(r1, "asyncsat wall / aria2c wall", r1 <= 1.05 if throttled and r1
+                         else None) + ("  (target <= 1.05)" if throttled else ""))
+    r2 = _ratio(wall["curl"], wall["asyncsat"])
+    lines.append(_target(r2, "curl wall / asyncsat wall", r2 >= 4.5 if throttled and r2
+                         else None) + ("  (target >= 4.5)" if throttled else ""))
+    r3 = _ratio(cpu["asyncsat"], cpu["aria2c"])
+    lines.append(_target(r3, "asyncsat CPU s/GiB / aria2c CPU s/GiB",
+                         r3 <= 1.5 if not throttled and r3 else None)
+                 + ("" if throttled else "  (target <= 1.5)"))
+    return "\n".join(lines)
+
+
+def report_memory(s: Scenario) -> str:
+    lines = [f"== {s.title}", f"{'size':<6}" + HEADER]
+    lines += [f"{r.extra.get('size', ''):<6}" + _row(r) for r in s.results]
+    for tool in TOOLS:
+        small = [r.maxrss_kib for r in s.results
+                 if r.tool == tool and r.extra.get("size") == "small" and r.verified]
+        big = [r.maxrss_kib for r in s.results
+               if r.tool == tool and r.extra.get("size") == "big" and r.verified]
+        if not small or not big:
+            continue
+        ratio = max(big) / max(small)
+        line = (f"  {tool}: peak RSS big/small = {ratio:.3f} "
+                f"({max(big) / 1024:.1f} MiB vs {max(small) / 1024:.1f} MiB)")
+        if tool == "asyncsat":
+            line += "  -> target met" if ratio <= 1.10 else "  -> target NOT met"
+            line += " (independent of size: within 10%)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# -- main -----------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Benchmark asyncsat against aria2c -j N and a sequential curl.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--files", type=int, default=20, help="K: number of files")
+    p.add_argument("--size-mb", type=float, default=100, help="S: size of each file, MiB")
+    p.add_argument("--rate-mbps", type=float, default=20,
+                   help="R: bandwidth cap per connection (throttled scenario), MiB/s")
+    p.add_argument("--connections", type=int, default=5,
+                   help="N: connection limit of the account (and aria2c -j N)")
+    p.add_argument("--scenario", default="both",
+                   choices=("throttled", "unthrottled", "both", "memory", "all"),
+                   help="both = throttled + unthrottled; all = both + memory")
+    p.add_argument("--big-mb", type=int, default=2048, help="memory check: the big file, MiB")
+    p.add_argument("--small-mb", type=int, default=100, help="memory check: the small file, MiB")
+    p.add_argument("--tools", default=",".join(TOOLS),
+                   help="comma-separated subset of " + ",".join(TOOLS))
+    p.add_argument("--repeat", type=int, default=1, help="runs per tool (ratios use medians)")
+    p.add_argument("--chunk-kb", type=int, default=0,
+                   help="server write size, KiB (0: 64 throttled, 1024 unthrottled)")
+    p.add_argument("--dsn", help="PostgreSQL for asyncsat (default: embedded, in a temp home)")
+    p.add_argument("--workdir", type=Path, help="where files go (default: a new temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs) at the end")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per tool run")
+    p.add_argument("--json", type=Path, help="results file (default: bench/results/*.json)")
+    p.add_argument("--cprofile", action="store_true",
+                   help="run asyncsat under cProfile (slower!); .prof files in the logs dir")
+    args = p.parse_args(argv)
+    args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    unknown = sorted(set(args.tools) - set(TOOLS))
+    if unknown or not args.tools:
+        p.error(f"unknown tools: {', '.join(unknown)}" if unknown else "no tool")
+    if min(args.files, args.connections, args.repeat) < 1 or args.size_mb <= 0:
+        p.error("--files, --connections, --repeat and --size-mb must be positive")
+    return args
+
+
+def selected(args: argparse.Namespace) -> list[str]:
+    return {"both": ["throttled", "unthrottled"], "all": list(SCENARIOS)}.get(
+        args.scenario, [args.scenario])
+
+
+def check_tools(args: argparse.Namespace) -> None:
+    for tool in args.tools:
+        if tool != "asyncsat" and shutil.which(tool) is None:
+            raise SystemExit(f"bench: {tool} is not installed")
+    if "asyncsat" in args.tools:
+        probe = subprocess.run([sys.executable, "-c", "import asyncsat"], capture_output=True)
+        if probe.returncode:
+            raise SystemExit(f"bench: {sys.executable} cannot import asyncsat")
+
+
+def _sizes(args: argparse.Namespace) -> list[tuple[str, int]]:
+    size = int(args.size_mb * MiB)
+    return [(f"file_{i:03d}.bin", size) for i in range(args.files)]
+
+
+def _session(bench: Bench, chosen: list[str]) -> Iterator[Scenario]:
+    transfers = [s for s in chosen if s != "memory"]
+    if transfers:
+        src = bench.work / "src"
+        print(f"bench: writing {bench.args.files} x {bench.args.size_mb:g} MiB into {src}",
+              file=sys.stderr, flush=True)
+        files = generate(src, _sizes(bench.args))
+        tiny = generate(src, [(TINY, 4096)])[0]
+        try:
+            for name in transfers:
+                yield run_transfer(bench, name, files, tiny, src)
+        finally:
+            shutil.rmtree(src, ignore_errors=True)
+    if "memory" in chosen:
+        yield run_memory(bench, bench.work / "src-memory")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_tools(args)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="asyncsat-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args, work)
+    reports: list[str] = []
+    scenarios: list[Scenario] = []
+    try:
+        if "asyncsat" in args.tools:
+            bench.setup()
+        for scenario in _session(bench, selected(args)):
+            scenarios.append(scenario)
+            text = report_memory(scenario) if scenario.name == "memory" else \
+                report_transfer(scenario)
+            reports.append(text)
+            print(text + "\n", flush=True)
+    finally:
+        if not args.dsn:
+            bench.pg.stop()
+        if args.keep:
+            print(f"bench: work dir kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    save(args, scenarios, argv)
+    return 0 if all(r.verified for s in scenarios for r in s.results) else 1
+
+
+def save(args: argparse.Namespace, scenarios: Sequence[Scenario],
+         argv: Sequence[str] | None) -> None:
+    path = args.json or BENCH / "results" / time.strftime("run-%Y%m%d-%H%M%S.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "argv": list(argv if argv is not None else sys.argv[1:]),
+        "scenarios": [{
+            "name": s.name, "title": s.title, "ideal": s.ideal,
+            "fixed_cost": _dump(s.fixed_cost) if s.fixed_cost else None,
+            "results": [_dump(r) for r in s.results],
+        } for s in scenarios],
+    }
+    path.write_text(json.dumps(data, indent=1))
+    print(f"bench: results written to {path}", file=sys.stderr)
+
+
+def _dump(r: Result) -> dict[str, Any]:
+    return {**asdict(r), "mib_s": r.mib_s, "cpu_per_gib": r.cpu_per_gib, "rss_mib": r.rss_mib}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

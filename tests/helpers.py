@@ -1,0 +1,54 @@
+"""Helpers shared by the integration and acceptance tests."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from asyncsat import daemon
+from asyncsat.config import Settings
+from asyncsat.db import queries
+from asyncsat.db.pool import connect
+from asyncsat.logs import Redactor
+
+
+async def queue(dsn: str, *urls: str, dest: Path | None = None, checksum: str | None = None,
+                provider: str | None = None) -> int:
+    """Insert a request row the way a psql user would; returns its id."""
+    conn = await connect(dsn)
+    try:
+        provider_id = None
+        if provider:
+            found = await queries.provider_get(conn, provider)
+            assert found is not None
+            provider_id = found.id
+        return await queries.request_insert(
+            conn, provider_id=provider_id, urls=list(urls), search=None,
+            dest=str(dest) if dest else None, checksum=checksum, status="queued")
+    finally:
+        await conn.close()
+
+
+async def drain(settings: Settings, timeout: float = 60) -> None:
+    """Run the daemon in this process until the queue is empty."""
+    await asyncio.wait_for(daemon.serve(settings, Redactor(), exit_when_idle=True), timeout)
+
+
+async def rows(dsn: str) -> list[dict[str, Any]]:
+    conn = await connect(dsn)
+    try:
+        return await queries.status_rows(conn)
+    finally:
+        await conn.close()
+
+
+async def add_provider(dsn: str, name: str, url: str, settings: dict[str, object] | None = None,
+                       credentials: list[tuple[str, str, int]] | None = None) -> None:
+    conn = await connect(dsn)
+    try:
+        p = await queries.provider_add(conn, name, "http", url, settings or {})
+        for user, secret, n in credentials or []:
+            await queries.credential_upsert(conn, p.id, user, secret, n)
+    finally:
+        await conn.close()

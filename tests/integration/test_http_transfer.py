@@ -1,0 +1,224 @@
+"""The daemon against a real loopback HTTP server that injects faults."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from asyncsat.config import Settings
+from tests.helpers import add_provider, drain, queue, rows
+from tests.servers import FileServer
+
+
+def _final(settings: Settings, provider: str, name: str) -> Path:
+    assert settings.dest is not None
+    return settings.dest / provider / name
+
+
+def _parts(settings: Settings) -> list[Path]:
+    assert settings.dest is not None
+    return list(settings.dest.rglob("*.part"))
+
+
+def _provider(server: FileServer) -> str:
+    return "local"
+
+
+@pytest.fixture(autouse=True)
+async def fast_provider(server: FileServer, dsn: str) -> None:
+    """The loopback server as a provider with short backoffs, so that retries are quick."""
+    await add_provider(dsn, "local", server.base, {"backoff_initial": 0.05, "backoff_max": 0.5})
+
+
+def _gets(server: FileServer, name: str) -> list[dict[str, object]]:
+    return [r for r in server.requests if r["path"] == f"/files/{name}"]
+
+
+async def test_resume_after_dropped_connection(server: FileServer, dsn: str,
+                                               settings: Settings) -> None:
+    data = os.urandom(2_000_000)
+    server.add("a.nc", data, drop_after=[700_000, 1_500_000 - 700_000])
+    await queue(dsn, server.url("a.nc"))
+    await drain(settings)
+
+    final = _final(settings, _provider(server), "a.nc")
+    assert final.read_bytes() == data
+    gets = _gets(server, "a.nc")
+    assert [g["range"] for g in gets] == [None, "bytes=700000-", "bytes=1500000-"]
+    assert all(g["if_range"] == server.products["a.nc"].etag for g in gets[1:])
+    [row] = await rows(dsn)
+    assert row["status"] == "done" and row["bytes_done"] == len(data)
+    assert row["attempts"] == 3
+    assert not _parts(settings)
+
+
+async def test_server_ignoring_range_restarts_from_zero(server: FileServer, dsn: str,
+                                                        settings: Settings) -> None:
+    data = os.urandom(1_000_000)
+    server.add("b.zip.bin", data, drop_after=[400_000], ignore_range=True)
+    await queue(dsn, server.url("b.zip.bin"))
+    await drain(settings)
+
+    assert _final(settings, _provider(server), "b.zip.bin").read_bytes() == data
+    gets = _gets(server, "b.zip.bin")
+    assert gets[1]["range"] == "bytes=400000-"  # asked to resume, got a 200: not appended
+    assert server.bytes_sent == 400_000 + len(data)
+
+
+async def test_changed_etag_restarts_with_the_new_file(server: FileServer, dsn: str,
+                                                      settings: Settings) -> None:
+    old, new = os.urandom(900_000), os.urandom(800_000)
+    product = server.add("c.dat", old, drop_after=[300_000])
+    await queue(dsn, server.url("c.dat"))
+
+    # after the drop, the provider publishes a new version of the file
+    class Swap:
+        def __init__(self) -> None:
+            self.done = False
+
+    swap = Swap()
+    original = server._send
+
+    async def send(request, p):  # type: ignore[no-untyped-def]
+        if p is product and product.drop_after == [] and not swap.done and \
+                request.headers.get("Range"):
+            product.data, product.etag, swap.done = new, '"v2"', True
+        return await original(request, p)
+
+    server._send = send  # type: ignore[method-assign]
+    await drain(settings)
+
+    assert _final(settings, _provider(server), "c.dat").read_bytes() == new
+    gets = _gets(server, "c.dat")
+    assert gets[1]["if_range"] is not None and gets[1]["if_range"] != '"v2"'
+
+
+async def test_429_waits_for_retry_after(server: FileServer, dsn: str,
+                                         settings: Settings) -> None:
+    data = os.urandom(100_000)
+    server.add("d.tif", b"II*\x00" + data, statuses=[(429, {"Retry-After": "2"}, b"busy")])
+    await queue(dsn, server.url("d.tif"))
+    await drain(settings)
+
+    gets = _gets(server, "d.tif")
+    assert len(gets) == 2
+    assert float(gets[1]["t"]) - float(gets[0]["t"]) >= 1.9  # type: ignore[arg-type]
+    [row] = await rows(dsn)
+    assert row["status"] == "done"
+
+
+async def test_5xx_then_success_is_retried(server: FileServer, dsn: str,
+                                           settings: Settings) -> None:
+    data = os.urandom(50_000)
+    server.add("e.bin", data, statuses=[(503, {}, b""), (502, {}, b"")])
+    await queue(dsn, server.url("e.bin"))
+    await drain(replace(settings))
+    [row] = await rows(dsn)
+    assert row["status"] == "done" and row["attempts"] == 3
+
+
+async def test_checksum_mismatch_fails_after_one_retry(server: FileServer, dsn: str,
+                                                       settings: Settings) -> None:
+    server.add("f.nc", os.urandom(200_000))
+    await queue(dsn, server.url("f.nc"), checksum="md5:" + "0" * 32)
+    await drain(settings)
+
+    [row] = await rows(dsn)
+    assert row["status"] == "failed"
+    assert "md5 mismatch" in row["error"]
+    assert row["attempts"] == 2
+    assert not _final(settings, _provider(server), "f.nc").exists()
+    assert not _parts(settings)
+
+
+async def test_checksum_match_is_done(server: FileServer, dsn: str, settings: Settings) -> None:
+    data = os.urandom(300_000)
+    server.add("g.nc", data, drop_after=[100_000])
+    digest = hashlib.sha256(data).hexdigest()
+    await queue(dsn, server.url("g.nc"), checksum=f"sha256:{digest}")
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert row["status"] == "done"  # the hash covered the bytes kept from the first attempt
+
+
+async def test_404_fails_at_once(server: FileServer, dsn: str, settings: Settings) -> None:
+    await queue(dsn, server.url("missing.zip"))
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert row["status"] == "failed" and row["attempts"] == 1
+    assert "404" in row["error"]
+
+
+async def test_html_error_page_is_never_done(server: FileServer, dsn: str,
+                                             settings: Settings) -> None:
+    page = b"<!DOCTYPE html><html><body>Service unavailable, try later</body></html>"
+    server.add("S1A_IW_GRDH.zip", page)
+    await queue(dsn, server.url("S1A_IW_GRDH.zip"))
+    await drain(replace(settings))
+    [row] = await rows(dsn)
+    assert row["status"] == "failed"
+    assert "HTML" in row["error"]
+    assert not _final(settings, _provider(server), "S1A_IW_GRDH.zip").exists()
+
+
+async def test_truncated_zip_is_never_done(server: FileServer, dsn: str,
+                                           settings: Settings) -> None:
+    server.add("S2B.zip", b"PK\x03\x04" + os.urandom(5000))
+    await queue(dsn, server.url("S2B.zip"))
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert row["status"] == "failed" and "zip" in row["error"]
+
+
+async def test_content_disposition_names_the_file(server: FileServer, dsn: str,
+                                                  settings: Settings) -> None:
+    data = os.urandom(10_000)
+    server.add("Products('abc')/$value", data,
+               content_disposition='attachment; filename="../../S3A_OL_1.SEN3.zip.bin"')
+    await queue(dsn, server.url("Products('abc')/$value"))
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert row["name"] == "S3A_OL_1.SEN3.zip.bin"
+    assert row["path"] == str(_final(settings, _provider(server), "S3A_OL_1.SEN3.zip.bin"))
+    assert Path(row["path"]).read_bytes() == data
+
+
+async def test_credential_caps_are_never_exceeded(dsn: str, settings: Settings) -> None:
+    server = await FileServer(users={"alice": "pw-a", "bob": "pw-b"}).start()
+    try:
+        await add_provider(dsn, "hub", server.base,
+                           credentials=[("alice", "pw-a", 2), ("bob", "pw-b", 1)])
+        names = [f"p{i}.bin" for i in range(9)]
+        for n in names:
+            server.add(n, os.urandom(400_000), rate=1_000_000)
+        await queue(dsn, *(server.url(n) for n in names))
+        await drain(settings)
+    finally:
+        await server.stop()
+    assert all(r["status"] == "done" for r in await rows(dsn))
+    assert server.peak["alice"] == 2 and server.peak["bob"] == 1  # every slot used, none over
+    assert server.over_limit == 0
+    assert all(r["user"] in ("alice", "bob") for r in server.requests)
+
+
+async def test_complete_part_file_is_verified_not_refetched(server: FileServer, dsn: str,
+                                                            settings: Settings) -> None:
+    data = os.urandom(64_000)
+    server.add("h.bin", data)
+    await queue(dsn, server.url("h.bin"))
+    await drain(settings)
+    final = _final(settings, _provider(server), "h.bin")
+    # simulate a crash after the rename but before the row was marked done
+    final.rename(final.with_name("h.bin.part"))
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("UPDATE download SET status = 'queued'")
+    await conn.close()
+    await drain(settings)
+    assert final.read_bytes() == data
+    assert _gets(server, "h.bin")[-1]["range"] == f"bytes={len(data)}-"
