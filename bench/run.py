@@ -111,14 +111,26 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ASYNCSAT_")}
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def measure(cmd: Sequence[str], log: Path, timeout: float) -> Measured:
-    """Run `cmd` (output to `log`) and measure it with os.wait4: its own process tree only."""
+    """Run `cmd` (output to `log`): wall time, CPU of its process tree (os.wait4), peak RSS.
+
+    The ru_maxrss that wait4 reports for a direct child also counts the memory of this
+    (forking) Python process, which Linux carries over to the child's high-water mark at
+    exec. So, when GNU time is installed, the command runs under it and the peak RSS is
+    the one GNU time reads for its own child, forked from a process of a few hundred KiB.
+    """
+    rss_file = log.with_suffix(".rss")
+    gnu_time = os.access(GNU_TIME, os.X_OK)
+    wrapped = [GNU_TIME, "-o", str(rss_file), "-f", "%M", *cmd] if gnu_time else list(cmd)
     with log.open("ab") as out:
         out.write(("$ " + " ".join(cmd[:12]) + (" ..." if len(cmd) > 12 else "") + "\n")
                   .encode())
         out.flush()
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(wrapped, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=clean_env())
         timer = threading.Timer(timeout, _kill, (proc,))
         timer.start()
@@ -128,8 +140,13 @@ def measure(cmd: Sequence[str], log: Path, timeout: float) -> Measured:
             timer.cancel()
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
+    maxrss = usage.ru_maxrss
+    if gnu_time and rss_file.exists():
+        last = rss_file.read_text().split()
+        maxrss = int(last[-1]) if last and last[-1].isdigit() else maxrss
+        rss_file.unlink()
     return Measured(wall=wall, cpu=usage.ru_utime + usage.ru_stime, user=usage.ru_utime,
-                    sys=usage.ru_stime, maxrss_kib=usage.ru_maxrss, returncode=proc.returncode)
+                    sys=usage.ru_stime, maxrss_kib=maxrss, returncode=proc.returncode)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

@@ -114,8 +114,10 @@ class DaemonProcess:
             if self.proc.poll() is not None:
                 break
             await asyncio.sleep(0.02)
+        stderr = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr \
+            else ""
         raise AssertionError(f"no such log line; daemon said: {''.join(self.raw)[-3000:]} "
-                             f"{self.proc.stderr.read() if self.proc.poll() is not None else ''}")
+                             f"{stderr}")
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)
@@ -127,6 +129,10 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._reader.join(timeout=5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None and not stream.closed:
+                stream.close()
 
 
 @pytest.fixture

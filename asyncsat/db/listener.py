@@ -65,7 +65,7 @@ class Listener:
                 log.warning("database connection lost, reconnecting")
                 await self._close()
                 await self._reconnect()
-                log.info("database connection restored, re-scanning")
+                log.info("database connection restored", rescan=True)
                 self._on_reconnect()
         finally:
             await self._close()

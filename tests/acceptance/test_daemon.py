@@ -1,0 +1,203 @@
+"""`asyncsat run` as a real process: SIGKILL, SIGTERM, NOTIFY wake-ups, a PostgreSQL restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import asyncpg
+
+from asyncsat.config import Settings
+from tests.conftest import DaemonProcess, cli
+from tests.helpers import add_provider, drain, queue, rows
+from tests.servers import FileServer, PgCluster
+
+
+def _part(dest: Path, name: str) -> Path:
+    return dest / "local" / f"{name}.part"
+
+
+async def _wait_part(path: Path, at_least: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size >= at_least:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{path} never reached {at_least} bytes")
+
+
+async def test_sigkill_mid_file_resumes_from_the_part(
+        server: FileServer, dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    data = os.urandom(6_000_000)
+    server.add("S2A_big.nc", data, rate=2_000_000)
+    await add_provider(dsn, "local", server.base)
+    dest = tmp_path / "dest"
+    await queue(dsn, server.url("S2A_big.nc"), dest=dest)
+
+    first = DaemonProcess(dsn, tmp_path / "home")
+    daemons.append(first)
+    part = _part(dest, "S2A_big.nc")
+    await _wait_part(part, 2_000_000)
+    first.signal(signal.SIGKILL)
+    first.wait()
+    kept = part.stat().st_size
+    assert 0 < kept < len(data)
+    [row] = await rows(dsn)
+    assert row["status"] == "running"  # the dead process could not say anything
+
+    sent_before = server.bytes_sent
+    second = DaemonProcess(dsn, tmp_path / "home", "--exit-when-idle")
+    daemons.append(second)
+    assert await asyncio.to_thread(second.wait, 30) == 0
+
+    final = dest / "local" / "S2A_big.nc"
+    assert final.read_bytes() == data
+    assert server.requests[-1]["range"] == f"bytes={kept}-"
+    # bytes fetched twice: what was in flight when the process died (at most one chunk)
+    refetched = sent_before - kept
+    assert 0 <= refetched <= Settings().chunk_size, refetched
+    assert server.bytes_sent - sent_before == len(data) - kept
+    [row] = await rows(dsn)
+    assert row["status"] == "done" and row["attempts"] == 2
+
+
+async def test_sigterm_stops_cleanly_and_leaves_rows_resumable(
+        server: FileServer, dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    data = os.urandom(4_000_000)
+    server.add("S1B.zip.bin", data, rate=1_000_000)
+    await add_provider(dsn, "local", server.base)
+    dest = tmp_path / "dest"
+    await queue(dsn, server.url("S1B.zip.bin"), dest=dest)
+    proc = DaemonProcess(dsn, tmp_path / "home")
+    daemons.append(proc)
+    await _wait_part(_part(dest, "S1B.zip.bin"), 500_000)
+
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 10) == 0
+    assert time.monotonic() - started < 10
+    [row] = await rows(dsn)
+    assert row["status"] == "queued"
+    assert row["bytes_done"] == _part(dest, "S1B.zip.bin").stat().st_size > 0
+    assert not (dest / "local" / "S1B.zip.bin").exists()
+    events = [line["event"] for line in proc.lines]
+    assert "stop requested" in events and "daemon stopped" in events
+
+
+async def test_psql_insert_wakes_a_running_daemon_within_a_second(
+        server: FileServer, dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    server.add("wake.bin", os.urandom(10_000))
+    proc = DaemonProcess(dsn, tmp_path / "home")
+    daemons.append(proc)
+    await proc.wait_for(lambda line: line["event"] == "daemon started")
+    await asyncio.sleep(0.5)  # idle: nothing to do, nothing polled
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        dest = str(tmp_path / "dest")
+        inserted = time.monotonic()
+        await conn.execute("INSERT INTO request (urls, dest) VALUES ($1, $2)",
+                           [server.url("wake.bin")], dest)
+        await proc.wait_for(lambda line: line["event"] == "download done", timeout=5)
+        assert time.monotonic() - inserted < 1.0
+
+        # a queued download row inserted directly also wakes it
+        provider_id = await conn.fetchval("SELECT provider_id FROM download")
+        server.add("direct.bin", os.urandom(1000))
+        inserted = time.monotonic()
+        await conn.execute("INSERT INTO download (provider_id, url, dest) VALUES ($1, $2, $3)",
+                           provider_id, server.url("direct.bin"), dest)
+        await proc.wait_for(lambda line: line["event"] == "download done"
+                            and line.get("name") == "direct.bin", timeout=5)
+        assert time.monotonic() - inserted < 1.0
+    finally:
+        await conn.close()
+    assert (tmp_path / "dest" / f"127.0.0.1_{server.port}" / "direct.bin").exists()
+
+
+async def test_daemon_survives_a_postgresql_restart(
+        server: FileServer, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    cluster = PgCluster().init()
+    try:
+        cluster.psql("CREATE DATABASE restartdb OWNER asyncsat")
+        dsn = cluster.dsn("restartdb")
+        init = await asyncio.to_thread(cli, "init", dsn=dsn, home=tmp_path / "home")
+        assert init.returncode == 0, init.stderr
+        data = os.urandom(3_000_000)
+        server.add("during.bin", data, rate=1_000_000)
+        await add_provider(dsn, "local", server.base)
+        dest = tmp_path / "dest"
+        await queue(dsn, server.url("during.bin"), dest=dest)
+        proc = DaemonProcess(dsn, tmp_path / "home", env={"ASYNCSAT_LOG_LEVEL": "info"})
+        daemons.append(proc)
+        await _wait_part(_part(dest, "during.bin"), 300_000)
+
+        await asyncio.to_thread(cluster.stop, "fast")
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(cluster.start)
+        await proc.wait_for(lambda line: line["event"] == "database connection restored",
+                            timeout=30)
+        # the transfer that ran across the restart finished and was recorded
+        await proc.wait_for(lambda line: line["event"] == "download done", timeout=30)
+
+        server.add("after.bin", os.urandom(5000))
+        await queue(dsn, server.url("after.bin"), dest=dest)
+        await proc.wait_for(lambda line: line["event"] == "download done"
+                            and line.get("name") == "after.bin", timeout=10)
+        statuses = {r["url"].rsplit("/", 1)[-1]: r["status"] for r in await rows(dsn)}
+        assert statuses == {"during.bin": "done", "after.bin": "done"}
+        assert (dest / "local" / "during.bin").read_bytes() == data
+    finally:
+        for d in daemons:
+            d.kill()
+        cluster.destroy()
+
+
+async def test_notify_asyncsat_rescans(server: FileServer, dsn: str, tmp_path: Path,
+                                       daemons: list[DaemonProcess]) -> None:
+    """A change no trigger announces is picked up on `NOTIFY asyncsat`, not before."""
+    server.add("later.bin", os.urandom(2000))
+    await add_provider(dsn, "local", server.base)
+    conn = await asyncpg.connect(dsn)
+    try:
+        provider_id = await conn.fetchval("SELECT id FROM provider WHERE name = 'local'")
+        await conn.execute(
+            "INSERT INTO download (provider_id, url, dest, not_before)"
+            " VALUES ($1, $2, $3, now() + interval '1 hour')",
+            provider_id, server.url("later.bin"), str(tmp_path / "dest"))
+        proc = DaemonProcess(dsn, tmp_path / "home")
+        daemons.append(proc)
+        await proc.wait_for(lambda line: line["event"] == "daemon started")
+        await conn.execute("UPDATE download SET not_before = now()")  # no trigger fires
+        await asyncio.sleep(1.0)
+        assert not [line for line in proc.lines if line["event"] == "download running"]
+        sent = time.monotonic()
+        await conn.execute("NOTIFY asyncsat")
+        await proc.wait_for(lambda line: line["event"] == "download done", timeout=5)
+        assert time.monotonic() - sent < 1.0
+    finally:
+        await conn.close()
+
+
+async def test_second_daemon_refuses_to_start(dsn: str, tmp_path: Path,
+                                              daemons: list[DaemonProcess]) -> None:
+    proc = DaemonProcess(dsn, tmp_path / "home")
+    daemons.append(proc)
+    await proc.wait_for(lambda line: line["event"] == "daemon started")
+    second = await asyncio.to_thread(cli, "run", dsn=dsn, home=tmp_path / "home")
+    assert second.returncode == 1
+    assert second.stderr.strip() == \
+        "asyncsat: error: Another asyncsat daemon is running on this database."
+
+
+async def test_exit_when_idle_drains_everything(server: FileServer, dsn: str,
+                                                settings: Settings) -> None:
+    for i in range(6):
+        server.add(f"x{i}.bin", os.urandom(20_000 + i))
+    await queue(dsn, *(server.url(f"x{i}.bin") for i in range(3)))
+    await queue(dsn, *(server.url(f"x{i}.bin") for i in range(3, 6)))
+    await drain(settings)
+    assert [r["status"] for r in await rows(dsn)] == ["done"] * 6
