@@ -185,7 +185,7 @@ class Engine:
         log.info("stopping transfers", count=len(tasks))
         for task in tasks:
             task.cancel()
-        done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
+        _done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
         if pending:
             log.warning("transfers did not stop in time", count=len(pending))
 
@@ -241,7 +241,7 @@ class Engine:
         self, d: Download, provider: Provider, exc: TransferError, attempt: Attempt, bound: Any
     ) -> None:
         decision = decide(exc, d.failures, attempt.progressed, Policy.for_provider(provider))
-        error = self.redactor(exc.message)
+        error = _one_line(self.redactor(exc.message))
         if decision.action == "retry":
             await self.store.call(queries.download_requeue, d.id, error=error,
                                   failures=decision.failures, bytes_done=attempt.size,
@@ -262,6 +262,11 @@ class Engine:
     def _finished(self, download_id: int, status: str) -> None:
         if self.sink is not None:
             self.sink.finished(download_id, status)
+
+
+def _one_line(text: str, limit: int = 1000) -> str:
+    """An error fit for a log line and a text column: printable, one line, bounded."""
+    return "".join(c if c.isprintable() else " " for c in text)[:limit]
 
 
 class _RowEvents:

@@ -23,7 +23,7 @@ def sanitize(name: str) -> str:
     if name in ("", ".", ".."):
         return ""
     if len(name.encode()) > MAX_NAME:
-        stem, dot, ext = name.rpartition(".")
+        _stem, dot, ext = name.rpartition(".")
         keep = ext if dot and len(ext) <= 16 else ""
         name = name.encode()[: MAX_NAME - len(keep) - 1].decode(errors="ignore") + (
             "." + keep if keep else "")

@@ -72,7 +72,8 @@ def decide(error: TransferError, failures: int, progressed: bool, policy: Policy
 
     An attempt that moved the file forward before the connection broke resets the count: a
     flaky connection that keeps delivering bytes never exhausts the budget. A file that
-    arrived whole but failed verification is no progress. Throttling (429 and the like) never counts.
+    arrived whole but failed verification is no progress. Throttling (429 and the like)
+    never counts.
     """
     if isinstance(error, OfflineError):
         return Decision("offline", failures)

@@ -328,7 +328,12 @@ class Bench:
             raise SystemExit(f"bench: asyncsat init failed, see {self.logs}/asyncsat-setup.log")
 
     def add_provider(self, server: Server) -> str:
-        """A provider per server (port), limited to N connections."""
+        """A new provider, limited to N connections, for one timed `get`.
+
+        asyncsat queues a product once per (provider, URL): asking again for a URL it has
+        done answers "done" with the old path, without downloading. Each run therefore gets
+        a provider of its own (named in `get --provider`).
+        """
         self.providers += 1
         name = f"bench-{os.getpid()}-{self.providers}"
         m = measure(self.asyncsat("provider", "add", name, "--protocol", "http", "--url",
@@ -339,10 +344,13 @@ class Bench:
             raise SystemExit(f"bench: asyncsat provider add failed, see {self.logs}")
         return name
 
-    def command(self, tool: str, urls: Sequence[str], out: Path, label: str) -> list[str]:
+    def command(self, tool: str, urls: Sequence[str], out: Path, label: str,
+                server: Server) -> list[str]:
         n = str(self.args.connections)
         if tool == "asyncsat":
-            cmd = self.asyncsat("get", *urls, "--dest", str(out), "--wait")
+            provider = self.add_provider(server)
+            cmd = self.asyncsat("get", *urls, "--provider", provider, "--dest", str(out),
+                                "--wait")
             if self.args.cprofile:
                 prof = self.logs / f"asyncsat-{label}.prof"
                 cmd[1:3] = ["-m", "cProfile", "-o", str(prof), "-m", "asyncsat"]
@@ -366,7 +374,7 @@ class Bench:
         out.mkdir(parents=True)
         urls = [server.base + f.name for f in files]
         label = f"{scenario}-{run}"
-        cmd = self.command(tool, urls, out, label)
+        cmd = self.command(tool, urls, out, label, server)
         log = self.logs / f"{tool}-{label}.log"
         os.sync()  # earlier runs' dirty pages must not be written back during this one
         server.reset()
@@ -441,7 +449,6 @@ def run_transfer(bench: Bench, name: str, files: Sequence[FileSpec], tiny: FileS
     server = Server(src, rate=rate, max_per_user=a.connections, chunk=chunk)
     try:
         if "asyncsat" in a.tools:
-            bench.add_provider(server)
             scenario.fixed_cost = _fixed_cost(bench, tiny, server, name)
         for run in range(1, a.repeat + 1):
             for tool in a.tools:
@@ -462,8 +469,6 @@ def run_memory(bench: Bench, src: Path) -> Scenario:
                         f"file, no bandwidth cap, server chunk {chunk // 1024} KiB")
     server = Server(src, rate=None, max_per_user=a.connections, chunk=chunk)
     try:
-        if "asyncsat" in a.tools:
-            bench.add_provider(server)
         for run in range(1, a.repeat + 1):
             for tool in a.tools:
                 for spec, label in ((small, "small"), (big, "big")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -99,10 +100,8 @@ class DaemonProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.raw.append(line)
-            try:
+            with contextlib.suppress(ValueError):
                 self.lines.append(json.loads(line))
-            except ValueError:
-                pass
 
     async def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20) -> \
             dict[str, Any]:

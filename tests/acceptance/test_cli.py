@@ -1,0 +1,192 @@
+"""The command line as users and scripts meet it: exit codes, one-line errors, JSON, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.conftest import cli
+from tests.servers import FileServer
+
+COUNT_ALL = ("SELECT (SELECT count(*) FROM provider) + (SELECT count(*) FROM credential)"
+             " + (SELECT count(*) FROM request) + (SELECT count(*) FROM download)")
+
+
+async def _count(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(COUNT_ALL))
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("args", [
+    ["get", "notaurl"],
+    ["get", "https://ok.example/a.zip", "ftp//broken"],
+    ["get", "https://ok.example/a.zip", "--checksum", "md5:nothex"],
+    ["get", "https://a/x.zip", "https://a/y.zip", "--checksum", "md5:" + "0" * 32],
+    ["get", "https://ok.example/a.zip", "--provider", "nosuch"],
+    ["credential", "add", "nosuch", "--user", "u", "--password-env", "HOME"],
+    ["credential", "add", "hub", "--user", "u", "--password-env", "HOME",
+     "--max-connections", "-1"],
+    ["credential", "add", "hub", "--user", "u", "--password-file", "/nonexistent/pw"],
+    ["credential", "add", "hub", "--user", "u", "--password-env", "ASYNCSAT_TEST_UNSET"],
+    ["provider", "add", "bad/name", "--protocol", "http"],
+    ["provider", "add", "x", "--protocol", "gopher"],
+    ["provider", "add", "x", "--protocol", "http", "--url", "nota url"],
+    ["status", "--request", "999"],
+    ["retry", "12345"],
+    ["retry"],
+    ["cancel", "abc"],
+    ["frobnicate"],
+])
+async def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+        args: list[str], dsn: str, tmp_path: Path) -> None:
+    setup = await asyncio.to_thread(cli, "provider", "add", "hub", "--protocol", "odata",
+                                    "--url", "https://hub.example/odata/v1/", dsn=dsn,
+                                    home=tmp_path)
+    assert setup.returncode == 0, setup.stderr
+    before = await _count(dsn)
+    result = await asyncio.to_thread(cli, *args, dsn=dsn, home=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("asyncsat: error: "), result.stderr
+    assert await _count(dsn) == before
+
+
+async def test_provider_and_credential_lists_never_show_a_secret(dsn: str,
+                                                                 tmp_path: Path) -> None:
+    pw_file = tmp_path / "pw"
+    pw_file.write_text("s3cret-from-file\nsecond line ignored\n")
+    steps = [
+        ["provider", "add", "cdse", "--protocol", "odata",
+         "--url", "https://download.dataspace.copernicus.eu/odata/v1/", "--set", "max_attempts=7",
+         "--set", "token_url=https://identity.example/token"],
+        ["credential", "add", "cdse", "--user", "alice", "--password-file", str(pw_file),
+         "--max-connections", "4"],
+        ["credential", "add", "cdse", "--user", "bob", "--password-env", "BOB_PW"],
+    ]
+    for step in steps:
+        r = await asyncio.to_thread(cli, *step, dsn=dsn, home=tmp_path,
+                                    env={"BOB_PW": "env-secret-bob"})
+        assert r.returncode == 0, r.stderr
+    stdin = await asyncio.to_thread(cli, "credential", "add", "cdse", "--user", "carol",
+                                    "--password-stdin", dsn=dsn, home=tmp_path,
+                                    input="stdin-secret\r\n")
+    assert stdin.returncode == 0
+
+    providers = json.loads((await asyncio.to_thread(
+        cli, "provider", "list", "--json", dsn=dsn, home=tmp_path)).stdout)
+    assert providers == [{"name": "cdse", "protocol": "odata",
+                          "url": "https://download.dataspace.copernicus.eu/odata/v1/",
+                          "settings": {"max_attempts": 7,
+                                       "token_url": "https://identity.example/token"},
+                          "implicit": False}]
+    listed = await asyncio.to_thread(cli, "credential", "list", "--json", dsn=dsn, home=tmp_path)
+    creds = json.loads(listed.stdout)
+    assert creds == [
+        {"provider": "cdse", "user": "alice", "max_connections": 4, "enabled": True},
+        {"provider": "cdse", "user": "bob", "max_connections": 2, "enabled": True},
+        {"provider": "cdse", "user": "carol", "max_connections": 2, "enabled": True},
+    ]
+    plain = await asyncio.to_thread(cli, "credential", "list", dsn=dsn, home=tmp_path)
+    for secret in ("s3cret-from-file", "env-secret-bob", "stdin-secret"):
+        assert secret not in listed.stdout + plain.stdout
+    conn = await asyncpg.connect(dsn)
+    try:
+        stored = {r["username"]: r["secret"] for r in await conn.fetch(
+            "SELECT username, secret FROM credential")}
+    finally:
+        await conn.close()
+    assert stored == {"alice": "s3cret-from-file", "bob": "env-secret-bob",
+                      "carol": "stdin-secret"}
+
+
+async def test_url_login_is_used_but_never_stored_in_the_url_or_printed(
+        dsn: str, tmp_path: Path) -> None:
+    server = await FileServer(users={"me": "url-pass-42"}).start()
+    try:
+        data = os.urandom(5000)
+        server.add("private.bin", data)
+        url = server.url("private.bin", user="me", password="url-pass-42")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(tmp_path), "get", url,
+            "--dest", str(tmp_path / "d"), "--wait",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+    finally:
+        await server.stop()
+    assert proc.returncode == 0, err.decode()
+    assert server.requests[-1]["user"] == "me"
+    status = await asyncio.to_thread(cli, "status", "--json", dsn=dsn, home=tmp_path)
+    [row] = json.loads(status.stdout)
+    assert row["url"] == server.url("private.bin")
+    for text in (out.decode(), err.decode(), status.stdout):
+        assert "url-pass-42" not in text
+
+
+async def test_status_json_fields_retry_and_cancel(server: FileServer, dsn: str,
+                                                   tmp_path: Path) -> None:
+    server.add("ok.bin", os.urandom(1000))
+    dest = tmp_path / "d"
+    r = await asyncio.to_thread(cli, "get", server.url("ok.bin"), server.url("gone.bin"),
+                                "--dest", str(dest), dsn=dsn, home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    queued = json.loads((await asyncio.to_thread(cli, "status", "--json", dsn=dsn,
+                                                 home=tmp_path)).stdout)
+    assert [q["status"] for q in queued] == ["queued", "queued"]
+    cancelled = await asyncio.to_thread(cli, "cancel", str(queued[1]["id"]), dsn=dsn,
+                                        home=tmp_path)
+    assert cancelled.returncode == 0
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(tmp_path), "run",
+        "--exit-when-idle", stdout=asyncio.subprocess.DEVNULL)
+    assert await run.wait() == 0
+    rows = json.loads((await asyncio.to_thread(cli, "status", "--json", dsn=dsn,
+                                               home=tmp_path)).stdout)
+    keys = {"id", "request_id", "provider", "name", "url", "status", "bytes_done", "size",
+            "attempts", "error", "path"}
+    assert all(keys <= set(row) for row in rows)
+    ok, gone = rows
+    provider = f"127.0.0.1_{server.port}"
+    assert ok["status"] == "done" and ok["provider"] == provider and ok["name"] == "ok.bin"
+    assert ok["path"] == str(dest / provider / "ok.bin") and ok["size"] == 1000
+    assert gone["status"] == "cancelled"
+
+    again = await asyncio.to_thread(cli, "retry", str(gone["id"]), dsn=dsn, home=tmp_path)
+    assert again.returncode == 0 and again.stdout.startswith("1 download")
+    run = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(tmp_path), "run",
+        "--exit-when-idle", stdout=asyncio.subprocess.DEVNULL)
+    assert await run.wait() == 0
+    rows = json.loads((await asyncio.to_thread(cli, "status", "--json", "--request",
+                                               str(gone["request_id"]), dsn=dsn,
+                                               home=tmp_path)).stdout)
+    assert rows[1]["status"] == "failed" and "404" in rows[1]["error"]
+    table = await asyncio.to_thread(cli, "status", dsn=dsn, home=tmp_path)
+    assert "done" in table.stdout and "failed" in table.stdout
+
+
+async def test_init_is_idempotent_and_upgrades(dsn: str, tmp_path: Path) -> None:
+    for _ in range(2):
+        r = await asyncio.to_thread(cli, "init", dsn=dsn, home=tmp_path)
+        assert r.returncode == 0, r.stderr
+
+
+async def test_get_wait_exit_code_reflects_failures(server: FileServer, dsn: str,
+                                                    tmp_path: Path) -> None:
+    server.add("fine.bin", os.urandom(100))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(tmp_path), "get",
+        server.url("fine.bin"), server.url("missing.bin"), "--dest", str(tmp_path / "d"),
+        "--wait", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, _err = await proc.communicate()
+    assert proc.returncode == 1
+    assert "done" in out.decode() and "failed" in out.decode()

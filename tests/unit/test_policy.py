@@ -1,0 +1,187 @@
+"""Pure parts: retry decisions, slots, names, payload checks, checksums, redaction."""
+
+from __future__ import annotations
+
+import asyncio
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from asyncsat import checksums
+from asyncsat.errors import (
+    AuthError,
+    ChecksumError,
+    OfflineError,
+    PayloadError,
+    PermanentError,
+    RetryableError,
+    SizeError,
+    UsageError,
+)
+from asyncsat.logs import Redactor
+from asyncsat.models import Credential, Provider
+from asyncsat.naming import (
+    implicit_provider_name,
+    name_from_content_disposition,
+    name_from_url,
+    sanitize,
+    split_login,
+)
+from asyncsat.retry import Policy, backoff, decide
+from asyncsat.slots import ProviderSlots, accounts_for
+from asyncsat.transfer import payload
+
+POLICY = Policy(max_attempts=5, backoff_initial=1.0, backoff_max=60.0)
+
+
+def test_transient_errors_are_retried_until_the_budget_is_spent() -> None:
+    err = RetryableError("reset")
+    assert decide(err, 0, False, POLICY).action == "retry"
+    assert decide(err, 3, False, POLICY).action == "retry"
+    assert decide(err, 4, False, POLICY).action == "fail"
+
+
+def test_progress_resets_the_budget_but_verification_failures_do_not() -> None:
+    assert decide(RetryableError("reset"), 4, True, POLICY).failures == 0
+    assert decide(SizeError("short"), 4, True, POLICY).action == "fail"
+
+
+def test_auth_and_checksum_failures_get_one_retry() -> None:
+    for err in (AuthError("HTTP 401"), ChecksumError("md5 mismatch")):
+        assert decide(err, 0, False, POLICY).action == "retry"
+        assert decide(err, 1, False, POLICY).action == "fail"
+
+
+def test_permanent_and_offline() -> None:
+    assert decide(PermanentError("404"), 0, False, POLICY).action == "fail"
+    assert decide(OfflineError("lta"), 0, False, POLICY).action == "offline"
+
+
+def test_throttling_never_uses_the_budget_and_honours_retry_after() -> None:
+    d = decide(RetryableError("429", retry_after=120, throttled=True), 4, False, POLICY)
+    assert d.action == "retry" and d.failures == 4 and d.delay >= 120
+
+
+def test_backoff_is_exponential_with_jitter_and_capped() -> None:
+    assert 1.0 <= backoff(1, POLICY) <= 2.0
+    assert 8.0 <= backoff(4, POLICY) <= 9.0
+    assert backoff(30, POLICY) == 60.0
+
+
+def test_policy_reads_provider_settings() -> None:
+    p = Provider(1, "x", "http", None, {"max_attempts": 9, "backoff_max": 5})
+    assert Policy.for_provider(p) == Policy(9, 1.0, 5.0)
+
+
+async def test_slots_follow_credentials_and_never_exceed_an_account() -> None:
+    provider = Provider(1, "hub", "http", None, {})
+    creds = [Credential(1, 1, "a", "s", 2), Credential(2, 1, "b", "t", 1)]
+    slots = ProviderSlots(accounts_for(provider, creds))
+    leases = [await slots.acquire() for _ in range(3)]
+    assert slots.free() == 0
+    assert sorted(lease.account.user or "" for lease in leases) == ["a", "a", "b"]
+    # shrink to one account of one connection: the leases out stay valid, new ones wait
+    slots.resize(accounts_for(provider, creds[1:2]))
+    for lease in leases:
+        lease.release()
+    assert slots.free() == 1
+    lease = await slots.acquire()
+    assert lease.account.user == "b" and slots.free() == 0
+    waiter = asyncio.ensure_future(slots.acquire())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    lease.release()
+    assert (await waiter).account.user == "b"
+
+
+def test_a_provider_without_credentials_is_anonymous_with_four_connections() -> None:
+    [account] = accounts_for(Provider(1, "h", "http", None, {}), [])
+    assert account.user is None and account.limit == 4
+    [account] = accounts_for(Provider(1, "h", "http", None, {"max_connections": 7}), [])
+    assert account.limit == 7
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("../../etc/passwd", "passwd"),
+    ("..", ""),
+    ("a/b\\c.zip", "c.zip"),
+    ("S2A:MSI*?.zip", "S2A_MSI_.zip"),
+    ("name\x00.zip", "name_.zip"),
+    (" .hidden. ", "hidden"),
+])
+def test_sanitize_never_escapes_the_folder(raw: str, expected: str) -> None:
+    assert sanitize(raw) == expected
+
+
+def test_names_from_urls_and_headers() -> None:
+    assert name_from_url("https://h/a/S2A%20X.zip?x=1") == "S2A X.zip"
+    assert name_from_url("https://h/a/%2e%2e%2fetc%2fpasswd") == "passwd"
+    assert name_from_content_disposition('attachment; filename="S1A.zip"') == "S1A.zip"
+    assert name_from_content_disposition(
+        "attachment; filename*=UTF-8''%C3%A9t%C3%A9.nc") == "été.nc"
+    assert name_from_content_disposition(None) == ""
+    assert len(sanitize("x" * 500 + ".zip").encode()) <= 200
+    assert sanitize("x" * 500 + ".zip").endswith(".zip")
+
+
+def test_split_login_takes_the_secret_out_of_the_url() -> None:
+    u = split_login("https://me:p%40ss@Example.com:8443/d/f.zip?a=1#frag")
+    assert (u.url, u.user, u.password) == ("https://example.com:8443/d/f.zip?a=1", "me", "p@ss")
+    assert "p@ss" not in repr(u)
+    assert implicit_provider_name(u.url) == "example.com_8443"
+    for bad in ("notaurl", "file:///etc/passwd", "http://", "http://h:99999/x", "http://h/a b"):
+        with pytest.raises(UsageError) as info:
+            split_login(bad)
+        assert "\n" not in info.value.message
+
+
+def test_payload_judged_by_content(tmp_path: Path) -> None:
+    def check(content: bytes, name: str) -> None:
+        p = tmp_path / "x.part"
+        p.write_bytes(content)
+        payload.check(p, name)
+
+    with pytest.raises(PayloadError, match="HTML"):
+        check(b"\n<!DOCTYPE html><html></html>", "anything.bin")
+    with pytest.raises(PayloadError, match="error document"):
+        check(b'<?xml version="1.0"?><error xmlns="x"><code/><message>No</message></error>',
+              "S1.zip")
+    with pytest.raises(PayloadError, match="text document"):
+        check(b'{"detail": "Max session number exceeded"}', "S5P.nc")
+    with pytest.raises(PayloadError, match="zip"):
+        check(b"PK\x03\x04" + b"\x00" * 100, "S2.zip")
+    check(b"CDF\x01" + b"\x00" * 100, "S5P_served_as.zip")  # netCDF under a .zip name: fine
+    check(b'{"type": "Feature"}', "item.json")  # a JSON product is a JSON product
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w") as zf:
+        zf.writestr("manifest.safe", "<xml/>")
+    check(good.read_bytes(), "S2.zip")
+
+
+def test_checksum_parsing() -> None:
+    assert checksums.parse("MD5:" + "A" * 32).value == "a" * 32
+    assert checksums.parse("sha3-256:" + "0" * 64).algo == "sha3_256"
+    for bad in ("md5", "md5:123", "crc32:00000000", "sha256:" + "g" * 64):
+        with pytest.raises(UsageError):
+            checksums.parse(bad)
+    h = checksums.new_hasher("blake3")
+    h.update(b"abc")
+    assert h.hexdigest().startswith("6437b3ac38465133")
+
+
+def test_redactor_masks_known_secrets_and_secret_shapes() -> None:
+    r = Redactor()
+    r.add("hunter2-secret")
+    text = r("login hunter2-secret failed for https://bob:pw123@host/x?token=abc&x=1 "
+             "Authorization: Bearer eyJabc.def password=swordfish")
+    for secret in ("hunter2-secret", "pw123", "abc&", "eyJabc.def", "swordfish"):
+        assert secret not in text
+    assert "x=1" in text and "https://" in text
+
+
+def test_random_binary_that_starts_like_text_is_not_an_error_page(tmp_path: Path) -> None:
+    p = tmp_path / "x.part"
+    for first in (b"{", b"<", b"["):
+        p.write_bytes(first + b"\x00\xff\x13binary" * 50)
+        payload.check(p, "product.bin")
