@@ -152,19 +152,18 @@ async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) 
 
 
 async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
-    bar = ProgressBar()
-
-    async def request_final() -> bool:
-        async with daemon.connection(settings) as conn:
-            status, _e, counts = await queries.request_state(conn, request_id)
-        return status != "queued" and not set(counts) - TERMINAL
-
-    try:
-        await daemon.serve(settings, redactor, until=request_final, sink=bar)
-    except DaemonLocked:
-        print("a daemon is running: waiting for it to finish the downloads", file=sys.stderr)
-        await daemon.wait_for_request(settings, request_id, lambda _c: None)
     async with daemon.connection(settings) as conn:
+
+        async def request_final() -> bool:
+            status, _e, counts = await queries.request_state(conn, request_id)
+            return status != "queued" and not set(counts) - TERMINAL
+
+        try:
+            await daemon.serve(settings, redactor, until=request_final, sink=ProgressBar())
+        except DaemonLocked:
+            print("a daemon is running: waiting for it to finish the downloads",
+                  file=sys.stderr)
+            await daemon.wait_for_request(settings, request_id, lambda _c: None)
         rows = await queries.status_rows(conn, request_id)
     failed = 0
     for r in rows:

@@ -18,7 +18,7 @@ from asyncsat import intake
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.store import Store
-from asyncsat.errors import RetryableError, TransferError
+from asyncsat.errors import PermanentError, RetryableError, TransferError
 from asyncsat.logs import Redactor
 from asyncsat.models import Download, Provider
 from asyncsat.retry import Policy, decide
@@ -264,6 +264,12 @@ class Engine:
             self.sink.finished(download_id, status)
 
 
+def _unique_name(name: str, download_id: int) -> str:
+    """`TCI.tif` -> `TCI_17.tif`: for a product whose name another download owns."""
+    path = Path(name)
+    return f"{path.stem}_{download_id}{path.suffix}"
+
+
 def _one_line(text: str, limit: int = 1000) -> str:
     """An error fit for a log line and a text column: printable, one line, bounded."""
     return "".join(c if c.isprintable() else " " for c in text)[:limit]
@@ -278,11 +284,14 @@ class _RowEvents:
         self._name = download.name or ""
         self._last = 0.0
 
-    async def named(self, name: str, size: int | None, validator: Validator) -> None:
-        self._name = name
-        await self._engine.store.call(
-            queries.download_named, self._download.id, name=name, size=size,
-            etag=validator.etag, last_modified=validator.last_modified)
+    async def named(self, name: str, size: int | None, validator: Validator) -> str:
+        for candidate in (name, _unique_name(name, self._download.id)):
+            if await self._engine.store.call(
+                    queries.download_named, self._download.id, name=candidate, size=size,
+                    etag=validator.etag, last_modified=validator.last_modified):
+                self._name = candidate
+                return candidate
+        raise PermanentError(f"another download already writes {name!r}")
 
     async def progress(self, done: int, total: int | None) -> None:
         now = time.monotonic()

@@ -76,6 +76,9 @@ CREATE TABLE IF NOT EXISTS download (
 CREATE INDEX IF NOT EXISTS download_queued_idx
     ON download (provider_id, not_before, id) WHERE status = 'queued';
 CREATE INDEX IF NOT EXISTS download_request_idx ON download (request_id);
+-- two downloads never share a file on disk
+CREATE UNIQUE INDEX IF NOT EXISTS download_file_unique
+    ON download (provider_id, coalesce(dest, ''), name) WHERE name IS NOT NULL;
 
 -- every request that asked for a download (a product is fetched once)
 CREATE TABLE IF NOT EXISTS request_download (

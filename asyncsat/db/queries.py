@@ -239,13 +239,20 @@ async def claim(db: Any, provider_id: int, limit: int) -> list[Download]:
 async def download_named(
     db: Any, download_id: int, *, name: str, size: int | None, etag: str | None,
     last_modified: str | None,
-) -> None:
-    """Record what the server told at the start of a file: name, size and validators."""
-    await db.execute(
-        "UPDATE download SET name = $2, size = coalesce($3, size), etag = $4, last_modified = $5"
-        " WHERE id = $1",
-        download_id, name, size, etag, last_modified,
-    )
+) -> bool:
+    """Record what the server told at the start of a file: name, size and validators.
+
+    False (nothing written) when another download of the same folder has that name.
+    """
+    try:
+        await db.execute(
+            "UPDATE download SET name = $2, size = coalesce($3, size), etag = $4,"
+            " last_modified = $5 WHERE id = $1",
+            download_id, name, size, etag, last_modified,
+        )
+    except asyncpg.UniqueViolationError:
+        return False
+    return True
 
 
 async def download_progress(db: Any, download_id: int, bytes_done: int) -> None:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 
 from asyncsat.checksums import Hasher, new_hasher
-from asyncsat.errors import ChecksumError, PermanentError, SizeError
+from asyncsat.errors import (
+    ChecksumError,
+    PermanentError,
+    RetryableError,
+    SizeError,
+    TransferError,
+)
 from asyncsat.models import Checksum
 from asyncsat.transfer import payload
 
@@ -47,7 +54,7 @@ class PartFile:
             os.lseek(self._fd, offset, os.SEEK_SET)
         except OSError as exc:
             self.close()
-            raise PermanentError(f"cannot write {self.path}: {exc.strerror}") from None
+            raise _write_error(self.path, exc) from None
         self.size = offset
         if self.checksum is not None:
             self._hasher = new_hasher(self.checksum.algo)
@@ -74,7 +81,7 @@ class PartFile:
                 written = os.write(self._fd, view)
                 view = view[written:]
         except OSError as exc:
-            raise PermanentError(f"cannot write {self.path}: {exc.strerror}") from None
+            raise _write_error(self.path, exc) from None
         if self._hasher is not None:
             self._hasher.update(chunk)
         self.size += len(chunk)
@@ -119,3 +126,10 @@ class PartFile:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _write_error(path: Path, exc: OSError) -> TransferError:
+    """A full disk is waited out (the .part stays); other write errors are permanent."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RetryableError(f"no space left to write {path}", throttled=True)
+    return PermanentError(f"cannot write {path}: {exc.strerror}")

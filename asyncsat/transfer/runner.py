@@ -40,8 +40,11 @@ class Outcome:
 class Events(Protocol):
     """What the transfer tells its owner while it runs."""
 
-    async def named(self, name: str, size: int | None, validator: Validator) -> None:
-        """The file's name, size and validators are known; called before any byte is written."""
+    async def named(self, name: str, size: int | None, validator: Validator) -> str:
+        """The file's name, size and validators are known; called before any byte is written.
+
+        Returns the name to use: the one proposed, unless another download owns it.
+        """
         ...
 
     async def progress(self, done: int, total: int | None) -> None:
@@ -76,15 +79,18 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
     validator = job.validator if offset else Validator()
     async with driver.open(job.source, offset, validator) as stream:
         opened = stream.opened
+        total = opened.total if opened.total is not None else job.size
         if part is None:
-            name = opened.name or name_from_url(job.source.url) or sanitize(job.fallback_name)
+            proposed = opened.name or name_from_url(job.source.url) or \
+                sanitize(job.fallback_name)
+            name = await events.named(proposed, total, opened.validator)
             part = PartFile(job.folder, name, job.checksum)
+        else:
+            await events.named(name, total, opened.validator)
         if opened.offset not in (0, offset):
             await part.open(0)
             part.close()
             raise RetryableError(f"the server resumed at byte {opened.offset}, not {offset}")
-        total = opened.total if opened.total is not None else job.size
-        await events.named(name, total, opened.validator)
         await part.open(opened.offset)
         attempt.start_size = attempt.size = opened.offset
         try:

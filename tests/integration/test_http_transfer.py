@@ -252,3 +252,19 @@ async def test_credential_change_resizes_slots_without_restart(dsn: str,
         await server.stop()
     assert server.peak["carol"] == 3 and server.over_limit == 0
     assert all(r["status"] == "done" for r in await rows(dsn))
+
+
+async def test_two_products_with_the_same_name_never_share_a_file(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    a, b = os.urandom(200_000), os.urandom(150_000)
+    server.add("scene1/TCI.tif", b"II*\x00" + a, rate=400_000)
+    server.add("scene2/TCI.tif", b"II*\x00" + b, rate=400_000)
+    await queue(dsn, server.url("scene1/TCI.tif"), server.url("scene2/TCI.tif"))
+    await drain(settings)
+    done = {r["url"].split("/")[-2]: r for r in await rows(dsn)}
+    assert {r["status"] for r in done.values()} == {"done"}
+    assert done["scene1"]["path"] != done["scene2"]["path"]
+    assert Path(done["scene1"]["path"]).read_bytes() == b"II*\x00" + a
+    assert Path(done["scene2"]["path"]).read_bytes() == b"II*\x00" + b
+    names = {Path(r["path"]).name for r in done.values()}
+    assert names in ({"TCI.tif", f"TCI_{r['id']}.tif"} for r in done.values())
