@@ -163,7 +163,7 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
         except DaemonLocked:
             print("a daemon is running: waiting for it to finish the downloads",
                   file=sys.stderr)
-            await daemon.wait_for_request(settings, request_id, lambda _c: None)
+            await daemon.wait_for_request(settings, request_id)
         rows = await queries.status_rows(conn, request_id)
     failed = 0
     for r in rows:

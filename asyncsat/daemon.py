@@ -95,8 +95,7 @@ async def serve(
         await pool.close()
 
 
-async def wait_for_request(settings: Settings, request_id: int,
-                           on_change: Callable[[dict[str, int]], None]) -> dict[str, int]:
+async def wait_for_request(settings: Settings, request_id: int) -> dict[str, int]:
     """Wait until every download of a request is final (served by a running daemon)."""
     changed = asyncio.Event()
     conn = await connect(await resolve_dsn(settings))
@@ -105,7 +104,6 @@ async def wait_for_request(settings: Settings, request_id: int,
         while True:
             changed.clear()
             status, _error, counts = await queries.request_state(conn, request_id)
-            on_change(counts)
             if status != "queued" and not set(counts) - TERMINAL:
                 return counts
             # the timeout is a safety net for a lost notification, not the wake-up path
@@ -115,9 +113,4 @@ async def wait_for_request(settings: Settings, request_id: int,
             await conn.close()
 
 
-async def daemon_running(settings: Settings) -> bool:
-    async with connection(settings) as conn:
-        return await queries.daemon_running(conn)
-
-
-__all__ = ["DaemonLocked", "connection", "daemon_running", "serve", "wait_for_request"]
+__all__ = ["DaemonLocked", "connection", "serve", "wait_for_request"]

@@ -38,30 +38,49 @@ def status_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 class ProgressBar:
-    """One line on a terminal, rewritten in place; silent when the stream is not a terminal."""
+    """One line on a terminal for all running downloads, rewritten in place.
+
+    The cursor is left at the start of the line, so a log line printed meanwhile simply
+    overwrites the bar, which is drawn again below it. Silent when not on a terminal.
+    """
+
+    WIDTH = 100
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty()
-        self._seen: dict[int, tuple[float, int]] = {}
+        self._files: dict[int, tuple[int, int | None]] = {}
+        self._finished: set[int] = set()
+        self._last: tuple[float, int] | None = None
+        self._rate = 0.0
 
     def progress(self, download_id: int, name: str, done: int, total: int | None) -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        then, before = self._seen.get(download_id, (now, done))
-        self._seen[download_id] = (now, done)
-        rate = (done - before) / (now - then) if now > then else 0.0
-        pct = f"{100 * done / total:5.1f}%" if total else "  ?  "
-        width = 30
-        filled = int(width * done / total) if total else 0
-        bar = "#" * filled + "-" * (width - filled)
-        line = f"\r[{bar}] {pct} {human(done)}/{human(total)} {human(int(rate))}/s {name[:40]}"
-        self.stream.write(line.ljust(110)[:110])
-        self.stream.flush()
+        self._files[download_id] = (done, total)
+        if self.enabled:
+            self._draw()
 
     def finished(self, download_id: int, status: str) -> None:
-        self._seen.pop(download_id, None)
+        if status == "done":
+            _done, total = self._files.get(download_id, (0, None))
+            self._files[download_id] = (total or _done, total)
+        self._finished.add(download_id)
         if self.enabled:
-            self.stream.write("\r" + " " * 110 + "\r")
-            self.stream.flush()
+            self._draw()
+
+    def _draw(self) -> None:
+        done = sum(d for d, _ in self._files.values())
+        sizes = [t for _, t in self._files.values()]
+        total = sum(t for t in sizes if t) if sizes and all(sizes) else None
+        now = time.monotonic()
+        if self._last is not None and now > self._last[0]:
+            instant = max(0.0, (done - self._last[1]) / (now - self._last[0]))
+            self._rate = instant if not self._rate else 0.7 * self._rate + 0.3 * instant
+        self._last = (now, done)
+        fraction = done / total if total else 0.0
+        bar = "#" * int(20 * fraction) + "-" * (20 - int(20 * fraction))
+        pct = f"{100 * fraction:5.1f}%" if total else "  ?  "
+        line = (f"[{bar}] {pct} {human(done)}/{human(total)} {human(int(self._rate))}/s  "
+                f"{len(self._files) - len(self._finished)} running, "
+                f"{len(self._finished)} finished")
+        self.stream.write("\r" + line[: self.WIDTH] + "\x1b[K\r")
+        self.stream.flush()

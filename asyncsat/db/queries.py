@@ -366,14 +366,3 @@ async def try_daemon_lock(db: Any) -> bool:
     """Take the single-daemon lock on this connection (session-level)."""
     value: bool = await db.fetchval("SELECT pg_try_advisory_lock($1)", DAEMON_LOCK)
     return value
-
-
-async def daemon_running(db: Any) -> bool:
-    """True when some session holds the daemon lock."""
-    value: bool = await db.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        " AND classid = 0 AND objid = $1 AND database = (SELECT oid FROM pg_database"
-        " WHERE datname = current_database()))",
-        DAEMON_LOCK,
-    )
-    return value

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 
@@ -15,5 +16,30 @@ async def test_get_wait_downloads_a_file(server: FileServer, dsn: str, tmp_path)
         "get", server.url("S2A_MSIL1C_20240101.zip"), "--dest", str(tmp_path / "d"), "--wait",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
-    print(out.decode(), err.decode())
-    assert proc.returncode == 0
+    assert proc.returncode == 0, err.decode()
+    final = tmp_path / "d" / f"127.0.0.1_{server.port}" / "S2A_MSIL1C_20240101.zip"
+    assert final.read_bytes() == data
+    # stdout: the JSON log lines of the foreground run, then the summary
+    *logs, summary = out.decode().splitlines()
+    assert summary == f"done    {final}"
+    assert {json.loads(line)["event"] for line in logs} >= {"download running", "download done"}
+
+
+async def test_get_wait_waits_for_a_running_daemon(server: FileServer, dsn: str, tmp_path,
+                                                   daemons) -> None:
+    from tests.conftest import DaemonProcess
+
+    daemon = DaemonProcess(dsn, tmp_path / "h")
+    daemons.append(daemon)
+    await daemon.wait_for(lambda line: line["event"] == "daemon started")
+    server.add("served.bin", os.urandom(2_000_000), rate=2_000_000)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(tmp_path / "h"),
+        "get", server.url("served.bin"), "--dest", str(tmp_path / "d"), "--wait",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert "a daemon is running" in err.decode()
+    assert out.decode().splitlines()[-1].startswith("done    ")
+    # the daemon did the work, the waiting command only watched
+    await daemon.wait_for(lambda line: line["event"] == "download done")
