@@ -136,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the contract: one clear line, exit code 1, never a traceback
+        _fail(redactor, f"{type(exc).__name__}: {exc}")
+        return 1
 
 
 def _fail(redactor: Redactor, message: str) -> None:

@@ -83,12 +83,16 @@ async def serve(
         await listener.start()
         stop = asyncio.Event()
         log.info("daemon started", exit_when_idle=exit_when_idle)
-        async with _signals(stop), asyncio.TaskGroup() as group:
-            listening = group.create_task(listener.run(), name="listener")
-            try:
-                await engine.run(stop, exit_when_idle=exit_when_idle, until=until)
-            finally:
-                listening.cancel()
+        try:
+            async with _signals(stop), asyncio.TaskGroup() as group:
+                listening = group.create_task(listener.run(), name="listener")
+                try:
+                    await engine.run(stop, exit_when_idle=exit_when_idle, until=until)
+                finally:
+                    listening.cancel()
+        except BaseExceptionGroup as group_error:
+            # one side task failed and stopped the other: report the first cause
+            raise group_error.exceptions[0] from None
         log.info("daemon stopped")
     finally:
         await drivers.aclose()
