@@ -253,19 +253,6 @@ class Postgres:
 
 # -- files ----------------------------------------------------------------------------------
 
-def _random_block(size: int) -> bytes:
-    """Random bytes that asyncsat's payload heuristic cannot take for a text/zip document.
-
-    asyncsat.transfer.payload rejects a `.bin` whose first non-blank byte is `<`, `{` or `[`
-    (and checks a file starting with `PK` as a zip): 3 random files in 256 would fail for
-    that reason alone. Only the first byte of each file is forced out of that set.
-    """
-    block = bytearray(os.urandom(size))
-    if block and block[0] in b"<{[PK\xef\xbb\xbf \t\r\n":
-        block[0] = 0
-    return bytes(block)
-
-
 def generate(folder: Path, names_sizes: Sequence[tuple[str, int]]) -> list[FileSpec]:
     """Write files of random content (and hash them while writing)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -273,11 +260,10 @@ def generate(folder: Path, names_sizes: Sequence[tuple[str, int]]) -> list[FileS
     for name, size in names_sizes:
         h = hashlib.md5()
         with (folder / name).open("wb") as f:
-            left, first = size, True
+            left = size
             while left:
                 n = min(4 * MiB, left)
-                block = _random_block(n) if first else os.urandom(n)
-                first = False
+                block = os.urandom(n)
                 f.write(block)
                 h.update(block)
                 left -= n
