@@ -97,7 +97,7 @@ def _read_secret(args: argparse.Namespace) -> str:
 
 async def credential_add(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     secret = _read_secret(args)
-    redactor.add(secret)
+    redactor.add_login(args.user, secret)
     async with daemon.connection(settings) as conn:
         provider = await queries.provider_get(conn, args.provider)
         if provider is None:
@@ -126,7 +126,7 @@ async def credential_list(args: argparse.Namespace, settings: Settings, redactor
 async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     urls = intake.parse_urls(args.urls)
     for u in urls:
-        redactor.add(u.password)
+        redactor.add_login(u.user, u.password)
     checksum = checksums.parse(args.checksum) if args.checksum else None
     if checksum is not None and len(urls) != 1:
         raise UsageError("--checksum applies to exactly one URL")

@@ -18,9 +18,9 @@ from asyncsat import intake
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.store import Store
-from asyncsat.errors import PermanentError, RetryableError, TransferError
+from asyncsat.errors import DatabaseError, PermanentError, RetryableError, TransferError
 from asyncsat.logs import Redactor
-from asyncsat.models import Download, Provider
+from asyncsat.models import Download, Provider, Request
 from asyncsat.retry import Policy, decide
 from asyncsat.slots import Lease, ProviderSlots, accounts_for
 from asyncsat.transfer.base import Source, Validator
@@ -129,7 +129,8 @@ class Engine:
         for provider, credentials in await self.store.call(queries.accounts):
             self._providers[provider.id] = provider
             accounts = accounts_for(provider, credentials)
-            self.redactor.add(*(a.secret for a in accounts))
+            for account in accounts:
+                self.redactor.add_login(account.user, account.secret)
             slots = self._slots.get(provider.id)
             capacity = sum(a.limit for a in accounts)
             if slots is None:
@@ -144,8 +145,7 @@ class Engine:
         async def batch(conn: Any) -> int:
             requests = await queries.request_lock_queued(conn, REQUEST_BATCH)
             for request in requests:
-                status, error, count = await intake.resolve(
-                    conn, request, self.settings.default_dest)
+                status, error, count = await self._resolve_one(conn, request)
                 if status == "failed":
                     log.error("request failed", request_id=request.id, error=error)
                 else:
@@ -157,6 +157,19 @@ class Engine:
             self._accounts_stale = True  # an implicit provider may have been created
             await self._refresh_accounts()
         return n >= REQUEST_BATCH
+
+    async def _resolve_one(self, conn: Any, request: Request) -> tuple[str, str | None, int]:
+        """Resolve one request in a savepoint: a request that breaks a statement (or trips a
+        bug) fails alone, with its reason, instead of taking the daemon down at every start."""
+        try:
+            async with conn.transaction():
+                return await intake.resolve(conn, request, self.settings.default_dest)
+        except DatabaseError:
+            raise
+        except Exception as exc:
+            log.exception("request could not be resolved", request_id=request.id)
+            error = _one_line(self.redactor(f"cannot queue this request: {exc}"))
+            return await intake.fail(conn, request, error)
 
     async def _dispatch(self) -> float | None:
         """Claim due downloads into free slots; seconds until the next one is due (or None)."""
@@ -170,7 +183,8 @@ class Engine:
                 slots = self._slots.get(provider_id)
             if not due or slots is None or not slots.free():
                 continue
-            for download in await self.store.call(queries.claim, provider_id, slots.free()):
+            for download in await self.store.call(queries.claim, provider_id, slots.free(),
+                                                  str(self.settings.default_dest)):
                 lease = await slots.acquire()
                 task = asyncio.create_task(self._run_one(download, lease),
                                            name=f"download-{download.id}")
@@ -196,10 +210,11 @@ class Engine:
         provider = self._providers[d.provider_id]
         user, secret = (d.login_user, d.login_secret) if d.login_user else \
             (lease.account.user, lease.account.secret)
-        self.redactor.add(secret)
+        self.redactor.add_login(user, secret)
         folder = Path(d.dest or self.settings.default_dest) / d.provider
         job = Job(Source(d.url, user, secret), folder, d.name, d.size, d.checksum,
-                  Validator(d.etag, d.last_modified), fallback_name=f"download-{d.id}")
+                  Validator(d.etag, d.last_modified), fallback_name=f"download-{d.id}",
+                  size_from_server=d.size_from_server)
         attempt = Attempt(start_size=d.bytes_done, size=d.bytes_done)
         events = _RowEvents(self, d)
         bound.info("download running", url=d.url, attempt=d.attempts, user=user)

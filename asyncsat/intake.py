@@ -11,7 +11,7 @@ from asyncsat import checksums
 from asyncsat.db import queries
 from asyncsat.errors import UsageError
 from asyncsat.models import Checksum, Provider, Request
-from asyncsat.naming import SplitUrl, implicit_provider_name, split_login
+from asyncsat.naming import SplitUrl, implicit_provider_name, split_login, without_login
 
 
 def match_provider(url: str, providers: Sequence[Provider]) -> Provider | None:
@@ -62,14 +62,14 @@ async def _implicit(conn: Any, url: str) -> Provider:
 async def resolve(conn: Any, request: Request, default_dest: Path) -> tuple[str, str | None, int]:
     """Resolve a queued request row (inserted by psql or the CLI): (status, error, downloads)."""
     if request.search is not None and not request.urls:
-        return await _failed(conn, request, "catalog searches are not supported yet")
+        return await fail(conn, request, "catalog searches are not supported yet")
     try:
         urls = parse_urls(request.urls or [])
         checksum = checksums.parse(request.checksum) if request.checksum else None
         if checksum and len(urls) != 1:
             raise UsageError("a checksum applies to a request of exactly one URL")
     except UsageError as exc:
-        return await _failed(conn, request, exc.message)
+        return await fail(conn, request, exc.message)
     provider = None
     if request.provider_id is not None:
         provider = next((p for p in await queries.provider_list(conn)
@@ -81,6 +81,9 @@ async def resolve(conn: Any, request: Request, default_dest: Path) -> tuple[str,
     return "resolved", None, len(ids)
 
 
-async def _failed(conn: Any, request: Request, error: str) -> tuple[str, str | None, int]:
-    await queries.request_finish(conn, request.id, "failed", error, None)
+async def fail(conn: Any, request: Request, error: str) -> tuple[str, str | None, int]:
+    """Mark a request failed; logins are taken out of the URLs it keeps."""
+    urls = [without_login(u) if isinstance(u, str) else u for u in request.urls or []]
+    await queries.request_finish(conn, request.id, "failed", error,
+                                 urls if request.urls else None)
     return "failed", error, 0

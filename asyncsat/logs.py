@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
+from urllib.parse import quote
 
 import structlog
 
@@ -32,6 +34,16 @@ class Redactor:
     def add(self, *secrets: str | None) -> None:
         """Remember secret values so that they are masked wherever they appear."""
         self._secrets.update(s for s in secrets if s and len(s) >= 3)
+
+    def add_login(self, user: str | None, password: str | None) -> None:
+        """Remember a password in the forms a server may echo it: as is, percent-encoded,
+        and inside the base64 of a Basic `user:password`."""
+        if not password:
+            return
+        self.add(password, quote(password, safe=""))
+        if user:
+            token = f"{user}:{password}".encode()
+            self.add(base64.b64encode(token).decode(), base64.urlsafe_b64encode(token).decode())
 
     def __call__(self, text: str) -> str:
         for secret in sorted(self._secrets, key=len, reverse=True):

@@ -68,6 +68,8 @@ class Download:
     last_modified: str | None
     login_user: str | None = None
     login_secret: str | None = field(default=None, repr=False)
+    size_from_server: bool = False
+    """`size` was announced by the server, not given by a catalog or a user."""
 
 
 @dataclass(frozen=True)

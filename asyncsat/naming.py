@@ -55,21 +55,24 @@ class SplitUrl:
     password: str | None = field(default=None, repr=False)
 
 
-def split_login(raw: str) -> SplitUrl:
+def split_login(raw: str | None) -> SplitUrl:
     """Validate a download URL and take the user and password out of it."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise UsageError("empty URL")
     try:
         parts = urlsplit(raw.strip())
         port = parts.port  # raises on a bad port
     except ValueError as exc:
-        raise UsageError(f"malformed URL {_safe(raw)!r}: {exc}") from None
+        raise UsageError(f"malformed URL {without_login(raw)!r}: {exc}") from None
     if parts.scheme.lower() not in SCHEMES:
+        schemes = ", ".join(SCHEMES)
         raise UsageError(
-            f"unsupported URL {_safe(raw)!r}: the scheme must be one of {', '.join(SCHEMES)}"
+            f"unsupported URL {without_login(raw)!r}: the scheme must be one of {schemes}"
         )
     if not parts.hostname:
-        raise UsageError(f"malformed URL {_safe(raw)!r}: no host")
+        raise UsageError(f"malformed URL {without_login(raw)!r}: no host")
     if any(c.isspace() for c in raw.strip()):
-        raise UsageError(f"malformed URL {_safe(raw)!r}: it contains spaces")
+        raise UsageError(f"malformed URL {without_login(raw)!r}: it contains spaces")
     host = parts.hostname
     if ":" in host:
         host = f"[{host}]"
@@ -89,6 +92,6 @@ def implicit_provider_name(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100]
 
 
-def _safe(raw: str) -> str:
-    """A URL for an error message: userinfo removed."""
+def without_login(raw: str) -> str:
+    """The URL with any userinfo removed (for messages and the rows that keep it)."""
     return re.sub(r"//[^/@\s]*@", "//", raw)

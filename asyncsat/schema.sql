@@ -69,9 +69,17 @@ CREATE TABLE IF NOT EXISTS download (
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
-    finished_at     timestamptz,
-    UNIQUE (provider_id, url)
+    finished_at     timestamptz
 );
+
+-- a product is fetched once per provider and URL; the index holds a hash of the URL, as
+-- a btree cannot hold a pre-signed URL of several kB (0.1 had UNIQUE (provider_id, url))
+ALTER TABLE download DROP CONSTRAINT IF EXISTS download_provider_id_url_key;
+-- where `size` comes from: a catalog or a user (binding: a server announcing another
+-- size is serving something else) or the server itself (a new version may change it)
+ALTER TABLE download ADD COLUMN IF NOT EXISTS size_origin text NOT NULL DEFAULT 'catalog'
+    CHECK (size_origin IN ('catalog', 'server'));
+CREATE UNIQUE INDEX IF NOT EXISTS download_url_unique ON download (provider_id, md5(url));
 
 CREATE INDEX IF NOT EXISTS download_queued_idx
     ON download (provider_id, not_before, id) WHERE status = 'queued';

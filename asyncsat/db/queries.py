@@ -18,7 +18,7 @@ DAEMON_LOCK = 0x61737974  # advisory lock held by the one running daemon
 _DOWNLOAD_COLUMNS = """
     d.id, d.request_id, d.provider_id, p.name AS provider, d.url, d.name, d.dest, d.size,
     d.checksum_algo, d.checksum_value, d.status, d.bytes_done, d.attempts, d.failures,
-    d.error, d.path, d.etag, d.last_modified, d.login_user, d.login_secret
+    d.error, d.path, d.etag, d.last_modified, d.login_user, d.login_secret, d.size_origin
 """
 
 
@@ -34,6 +34,7 @@ def _download(row: Any) -> Download:
         attempts=row["attempts"], failures=row["failures"], error=row["error"],
         path=row["path"], etag=row["etag"], last_modified=row["last_modified"],
         login_user=row["login_user"], login_secret=row["login_secret"],
+        size_from_server=row["size_origin"] == "server",
     )
 
 
@@ -145,7 +146,8 @@ async def request_lock_queued(db: Any, limit: int = 20) -> list[Request]:
 
 
 async def request_finish(
-    db: Any, request_id: int, status: str, error: str | None, urls: Sequence[str] | None
+    db: Any, request_id: int, status: str, error: str | None,
+    urls: Sequence[str | None] | None,
 ) -> None:
     await db.execute(
         "UPDATE request SET status = $2, error = $3, urls = coalesce($4, urls) WHERE id = $1",
@@ -163,14 +165,19 @@ async def download_add(
         "INSERT INTO download (request_id, provider_id, url, name, dest, size, checksum_algo,"
         " checksum_value, login_user, login_secret)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-        " ON CONFLICT (provider_id, url) DO UPDATE SET"
+        " ON CONFLICT (provider_id, md5(url)) DO UPDATE SET"
         "  status = CASE WHEN download.status IN ('failed', 'cancelled') THEN 'queued'"
         "           ELSE download.status END,"
         "  failures = CASE WHEN download.status IN ('failed', 'cancelled') THEN 0"
         "             ELSE download.failures END,"
         "  not_before = now(),"
-        "  checksum_algo = coalesce(download.checksum_algo, EXCLUDED.checksum_algo),"
-        "  checksum_value = coalesce(download.checksum_value, EXCLUDED.checksum_value),"
+        # a failed product asked for again takes the new checksum (the old one may be a typo)
+        "  checksum_algo = CASE WHEN download.status IN ('failed', 'cancelled')"
+        "   AND EXCLUDED.checksum_algo IS NOT NULL THEN EXCLUDED.checksum_algo"
+        "   ELSE coalesce(download.checksum_algo, EXCLUDED.checksum_algo) END,"
+        "  checksum_value = CASE WHEN download.status IN ('failed', 'cancelled')"
+        "   AND EXCLUDED.checksum_value IS NOT NULL THEN EXCLUDED.checksum_value"
+        "   ELSE coalesce(download.checksum_value, EXCLUDED.checksum_value) END,"
         "  login_user = coalesce(EXCLUDED.login_user, download.login_user),"
         "  login_secret = coalesce(EXCLUDED.login_secret, download.login_secret)"
         " RETURNING id",
@@ -215,8 +222,12 @@ async def pending_work(db: Any) -> bool:
     return value
 
 
-async def claim(db: Any, provider_id: int, limit: int) -> list[Download]:
-    """Mark up to `limit` due rows of a provider running, oldest first."""
+async def claim(db: Any, provider_id: int, limit: int, default_dest: str) -> list[Download]:
+    """Mark up to `limit` due rows of a provider running, oldest first.
+
+    A row inserted without a destination gets the daemon's default one, so that the
+    unique file index sees the folder it is really written to.
+    """
     rows = await db.fetch(
         f"""
         WITH picked AS (
@@ -225,13 +236,13 @@ async def claim(db: Any, provider_id: int, limit: int) -> list[Download]:
             ORDER BY not_before, id LIMIT $2 FOR UPDATE SKIP LOCKED
         ), claimed AS (
             UPDATE download d SET status = 'running', attempts = d.attempts + 1,
-                started_at = now(), finished_at = NULL
+                started_at = now(), finished_at = NULL, dest = coalesce(d.dest, $3)
             FROM picked WHERE d.id = picked.id RETURNING d.*
         )
         SELECT {_DOWNLOAD_COLUMNS} FROM claimed d JOIN provider p ON p.id = d.provider_id
         ORDER BY d.id
         """,
-        provider_id, limit,
+        provider_id, limit, default_dest,
     )
     return [_download(r) for r in rows]
 
@@ -242,12 +253,16 @@ async def download_named(
 ) -> bool:
     """Record what the server told at the start of a file: name, size and validators.
 
+    A size from a catalog or a user stays; one the server announced is replaced.
     False (nothing written) when another download of the same folder has that name.
     """
     try:
         await db.execute(
-            "UPDATE download SET name = $2, size = coalesce($3, size), etag = $4,"
-            " last_modified = $5 WHERE id = $1",
+            "UPDATE download SET name = $2, etag = $4, last_modified = $5,"
+            " size = CASE WHEN size IS NULL OR size_origin = 'server'"
+            "  THEN coalesce($3, size) ELSE size END,"
+            " size_origin = CASE WHEN size IS NULL THEN 'server' ELSE size_origin END"
+            " WHERE id = $1",
             download_id, name, size, etag, last_modified,
         )
     except asyncpg.UniqueViolationError:

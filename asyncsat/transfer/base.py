@@ -27,6 +27,14 @@ class Validator:
     def __bool__(self) -> bool:
         return bool(self.etag or self.last_modified)
 
+    def differs(self, other: Validator) -> bool:
+        """True when both sides know a validator of the same kind and they differ."""
+        if self.etag and other.etag:
+            return self.etag != other.etag
+        if self.last_modified and other.last_modified:
+            return self.last_modified != other.last_modified
+        return False
+
 
 @dataclass(frozen=True)
 class Opened:

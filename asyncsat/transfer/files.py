@@ -37,24 +37,31 @@ class PartFile:
         self._hasher: Hasher | None = None
         self.size = 0
 
-    @property
-    def existing_size(self) -> int:
-        """Bytes of the part file already on disk (0 when there is none)."""
+    def recover(self) -> int:
+        """Bytes of the part file already on disk (0 when there is none).
+
+        A final file without its part was renamed before a crash but never recorded as
+        done: it becomes the part again, to be verified like any other.
+        """
         try:
+            if self.final.exists() and not self.path.exists():
+                self.final.replace(self.path)
             return self.path.stat().st_size
         except FileNotFoundError:
             return 0
+        except OSError as exc:
+            raise _local_error(self.path, exc) from None
 
     async def open(self, offset: int) -> None:
         """Open for appending at `offset` (truncating anything after it); hash what is kept."""
-        self.final.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
             os.ftruncate(self._fd, offset)
             os.lseek(self._fd, offset, os.SEEK_SET)
         except OSError as exc:
             self.close()
-            raise _write_error(self.path, exc) from None
+            raise _local_error(self.path, exc) from None
         self.size = offset
         if self.checksum is not None:
             self._hasher = new_hasher(self.checksum.algo)
@@ -81,7 +88,7 @@ class PartFile:
                 written = os.write(self._fd, view)
                 view = view[written:]
         except OSError as exc:
-            raise _write_error(self.path, exc) from None
+            raise _local_error(self.path, exc) from None
         if self._hasher is not None:
             self._hasher.update(chunk)
         self.size += len(chunk)
@@ -107,7 +114,11 @@ class PartFile:
                 raise ChecksumError(
                     f"{self.checksum.algo} mismatch: got {digest}, expected {self.checksum.value}"
                 )
-        await asyncio.to_thread(self._seal, name)
+        try:
+            await asyncio.to_thread(self._seal, name)
+        except OSError as exc:
+            self.close()
+            raise _local_error(self.path, exc) from None
         return self.final
 
     def _seal(self, name: str) -> None:
@@ -128,8 +139,8 @@ class PartFile:
             os.close(dir_fd)
 
 
-def _write_error(path: Path, exc: OSError) -> TransferError:
-    """A full disk is waited out (the .part stays); other write errors are permanent."""
+def _local_error(path: Path, exc: OSError) -> TransferError:
+    """A full disk is waited out (the .part stays); other local file errors are permanent."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return RetryableError(f"no space left to write {path}", throttled=True)
-    return PermanentError(f"cannot write {path}: {exc.strerror}")
+    return PermanentError(f"cannot write {path}: {exc.strerror or exc}")

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 import aiohttp
+import yarl
 
 from asyncsat.errors import AuthError, PermanentError, RetryableError, TransferError
 from asyncsat.naming import name_from_content_disposition
@@ -143,11 +144,11 @@ class HttpDriver:
         auth = _authorization(source)
         with map_exceptions():
             stream = await self._start(source.url, auth, offset, validator)
-            try:
-                yield stream
-            finally:
-                if stream.response is not None:
-                    stream.response.release()
+        try:
+            yield stream  # the caller's own errors pass through untranslated
+        finally:
+            if stream.response is not None:
+                stream.response.release()
 
     async def _start(
         self, url: str, auth: dict[str, str], offset: int, validator: Validator
@@ -167,7 +168,7 @@ class HttpDriver:
                 return HttpStream(None, Opened(offset=offset, total=total, validator=validator))
         else:
             opened = self._opened(response)
-            if not _changed(validator, opened.validator) or opened.offset == 0:
+            if not validator.differs(opened.validator) or opened.offset == 0:
                 return HttpStream(response, opened)
             response.release()
         # the file changed or the range is unusable: start again from zero
@@ -178,7 +179,7 @@ class HttpDriver:
         self, url: str, auth: dict[str, str], headers: dict[str, str],
         *, ok_416: bool = False,
     ) -> aiohttp.ClientResponse:
-        response = await self._session.get(url, headers={**auth, **headers})
+        response = await self._session.get(_target(url), headers={**auth, **headers})
         if response.status >= 400 and not (ok_416 and response.status == 416):
             detail = await _error_detail(response)
             response.release()
@@ -203,6 +204,17 @@ class HttpDriver:
         return Opened(offset=0, total=response.content_length, name=name, validator=validator)
 
 
+def _target(url: str) -> yarl.URL:
+    """The URL to send, byte for byte when it is already encoded.
+
+    Re-quoting would turn `%2F` or `%3D` of a pre-signed query into `/` or `=` and break
+    its signature. Only a URL that is not valid on the wire (non-ASCII, spaces) is quoted.
+    """
+    if url.isascii() and not any(c.isspace() or not c.isprintable() for c in url):
+        return yarl.URL(url, encoded=True)
+    return yarl.URL(url)
+
+
 def _authorization(source: Source) -> dict[str, str]:
     """The Authorization header of a login; aiohttp drops it on redirects to another host."""
     if not source.user:
@@ -210,15 +222,6 @@ def _authorization(source: Source) -> dict[str, str]:
     if ":" in source.user:
         raise PermanentError("a user name cannot contain ':' (RFC 7617)")
     return {"Authorization": aiohttp.encode_basic_auth(source.user, source.password or "")}
-
-
-def _changed(old: Validator, new: Validator) -> bool:
-    """True when both sides know a validator and they differ."""
-    if old.etag and new.etag:
-        return old.etag != new.etag
-    if old.last_modified and new.last_modified:
-        return old.last_modified != new.last_modified
-    return False
 
 
 async def _error_detail(response: aiohttp.ClientResponse) -> str:

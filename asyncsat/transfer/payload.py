@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 
@@ -14,6 +15,10 @@ _BINARY = frozenset({
     ".img", ".dat", ".bin",
 })
 _TEXTUAL_ERROR_STARTS = (b"<", b"{", b"[")
+# an XML document whose root element is `error`, in any namespace (OData v2/v4, S3, DHuS)
+_XML_ERROR_ROOT = re.compile(rb"^(?:<\?xml[^>]*\?>\s*)?(?:<!--.*?-->\s*)*<(?:[\w.-]+:)?error[\s>/]",
+                             re.S | re.I)
+_XML_MESSAGE = re.compile(rb"<(?:[\w.-]+:)?message[^>]*>([^<]+)<", re.I)
 
 
 def check(path: Path, name: str) -> None:
@@ -25,16 +30,20 @@ def check(path: Path, name: str) -> None:
     """
     with path.open("rb") as f:
         head = f.read(512)
+    suffix = Path(name).suffix.lower()
+    if not head and suffix in _BINARY:
+        raise PayloadError(f"the server sent an empty file instead of a {suffix} product")
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     lowered = text[:200].lower()
     if lowered.startswith((b"<!doctype html", b"<html")) or b"<html" in lowered[:100]:
         raise PayloadError("the server sent an HTML page instead of the product")
-    if (text.startswith(b"<?xml") and b"<error" in lowered) or text.startswith(b"<error"):
-        raise PayloadError(f"the server sent an error document: {_snippet(text)}")
+    if _XML_ERROR_ROOT.match(text):
+        message = _XML_MESSAGE.search(text)
+        detail = _snippet(message.group(1)) if message else _snippet(text)
+        raise PayloadError(f"the server sent an error document: {detail}")
     if head.startswith(b"PK"):
         _check_zip(path)
         return
-    suffix = Path(name).suffix.lower()
     if suffix in _BINARY and text.startswith(_TEXTUAL_ERROR_STARTS) and _is_text(head):
         raise PayloadError(
             f"the server sent a text document instead of a {suffix} product: {_snippet(text)}"

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from asyncsat.errors import RetryableError
+from asyncsat.errors import RetryableError, SizeError
 from asyncsat.models import Checksum
 from asyncsat.naming import name_from_url, sanitize
-from asyncsat.transfer.base import Driver, Source, Validator
+from asyncsat.transfer.base import Driver, Opened, Source, Validator
 from asyncsat.transfer.files import PartFile
 
 
@@ -24,6 +24,8 @@ class Job:
     checksum: Checksum | None
     validator: Validator = field(default_factory=Validator)
     fallback_name: str = "download"
+    size_from_server: bool = False
+    """`size` was announced by the server in an earlier attempt (not by a catalog)."""
 
 
 @dataclass(frozen=True)
@@ -69,17 +71,18 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
     """Fetch `job` into `job.folder`, resuming from its `.part` file when there is one."""
     name = sanitize(job.name) if job.name else ""
     part = PartFile(job.folder, name, job.checksum) if name else None
-    offset = 0
-    if part is not None:
-        if part.final.exists() and not part.path.exists():
-            # renamed before a crash but never recorded: verify it again as a part
-            part.final.replace(part.path)
-        offset = part.existing_size
+    offset = part.recover() if part is not None else 0
     attempt.start_size = attempt.size = offset
     validator = job.validator if offset else Validator()
     async with driver.open(job.source, offset, validator) as stream:
         opened = stream.opened
-        total = opened.total if opened.total is not None else job.size
+        try:
+            total = _expected_size(job, opened)
+        except _SizeChanged:
+            if part is not None:  # what is on disk belongs to another version
+                await part.open(0)
+                part.close()
+            raise
         if part is None:
             proposed = opened.name or name_from_url(job.source.url) or \
                 sanitize(job.fallback_name)
@@ -92,14 +95,42 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
             part.close()
             raise RetryableError(f"the server resumed at byte {opened.offset}, not {offset}")
         await part.open(opened.offset)
-        attempt.start_size = attempt.size = opened.offset
+        # progress is measured against what was on disk before this attempt, so that a
+        # restart from zero that dies at the same byte every time is not progress
+        attempt.size = opened.offset
         try:
             async for chunk in stream.chunks(chunk_size):
                 part.write(chunk)
                 attempt.size = part.size
                 await events.progress(part.size, total)
+            if total is not None and part.size < total:
+                # a bounded 206 or a body cut short: resumable, and progress if it grew
+                raise RetryableError(f"the transfer ended at byte {part.size} of {total}")
             path = await part.finish(total, name)
         finally:
             part.close()
     return Outcome(path=path, name=name, size=part.size, resumed_from=opened.offset,
                    restarted=offset > 0 and opened.offset == 0)
+
+
+def _expected_size(job: Job, opened: Opened) -> int | None:
+    """The size the file must have: the known one, else the one the server announces.
+
+    A size from a catalog or a user is binding: a server announcing another one is serving
+    something else (a truncated cache, an error page). A size the server announced in an
+    earlier attempt yields when the server starts the file again from zero; if it changed
+    while resuming, the file changed without a new validator, and starts again from zero.
+    A known size of 0 means unknown (catalogs report 0 for products they cannot size).
+    """
+    known = job.size or None
+    if known is None or opened.total is None or opened.total == known:
+        return known if known is not None else opened.total
+    if not job.size_from_server:
+        raise SizeError(f"the server announces {opened.total} bytes, {known} were expected")
+    if opened.offset == 0:
+        return opened.total
+    raise _SizeChanged(f"the remote file changed size ({known} -> {opened.total} bytes)")
+
+
+class _SizeChanged(RetryableError):
+    """The file changed under a resume without a new validator: start again from zero."""

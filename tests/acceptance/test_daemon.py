@@ -101,8 +101,9 @@ async def test_psql_insert_wakes_a_running_daemon_within_a_second(
         inserted = time.monotonic()
         await conn.execute("INSERT INTO request (urls, dest) VALUES ($1, $2)",
                            [server.url("wake.bin")], dest)
+        await proc.wait_for(lambda line: line["event"] == "download running", timeout=5)
+        assert time.monotonic() - inserted < 1.0  # woken, resolved and claimed
         await proc.wait_for(lambda line: line["event"] == "download done", timeout=5)
-        assert time.monotonic() - inserted < 1.0
 
         # a queued download row inserted directly also wakes it
         provider_id = await conn.fetchval("SELECT provider_id FROM download")
@@ -110,9 +111,11 @@ async def test_psql_insert_wakes_a_running_daemon_within_a_second(
         inserted = time.monotonic()
         await conn.execute("INSERT INTO download (provider_id, url, dest) VALUES ($1, $2, $3)",
                            provider_id, server.url("direct.bin"), dest)
+        await proc.wait_for(lambda line: line["event"] == "download running"
+                            and line.get("url", "").endswith("direct.bin"), timeout=5)
+        assert time.monotonic() - inserted < 1.0
         await proc.wait_for(lambda line: line["event"] == "download done"
                             and line.get("name") == "direct.bin", timeout=5)
-        assert time.monotonic() - inserted < 1.0
     finally:
         await conn.close()
     assert (tmp_path / "dest" / f"127.0.0.1_{server.port}" / "direct.bin").exists()
@@ -176,8 +179,9 @@ async def test_notify_asyncsat_rescans(server: FileServer, dsn: str, tmp_path: P
         assert not [line for line in proc.lines if line["event"] == "download running"]
         sent = time.monotonic()
         await conn.execute("NOTIFY asyncsat")
-        await proc.wait_for(lambda line: line["event"] == "download done", timeout=5)
+        await proc.wait_for(lambda line: line["event"] == "download running", timeout=5)
         assert time.monotonic() - sent < 1.0
+        await proc.wait_for(lambda line: line["event"] == "download done", timeout=5)
     finally:
         await conn.close()
 

@@ -1,6 +1,6 @@
 """Fault hunt: nasty but realistic provider and operator behaviours against the daemon.
 
-Tests marked xfail(strict=True) demonstrate a bug; the others pin behaviours verified to work.
+Each test names a fault found by hunting for it; each pins the behaviour that handles it.
 """
 
 from __future__ import annotations
@@ -296,11 +296,6 @@ def _short_session() -> Any:
         auto_decompress=False, headers={"Accept-Encoding": "identity"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a short file at the end of a 206 raises SizeError, a VerificationError, so the "
-           "bytes gained are not progress and each capped answer uses up the budget",
-)
 async def test_server_capping_range_answers_still_completes(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     """Some hosts answer `Range: bytes=N-` with a bounded 206 (here 100 kB): every attempt
@@ -327,12 +322,6 @@ async def test_weak_etag_resumes_with_last_modified(hunt: HuntServer, dsn: str,
     assert hunt.requests[1]["if_range"] == formatdate(1_700_000_000.0, usegmt=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after a restart from zero, progress is measured from 0 (runner "
-           "attempt.start_size = opened.offset), so an attempt that dies at the same byte every "
-           "time resets the budget: endless retries",
-)
 async def test_restart_from_zero_that_never_gets_further_exhausts_the_budget(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     """No Range support and a connection cut at the same point every time (a proxy's body
@@ -346,12 +335,6 @@ async def test_restart_from_zero_that_never_gets_further_exhausts_the_budget(
     assert row["attempts"] <= 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the known size (download.size) is overridden by the server's Content-Length "
-           "(runner.py `total = opened.total if ... else job.size`; queries.download_named "
-           "overwrites size)",
-)
 async def test_known_size_is_verified_against_a_short_content_length(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     """The catalogue says 1 MB; a broken cache serves 300 kB with a matching Content-Length."""
@@ -378,7 +361,8 @@ async def test_odata_xml_error_with_200_in_place_of_a_zip(hunt: HuntServer, dsn:
     await queue(dsn, hunt.url("S2B_MSIL2A.zip"))
     await drain(settings)
     [row] = await rows(dsn)
-    assert row["status"] == "failed" and "text document" in row["error"]
+    assert row["status"] == "failed"
+    assert row["error"] == "the server sent an error document: Product not found"
     assert not _final(settings, "S2B_MSIL2A.zip").exists()
 
 
@@ -391,11 +375,6 @@ async def test_json_error_with_200_in_place_of_a_zip(hunt: HuntServer, dsn: str,
     assert row["status"] == "failed" and "Token expired" in row["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: payload.check only knows `<error`, not a namespaced `<m:error>` OData document;"
-           " a name without a binary extension ($value) is then accepted",
-)
 async def test_odata_value_endpoint_with_200_xml_error_is_never_done(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     """CDSE/OData `Products(<uuid>)/$value` with no Content-Disposition: the name has no
@@ -408,10 +387,6 @@ async def test_odata_value_endpoint_with_200_xml_error_is_never_done(
     assert not _final(settings, "$value").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: payload.check accepts an empty file, even for a .zip",
-)
 async def test_empty_200_body_for_a_zip_is_never_done(hunt: HuntServer, dsn: str,
                                                       settings: Settings) -> None:
     hunt.add("S2A_EMPTY.zip", b"")
@@ -422,11 +397,6 @@ async def test_empty_200_body_for_a_zip_is_never_done(hunt: HuntServer, dsn: str
     assert not _final(settings, "S2A_EMPTY.zip").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Content-Length 0 overrides the known size and an empty file passes the content "
-           "check",
-)
 async def test_empty_200_body_for_a_product_of_known_size_is_never_done(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     hunt.add("S5P_L2.nc", b"")
@@ -499,11 +469,6 @@ async def test_cli_cancel_of_a_running_download(hunt: HuntServer, dsn: str,
     assert history == ["queued", "running", "cancelled"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: download_add keeps the old checksum (coalesce(download.checksum_algo, ...)) "
-           "when a failed download is requested again",
-)
 async def test_re_request_with_a_corrected_checksum_uses_it(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     """An operator typo in a checksum: the download fails; asking again with the right
@@ -543,13 +508,6 @@ async def test_request_with_search_criteria_only_fails_with_a_reason(
     assert req["status"] == "failed" and "search" in req["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=asyncpg.ProgramLimitExceededError,
-    reason="BUG: UNIQUE (provider_id, url) is a btree on the raw URL (max ~2.7 kB) and any non-"
-           "UsageError in intake.resolve kills the daemon (engine._resolve_requests); the "
-           "request stays queued: a crash loop",
-)
 async def test_overlong_signed_url_does_not_crash_the_daemon(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     """A pre-signed URL with a long session token (random, so incompressible) next to a
@@ -563,12 +521,6 @@ async def test_overlong_signed_url_does_not_crash_the_daemon(
     assert "done" in {r["status"] for r in await rows(dsn)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="BUG: a NULL element in request.urls raises AttributeError in naming.split_login, "
-           "which kills the daemon at every start",
-)
 async def test_null_url_in_a_psql_request_does_not_crash_the_daemon(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     hunt.add("ok.nc", os.urandom(1000))
@@ -612,11 +564,6 @@ async def test_awkward_urls_and_names(hunt: HuntServer, dsn: str, settings: Sett
     assert names[5] == "S3A été.SEN3.nc"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): aiohttp/yarl re-quotes the URL: %2F, %2A, %3A, %40, %7E in the query "
-           "are sent decoded (http.py session.get(url) without encoded=True)",
-)
 async def test_signed_query_string_is_sent_verbatim(hunt: HuntServer, dsn: str,
                                                     settings: Settings) -> None:
     """A pre-signed URL must reach the server byte for byte: a provider that checks an
@@ -688,11 +635,6 @@ async def test_secrets_never_in_logs_or_errors_when_the_server_echoes_them(
     assert hub.raw[0]["auth"] == basic_a  # the login was really sent
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the redactor knows the password but not base64(user:password), so an echoed "
-           "Basic credential lands in download.error and the logs",
-)
 async def test_base64_login_echoed_in_an_error_message_is_redacted(
         dsn: str, settings: Settings, captured_logs: tuple[Redactor, io.StringIO]) -> None:
     """Servers echo the credentials they rejected as they received them: base64."""
@@ -714,10 +656,6 @@ async def test_base64_login_echoed_in_an_error_message_is_redacted(
     assert encoded not in out.getvalue()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): intake._failed keeps request.urls as inserted, userinfo included",
-)
 async def test_url_login_of_a_failed_request_is_not_kept_in_the_request_row(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     """A psql request with a login in one URL and a typo in another fails as a whole;
@@ -730,11 +668,6 @@ async def test_url_login_of_a_failed_request_is_not_kept_in_the_request_row(
     assert URL_PW not in repr(req["urls"]) + (req["error"] or "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: download_file_unique keys on coalesce(dest, '') while the engine uses d.dest or"
-           " settings.default_dest: NULL dest and the default path share one file",
-)
 async def test_same_name_via_get_and_via_psql_never_share_a_file(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     """Two products named TCI.tif land in the same folder: one queued like `get` (dest
@@ -753,11 +686,6 @@ async def test_same_name_via_get_and_via_psql_never_share_a_file(
     assert Path(by_scene["scene2"]["path"]).read_bytes() == b
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): local OSErrors are reported as network/internal errors and retried "
-           "(http.map_exceptions wraps the whole body; runner stats the part outside it)",
-)
 async def test_unusable_destination_is_a_permanent_local_error(
         hunt: HuntServer, dsn: str, settings: Settings, tmp_path: Path) -> None:
     """`dest` points below a regular file (an operator typo): a local, permanent fault,

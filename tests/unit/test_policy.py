@@ -185,3 +185,33 @@ def test_random_binary_that_starts_like_text_is_not_an_error_page(tmp_path: Path
     for first in (b"{", b"<", b"["):
         p.write_bytes(first + b"\x00\xff\x13binary" * 50)
         payload.check(p, "product.bin")
+
+
+def test_namespaced_and_empty_error_payloads(tmp_path: Path) -> None:
+    p = tmp_path / "x.part"
+    p.write_bytes(b'<?xml version="1.0"?>\n<m:error xmlns:m="urn:odata"><m:code>404</m:code>'
+                  b"<m:message>Product not found</m:message></m:error>")
+    with pytest.raises(PayloadError, match=r"error document: Product not found$"):
+        payload.check(p, "$value")  # no extension: the root element still says error
+    p.write_bytes(b"")
+    with pytest.raises(PayloadError, match="empty"):
+        payload.check(p, "S2A.zip")
+    payload.check(p, "marker")  # an empty file of no known binary type may be one
+    p.write_bytes(b'<?xml version="1.0"?><errors-summary count="0"/>')
+    payload.check(p, "report.xml")  # only a root element named `error` is an error
+
+
+def test_redactor_masks_a_login_in_every_form_a_server_echoes() -> None:
+    import base64
+
+    r = Redactor()
+    r.add_login("alice", "p@ss word")
+    basic = base64.b64encode(b"alice:p@ss word").decode()
+    text = r(f"refused {basic} / p%40ss%20word / p@ss word")
+    assert basic not in text and "p%40ss%20word" not in text and "p@ss word" not in text
+
+
+def test_null_or_empty_url_is_a_usage_error() -> None:
+    for bad in (None, "", "   "):
+        with pytest.raises(UsageError, match="empty URL"):
+            split_login(bad)
