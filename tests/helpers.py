@@ -44,10 +44,11 @@ async def rows(dsn: str) -> list[dict[str, Any]]:
 
 
 async def add_provider(dsn: str, name: str, url: str, settings: dict[str, object] | None = None,
-                       credentials: list[tuple[str, str, int]] | None = None) -> None:
+                       credentials: list[tuple[str, str, int]] | None = None,
+                       protocol: str = "http") -> None:
     conn = await connect(dsn)
     try:
-        p = await queries.provider_add(conn, name, "http", url, settings or {})
+        p = await queries.provider_add(conn, name, protocol, url, settings or {})
         for user, secret, n in credentials or []:
             await queries.credential_upsert(conn, p.id, user, secret, n)
     finally:

@@ -49,6 +49,15 @@ class Opened:
     validator: Validator = field(default_factory=Validator)
 
 
+@dataclass(frozen=True)
+class RemoteEntry:
+    """One entry of a remote directory listing."""
+
+    name: str
+    size: int | None = None
+    is_dir: bool = False
+
+
 class Stream(Protocol):
     """An open transfer: its metadata and its body, in chunks."""
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from asyncsat.errors import PermanentError
-from asyncsat.transfer.base import Driver
+from asyncsat.transfer.base import Driver, RemoteEntry, Source
+from asyncsat.transfer.ftp import FtpDriver
 from asyncsat.transfer.http import HttpDriver
 
 
@@ -21,7 +22,18 @@ class Drivers:
             if "http" not in self._drivers:
                 self._drivers["http"] = HttpDriver.create()
             return self._drivers["http"]
+        if scheme in ("ftp", "ftps"):
+            if "ftp" not in self._drivers:
+                self._drivers["ftp"] = FtpDriver.create()
+            return self._drivers["ftp"]
         raise PermanentError(f"no transfer driver for {scheme}:// URLs yet")
+
+    async def list_dir(self, source: Source) -> list[RemoteEntry]:
+        """List a remote folder (FTP only: HTTP has no listing to rely on)."""
+        driver = self.for_url(source.url)
+        if not isinstance(driver, FtpDriver):
+            raise PermanentError(f"cannot list folders of {urlsplit(source.url).scheme}:// URLs")
+        return await driver.list_dir(source)
 
     async def aclose(self) -> None:
         for driver in self._drivers.values():

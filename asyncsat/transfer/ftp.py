@@ -1,0 +1,483 @@
+"""The FTP(S) driver (aioftp): SIZE, MDTM and REST resume; FTP replies mapped to asyncsat errors.
+
+One control connection per transfer, logged in inside `open()` and closed (QUIT) when it
+exits, so that a transfer holds exactly one connection of its account while it runs.
+
+URLs: `ftp://host[:port]/path` is plain FTP; `ftps://host/path` is explicit FTPS (AUTH TLS
+on the control connection, PBSZ 0 and PROT P so that the data connection is encrypted too),
+except on port 990, the implicit-FTPS port, where TLS starts with the connection. As in
+RFC 1738 the path is percent-decoded and taken relative to the login directory; a path that
+starts with `%2F` is absolute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+import aioftp
+import structlog
+
+from asyncsat.errors import AuthError, PermanentError, RetryableError, TransferError
+from asyncsat.transfer.base import Opened, RemoteEntry, Source, Validator
+
+log = structlog.get_logger("asyncsat")
+
+DEFAULT_PORT = 21
+IMPLICIT_TLS_PORT = 990
+ANONYMOUS_USER = "anonymous"
+ANONYMOUS_PASSWORD = "anonymous@"
+MASK = "***"
+# how servers say that an account or an address has too many sessions (pyftpdlib, vsftpd,
+# proftpd, pure-ftpd): a limit, so retried later without using up the retry budget
+_LIMIT_TEXT = re.compile(
+    r"too many|maximum number of|max(?:imum)?[ _-]?(?:clients|connections|sessions|users)"
+    r"|connection limit|limit (?:of|on|for) (?:connections|sessions|clients)"
+    r"|(?:clients|connections|sessions) (?:limit|exceeded)",
+    re.IGNORECASE)
+_TYPECODE = re.compile(r";type=[aid]$", re.IGNORECASE)
+
+TlsMode = Literal["none", "explicit", "implicit"]
+
+
+@dataclass(frozen=True)
+class FtpTarget:
+    """Where a file is on an FTP server, parsed from its URL."""
+
+    host: str
+    port: int
+    path: str
+    tls: TlsMode
+    user: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str, *, folder: bool = False) -> FtpTarget:
+        """The target of a file URL, or of a folder URL when `folder` (its path then has no
+        trailing slash, and is "" for the login directory)."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise PermanentError(f"malformed FTP URL: {exc}") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("ftp", "ftps") or not parts.hostname:
+            raise PermanentError(f"not an FTP URL: {scheme}://{parts.hostname or ''}")
+        raw = _TYPECODE.sub("", parts.path + (f"?{parts.query}" if parts.query else ""))
+        # RFC 1738: the path is relative to the login directory; %2F makes it absolute
+        path = unquote(raw[1:] if raw.startswith("/") else raw)
+        if folder:
+            path = path.rstrip("/") if path.strip("/") else path[:1]
+        elif not path or path.endswith("/"):
+            raise PermanentError("the FTP URL names a directory, not a file")
+        if "\r" in path or "\n" in path or "\x00" in path:
+            raise PermanentError("the FTP path contains a line break or a NUL character")
+        tls: TlsMode = "none"
+        if scheme == "ftps":
+            tls = "implicit" if port == IMPLICIT_TLS_PORT else "explicit"
+        return cls(
+            host=parts.hostname, port=port or DEFAULT_PORT, path=path, tls=tls,
+            user=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+
+def reply_of(exc: aioftp.StatusCodeError) -> tuple[str, str]:
+    """(code, text) of the reply that did not match: `("550", "No such file.")`."""
+    code = str(exc.received_codes[-1]) if exc.received_codes else "???"
+    info = exc.info if isinstance(exc.info, list) else [str(exc.info)]
+    text = " ".join(" ".join(line.strip(" -") for line in info).split())
+    return code, text[:200]
+
+
+def is_limit(text: str) -> bool:
+    """True when a reply says that there are too many connections or sessions."""
+    return bool(_LIMIT_TEXT.search(text))
+
+
+def error_for_reply(code: str, text: str, what: str = "") -> TransferError:
+    """The asyncsat error for an FTP error reply (`what` says which step failed)."""
+    reply = f"{code} {text}".strip()
+    prefix = f"{what}: " if what else ""
+    if code[:1] in ("4", "5") and is_limit(text):
+        return RetryableError(f"{prefix}the FTP server allows no more connections now "
+                              f"(FTP {reply})", throttled=True)
+    if code == "530":
+        return AuthError(f"{prefix}the FTP server refused the login (FTP {reply})")
+    if code.startswith("4"):
+        return RetryableError(f"{prefix}FTP {reply}")
+    return PermanentError(f"{prefix}FTP {reply}")
+
+
+@contextmanager
+def map_exceptions(secret: str | None = None) -> Iterator[None]:
+    """Translate aioftp, TLS and socket errors into asyncsat errors (the edge of the driver).
+
+    `secret` (the password) is masked in every message, whatever the server echoed.
+    """
+    try:
+        try:
+            yield
+        except TransferError:
+            raise
+        except aioftp.StatusCodeError as exc:
+            raise error_for_reply(*reply_of(exc)) from None
+        except ssl.SSLCertVerificationError as exc:  # before OSError and ValueError
+            reason = exc.verify_message or exc.reason or "verification failed"
+            raise PermanentError(f"the FTP server's TLS certificate is rejected: {reason}") \
+                from None
+        except ssl.SSLError as exc:
+            raise RetryableError(f"TLS error on the FTP connection: {exc.reason or exc}") \
+                from None
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+                asyncio.IncompleteReadError):
+            raise RetryableError("the FTP server closed the connection") from None
+        except TimeoutError:  # before OSError, of which it is a subclass
+            raise RetryableError("timed out waiting for the FTP server") from None
+        except ConnectionRefusedError:
+            raise RetryableError("cannot connect to the FTP server: connection refused") \
+                from None
+        except OSError as exc:
+            raise RetryableError(f"network error: {type(exc).__name__}: "
+                                 f"{exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise PermanentError("the FTP server's replies are not UTF-8") from None
+        except aioftp.AIOFTPException as exc:
+            raise PermanentError(f"FTP client error: {type(exc).__name__}: {exc}") from None
+    except TransferError as exc:
+        if secret and len(secret) >= 3 and secret in exc.message:
+            exc.args = (exc.message.replace(secret, MASK), *exc.args[1:])
+        raise
+
+
+def _password(source: Source, target: FtpTarget) -> str | None:
+    """The password this transfer logs in with (to mask it in messages)."""
+    return source.password if source.user else target.password
+
+
+def _changed(old: Validator, new: Validator) -> bool:
+    """True when a validator both sides know differs (the size in `etag`, MDTM in the other)."""
+    if old.etag and new.etag and old.etag != new.etag:
+        return True
+    return bool(old.last_modified and new.last_modified and
+                old.last_modified != new.last_modified)
+
+
+class FtpStream:
+    """An open FTP transfer: the data connection, then the reply that ends it."""
+
+    def __init__(self, client: aioftp.Client, opened: Opened,
+                 data: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None,
+                 *, read_timeout: float, ended: bool = False) -> None:
+        self._client = client
+        self._opened = opened
+        self._data = data
+        self._read_timeout = read_timeout
+        self._ended = ended  # the server already said that the transfer is complete
+
+    @property
+    def opened(self) -> Opened:
+        return self._opened
+
+    async def chunks(self, size: int) -> AsyncIterator[bytes]:
+        """What the data connection delivers (at most `size` bytes at a time), as it comes.
+
+        Ends only when the server confirmed the transfer (226) and, when SIZE was known,
+        every byte arrived; a short transfer is a RetryableError, resumed from the part file.
+        """
+        if self._data is None:
+            return
+        reader = self._data[0]
+        position = self._opened.offset
+        while True:
+            try:
+                async with asyncio.timeout(self._read_timeout):
+                    chunk = await reader.read(size)
+            except TimeoutError:
+                self.close_data()
+                raise RetryableError(f"no data from the FTP server for {self._read_timeout:g} s "
+                                     f"(at byte {position})") from None
+            except (OSError, asyncio.IncompleteReadError) as exc:
+                self.close_data()
+                raise RetryableError(f"connection broken mid-file at byte {position}: "
+                                     f"{type(exc).__name__}") from None
+            if not chunk:
+                break
+            position += len(chunk)
+            yield chunk
+        self.close_data()
+        with map_exceptions():
+            await self._finish(position)
+
+    async def _finish(self, position: int) -> None:
+        """Read the reply that ends the transfer and check that nothing is missing."""
+        total = self._opened.total
+        short = total is not None and position < total
+        failure: TransferError | None = None
+        if not self._ended:
+            try:
+                await self._client.command(None, "2xx", "1xx")
+            except aioftp.StatusCodeError as exc:
+                failure = error_for_reply(*reply_of(exc), what="transfer aborted")
+            except (OSError, asyncio.IncompleteReadError) as exc:  # TimeoutError included
+                failure = RetryableError("no end-of-transfer reply from the FTP server: "
+                                         f"{type(exc).__name__}")
+        if short:
+            detail = f" ({failure.message})" if failure else ""
+            raise RetryableError(f"connection broken mid-file: got {position} of {total} "
+                                 f"bytes{detail}")
+        if failure is not None:
+            raise failure
+
+    def close_data(self) -> None:
+        if self._data is not None:
+            self._data[1].close()
+
+
+class FtpDriver:
+    """Downloads over FTP and FTPS with aioftp, one control connection per transfer."""
+
+    def __init__(self, *, connect_timeout: float = 30.0, read_timeout: float = 60.0,
+                 ssl_context: ssl.SSLContext | None = None, quit_timeout: float = 2.0) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.quit_timeout = quit_timeout
+        self._ssl_context = ssl_context
+
+    @classmethod
+    def create(cls, *, connect_timeout: float = 30.0, read_timeout: float = 60.0) -> FtpDriver:
+        return cls(connect_timeout=connect_timeout, read_timeout=read_timeout)
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The system's trust store (SSL_CERT_FILE and SSL_CERT_DIR apply), made on first use."""
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+    async def aclose(self) -> None:
+        """Nothing is shared between transfers: each closes its own connections."""
+
+    @asynccontextmanager
+    async def open(self, source: Source, offset: int, validator: Validator) -> \
+            AsyncIterator[FtpStream]:
+        target = FtpTarget.parse(source.url)
+        with map_exceptions(_password(source, target)):
+            async with self._session(target, source) as client:
+                stream = await self._start(client, target, source, offset, validator)
+                try:
+                    yield stream
+                finally:
+                    stream.close_data()
+
+    async def list_dir(self, source: Source) -> list[RemoteEntry]:
+        """The entries of the folder at `source.url` (MLSD, else LIST), `.` and `..` left out.
+
+        A folder that does not exist is a PermanentError.
+        """
+        target = FtpTarget.parse(source.url, folder=True)
+        entries: list[RemoteEntry] = []
+        with map_exceptions(_password(source, target)):
+            async with self._session(target, source) as client:
+                try:
+                    listing = await self._listing(client, target.path)
+                except aioftp.StatusCodeError as exc:
+                    code, text = reply_of(exc)
+                    if code == "550":
+                        raise PermanentError(
+                            f"folder not found or not readable on the FTP server: "
+                            f"{target.path or '/'} (FTP {code} {text})") from None
+                    raise error_for_reply(code, text, what="listing") from None
+                except (ValueError, IndexError, KeyError, UnicodeDecodeError):
+                    raise PermanentError("unreadable folder listing from the FTP server") \
+                        from None
+        for path, info in listing:
+            kind = str(info.get("type", "")).lower()
+            if kind in ("cdir", "pdir") or path.name in ("", ".", ".."):
+                continue
+            size = str(info.get("size", ""))
+            is_dir = kind == "dir"
+            entries.append(RemoteEntry(
+                name=path.name, is_dir=is_dir,
+                size=int(size) if size.isdigit() and not is_dir else None))
+        return entries
+
+    async def _listing(self, client: aioftp.Client, path: str) -> \
+            list[tuple[PurePosixPath, Mapping[str, object]]]:
+        """MLSD, else (when the server does not know it) LIST, parsed by aioftp.
+
+        Not `Client.list()`: it leaves the data connection open when the command fails.
+        """
+        for command in ("MLSD", "LIST"):
+            reader, writer = await client.get_passive_connection("I")
+            try:
+                try:
+                    code, _info = await client.command(f"{command} {path}".strip(),
+                                                       ("1xx", "2xx"))
+                except aioftp.StatusCodeError as exc:
+                    if command == "MLSD" and exc.received_codes[-1].matches("50x"):
+                        continue
+                    raise
+                lines = []
+                while True:
+                    async with asyncio.timeout(self.read_timeout):
+                        line = await reader.readline()
+                    if not line:
+                        break
+                    if line.strip():
+                        lines.append(line)
+            finally:
+                writer.close()
+            if not code.matches("2xx"):
+                await client.command(None, "2xx", "1xx")
+            if command == "MLSD":
+                return [client.parse_mlsx_line(line) for line in lines]
+            return [client.parse_list_line(line) for line in lines]
+        return []
+
+    @asynccontextmanager
+    async def _session(self, target: FtpTarget, source: Source) -> AsyncIterator[aioftp.Client]:
+        """A logged-in control connection, closed with QUIT (or at once when cancelled)."""
+        client = aioftp.Client(
+            socket_timeout=self.read_timeout, connection_timeout=self.connect_timeout,
+            ssl=self.ssl_context if target.tls == "implicit" else None)
+        try:
+            await self._login(client, target, source)
+            yield client
+        except (asyncio.CancelledError, GeneratorExit):
+            client.close()
+            raise
+        except BaseException:
+            await self._quit(client)
+            raise
+        await self._quit(client)
+
+    async def _start(self, client: aioftp.Client, target: FtpTarget, source: Source,
+                     offset: int, validator: Validator) -> FtpStream:
+        await client.command("TYPE I", "200")
+        total = await _size(client, target.path)
+        modified = await _mdtm(client, target.path)
+        current = Validator(etag=f"size:{total}" if total is not None else None,
+                            last_modified=modified)
+        start = offset
+        if offset > 0:
+            if _changed(validator, current) or (total is not None and offset > total):
+                log.info("ftp file changed, restarting from zero", url=source.url,
+                         offset=offset, size=total, mdtm=modified)
+                start = 0
+            elif total is not None and offset == total:  # the part file is the whole file
+                return FtpStream(client, Opened(offset=offset, total=total, validator=current),
+                                 None, read_timeout=self.read_timeout)
+        try:
+            reader, writer = await client.get_passive_connection("I")
+        except (IndexError, ValueError):
+            raise RetryableError("unreadable passive-mode reply from the FTP server") from None
+        try:
+            if start:
+                start = await _rest(client, start, source.url)
+            code, _info = await _retr(client, target.path)
+        except BaseException:
+            writer.close()
+            raise
+        return FtpStream(client, Opened(offset=start, total=total, validator=current),
+                         (reader, writer), read_timeout=self.read_timeout,
+                         ended=code.matches("2xx"))
+
+    async def _login(self, client: aioftp.Client, target: FtpTarget, source: Source) -> None:
+        await client.connect(target.host, target.port)
+        if target.tls == "explicit":
+            try:
+                await client.upgrade_to_tls(self.ssl_context)
+            except aioftp.StatusCodeError as exc:
+                code, text = reply_of(exc)
+                if code.startswith("4"):
+                    raise
+                raise PermanentError(f"the FTP server refused TLS (FTP {code} {text})") \
+                    from None
+        elif target.tls == "implicit":
+            await client.command("PBSZ 0", "200")
+            await client.command("PROT P", "200")
+        user = source.user or target.user
+        password = (source.password if source.user else target.password) or ""
+        if not user:
+            user, password = ANONYMOUS_USER, password or ANONYMOUS_PASSWORD
+        try:
+            await client.login(user, password)
+        except aioftp.StatusCodeError as exc:
+            code, text = reply_of(exc)
+            if code == "530" and not is_limit(text):
+                who = "anonymous login" if user == ANONYMOUS_USER else f"login as {user!r}"
+                raise AuthError(f"the FTP server refused the {who} (FTP {code} {text})") \
+                    from None
+            raise error_for_reply(code, text, what="FTP login") from None
+
+    async def _quit(self, client: aioftp.Client) -> None:
+        """Say QUIT and wait for 221, so that the server has let the session go; then close."""
+        with suppress(Exception):
+            async with asyncio.timeout(self.quit_timeout):
+                await client.stream.write(b"QUIT\r\n")
+                while True:  # a 426 for an aborted transfer may come first
+                    code, _info = await client.parse_response()
+                    if code.matches("221"):
+                        break
+        client.close()
+        with suppress(Exception):
+            async with asyncio.timeout(self.quit_timeout):
+                await client.stream.writer.wait_closed()
+
+
+async def _size(client: aioftp.Client, path: str) -> int | None:
+    """SIZE (RFC 3659), or None when the server does not say (RETR decides about 550)."""
+    try:
+        _code, info = await client.command(f"SIZE {path}", "213")
+    except aioftp.StatusCodeError as exc:
+        if exc.received_codes[-1].matches("5xx"):
+            return None
+        raise
+    try:
+        return int(info[-1].strip().split()[-1])
+    except (IndexError, ValueError):
+        return None
+
+
+async def _mdtm(client: aioftp.Client, path: str) -> str | None:
+    """MDTM (RFC 3659) as the server writes it (`YYYYMMDDHHMMSS[.sss]`), or None."""
+    try:
+        _code, info = await client.command(f"MDTM {path}", "213")
+    except aioftp.StatusCodeError as exc:
+        if exc.received_codes[-1].matches("5xx"):
+            return None
+        raise
+    value = info[-1].strip()
+    return value or None
+
+
+async def _rest(client: aioftp.Client, offset: int, url: str) -> int:
+    """REST to resume at `offset`; 0 when the server refuses it (the whole file comes)."""
+    try:
+        await client.command(f"REST {offset}", "350")
+    except aioftp.StatusCodeError as exc:
+        code, text = reply_of(exc)
+        if not code.startswith("5"):
+            raise
+        log.warning("ftp rest refused", url=url, offset=offset, reply=f"{code} {text}")
+        return 0
+    return offset
+
+
+async def _retr(client: aioftp.Client, path: str) -> tuple[aioftp.Code, list[str]]:
+    try:
+        return await client.command(f"RETR {path}", ("1xx", "2xx"))
+    except aioftp.StatusCodeError as exc:
+        code, text = reply_of(exc)
+        if code == "550":
+            raise PermanentError(f"file not found or not readable on the FTP server: {path} "
+                                 f"(FTP {code} {text})") from None
+        raise error_for_reply(code, text, what=f"RETR {path}") from None
