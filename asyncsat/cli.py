@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
     search.add_argument("--limit", type=_positive)
     search.add_argument("--dest")
+    search.add_argument("--wait", action="store_true",
+                        help="download now (or wait for the daemon); exit 0 only if all are done")
 
     status = sub.add_parser("status", help="show downloads")
     status.add_argument("--json", action="store_true")

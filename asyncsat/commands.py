@@ -9,9 +9,11 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from asyncsat import checksums, daemon, intake
+from asyncsat.catalogs.base import Query, parse_bbox, parse_time
+from asyncsat.catalogs.templates import check_template, split_pattern
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.listener import DaemonLocked
@@ -131,12 +133,26 @@ async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) 
     if checksum is not None and len(urls) != 1:
         raise UsageError("--checksum applies to exactly one URL")
     dest = Path(args.dest).expanduser().absolute() if args.dest else settings.default_dest
+    patterns = [u for u in urls if intake.is_pattern(u.url)]
+    if patterns:
+        if checksum is not None:
+            raise UsageError("--checksum cannot apply to a URL pattern")
+        for u in patterns:
+            split_pattern(unquote(urlsplit(u.url).path))
     async with daemon.connection(settings) as conn:
         provider = None
         if args.provider:
             provider = await queries.provider_get(conn, args.provider)
             if provider is None:
                 raise UsageError(f"unknown provider {args.provider!r}")
+        if patterns:  # the daemon lists the folders: the request waits for it, queued
+            request_id = await queries.request_insert(
+                conn, provider_id=provider.id if provider else None,
+                urls=[raw.strip() for raw in args.urls], search=None, dest=str(dest),
+                checksum=None, status="queued")
+            print(f"request {request_id}: queued; its patterns are expanded by listing",
+                  file=sys.stderr)
+            return await _wait(settings, redactor, request_id) if args.wait else 0
         async with conn.transaction():
             request_id = await queries.request_insert(
                 conn, provider_id=provider.id if provider else None, urls=[u.url for u in urls],
@@ -165,6 +181,14 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
                   file=sys.stderr)
             await daemon.wait_for_request(settings, request_id)
         rows = await queries.status_rows(conn, request_id)
+        status, error, _counts = await queries.request_state(conn, request_id)
+    if status == "failed":
+        print(f"request {request_id} failed: {redactor(error or 'no reason given')}",
+              file=sys.stderr)
+        return 1
+    if not rows:
+        print(f"request {request_id}: nothing matched, nothing to download", file=sys.stderr)
+        return 1
     failed = 0
     for r in rows:
         if r["status"] == "done":
@@ -176,12 +200,43 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
 
 
 async def search(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    filters = dict(_filter(f) for f in args.filter)
+    query = Query(
+        collection=args.collection.strip(), start=parse_time(args.start, "start"),
+        end=parse_time(args.end, "end"), bbox=parse_bbox(args.bbox) if args.bbox else None,
+        wkt=args.wkt, filters=filters, limit=args.limit)
+    query = Query.from_json(query.to_json())  # the same checks as a request inserted by psql
+    dest = Path(args.dest).expanduser().absolute() if args.dest else settings.default_dest
     async with daemon.connection(settings) as conn:
         provider = await queries.provider_get(conn, args.provider)
-    if provider is None:
-        raise UsageError(f"unknown provider {args.provider!r}")
-    raise UsageError(f"catalog searches are not supported yet (provider protocol "
-                     f"{provider.protocol})")
+        if provider is None:
+            raise UsageError(f"unknown provider {args.provider!r}")
+        if provider.protocol != "ftp":
+            raise UsageError(f"catalog searches of {provider.protocol} providers are not "
+                             "supported yet")
+        if query.bbox or query.wkt or query.filters:
+            raise UsageError("an FTP provider can only search by collection and dates "
+                             "(no --bbox, --wkt or --filter)")
+        layouts = provider.settings.get("collections")
+        template = layouts.get(query.collection) if isinstance(layouts, dict) else None
+        template = template if isinstance(template, str) else query.collection
+        check_template(template)
+        if "{" in template and query.start is None:
+            raise UsageError(f"collection {query.collection!r} is laid out by date: "
+                             "give --start")
+        split_pattern("/" + template)
+        request_id = await queries.request_insert(
+            conn, provider_id=provider.id, urls=None, search=query.to_json(), dest=str(dest),
+            checksum=None, status="queued")
+    print(f"request {request_id}: search of {provider.name} queued", file=sys.stderr)
+    return await _wait(settings, redactor, request_id) if args.wait else 0
+
+
+def _filter(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"invalid --filter {text!r}: use KEY=VALUE")
+    return key.strip(), value
 
 
 def _status_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:

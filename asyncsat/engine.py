@@ -15,12 +15,14 @@ from typing import Any, Protocol
 import structlog
 
 from asyncsat import intake
+from asyncsat.catalogs.registry import Catalogs
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.store import Store
 from asyncsat.errors import DatabaseError, PermanentError, RetryableError, TransferError
 from asyncsat.logs import Redactor
 from asyncsat.models import Download, Provider, Request
+from asyncsat.resolver import Resolver
 from asyncsat.retry import Policy, decide
 from asyncsat.slots import Lease, ProviderSlots, accounts_for
 from asyncsat.transfer.base import Source, Validator
@@ -66,6 +68,8 @@ class Engine:
         self._providers: dict[int, Provider] = {}
         self._slots: dict[int, ProviderSlots] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self.resolver = Resolver(store, settings, Catalogs(drivers), redactor,
+                                 self._slots_for, self.wake)
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -142,9 +146,16 @@ class Engine:
     async def _resolve_requests(self) -> bool:
         """Turn queued requests into downloads. True when more may be waiting."""
 
+        by_catalog: list[Request] = []
+
         async def batch(conn: Any) -> int:
-            requests = await queries.request_lock_queued(conn, REQUEST_BATCH)
+            by_catalog.clear()
+            requests = await queries.request_lock_queued(conn, REQUEST_BATCH,
+                                                         self.resolver.busy)
             for request in requests:
+                if intake.needs_catalog(request):
+                    by_catalog.append(request)  # over the network, outside this transaction
+                    continue
                 status, error, count = await self._resolve_one(conn, request)
                 if status == "failed":
                     log.error("request failed", request_id=request.id, error=error)
@@ -153,6 +164,8 @@ class Engine:
             return len(requests)
 
         n = await self.store.transaction(batch)
+        for request in by_catalog:
+            self.resolver.start(request)
         if n:
             self._accounts_stale = True  # an implicit provider may have been created
             await self._refresh_accounts()
@@ -170,6 +183,15 @@ class Engine:
             log.exception("request could not be resolved", request_id=request.id)
             error = _one_line(self.redactor(f"cannot queue this request: {exc}"))
             return await intake.fail(conn, request, error)
+
+    async def _slots_for(self, provider_id: int) -> ProviderSlots:
+        """The slots of a provider, reading the accounts again for a provider new to us."""
+        if provider_id not in self._slots:
+            await self._refresh_accounts()
+        slots = self._slots.get(provider_id)
+        if slots is None:
+            raise DatabaseError(f"provider {provider_id} disappeared")
+        return slots
 
     async def _dispatch(self) -> float | None:
         """Claim due downloads into free slots; seconds until the next one is due (or None)."""
@@ -193,6 +215,7 @@ class Engine:
 
     async def _stop_transfers(self) -> None:
         """Cancel running transfers; each puts its row back in the queue, resumable."""
+        await self.resolver.stop()
         tasks = list(self._tasks.values())
         if not tasks:
             return
@@ -219,8 +242,10 @@ class Engine:
         events = _RowEvents(self, d)
         bound.info("download running", url=d.url, attempt=d.attempts, user=user)
         try:
-            outcome = await transfer(self.drivers.for_url(d.url), job, events, attempt,
-                                     self.settings.chunk_size)
+            with structlog.contextvars.bound_contextvars(
+                    download_id=d.id, request_id=d.request_id, provider=d.provider):
+                outcome = await transfer(self.drivers.for_url(d.url), job, events, attempt,
+                                         self.settings.chunk_size)
             await asyncio.shield(self.store.call(
                 queries.download_done, d.id, size=outcome.size, path=str(outcome.path)))
         except asyncio.CancelledError:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from asyncsat import checksums
+from asyncsat.catalogs.base import ProductRef
+from asyncsat.catalogs.templates import has_glob
 from asyncsat.db import queries
 from asyncsat.errors import UsageError
 from asyncsat.models import Checksum, Provider, Request
@@ -43,12 +45,48 @@ async def queue_urls(
     providers = await queries.provider_list(conn)
     ids = []
     for u in urls:
-        owner = provider or match_provider(u.url, providers) or await _implicit(conn, u.url)
+        owner = provider or await provider_for(conn, u.url, providers)
         ids.append(await queries.download_add(
             conn, request_id=request_id, provider_id=owner.id, url=u.url, name=None, dest=dest,
             size=None, checksum=checksum, login_user=u.user, login_secret=u.password,
         ))
     return ids
+
+
+async def queue_products(
+    conn: Any, request_id: int, provider: Provider, products: Sequence[ProductRef], *,
+    dest: str, login: SplitUrl | None = None,
+) -> list[int]:
+    """Insert one download per product a catalog found (inside the caller's transaction)."""
+    return [
+        await queries.download_add(
+            conn, request_id=request_id, provider_id=provider.id, url=p.url, name=p.name,
+            dest=dest, size=p.size, checksum=p.checksum,
+            login_user=login.user if login else None,
+            login_secret=login.password if login else None,
+        )
+        for p in products
+    ]
+
+
+async def provider_for(conn: Any, url: str, providers: Sequence[Provider] | None = None) -> \
+        Provider:
+    """The explicit provider whose base URL is the longest prefix, else the host's implicit one."""
+    if providers is None:
+        providers = await queries.provider_list(conn)
+    return match_provider(url, providers) or await _implicit(conn, url)
+
+
+def is_pattern(url: str) -> bool:
+    """An FTP URL with wildcards (percent-encoded or not): a folder listing expands it."""
+    parts = urlsplit(url)
+    return parts.scheme.lower() in ("ftp", "ftps") and has_glob(unquote(parts.path))
+
+
+def needs_catalog(request: Request) -> bool:
+    """A search, or URLs with patterns: resolved by a catalog adapter, over the network."""
+    return request.search is not None or any(
+        isinstance(u, str) and is_pattern(u) for u in request.urls or [])
 
 
 async def _implicit(conn: Any, url: str) -> Provider:

@@ -127,6 +127,11 @@ BEGIN
     IF NEW.status = 'queued' THEN
         PERFORM pg_notify('asyncsat', json_build_object('type', 'request', 'id', NEW.id)::text);
     END IF;
+    -- a request resolved or failed (a search may queue nothing): for `--wait` clients
+    IF TG_OP = 'UPDATE' AND NEW.status IS DISTINCT FROM OLD.status THEN
+        PERFORM pg_notify('asyncsat_status', json_build_object(
+            'request_id', NEW.id, 'request_status', NEW.status)::text);
+    END IF;
     RETURN NULL;
 END;
 $$;

@@ -131,18 +131,35 @@ async def request_insert(
     return value
 
 
-async def request_lock_queued(db: Any, limit: int = 20) -> list[Request]:
-    """Lock queued requests for resolution (inside a transaction)."""
+async def request_lock_queued(
+    db: Any, limit: int = 20, exclude: Sequence[int] = ()
+) -> list[Request]:
+    """Lock queued requests for resolution (inside a transaction), but those in `exclude`."""
     rows = await db.fetch(
-        "SELECT * FROM request WHERE status = 'queued' ORDER BY id LIMIT $1"
-        " FOR UPDATE SKIP LOCKED",
-        limit,
+        "SELECT * FROM request WHERE status = 'queued' AND NOT id = ANY($2::bigint[])"
+        " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        limit, list(exclude),
     )
     return [
         Request(id=r["id"], provider_id=r["provider_id"], urls=r["urls"], search=r["search"],
                 dest=r["dest"], checksum=r["checksum"])
         for r in rows
     ]
+
+
+async def request_lock(db: Any, request_id: int) -> Request | None:
+    """Lock one request that is still queued (inside a transaction); None otherwise."""
+    r = await db.fetchrow(
+        "SELECT * FROM request WHERE id = $1 AND status = 'queued' FOR UPDATE", request_id)
+    if r is None:
+        return None
+    return Request(id=r["id"], provider_id=r["provider_id"], urls=r["urls"], search=r["search"],
+                   dest=r["dest"], checksum=r["checksum"])
+
+
+async def provider_by_id(db: Any, provider_id: int) -> Provider | None:
+    row = await db.fetchrow("SELECT * FROM provider WHERE id = $1", provider_id)
+    return _provider(row) if row else None
 
 
 async def request_finish(

@@ -174,6 +174,7 @@ async def test_notify_asyncsat_rescans(server: FileServer, dsn: str, tmp_path: P
         proc = DaemonProcess(dsn, tmp_path / "home")
         daemons.append(proc)
         await proc.wait_for(lambda line: line["event"] == "daemon started")
+        await asyncio.sleep(0.5)  # past its first scan: the row is not due then
         await conn.execute("UPDATE download SET not_before = now()")  # no trigger fires
         await asyncio.sleep(1.0)
         assert not [line for line in proc.lines if line["event"] == "download running"]

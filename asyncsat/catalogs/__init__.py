@@ -1,0 +1,1 @@
+"""Catalog adapters: a request's search criteria or URL patterns become products."""

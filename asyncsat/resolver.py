@@ -1,0 +1,182 @@
+"""Requests that need a catalog: searches and URL patterns, resolved over the network.
+
+They are resolved outside the request transaction (a listing or a search may take long),
+each holding one connection slot of its provider's account, as any request sent for that
+account does. Until it is resolved the request stays `queued`: after a crash it is simply
+resolved again (a product is queued once, so nothing doubles).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+
+from asyncsat import intake
+from asyncsat.catalogs.base import Catalog, ProductRef, Query
+from asyncsat.catalogs.registry import Catalogs
+from asyncsat.config import Settings
+from asyncsat.db import queries
+from asyncsat.db.store import Store
+from asyncsat.errors import AsyncsatError, DatabaseError, RetryableError
+from asyncsat.logs import Redactor
+from asyncsat.models import Provider, Request
+from asyncsat.naming import SplitUrl, split_login
+from asyncsat.slots import ProviderSlots
+from asyncsat.transfer.base import Source
+
+log = structlog.get_logger("asyncsat")
+CATALOG_ATTEMPTS = 4
+
+
+class Resolver:
+    """Runs one task per request being resolved by a catalog."""
+
+    def __init__(
+        self, store: Store, settings: Settings, catalogs: Catalogs, redactor: Redactor,
+        slots: Callable[[int], Awaitable[ProviderSlots]], wake: asyncio.Event,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._catalogs = catalogs
+        self._redactor = redactor
+        self._slots = slots
+        self._wake = wake
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+
+    @property
+    def busy(self) -> list[int]:
+        """Ids of the requests being resolved now."""
+        return list(self._tasks)
+
+    def start(self, request: Request) -> None:
+        if request.id not in self._tasks:
+            self._tasks[request.id] = asyncio.create_task(
+                self._resolve(request), name=f"request-{request.id}")
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _resolve(self, request: Request) -> None:
+        bound = log.bind(request_id=request.id)
+        try:
+            provider, products, login = await self._find(request)
+            count = await self._store.transaction(
+                lambda conn: self._queue(conn, request, provider, products, login))
+            if count is not None:
+                bound.info("request resolved", downloads=count, provider=provider.name)
+        except asyncio.CancelledError:
+            raise
+        except DatabaseError:
+            bound.exception("request left queued: the database failed")
+        except Exception as exc:
+            if not isinstance(exc, AsyncsatError):
+                bound.exception("internal error while resolving a request")
+            error = " ".join(self._redactor(str(exc) or type(exc).__name__).split())[:1000]
+            await self._store.transaction(lambda conn: self._fail(conn, request, error))
+            bound.error("request failed", error=error)
+        finally:
+            self._tasks.pop(request.id, None)
+            self._wake.set()
+
+    async def _find(self, request: Request) -> tuple[Provider, list[ProductRef], SplitUrl | None]:
+        """Ask the catalog, retrying transient faults; the account slot is held meanwhile."""
+        if request.search is not None:
+            query = Query.from_json(request.search)
+            if request.provider_id is None:
+                raise AsyncsatError("a search request needs a provider (request.provider_id)")
+            provider = await self._store.call(queries.provider_by_id, request.provider_id)
+            if provider is None:
+                raise AsyncsatError(f"provider {request.provider_id} does not exist")
+            login = None
+        else:
+            urls = [split_login(u) for u in request.urls or []]
+            for u in urls:
+                self._redactor.add_login(u.user, u.password)
+            if not urls:
+                raise AsyncsatError("no URL given")
+            if request.checksum:
+                raise AsyncsatError("a checksum cannot apply to a URL pattern")
+            owners = {(await self._provider(request, u.url)).id: u for u in urls}
+            if len(owners) > 1:
+                raise AsyncsatError("the URLs of a request with a pattern must all belong "
+                                    "to one provider")
+            provider = await self._provider(request, urls[0].url)
+            login = next((u for u in urls if u.user), None)
+        catalog = self._catalogs.for_provider(provider)
+        found: list[ProductRef] = []
+        seen: set[str] = set()
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(RetryableError), reraise=True,
+            stop=stop_after_attempt(CATALOG_ATTEMPTS),
+            wait=wait_exponential(multiplier=1, max=30) + wait_random(0, 1),
+        ):
+            with attempt:
+                found.clear()
+                seen.clear()
+                lease = await (await self._slots(provider.id)).acquire()
+                try:
+                    account = login or SplitUrl("", lease.account.user, lease.account.secret)
+                    self._redactor.add_login(account.user, account.password)
+                    if request.search is not None:
+                        query = Query.from_json(request.search)
+                        source = Source(provider.url or "", account.user, account.password)
+                        stream = catalog.search(query, source)
+                    else:
+                        stream = _expand_all(catalog, request, account)
+                    async for ref in stream:
+                        if ref.url not in seen:
+                            seen.add(ref.url)
+                            found.append(ref)
+                            if request.search is not None and query.limit is not None and \
+                                    len(found) >= query.limit:
+                                break
+                finally:
+                    lease.release()
+        return provider, found, login
+
+    async def _provider(self, request: Request, url: str) -> Provider:
+        if request.provider_id is not None:
+            provider = await self._store.call(queries.provider_by_id, request.provider_id)
+            if provider is not None:
+                return provider
+        return await self._store.transaction(lambda conn: intake.provider_for(conn, url))
+
+    async def _queue(self, conn: Any, request: Request, provider: Provider,
+                     products: list[ProductRef], login: SplitUrl | None) -> int | None:
+        if await queries.request_lock(conn, request.id) is None:
+            return None  # cancelled or resolved meanwhile
+        dest = request.dest or str(self._settings.default_dest)
+        ids = await intake.queue_products(conn, request.id, provider, products, dest=dest,
+                                          login=login)
+        urls = [split_login(u).url for u in request.urls] if request.urls else None
+        await queries.request_finish(conn, request.id, "resolved", None, urls)
+        return len(ids)
+
+    async def _fail(self, conn: Any, request: Request, error: str) -> None:
+        if await queries.request_lock(conn, request.id) is not None:
+            await intake.fail(conn, request, error)
+
+
+async def _expand_all(catalog: Catalog, request: Request, login: SplitUrl) -> \
+        AsyncIterator[ProductRef]:
+    """Every URL of a request: patterns expanded by the catalog, plain URLs as they are."""
+    for raw in request.urls or []:
+        u = split_login(raw)
+        if intake.is_pattern(u.url):
+            async for ref in catalog.expand(u.url, Source(u.url, login.user, login.password)):
+                yield ref
+        else:
+            yield ProductRef(url=u.url)
