@@ -433,30 +433,27 @@ class FtpDriver:
                 await client.stream.writer.wait_closed()
 
 
-async def _size(client: aioftp.Client, path: str) -> int | None:
-    """SIZE (RFC 3659), or None when the server does not say (RETR decides about 550)."""
+async def _fact(client: aioftp.Client, command: str, path: str) -> str | None:
+    """The answer to SIZE or MDTM (RFC 3659), or None when the server does not say
+    (for a missing file RETR decides, with its 550)."""
     try:
-        _code, info = await client.command(f"SIZE {path}", "213")
+        _code, info = await client.command(f"{command} {path}", "213")
     except aioftp.StatusCodeError as exc:
         if exc.received_codes[-1].matches("5xx"):
             return None
         raise
-    try:
-        return int(info[-1].strip().split()[-1])
-    except (IndexError, ValueError):
-        return None
+    return info[-1].strip() or None if info else None
+
+
+async def _size(client: aioftp.Client, path: str) -> int | None:
+    """SIZE in bytes, or None."""
+    value = (await _fact(client, "SIZE", path) or "").split()
+    return int(value[-1]) if value and value[-1].isdigit() else None
 
 
 async def _mdtm(client: aioftp.Client, path: str) -> str | None:
-    """MDTM (RFC 3659) as the server writes it (`YYYYMMDDHHMMSS[.sss]`), or None."""
-    try:
-        _code, info = await client.command(f"MDTM {path}", "213")
-    except aioftp.StatusCodeError as exc:
-        if exc.received_codes[-1].matches("5xx"):
-            return None
-        raise
-    value = info[-1].strip()
-    return value or None
+    """MDTM as the server writes it (`YYYYMMDDHHMMSS[.sss]`), or None."""
+    return await _fact(client, "MDTM", path)
 
 
 async def _rest(client: aioftp.Client, offset: int, url: str) -> int:
