@@ -107,8 +107,33 @@ class Result:
 # -- child processes ------------------------------------------------------------------------
 
 def clean_env() -> dict[str, str]:
-    """The environment of the tools: no ASYNCSAT_* setting leaks in from the caller."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("ASYNCSAT_")}
+    """The environment of the tools: no ASYNCSAT_* setting leaks in from the caller.
+
+    The checkout this bench/ belongs to comes first on PYTHONPATH, so `python -m asyncsat`
+    runs the code beside it, whatever the venv has installed (an editable install points
+    at another tree; a clone of a commit is measured as that commit).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCSAT_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def code_version() -> dict[str, Any]:
+    """Which asyncsat is measured: its path, the commit and whether its code is edited."""
+    probe = subprocess.run([sys.executable, "-c", "import asyncsat; print(asyncsat.__file__)"],
+                           capture_output=True, text=True, env=clean_env(), cwd=ROOT)
+    info: dict[str, Any] = {"asyncsat": probe.stdout.strip() or None,
+                            "commit": None, "dirty": None}
+    git = ["git", "-C", str(ROOT)]
+    with contextlib.suppress(OSError):
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+        if head.returncode == 0:
+            info["commit"] = head.stdout.strip()
+            status = subprocess.run(
+                [*git, "status", "--porcelain", "--", "asyncsat", "pyproject.toml"],
+                capture_output=True, text=True)
+            info["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    return info
 
 
 GNU_TIME = "/usr/bin/time"
@@ -595,7 +620,8 @@ def check_tools(args: argparse.Namespace) -> None:
         if tool != "asyncsat" and shutil.which(tool) is None:
             raise SystemExit(f"bench: {tool} is not installed")
     if "asyncsat" in args.tools:
-        probe = subprocess.run([sys.executable, "-c", "import asyncsat"], capture_output=True)
+        probe = subprocess.run([sys.executable, "-c", "import asyncsat"], capture_output=True,
+                               env=clean_env(), cwd=ROOT)
         if probe.returncode:
             raise SystemExit(f"bench: {sys.executable} cannot import asyncsat")
 
@@ -628,6 +654,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="asyncsat-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     bench = Bench(args, work)
+    code = code_version() if "asyncsat" in args.tools else {}
+    if code:
+        print(f"bench: asyncsat from {code['asyncsat']}, commit {code['commit'] or '?'}"
+              + (" (asyncsat/ has uncommitted changes)" if code["dirty"] else ""),
+              file=sys.stderr, flush=True)
     reports: list[str] = []
     scenarios: list[Scenario] = []
     try:
@@ -646,16 +677,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench: work dir kept: {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    save(args, scenarios, argv)
+    save(args, scenarios, argv, code)
     return 0 if all(r.verified for s in scenarios for r in s.results) else 1
 
 
+def _tool_versions(tools: Sequence[str]) -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for tool in tools:
+        if tool != "asyncsat":
+            with contextlib.suppress(OSError):
+                out = subprocess.run([tool, "--version"], capture_output=True, text=True)
+                versions[tool] = (out.stdout.splitlines() or [""])[0]
+    return versions
+
+
 def save(args: argparse.Namespace, scenarios: Sequence[Scenario],
-         argv: Sequence[str] | None) -> None:
+         argv: Sequence[str] | None, code: dict[str, Any]) -> None:
     path = args.json or BENCH / "results" / time.strftime("run-%Y%m%d-%H%M%S.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "argv": list(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
+        "code": code, "versions": _tool_versions(args.tools),
         "scenarios": [{
             "name": s.name, "title": s.title, "ideal": s.ideal,
             "fixed_cost": _dump(s.fixed_cost) if s.fixed_cost else None,
