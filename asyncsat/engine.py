@@ -27,7 +27,7 @@ from asyncsat.retry import Policy, decide
 from asyncsat.slots import Lease, ProviderSlots, accounts_for
 from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.registry import Drivers
-from asyncsat.transfer.runner import Attempt, Job, transfer
+from asyncsat.transfer.runner import Attempt, Job, Outcome, transfer
 
 log = structlog.get_logger("asyncsat")
 REQUEST_BATCH = 50
@@ -246,8 +246,6 @@ class Engine:
                     download_id=d.id, request_id=d.request_id, provider=d.provider):
                 outcome = await transfer(self.drivers.for_url(d.url), job, events, attempt,
                                          self.settings.chunk_size)
-            await asyncio.shield(self.store.call(
-                queries.download_done, d.id, size=outcome.size, path=str(outcome.path)))
         except asyncio.CancelledError:
             await asyncio.shield(self._after_stop(d, attempt, bound))
             raise
@@ -258,14 +256,25 @@ class Engine:
             error = RetryableError(f"internal error: {type(exc).__name__}: {exc}")
             await asyncio.shield(self._after_failure(d, provider, error, attempt, bound))
         else:
-            bound.info("download done", name=outcome.name, path=str(outcome.path),
-                       size=outcome.size, resumed_from=outcome.resumed_from,
-                       restarted=outcome.restarted)
-            self._finished(d.id, "done")
+            # the file is at its final path: record it even if a stop arrives meanwhile
+            recording = asyncio.ensure_future(self._record_done(d, outcome, bound))
+            try:
+                await asyncio.shield(recording)
+            except asyncio.CancelledError:
+                await recording
+                raise
         finally:
             lease.release()
             self._tasks.pop(d.id, None)
             self.wake.set()
+
+    async def _record_done(self, d: Download, outcome: Outcome, bound: Any) -> None:
+        await self.store.call(queries.download_done, d.id, size=outcome.size,
+                              path=str(outcome.path))
+        bound.info("download done", name=outcome.name, path=str(outcome.path),
+                   size=outcome.size, resumed_from=outcome.resumed_from,
+                   restarted=outcome.restarted)
+        self._finished(d.id, "done")
 
     async def _after_stop(self, d: Download, attempt: Attempt, bound: Any) -> None:
         await self.store.call(queries.download_requeue, d.id, error=d.error, failures=d.failures,

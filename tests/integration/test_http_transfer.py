@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from asyncsat import daemon
 from asyncsat.config import Settings
+from asyncsat.logs import Redactor
 from tests.helpers import add_provider, drain, queue, rows
 from tests.servers import FileServer
 
@@ -268,3 +272,37 @@ async def test_two_products_with_the_same_name_never_share_a_file(
     assert Path(done["scene2"]["path"]).read_bytes() == b"II*\x00" + b
     names = {Path(r["path"]).name for r in done.values()}
     assert names in ({"TCI.tif", f"TCI_{r['id']}.tif"} for r in done.values())
+
+
+async def test_a_stop_while_the_done_row_is_written_still_logs_done(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM lands after the rename, while `done` is being recorded: the row ends done and
+    the log says `download done`, never `download queued` for a file that is complete."""
+    import signal
+
+    from structlog.testing import capture_logs
+
+    from asyncsat.db import queries
+
+    server.add("S2B_late.nc", os.urandom(50_000))
+    recording = asyncio.Event()
+    original = queries.download_done
+
+    async def slow_done(db: Any, download_id: int, **kw: Any) -> None:
+        recording.set()
+        await asyncio.sleep(0.3)
+        await original(db, download_id, **kw)
+
+    monkeypatch.setattr(queries, "download_done", slow_done)
+    await queue(dsn, server.url("S2B_late.nc"))
+    with capture_logs() as logs:
+        serving = asyncio.create_task(daemon.serve(settings, Redactor()))
+        await asyncio.wait_for(recording.wait(), 10)
+        os.kill(os.getpid(), signal.SIGTERM)  # serve's handler turns it into a clean stop
+        await asyncio.wait_for(serving, 10)
+    [row] = await rows(dsn)
+    assert row["status"] == "done"
+    events = [e["event"] for e in logs if e.get("download_id") == row["id"]]
+    assert events[-1] == "download done", events
+    assert "download queued" not in events
