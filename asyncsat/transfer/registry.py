@@ -1,13 +1,19 @@
-"""Pick the transfer driver for a URL by its scheme."""
+"""Pick the transfer driver for a URL by its scheme.
+
+Drivers are imported on first use: a command that transfers nothing (`status`, `provider
+list`) does not pay for importing aiohttp (its TLS set-up) or aioftp.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from asyncsat.errors import PermanentError
 from asyncsat.transfer.base import Driver, RemoteEntry, Source
-from asyncsat.transfer.ftp import FtpDriver
-from asyncsat.transfer.http import HttpDriver
+
+if TYPE_CHECKING:
+    from asyncsat.transfer.ftp import FtpDriver
 
 
 class Drivers:
@@ -20,20 +26,28 @@ class Drivers:
         scheme = urlsplit(url).scheme.lower()
         if scheme in ("http", "https"):
             if "http" not in self._drivers:
+                from asyncsat.transfer.http import HttpDriver
+
                 self._drivers["http"] = HttpDriver.create()
             return self._drivers["http"]
         if scheme in ("ftp", "ftps"):
-            if "ftp" not in self._drivers:
-                self._drivers["ftp"] = FtpDriver.create()
-            return self._drivers["ftp"]
+            return self._ftp()
         raise PermanentError(f"no transfer driver for {scheme}:// URLs yet")
+
+    def _ftp(self) -> FtpDriver:
+        from asyncsat.transfer.ftp import FtpDriver
+
+        driver = self._drivers.get("ftp")
+        if not isinstance(driver, FtpDriver):
+            driver = self._drivers["ftp"] = FtpDriver.create()
+        return driver
 
     async def list_dir(self, source: Source) -> list[RemoteEntry]:
         """List a remote folder (FTP only: HTTP has no listing to rely on)."""
-        driver = self.for_url(source.url)
-        if not isinstance(driver, FtpDriver):
-            raise PermanentError(f"cannot list folders of {urlsplit(source.url).scheme}:// URLs")
-        return await driver.list_dir(source)
+        scheme = urlsplit(source.url).scheme.lower()
+        if scheme not in ("ftp", "ftps"):
+            raise PermanentError(f"cannot list folders of {scheme}:// URLs")
+        return await self._ftp().list_dir(source)
 
     async def aclose(self) -> None:
         for driver in self._drivers.values():
