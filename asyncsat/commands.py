@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from asyncsat import checksums, daemon, intake
 from asyncsat.catalogs.base import Query, parse_bbox, parse_time
@@ -20,6 +20,7 @@ from asyncsat.db.listener import DaemonLocked
 from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor
 from asyncsat.models import TERMINAL
+from asyncsat.naming import ftp_path
 from asyncsat.render import ProgressBar, status_table
 
 
@@ -138,7 +139,7 @@ async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) 
         if checksum is not None:
             raise UsageError("--checksum cannot apply to a URL pattern")
         for u in patterns:
-            split_pattern(unquote(urlsplit(u.url).path))
+            split_pattern(ftp_path(u.url))
     async with daemon.connection(settings) as conn:
         provider = None
         if args.provider:

@@ -77,5 +77,9 @@ class PermanentError(TransferError):
     """A permanent fault: retrying cannot help."""
 
 
+class NotFoundError(PermanentError):
+    """The file or folder does not exist on the server."""
+
+
 class OfflineError(TransferError):
     """The product is offline (in a long-term archive) and must be ordered first."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from asyncsat import checksums
 from asyncsat.catalogs.base import ProductRef
@@ -13,7 +13,14 @@ from asyncsat.catalogs.templates import has_glob
 from asyncsat.db import queries
 from asyncsat.errors import UsageError
 from asyncsat.models import Checksum, Provider, Request
-from asyncsat.naming import SplitUrl, implicit_provider_name, split_login, without_login
+from asyncsat.naming import (
+    SplitUrl,
+    ftp_path,
+    implicit_provider_name,
+    sanitize,
+    split_login,
+    without_login,
+)
 
 
 def match_provider(url: str, providers: Sequence[Provider]) -> Provider | None:
@@ -57,16 +64,24 @@ async def queue_products(
     conn: Any, request_id: int, provider: Provider, products: Sequence[ProductRef], *,
     dest: str, login: SplitUrl | None = None,
 ) -> list[int]:
-    """Insert one download per product a catalog found (inside the caller's transaction)."""
-    return [
-        await queries.download_add(
-            conn, request_id=request_id, provider_id=provider.id, url=p.url, name=p.name,
+    """Insert one download per product a catalog found (inside the caller's transaction).
+
+    A catalog name is sanitised; one that another download of the folder already has (daily
+    folders that reuse a file name) is left for the transfer to choose (`name_<id>`).
+    """
+    ids = []
+    for p in products:
+        name = sanitize(p.name) if p.name else None
+        if name and await queries.download_name_taken(conn, provider.id, dest, name, p.url):
+            name = None
+        ids.append(await queries.download_add(
+            conn, request_id=request_id, provider_id=provider.id, url=p.url, name=name,
             dest=dest, size=p.size, checksum=p.checksum,
             login_user=login.user if login else None,
             login_secret=login.password if login else None,
-        )
-        for p in products
-    ]
+            size_origin="catalog" if p.size_binding else "server",
+        ))
+    return ids
 
 
 async def provider_for(conn: Any, url: str, providers: Sequence[Provider] | None = None) -> \
@@ -79,8 +94,7 @@ async def provider_for(conn: Any, url: str, providers: Sequence[Provider] | None
 
 def is_pattern(url: str) -> bool:
     """An FTP URL with wildcards (percent-encoded or not): a folder listing expands it."""
-    parts = urlsplit(url)
-    return parts.scheme.lower() in ("ftp", "ftps") and has_glob(unquote(parts.path))
+    return urlsplit(url).scheme.lower() in ("ftp", "ftps") and has_glob(ftp_path(url))
 
 
 def needs_catalog(request: Request) -> bool:

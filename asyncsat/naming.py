@@ -22,6 +22,8 @@ def sanitize(name: str) -> str:
     name = _UNSAFE.sub("_", name).strip(" .")
     if name in ("", ".", ".."):
         return ""
+    if name.lower().endswith(".part"):  # never the in-flight file of another product
+        name += "_"
     if len(name.encode()) > MAX_NAME:
         _stem, dot, ext = name.rpartition(".")
         keep = ext if dot and len(ext) <= 16 else ""
@@ -62,8 +64,11 @@ def split_login(raw: str | None) -> SplitUrl:
     try:
         parts = urlsplit(raw.strip())
         port = parts.port  # raises on a bad port
-    except ValueError as exc:
-        raise UsageError(f"malformed URL {without_login(raw)!r}: {exc}") from None
+    except ValueError:
+        # not the library's text: it quotes the bad port, which may be part of a password
+        # holding an unencoded `#` or `/`
+        raise UsageError(f"malformed URL {without_login(raw)!r}: bad host or port "
+                         "(percent-encode '@', '#', '/' and ':' in a login)") from None
     if parts.scheme.lower() not in SCHEMES:
         schemes = ", ".join(SCHEMES)
         raise UsageError(
@@ -83,6 +88,12 @@ def split_login(raw: str | None) -> SplitUrl:
     return SplitUrl(clean, user, password)
 
 
+def ftp_path(url: str) -> str:
+    """The percent-decoded path of an FTP URL; a `?` belongs to it (FTP has no query)."""
+    parts = urlsplit(url)
+    return unquote(parts.path + (f"?{parts.query}" if parts.query else ""))
+
+
 def implicit_provider_name(url: str) -> str:
     """The name of the provider made for a URL's host: `host` or `host_port`."""
     parts = urlsplit(url)
@@ -93,5 +104,8 @@ def implicit_provider_name(url: str) -> str:
 
 
 def without_login(raw: str) -> str:
-    """The URL with any userinfo removed (for messages and the rows that keep it)."""
-    return re.sub(r"//[^/@\s]*@", "//", raw)
+    """The URL with any userinfo removed (for messages and the rows that keep it).
+
+    Up to the last `@` before the path: a password may hold an unencoded `@` or `#`.
+    """
+    return re.sub(r"//[^/\s]*@", "//", raw)

@@ -13,13 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-    wait_random,
-)
 
 from asyncsat import intake
 from asyncsat.catalogs.base import Catalog, ProductRef, Query
@@ -31,11 +24,11 @@ from asyncsat.errors import AsyncsatError, DatabaseError, RetryableError
 from asyncsat.logs import Redactor
 from asyncsat.models import Provider, Request
 from asyncsat.naming import SplitUrl, split_login
+from asyncsat.retry import Policy, decide
 from asyncsat.slots import ProviderSlots
 from asyncsat.transfer.base import Source
 
 log = structlog.get_logger("asyncsat")
-CATALOG_ATTEMPTS = 4
 
 
 class Resolver:
@@ -94,7 +87,7 @@ class Resolver:
     async def _find(self, request: Request) -> tuple[Provider, list[ProductRef], SplitUrl | None]:
         """Ask the catalog, retrying transient faults; the account slot is held meanwhile."""
         if request.search is not None:
-            query = Query.from_json(request.search)
+            Query.from_json(request.search)  # validate before anything is asked
             if request.provider_id is None:
                 raise AsyncsatError("a search request needs a provider (request.provider_id)")
             provider = await self._store.call(queries.provider_by_id, request.provider_id)
@@ -116,36 +109,49 @@ class Resolver:
             provider = await self._provider(request, urls[0].url)
             login = next((u for u in urls if u.user), None)
         catalog = self._catalogs.for_provider(provider)
+        policy = Policy.for_provider(provider)
+        failures = 0
+        while True:
+            try:
+                found = await self._ask(catalog, request, provider, login)
+            except RetryableError as exc:
+                # the policy of downloads: a refused login is tried twice, a connection limit
+                # is waited out without using the budget, other faults max_attempts times
+                decision = decide(exc, failures, False, policy)
+                if decision.action != "retry":
+                    raise
+                failures = decision.failures
+                log.warning("request listing retried", request_id=request.id,
+                            error=self._redactor(exc.message), retry_in=round(decision.delay, 2))
+                await asyncio.sleep(decision.delay)
+            else:
+                break
+        return provider, found, login
+
+    async def _ask(self, catalog: Catalog, request: Request, provider: Provider,
+                   login: SplitUrl | None) -> list[ProductRef]:
+        """One try: the products of the request, with an account slot held meanwhile."""
         found: list[ProductRef] = []
         seen: set[str] = set()
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(RetryableError), reraise=True,
-            stop=stop_after_attempt(CATALOG_ATTEMPTS),
-            wait=wait_exponential(multiplier=1, max=30) + wait_random(0, 1),
-        ):
-            with attempt:
-                found.clear()
-                seen.clear()
-                lease = await (await self._slots(provider.id)).acquire()
-                try:
-                    account = login or SplitUrl("", lease.account.user, lease.account.secret)
-                    self._redactor.add_login(account.user, account.password)
-                    if request.search is not None:
-                        query = Query.from_json(request.search)
-                        source = Source(provider.url or "", account.user, account.password)
-                        stream = catalog.search(query, source)
-                    else:
-                        stream = _expand_all(catalog, request, account)
-                    async for ref in stream:
-                        if ref.url not in seen:
-                            seen.add(ref.url)
-                            found.append(ref)
-                            if request.search is not None and query.limit is not None and \
-                                    len(found) >= query.limit:
-                                break
-                finally:
-                    lease.release()
-        return provider, found, login
+        limit = Query.from_json(request.search).limit if request.search is not None else None
+        lease = await (await self._slots(provider.id)).acquire()
+        try:
+            account = login or SplitUrl("", lease.account.user, lease.account.secret)
+            self._redactor.add_login(account.user, account.password)
+            if request.search is not None:
+                source = Source(provider.url or "", account.user, account.password)
+                stream = catalog.search(Query.from_json(request.search), source)
+            else:
+                stream = _expand_all(catalog, request, account)
+            async for ref in stream:
+                if ref.url not in seen:
+                    seen.add(ref.url)
+                    found.append(ref)
+                    if limit is not None and len(found) >= limit:
+                        break
+        finally:
+            lease.release()
+        return found
 
     async def _provider(self, request: Request, url: str) -> Provider:
         if request.provider_id is not None:

@@ -20,6 +20,8 @@ class ProductRef:
     name: str | None = None
     size: int | None = None
     checksum: Checksum | None = None
+    size_binding: bool = True
+    """False when the size may still change (a file listed while it is uploaded)."""
 
 
 @dataclass(frozen=True)

@@ -11,26 +11,28 @@ with their size known before the transfer.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Protocol
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import structlog
 
 from asyncsat.catalogs.base import ProductRef, Query
 from asyncsat.catalogs.templates import expand, matches, split_pattern
-from asyncsat.errors import CatalogError, PermanentError
+from asyncsat.errors import CatalogError, NotFoundError
 from asyncsat.models import Provider
-from asyncsat.transfer.base import RemoteEntry, Source
+from asyncsat.naming import ftp_path
+from asyncsat.transfer.base import Folders, RemoteEntry, Source
 
 log = structlog.get_logger("asyncsat")
 
 
 class Lister(Protocol):
-    """Lists a remote directory (the FTP driver)."""
+    """Opens folder-listing sessions (the transfer drivers)."""
 
-    async def list_dir(self, source: Source) -> list[RemoteEntry]:
-        """The entries of the directory at `source.url` (a URL ending with `/`)."""
+    def folders(self, source: Source) -> AbstractAsyncContextManager[Folders]:
+        """A logged-in session on the server of `source.url`."""
         ...
 
 
@@ -58,23 +60,44 @@ class FtpTree:
             raise CatalogError(f"collection {query.collection!r} is laid out by date: "
                                "give --start (and --end, default now)")
         now = datetime.now(UTC)
-        patterns = expand(template, query.start or now, query.end or now)
-        base = self._provider.url.rstrip("/") + "/"
-        for pattern in patterns:
-            url = base + quote(pattern.lstrip("/"), safe="/*?[]!")
-            try:
-                async for ref in self.expand(url, login):
+        by_folder: dict[str, list[str]] = {}
+        for pattern in expand(template, query.start or now, query.end or now):
+            folder, name = split_pattern("/" + pattern.lstrip("/"))
+            by_folder.setdefault(folder, []).append(name)
+        base = self._provider.url.rstrip("/")
+        async with self._lister.folders(Source(base + "/", login.user, login.password)) as \
+                session:
+            for folder, names in by_folder.items():
+                folder_url = base + quote(folder)
+                try:
+                    entries = await session.listing(folder_url)
+                except NotFoundError as exc:  # no folder for those days: no data then
+                    log.info("nothing to list", provider=self._provider.name, folder=folder,
+                             reason=exc.message)
+                    continue
+                for ref in _matching(entries, folder_url, names):
                     yield ref
-            except PermanentError as exc:  # no folder for that day: no data that day
-                log.info("nothing to list", provider=self._provider.name, pattern=pattern,
-                         reason=exc.message)
 
     async def expand(self, pattern: str, login: Source) -> AsyncIterator[ProductRef]:
         parts = urlsplit(pattern)
-        folder, wanted = split_pattern(unquote(parts.path))
+        folder, wanted = split_pattern(ftp_path(pattern))
         folder_url = urlunsplit((parts.scheme, parts.netloc, quote(folder), "", ""))
-        entries = await self._lister.list_dir(Source(folder_url, login.user, login.password))
-        for entry in sorted(entries, key=lambda e: e.name):
-            if not entry.is_dir and matches(entry.name, wanted):
-                yield ProductRef(url=folder_url + quote(entry.name), name=entry.name,
-                                 size=entry.size)
+        async with self._lister.folders(Source(folder_url, login.user, login.password)) as \
+                session:
+            entries = await session.listing(folder_url)
+        for ref in _matching(entries, folder_url, [wanted]):
+            yield ref
+
+
+def _matching(entries: list[RemoteEntry], folder_url: str, patterns: list[str]) -> \
+        list[ProductRef]:
+    """The files of a listing that match any pattern, by name.
+
+    A size from a listing is not binding: a near-real-time feed lists files still being
+    uploaded, and the transfer then finds them larger.
+    """
+    return [
+        ProductRef(url=folder_url + quote(e.name), name=e.name, size=e.size, size_binding=False)
+        for e in sorted(entries, key=lambda e: e.name)
+        if not e.is_dir and any(matches(e.name, p) for p in patterns)
+    ]

@@ -175,13 +175,13 @@ async def request_finish(
 async def download_add(
     db: Any, *, request_id: int, provider_id: int, url: str, name: str | None, dest: str,
     size: int | None, checksum: Checksum | None, login_user: str | None,
-    login_secret: str | None,
+    login_secret: str | None, size_origin: str = "catalog",
 ) -> int:
     """Queue a product once; asking again for a failed or cancelled one queues it again."""
     download_id: int = await db.fetchval(
         "INSERT INTO download (request_id, provider_id, url, name, dest, size, checksum_algo,"
-        " checksum_value, login_user, login_secret)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        " checksum_value, login_user, login_secret, size_origin)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
         " ON CONFLICT (provider_id, md5(url)) DO UPDATE SET"
         "  status = CASE WHEN download.status IN ('failed', 'cancelled') THEN 'queued'"
         "           ELSE download.status END,"
@@ -200,7 +200,7 @@ async def download_add(
         " RETURNING id",
         request_id, provider_id, url, name, dest, size,
         checksum.algo if checksum else None, checksum.value if checksum else None,
-        login_user, login_secret,
+        login_user, login_secret, size_origin,
     )
     await db.execute(
         "INSERT INTO request_download (request_id, download_id) VALUES ($1, $2)"
@@ -208,6 +208,18 @@ async def download_add(
         request_id, download_id,
     )
     return download_id
+
+
+async def download_name_taken(
+    db: Any, provider_id: int, dest: str, name: str, url: str
+) -> bool:
+    """True when another product (another URL) of the folder already has this file name."""
+    value: bool = await db.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM download WHERE provider_id = $1"
+        " AND coalesce(dest, '') = $2 AND name = $3 AND md5(url) <> md5($4))",
+        provider_id, dest, name, url,
+    )
+    return value
 
 
 # -- the daemon's claims and state changes ----------------------------------------------------

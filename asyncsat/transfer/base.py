@@ -58,6 +58,14 @@ class RemoteEntry:
     is_dir: bool = False
 
 
+class Folders(Protocol):
+    """A logged-in session that lists folders of one server."""
+
+    async def listing(self, url: str) -> list[RemoteEntry]:
+        """The entries of the folder at `url`; NotFoundError when there is none."""
+        ...
+
+
 class Stream(Protocol):
     """An open transfer: its metadata and its body, in chunks."""
 

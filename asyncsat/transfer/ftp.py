@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -24,8 +24,15 @@ from urllib.parse import unquote, urlsplit
 
 import aioftp
 import structlog
+from aioftp.client import BasicListInfo
 
-from asyncsat.errors import AuthError, PermanentError, RetryableError, TransferError
+from asyncsat.errors import (
+    AuthError,
+    NotFoundError,
+    PermanentError,
+    RetryableError,
+    TransferError,
+)
 from asyncsat.transfer.base import Opened, RemoteEntry, Source, Validator
 
 log = structlog.get_logger("asyncsat")
@@ -241,6 +248,121 @@ class FtpStream:
             self._data[1].close()
 
 
+class FtpFolders:
+    """Lists folders on one logged-in control connection."""
+
+    def __init__(self, client: aioftp.Client, read_timeout: float) -> None:
+        self._client = client
+        self._read_timeout = read_timeout
+
+    async def listing(self, url: str) -> list[RemoteEntry]:
+        """The entries of the folder at `url`; NotFoundError when there is no such folder.
+
+        Lines no parser understands (a `total 8` header, an odd banner, a name that is not
+        UTF-8) are skipped and logged, so that one of them cannot hide a whole folder.
+        A symbolic link from LIST is asked for its SIZE: a file then, else a folder.
+        """
+        path = FtpTarget.parse(url, folder=True).path
+        try:
+            lines, mlsd = await self._lines(path)
+        except aioftp.StatusCodeError as exc:
+            code, text = reply_of(exc)
+            if code == "550":
+                raise NotFoundError(f"folder not found or not readable on the FTP server: "
+                                    f"{path or '/'} (FTP {code} {text})") from None
+            raise error_for_reply(code, text, what="listing") from None
+        entries = []
+        for line in lines:
+            entry = self._parse(line, mlsd)
+            if entry is None:
+                log.warning("ftp listing line skipped", folder=path or "/",
+                            line=line[:200].decode("utf-8", "replace").strip())
+            elif entry.name not in ("", ".", ".."):
+                entries.append(await self._resolve_link(path, entry))
+        return [e for e in entries if e is not None]
+
+    def _parse(self, line: bytes, mlsd: bool) -> _Listed | None:
+        try:
+            name, info = (self._client.parse_mlsx_line(line) if mlsd
+                          else self._client.parse_list_line(line))
+        except (ValueError, IndexError, KeyError, UnicodeDecodeError):
+            return None
+        kind = str(info.get("type", "")).lower()
+        if kind in ("cdir", "pdir"):
+            return _Listed("", None, False, False)
+        size = str(info.get("size", ""))
+        link = "link_dst" in info or kind.endswith("symlink")
+        is_dir = kind == "dir" and not link
+        return _Listed(name.name, int(size) if size.isdigit() and not is_dir else None,
+                       is_dir, link)
+
+    async def _resolve_link(self, folder: str, entry: _Listed) -> RemoteEntry | None:
+        if not entry.link:
+            return RemoteEntry(entry.name, entry.size, entry.is_dir)
+        target = f"{folder}/{entry.name}" if folder else entry.name
+        try:
+            _code, info = await self._client.command(f"SIZE {target}", "213")
+        except aioftp.StatusCodeError:  # not a file: a folder, or a dangling link
+            return RemoteEntry(entry.name, None, is_dir=True)
+        value = info[-1].strip().split()[-1] if info else ""
+        return RemoteEntry(entry.name, int(value) if value.isdigit() else None)
+
+    async def _lines(self, path: str) -> tuple[list[bytes], bool]:
+        """The raw lines of MLSD, else (when the server does not know it) LIST.
+
+        Not `Client.list()`: it leaves the data connection open when the command fails.
+        """
+        client = self._client
+        for command in ("MLSD", "LIST"):
+            reader, writer = await client.get_passive_connection("I")
+            try:
+                try:
+                    code, _info = await client.command(f"{command} {path}".strip(),
+                                                       ("1xx", "2xx"))
+                except aioftp.StatusCodeError as exc:
+                    if command == "MLSD" and exc.received_codes[-1].matches("50x"):
+                        continue
+                    raise
+                lines = []
+                while True:
+                    async with asyncio.timeout(self._read_timeout):
+                        line = await reader.readline()
+                    if not line:
+                        break
+                    if line.strip():
+                        lines.append(line)
+            finally:
+                writer.close()
+            if not code.matches("2xx"):
+                await client.command(None, "2xx", "1xx")
+            return lines, command == "MLSD"
+        return [], True
+
+
+@dataclass(frozen=True)
+class _Listed:
+    name: str
+    size: int | None
+    is_dir: bool
+    link: bool
+
+
+_DOS_LINE = re.compile(
+    r"^\s*(\d{2})-(\d{2})-(\d{2}|\d{4})\s+(\d{1,2}):(\d{2})\s*([AaPp][Mm])?\s+"
+    r"(<DIR>|\d+)\s+(.+?)\s*$")
+
+
+def parse_dos_line(b: bytes) -> tuple[PurePosixPath, BasicListInfo]:
+    """A Windows/IIS LIST line: `03-01-24  12:05PM       1234 name` or `<DIR>`."""
+    match = _DOS_LINE.match(b.decode("utf-8"))
+    if match is None:
+        raise ValueError("not a DOS-style listing line")
+    size = match.group(7)
+    kind = "dir" if size == "<DIR>" else "file"
+    return PurePosixPath(match.group(8)), BasicListInfo(
+        modify="", type=kind, size="" if kind == "dir" else size)
+
+
 class FtpDriver:
     """Downloads over FTP and FTPS with aioftp, one control connection per transfer."""
 
@@ -280,74 +402,27 @@ class FtpDriver:
     async def list_dir(self, source: Source) -> list[RemoteEntry]:
         """The entries of the folder at `source.url` (MLSD, else LIST), `.` and `..` left out.
 
-        A folder that does not exist is a PermanentError.
+        A folder that does not exist is a NotFoundError.
         """
+        async with self.folders(source) as folders:
+            return await folders.listing(source.url)
+
+    @asynccontextmanager
+    async def folders(self, source: Source) -> AsyncIterator[FtpFolders]:
+        """One logged-in session to list folders of the server of `source.url` (a search
+        lists many folders: one login, not one per folder)."""
         target = FtpTarget.parse(source.url, folder=True)
-        entries: list[RemoteEntry] = []
         with map_exceptions(_password(source, target)):
             async with self._session(target, source) as client:
-                try:
-                    listing = await self._listing(client, target.path)
-                except aioftp.StatusCodeError as exc:
-                    code, text = reply_of(exc)
-                    if code == "550":
-                        raise PermanentError(
-                            f"folder not found or not readable on the FTP server: "
-                            f"{target.path or '/'} (FTP {code} {text})") from None
-                    raise error_for_reply(code, text, what="listing") from None
-                except (ValueError, IndexError, KeyError, UnicodeDecodeError):
-                    raise PermanentError("unreadable folder listing from the FTP server") \
-                        from None
-        for path, info in listing:
-            kind = str(info.get("type", "")).lower()
-            if kind in ("cdir", "pdir") or path.name in ("", ".", ".."):
-                continue
-            size = str(info.get("size", ""))
-            is_dir = kind == "dir"
-            entries.append(RemoteEntry(
-                name=path.name, is_dir=is_dir,
-                size=int(size) if size.isdigit() and not is_dir else None))
-        return entries
-
-    async def _listing(self, client: aioftp.Client, path: str) -> \
-            list[tuple[PurePosixPath, Mapping[str, object]]]:
-        """MLSD, else (when the server does not know it) LIST, parsed by aioftp.
-
-        Not `Client.list()`: it leaves the data connection open when the command fails.
-        """
-        for command in ("MLSD", "LIST"):
-            reader, writer = await client.get_passive_connection("I")
-            try:
-                try:
-                    code, _info = await client.command(f"{command} {path}".strip(),
-                                                       ("1xx", "2xx"))
-                except aioftp.StatusCodeError as exc:
-                    if command == "MLSD" and exc.received_codes[-1].matches("50x"):
-                        continue
-                    raise
-                lines = []
-                while True:
-                    async with asyncio.timeout(self.read_timeout):
-                        line = await reader.readline()
-                    if not line:
-                        break
-                    if line.strip():
-                        lines.append(line)
-            finally:
-                writer.close()
-            if not code.matches("2xx"):
-                await client.command(None, "2xx", "1xx")
-            if command == "MLSD":
-                return [client.parse_mlsx_line(line) for line in lines]
-            return [client.parse_list_line(line) for line in lines]
-        return []
+                yield FtpFolders(client, self.read_timeout)
 
     @asynccontextmanager
     async def _session(self, target: FtpTarget, source: Source) -> AsyncIterator[aioftp.Client]:
         """A logged-in control connection, closed with QUIT (or at once when cancelled)."""
         client = aioftp.Client(
             socket_timeout=self.read_timeout, connection_timeout=self.connect_timeout,
-            ssl=self.ssl_context if target.tls == "implicit" else None)
+            ssl=self.ssl_context if target.tls == "implicit" else None,
+            parse_list_line_custom=parse_dos_line)
         try:
             await self._login(client, target, source)
             yield client
@@ -420,14 +495,16 @@ class FtpDriver:
 
     async def _quit(self, client: aioftp.Client) -> None:
         """Say QUIT and wait for 221, so that the server has let the session go; then close."""
-        with suppress(Exception):
-            async with asyncio.timeout(self.quit_timeout):
-                await client.stream.write(b"QUIT\r\n")
-                while True:  # a 426 for an aborted transfer may come first
-                    code, _info = await client.parse_response()
-                    if code.matches("221"):
-                        break
-        client.close()
+        try:
+            with suppress(Exception):
+                async with asyncio.timeout(self.quit_timeout):
+                    await client.stream.write(b"QUIT\r\n")
+                    while True:  # a 426 for an aborted transfer may come first
+                        code, _info = await client.parse_response()
+                        if code.matches("221"):
+                            break
+        finally:  # also when cancelled meanwhile: the socket never outlives the transfer
+            client.close()
         with suppress(Exception):
             async with asyncio.timeout(self.quit_timeout):
                 await client.stream.writer.wait_closed()
@@ -475,6 +552,6 @@ async def _retr(client: aioftp.Client, path: str) -> tuple[aioftp.Code, list[str
     except aioftp.StatusCodeError as exc:
         code, text = reply_of(exc)
         if code == "550":
-            raise PermanentError(f"file not found or not readable on the FTP server: {path} "
+            raise NotFoundError(f"file not found or not readable on the FTP server: {path} "
                                  f"(FTP {code} {text})") from None
         raise error_for_reply(code, text, what=f"RETR {path}") from None

@@ -6,11 +6,12 @@ list`) does not pay for importing aiohttp (its TLS set-up) or aioftp.
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from asyncsat.errors import PermanentError
-from asyncsat.transfer.base import Driver, RemoteEntry, Source
+from asyncsat.transfer.base import Driver, Folders, Source
 
 if TYPE_CHECKING:
     from asyncsat.transfer.ftp import FtpDriver
@@ -42,12 +43,13 @@ class Drivers:
             driver = self._drivers["ftp"] = FtpDriver.create()
         return driver
 
-    async def list_dir(self, source: Source) -> list[RemoteEntry]:
-        """List a remote folder (FTP only: HTTP has no listing to rely on)."""
+    def folders(self, source: Source) -> AbstractAsyncContextManager[Folders]:
+        """A session listing folders of the server of `source.url` (FTP only: HTTP has no
+        listing to rely on)."""
         scheme = urlsplit(source.url).scheme.lower()
         if scheme not in ("ftp", "ftps"):
             raise PermanentError(f"cannot list folders of {scheme}:// URLs")
-        return await self._ftp().list_dir(source)
+        return self._ftp().folders(source)
 
     async def aclose(self) -> None:
         for driver in self._drivers.values():

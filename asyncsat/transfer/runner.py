@@ -89,7 +89,9 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
             name = await events.named(proposed, total, opened.validator)
             part = PartFile(job.folder, name, job.checksum)
         else:
-            await events.named(name, total, opened.validator)
+            chosen = await events.named(name, total, opened.validator)
+            if chosen != name:  # another product has that name: the next attempt uses this
+                raise RetryableError(f"the file is to be named {chosen!r}, not {name!r}")
         if opened.offset not in (0, offset):
             await part.open(0)
             part.close()

@@ -24,7 +24,6 @@ from aiohttp import web
 from asyncsat import daemon, logs
 from asyncsat.config import Settings
 from asyncsat.logs import Redactor
-from asyncsat.transfer import registry
 from asyncsat.transfer.http import HttpDriver
 from tests.conftest import cli
 from tests.helpers import add_provider, drain, queue, rows
@@ -270,7 +269,7 @@ async def test_stalled_body_times_out_and_resumes(
         hunt: HuntServer, dsn: str, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """No byte for a long time: the read timeout (60 s by default; 0.5 s here) ends the
     attempt, and the next one resumes from the bytes kept."""
-    monkeypatch.setattr(registry.HttpDriver, "create",
+    monkeypatch.setattr(HttpDriver, "create",
                         classmethod(lambda cls: HttpDriver(_short_session())))
     data = os.urandom(400_000)
     hunt.add("stall.nc", data)
