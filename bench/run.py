@@ -5,7 +5,9 @@
 
 K files of S MiB of random data are generated once; bench/serve.py (tests.servers.FileServer
 in a separate process) serves them on 127.0.0.1 with a per-connection bandwidth cap and an
-N-connection limit (429 + Retry-After beyond it). Each tool downloads every file in turn; its
+N-connection limit (429 + Retry-After beyond it). With `--protocol ftp`, bench/serve_ftp.py
+(pyftpdlib, separate process) serves them over FTP instead: one login, a cap per data
+connection, N sessions for the login (421 beyond). Each tool downloads every file in turn; its
 wall time, CPU (user+sys of its process tree, from os.wait4) and peak RSS are measured, its
 output is checked (size and MD5) and deleted before the next tool runs.
 
@@ -21,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import statistics
@@ -30,6 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -180,12 +184,18 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 class Server:
-    """bench/serve.py in its own process, with its port and counters."""
+    """bench/serve.py in its own process (HTTP), with its port and counters."""
+
+    protocol = "http"
+    refusal = "429"  # the reply that refuses a connection beyond the N allowed
+    script = "serve.py"
+    user: str | None = None
+    password: str | None = None
 
     def __init__(self, directory: Path, *, rate: float | None, max_per_user: int,
                  chunk: int) -> None:
-        cmd = [sys.executable, str(BENCH / "serve.py"), str(directory),
-               "--max-per-user", str(max_per_user), "--chunk", str(chunk)]
+        cmd = [sys.executable, str(BENCH / self.script), str(directory),
+               "--max-per-user", str(max_per_user), "--chunk", str(chunk), *self.options()]
         if rate:
             cmd += ["--rate", str(rate)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -196,6 +206,9 @@ class Server:
             self.proc.wait()
             raise SystemExit(f"bench: the file server did not start (exit {self.proc.returncode})")
         self.port = int(json.loads(line)["port"])
+
+    def options(self) -> list[str]:
+        return []
 
     @property
     def base(self) -> str:
@@ -220,6 +233,53 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class FtpServer(Server):
+    """bench/serve_ftp.py in its own process: one login, N sessions for it, 421 beyond.
+
+    Its counters are read over its standard input and output (`stats`, `reset`).
+    """
+
+    protocol = "ftp"
+    refusal = "421"
+    script = "serve_ftp.py"
+    user = "bench"
+
+    def __init__(self, directory: Path, *, rate: float | None, max_per_user: int,
+                 chunk: int) -> None:
+        self.password = secrets.token_urlsafe(12)
+        super().__init__(directory, rate=rate, max_per_user=max_per_user, chunk=chunk)
+
+    def options(self) -> list[str]:
+        assert self.password is not None
+        return ["--user", str(self.user), "--password", self.password]
+
+    @property
+    def base(self) -> str:
+        return f"ftp://127.0.0.1:{self.port}/"
+
+    def _ask(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"bench: the FTP server exited (code {self.proc.poll()})")
+        data: dict[str, Any] = json.loads(line)
+        return data
+
+    def stats(self) -> dict[str, Any]:
+        return self._ask("stats")
+
+    def reset(self) -> None:
+        self._ask("reset")
+
+
+def start_server(protocol: str, directory: Path, *, rate: float | None, max_per_user: int,
+                 chunk: int) -> Server:
+    kind = FtpServer if protocol == "ftp" else Server
+    return kind(directory, rate=rate, max_per_user=max_per_user, chunk=chunk)
 
 
 class Postgres:
@@ -343,16 +403,28 @@ class Bench:
 
         asyncsat queues a product once per (provider, URL): asking again for a URL it has
         done answers "done" with the old path, without downloading. Each run therefore gets
-        a provider of its own (named in `get --provider`).
+        a provider of its own (named in `get --provider`). On a server with a login (FTP),
+        the provider gets that login as its credential, limited to N connections.
         """
         self.providers += 1
-        name = f"bench-{os.getpid()}-{self.providers}"
-        m = measure(self.asyncsat("provider", "add", name, "--protocol", "http", "--url",
-                                  server.base, "--set",
+        name = f"bench-{server.protocol}-{os.getpid()}-{self.providers}"
+        setup_log = self.logs / "asyncsat-setup.log"
+        m = measure(self.asyncsat("provider", "add", name, "--protocol", server.protocol,
+                                  "--url", server.base, "--set",
                                   f"max_connections={self.args.connections}"),
-                    self.logs / "asyncsat-setup.log", 60)
+                    setup_log, 60)
         if m.returncode:
-            raise SystemExit(f"bench: asyncsat provider add failed, see {self.logs}")
+            raise SystemExit(f"bench: asyncsat provider add failed, see {setup_log}")
+        if server.user:
+            with setup_log.open("ab") as out:
+                added = subprocess.run(
+                    self.asyncsat("credential", "add", name, "--user", server.user,
+                                  "--max-connections", str(self.args.connections),
+                                  "--password-stdin"),
+                    input=(server.password or "").encode(), stdout=out,
+                    stderr=subprocess.STDOUT, env=clean_env(), timeout=60)
+            if added.returncode:
+                raise SystemExit(f"bench: asyncsat credential add failed, see {setup_log}")
         return name
 
     def command(self, tool: str, urls: Sequence[str], out: Path, label: str,
@@ -369,11 +441,20 @@ class Bench:
         if tool == "aria2c":
             listing = self.work / "aria2c-input.txt"
             listing.write_text("".join(u + "\n" for u in urls))
-            return ["aria2c", "-j", n, "-x1", "-s1", "--file-allocation=none", "-d", str(out),
-                    "-i", str(listing), "--console-log-level=warn", "--summary-interval=0",
-                    "--show-console-readout=false", "--allow-overwrite=true",
-                    "--auto-file-renaming=false"]
+            cmd = ["aria2c", "-j", n, "-x1", "-s1", "--file-allocation=none", "-d", str(out),
+                   "-i", str(listing), "--console-log-level=warn", "--summary-interval=0",
+                   "--show-console-readout=false", "--allow-overwrite=true",
+                   "--auto-file-renaming=false"]
+            if server.user:
+                cmd += [f"--ftp-user={server.user}", f"--ftp-passwd={server.password}"]
+            return cmd
         cmd = ["curl", "-sS", "--fail"]
+        if server.user:
+            cmd += ["--user", f"{server.user}:{server.password}"]
+        if server.protocol == "ftp" and not self.args.curl_passive:
+            # active mode: curl 7.x in passive mode often waits for its poll timeout
+            # (0.2 or 1 s) before it connects the data connection, on every file
+            cmd += ["--ftp-port", "127.0.0.1"]
         for u in urls:
             cmd += ["-o", str(out / u.rsplit("/", 1)[1]), u]
         return cmd
@@ -404,6 +485,7 @@ class Bench:
             server_cpu=stats["cpu_seconds"] - srv0,
             db_cpu=db1 - db0 if db0 is not None and db1 is not None else None,
             retries=_retries(log) if tool == "asyncsat" else 0,
+            extra={k: stats[k] for k in ("logins", "commands") if k in stats},
         )
         print(f"bench: {scenario} run {run} {tool:<8} {result.wall:7.2f} s "
               f"{result.mib_s:7.1f} MiB/s cpu {result.cpu:6.2f} s rss {result.rss_mib:6.1f} MiB"
@@ -430,6 +512,9 @@ class Scenario:
 
     name: str
     title: str
+    protocol: str = "http"
+    refusal: str = "429"
+    connections: int = 5
     results: list[Result] = field(default_factory=list)
     fixed_cost: Result | None = None
     ideal: dict[str, float] = field(default_factory=dict)
@@ -443,6 +528,11 @@ def _fixed_cost(bench: Bench, tiny: FileSpec, server: Server, scenario: str) -> 
     return bench.run_tool("asyncsat", [tiny], server, scenario=f"{scenario}-fixed", run=1)
 
 
+def _label(protocol: str, name: str) -> str:
+    """How runs are named in logs and JSON: `throttled` (HTTP), `ftp-throttled`."""
+    return name if protocol == "http" else f"{protocol}-{name}"
+
+
 def run_transfer(bench: Bench, name: str, files: Sequence[FileSpec], tiny: FileSpec,
                  src: Path) -> Scenario:
     """The throttled or the unthrottled scenario over the same generated files."""
@@ -450,20 +540,23 @@ def run_transfer(bench: Bench, name: str, files: Sequence[FileSpec], tiny: FileS
     rate = a.rate_mbps * MiB if name == "throttled" else None
     chunk = a.chunk_kb * 1024 if a.chunk_kb else (64 * 1024 if rate else MiB)
     size = files[0].size
-    title = (f"{name}: {len(files)} files x {size / MiB:g} MiB, "
-             + (f"{a.rate_mbps:g} MiB/s per connection" if rate else "no bandwidth cap")
+    label = _label(a.protocol, name)
+    per = "data connection" if a.protocol == "ftp" else "connection"
+    title = (f"{label}: {len(files)} files x {size / MiB:g} MiB, "
+             + (f"{a.rate_mbps:g} MiB/s per {per}" if rate else "no bandwidth cap")
              + f", N={a.connections} connections, server chunk {chunk // 1024} KiB")
-    scenario = Scenario(name, title)
+    server = start_server(a.protocol, src, rate=rate, max_per_user=a.connections, chunk=chunk)
+    scenario = Scenario(name, title, protocol=a.protocol, refusal=server.refusal,
+                        connections=a.connections)
     if rate:
         rounds = -(-len(files) // a.connections)
         scenario.ideal = {"parallel": rounds * size / rate, "sequential": len(files) * size / rate}
-    server = Server(src, rate=rate, max_per_user=a.connections, chunk=chunk)
     try:
         if "asyncsat" in a.tools:
-            scenario.fixed_cost = _fixed_cost(bench, tiny, server, name)
+            scenario.fixed_cost = _fixed_cost(bench, tiny, server, label)
         for run in range(1, a.repeat + 1):
             for tool in a.tools:
-                scenario.results.append(bench.run_tool(tool, files, server, scenario=name,
+                scenario.results.append(bench.run_tool(tool, files, server, scenario=label,
                                                        run=run))
     finally:
         server.close()
@@ -476,14 +569,16 @@ def run_memory(bench: Bench, src: Path) -> Scenario:
     small, big = generate(src, [("mem_small.bin", a.small_mb * MiB),
                                 ("mem_big.bin", a.big_mb * MiB)])
     chunk = a.chunk_kb * 1024 if a.chunk_kb else MiB
-    scenario = Scenario("memory", f"memory: one {a.small_mb} MiB file vs one {a.big_mb} MiB "
-                        f"file, no bandwidth cap, server chunk {chunk // 1024} KiB")
-    server = Server(src, rate=None, max_per_user=a.connections, chunk=chunk)
+    server = start_server(a.protocol, src, rate=None, max_per_user=a.connections, chunk=chunk)
+    name = _label(a.protocol, "memory")
+    scenario = Scenario("memory", f"{name}: one {a.small_mb} MiB file vs one {a.big_mb} MiB "
+                        f"file, no bandwidth cap, server chunk {chunk // 1024} KiB",
+                        protocol=a.protocol, refusal=server.refusal)
     try:
         for run in range(1, a.repeat + 1):
             for tool in a.tools:
                 for spec, label in ((small, "small"), (big, "big")):
-                    r = bench.run_tool(tool, [spec], server, scenario=f"memory-{label}", run=run)
+                    r = bench.run_tool(tool, [spec], server, scenario=f"{name}-{label}", run=run)
                     r.extra["size"] = label
                     scenario.results.append(r)
     finally:
@@ -494,9 +589,11 @@ def run_memory(bench: Bench, src: Path) -> Scenario:
 
 # -- report ---------------------------------------------------------------------------------
 
-HEADER = (f"{'tool':<9}{'run':>4}{'wall s':>9}{'MiB/s':>8}{'CPU s':>8}{'user':>7}{'sys':>7}"
-          f"{'CPU s/GiB':>10}{'peak RSS MiB':>13}{'ok':>4}{'conns':>6}{'429s':>5}"
-          f"{'retries':>8}{'db CPU s':>9}{'srv CPU s':>10}")
+def header(refusal: str = "429") -> str:
+    """The column titles; `refusal`: the reply counted in the refusals column (429, 421)."""
+    return (f"{'tool':<9}{'run':>4}{'wall s':>9}{'MiB/s':>8}{'CPU s':>8}{'user':>7}{'sys':>7}"
+            f"{'CPU s/GiB':>10}{'peak RSS MiB':>13}{'ok':>4}{'conns':>6}{refusal + 's':>5}"
+            f"{'retries':>8}{'db CPU s':>9}{'srv CPU s':>10}")
 
 
 def _row(r: Result, label: str | None = None) -> str:
@@ -524,7 +621,7 @@ def _target(value: float | None, text: str, ok: bool | None) -> str:
 
 
 def report_transfer(s: Scenario) -> str:
-    lines = [f"== {s.title}", HEADER]
+    lines = [f"== {s.title}", header(s.refusal)]
     lines += [_row(r) for r in s.results]
     if s.fixed_cost is not None:
         f = s.fixed_cost
@@ -542,17 +639,53 @@ def report_transfer(s: Scenario) -> str:
     lines.append(_target(r1, "asyncsat wall / aria2c wall", r1 <= 1.05 if throttled and r1
                          else None) + ("  (target <= 1.05)" if throttled else ""))
     r2 = _ratio(wall["curl"], wall["asyncsat"])
-    lines.append(_target(r2, "curl wall / asyncsat wall", r2 >= 4.5 if throttled and r2
-                         else None) + ("  (target >= 4.5)" if throttled else ""))
+    speedup = 0.9 * s.connections
+    lines.append(_target(r2, "curl wall / asyncsat wall", r2 >= speedup if throttled and r2
+                         else None) + (f"  (target >= 0.9 x N = {speedup:g})" if throttled
+                                       else ""))
+    if s.ideal and wall["asyncsat"]:
+        lines.append(_target(s.ideal["sequential"] / wall["asyncsat"],
+                             "ideal sequential wall / asyncsat wall", None)
+                     + "  (the same, against a sequential client that loses no time)")
     r3 = _ratio(cpu["asyncsat"], cpu["aria2c"])
     lines.append(_target(r3, "asyncsat CPU s/GiB / aria2c CPU s/GiB",
                          r3 <= 1.5 if not throttled and r3 else None)
                  + ("" if throttled else "  (target <= 1.5)"))
+    lines.append(_server_load(s.results))
+    if s.protocol == "ftp":
+        lines.append(_ftp_commands(s.results))
     return "\n".join(lines)
 
 
+def _ftp_commands(results: Sequence[Result]) -> str:
+    """Control-connection commands per file, per tool (each one a round trip to the server)."""
+    parts = []
+    for tool in TOOLS:
+        runs = [r for r in results if r.tool == tool and "commands" in r.extra]
+        if not runs:
+            continue
+        per_file = statistics.median(sum(r.extra["commands"].values()) / r.files for r in runs)
+        logins = statistics.median(r.extra.get("logins", 0) / r.files for r in runs)
+        verbs = Counter[str]()
+        for r in runs:
+            verbs.update(r.extra["commands"])
+        files = sum(r.files for r in runs)
+        detail = " ".join(f"{v} {n / files:.2g}" for v, n in verbs.most_common())
+        parts.append(f"  {tool}: {per_file:.1f} ({detail}), {logins:.2f} logins")
+    return "\n".join(["FTP control commands per file (medians; per verb):", *parts])
+
+
+def _server_load(results: Sequence[Result]) -> str:
+    """How busy the file server was: it must not be what limits the clients."""
+    busy = [r.server_cpu / r.wall for r in results if r.wall]
+    if not busy:
+        return "file server CPU: n/a"
+    return (f"file server CPU: {max(busy):.0%} of one core at most during a run "
+            f"(median {statistics.median(busy):.0%})")
+
+
 def report_memory(s: Scenario) -> str:
-    lines = [f"== {s.title}", f"{'size':<6}" + HEADER]
+    lines = [f"== {s.title}", f"{'size':<6}" + header(s.refusal)]
     lines += [f"{r.extra.get('size', ''):<6}" + _row(r) for r in s.results]
     for tool in TOOLS:
         small = [r.maxrss_kib for r in s.results
@@ -580,9 +713,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--files", type=int, default=20, help="K: number of files")
     p.add_argument("--size-mb", type=float, default=100, help="S: size of each file, MiB")
     p.add_argument("--rate-mbps", type=float, default=20,
-                   help="R: bandwidth cap per connection (throttled scenario), MiB/s")
+                   help="R: bandwidth cap per connection (FTP: per data connection), MiB/s")
     p.add_argument("--connections", type=int, default=5,
                    help="N: connection limit of the account (and aria2c -j N)")
+    p.add_argument("--protocol", default="http", choices=("http", "ftp"),
+                   help="serve the files over HTTP (bench/serve.py) or FTP (bench/serve_ftp.py)")
+    p.add_argument("--curl-passive", action="store_true",
+                   help="FTP: curl in passive mode, not active (see bench/README.md)")
     p.add_argument("--scenario", default="both",
                    choices=("throttled", "unthrottled", "both", "memory", "all"),
                    help="both = throttled + unthrottled; all = both + memory")
@@ -624,6 +761,10 @@ def check_tools(args: argparse.Namespace) -> None:
                                env=clean_env(), cwd=ROOT)
         if probe.returncode:
             raise SystemExit(f"bench: {sys.executable} cannot import asyncsat")
+    if args.protocol == "ftp":
+        probe = subprocess.run([sys.executable, "-c", "import pyftpdlib"], capture_output=True)
+        if probe.returncode:
+            raise SystemExit(f"bench: {sys.executable} cannot import pyftpdlib (FTP server)")
 
 
 def _sizes(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -699,8 +840,9 @@ def save(args: argparse.Namespace, scenarios: Sequence[Scenario],
         "argv": list(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
         "code": code, "versions": _tool_versions(args.tools),
+        "protocol": args.protocol,
         "scenarios": [{
-            "name": s.name, "title": s.title, "ideal": s.ideal,
+            "name": s.name, "protocol": s.protocol, "title": s.title, "ideal": s.ideal,
             "fixed_cost": _dump(s.fixed_cost) if s.fixed_cost else None,
             "results": [_dump(r) for r in s.results],
         } for s in scenarios],
