@@ -6,7 +6,9 @@ or closing it while claiming success), cap the bandwidth, and publish a new vers
 file (content and mtime) when a drop happens. For the whole server: refuse REST, answer no
 MDTM, cap the logged-in control connections per user (421 beyond the cap, the peak is
 recorded), and scripted replies to any command (None: never answer it). It counts the bytes
-it sends and records every command.
+it sends and records every command. More knobs for fault hunts: answer a command only after a
+delay, serve a raw listing (any bytes) for a folder, acknowledge REST but send from byte 0,
+and let a file grow while it is being sent.
 
 `TlsFtpServer` is a small explicit-FTPS server on asyncio (AUTH TLS, PBSZ, PROT P, EPSV,
 RETR): pyftpdlib's FTPS needs pyOpenSSL, this one only the ssl module and a certificate.
@@ -60,11 +62,15 @@ class FtpFile:
     drop_after: list[int] = field(default_factory=list)
     """Per RETR, in order: send this many bytes, then drop the data connection."""
     drop_mode: str = "close"
-    """"close": close it, reply 426; "reset": TCP reset, 426; "lie": close it, reply 226."""
+    """"close": close it, reply 426; "reset": TCP reset, 426; "lie": close it, reply 226;
+    "stall": keep it open and send nothing more."""
     rate: float | None = None
     """Bytes per second per data connection."""
     change_after_drop: bytes | None = None
     """After the next drop, the provider publishes this as a new version (new mtime too)."""
+    grow: bytes | None = None
+    """Appended to the file when its next transfer starts (after SIZE answered): the file is
+    still being written by the provider while it is fetched."""
     sent: int = 0
     """Bytes of this file sent over data connections, all transfers together."""
     starts: list[int] = field(default_factory=list)
@@ -94,6 +100,12 @@ class FtpServer:
         self.refuse_rest = refuse_rest
         self.no_mdtm = no_mdtm
         self.script: dict[str, list[str | None]] = {}
+        self.delay: dict[str, float] = {}
+        """Seconds the server waits before handling a command (`{"MLSD": 2.0}`)."""
+        self.listings: dict[tuple[str, str], bytes] = {}
+        """Raw data sent for (`LIST` or `MLSD`, folder relative to the root, "" for it)."""
+        self.fake_rest = False
+        """Reply 350 to REST but send every file from byte 0 (a server that lies)."""
         self.root = Path(tempfile.mkdtemp(prefix="asyncsat-ftp-"))
         self.files: dict[str, FtpFile] = {}
         self.commands: list[tuple[str, str, str]] = []  # (user, command, argument)
@@ -199,6 +211,11 @@ class _Dtp(DTPHandler):  # type: ignore[misc]
     def push_with_producer(self, producer: Any) -> None:
         self.spec = self.ftp.file_for(self.file_obj.name) if self.file_obj else None
         if self.spec is not None:
+            if self.spec.grow is not None:
+                grown, self.spec.grow = self.spec.data + self.spec.grow, None
+                with open(self.spec.path, "ab") as f:
+                    f.write(grown[self.spec.size:])
+                self.spec.data = grown
             self.spec.starts.append(producer.file.tell())
             self._drop = self.spec.drop_after.pop(0) if self.spec.drop_after else None
             self._began = time.monotonic()
@@ -216,9 +233,10 @@ class _Dtp(DTPHandler):  # type: ignore[misc]
         spec.sent += sent
         self.ftp.bytes_sent += sent
         if self._drop is not None and self._here >= self._drop:
-            # let the client read what was sent, then cut the connection
+            # let the client read what was sent, then cut the connection (or go silent)
             self.del_channel()
-            self.call_later(0.05, self._cut)
+            if spec.drop_mode != "stall":
+                self.call_later(0.05, self._cut)
         elif spec.rate:
             ahead = self._here / spec.rate - (time.monotonic() - self._began)
             if ahead > 0:
@@ -259,6 +277,18 @@ class _Handler(FTPHandler):  # type: ignore[misc]
     def pre_process_command(self, line: str, cmd: str, arg: str) -> None:
         ftp = self.ftp
         ftp.commands.append((self.username or "-", cmd, "***" if cmd == "PASS" else arg))
+        wait = ftp.delay.get(cmd)
+        if wait:
+            self.ioloop.call_later(wait, self._delayed, line, cmd, arg)
+            return
+        self._handle(line, cmd, arg)
+
+    def _delayed(self, line: str, cmd: str, arg: str) -> None:
+        if not self._closed:
+            self._handle(line, cmd, arg)
+
+    def _handle(self, line: str, cmd: str, arg: str) -> None:
+        ftp = self.ftp
         replies = ftp.script.get(cmd)
         if replies:
             reply = replies.pop(0)
@@ -268,6 +298,11 @@ class _Handler(FTPHandler):  # type: ignore[misc]
             self.respond("502 Command REST not implemented.")
         elif cmd == "MDTM" and ftp.no_mdtm:
             self.respond('500 Command "MDTM" not understood.')
+        elif cmd == "REST" and ftp.fake_rest and self.authenticated:
+            self.respond(f"350 Restarting at position {arg}.")
+        elif cmd in ("LIST", "MLSD") and self.authenticated and \
+                (cmd, arg.strip("/")) in ftp.listings:
+            self.push_dtp_data(ftp.listings[cmd, arg.strip("/")], cmd=cmd)
         else:
             super().pre_process_command(line, cmd, arg)
 
@@ -311,14 +346,17 @@ def _handler_class(server: FtpServer, authorizer: DummyAuthorizer) -> type[FTPHa
 class TlsFtpServer:
     """Explicit FTPS on 127.0.0.1 (asyncio, in the test's loop): `await start()`, `await stop()`.
 
-    `offer_tls=False` makes it refuse AUTH TLS. `commands` records (command, argument, whether
-    the control connection was encrypted); `data_tls` whether each data connection was.
+    `offer_tls=False` makes it refuse AUTH TLS; `mlsd=True` makes it list folders (MLSD from
+    the names in `files`, sent like RETR). `commands` records (command, argument, whether the
+    control connection was encrypted); `data_tls` whether each data connection was.
     """
 
-    def __init__(self, cert: Path, key: Path, *, offer_tls: bool = True) -> None:
+    def __init__(self, cert: Path, key: Path, *, offer_tls: bool = True,
+                 mlsd: bool = False) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(cert, key)
         self.offer_tls = offer_tls
+        self.mlsd = mlsd
         self.files: dict[str, bytes] = {}
         self.commands: list[tuple[str, str, bool]] = []
         self.data_tls: list[bool] = []
@@ -409,6 +447,23 @@ class _TlsSession:
             self.listener.close()
             self.server.data_tls.append(data.get_extra_info("ssl_object") is not None)
             data.write(files[arg])
+            await data.drain()
+            data.close()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await data.wait_closed()
+            await self.reply("226 Transfer complete.")
+        elif command == "MLSD" and self.server.mlsd and self.listener is not None:
+            folder = arg.strip("/")
+            lines = "".join(
+                f"type=file;size={len(body)}; {name[len(folder) + 1:]}\r\n"
+                for name, body in sorted(files.items())
+                if name.startswith(folder + "/") and "/" not in name[len(folder) + 1:])
+            await self.reply("150 Opening data connection.")
+            async with asyncio.timeout(10):
+                _reader, data = await self.data.get()
+            self.listener.close()
+            self.server.data_tls.append(data.get_extra_info("ssl_object") is not None)
+            data.write(lines.encode())
             await data.drain()
             data.close()
             with contextlib.suppress(ConnectionError, ssl.SSLError):

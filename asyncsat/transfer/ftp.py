@@ -188,6 +188,18 @@ class FtpStream:
         self._data = data
         self._read_timeout = read_timeout
         self._ended = ended  # the server already said that the transfer is complete
+        self._position = opened.offset
+        self._stalled = False
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def _watch(self, seen: int | None) -> None:
+        """Every `read_timeout` s: no byte since the last look ends the data connection."""
+        if seen == self._position:
+            self._stalled = True
+            self.close_data()  # the pending read returns, and `chunks` says why
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(
+            self._read_timeout, self._watch, self._position)
 
     @property
     def opened(self) -> Opened:
@@ -202,24 +214,27 @@ class FtpStream:
         if self._data is None:
             return
         reader = self._data[0]
-        position = self._opened.offset
-        while True:
-            try:
-                async with asyncio.timeout(self._read_timeout):
+        self._position = position = self._opened.offset
+        # a watchdog, not a timeout per read: it costs nothing per chunk
+        self._watch(None)
+        try:
+            while True:
+                try:
                     chunk = await reader.read(size)
-            except TimeoutError:
-                self.close_data()
-                raise RetryableError(f"no data from the FTP server for {self._read_timeout:g} s "
-                                     f"(at byte {position})") from None
-            except (OSError, asyncio.IncompleteReadError) as exc:
-                self.close_data()
-                raise RetryableError(f"connection broken mid-file at byte {position}: "
-                                     f"{type(exc).__name__}") from None
-            if not chunk:
-                break
-            position += len(chunk)
-            yield chunk
-        self.close_data()
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    raise RetryableError(f"connection broken mid-file at byte {position}: "
+                                         f"{type(exc).__name__}") from None
+                if self._stalled:
+                    raise RetryableError(f"no data from the FTP server for "
+                                         f"{self._read_timeout:g} s (at byte {position})")
+                if not chunk:
+                    break
+                self._position = position = position + len(chunk)
+                yield chunk
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self.close_data()
         with map_exceptions():
             await self._finish(position)
 
@@ -436,7 +451,20 @@ class FtpDriver:
 
     async def _start(self, client: aioftp.Client, target: FtpTarget, source: Source,
                      offset: int, validator: Validator) -> FtpStream:
-        await client.command("TYPE I", "200")
+        try:  # TYPE I (which SIZE needs on many servers) and EPSV/PASV
+            reader, writer = await client.get_passive_connection("I")
+        except (IndexError, ValueError):
+            raise RetryableError("unreadable passive-mode reply from the FTP server") from None
+        try:
+            return await self._request(client, target, source, offset, validator,
+                                       (reader, writer))
+        except BaseException:
+            writer.close()
+            raise
+
+    async def _request(self, client: aioftp.Client, target: FtpTarget, source: Source,
+                       offset: int, validator: Validator,
+                       data: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> FtpStream:
         total = await _size(client, target.path)
         modified = await _mdtm(client, target.path)
         current = Validator(etag=f"size:{total}" if total is not None else None,
@@ -448,22 +476,14 @@ class FtpDriver:
                          offset=offset, size=total, mdtm=modified)
                 start = 0
             elif total is not None and offset == total:  # the part file is the whole file
+                data[1].close()
                 return FtpStream(client, Opened(offset=offset, total=total, validator=current),
                                  None, read_timeout=self.read_timeout)
-        try:
-            reader, writer = await client.get_passive_connection("I")
-        except (IndexError, ValueError):
-            raise RetryableError("unreadable passive-mode reply from the FTP server") from None
-        try:
-            if start:
-                start = await _rest(client, start, source.url)
-            code, _info = await _retr(client, target.path)
-        except BaseException:
-            writer.close()
-            raise
+        if start:
+            start = await _rest(client, start, source.url)
+        code, _info = await _retr(client, target.path)
         return FtpStream(client, Opened(offset=start, total=total, validator=current),
-                         (reader, writer), read_timeout=self.read_timeout,
-                         ended=code.matches("2xx"))
+                         data, read_timeout=self.read_timeout, ended=code.matches("2xx"))
 
     async def _login(self, client: aioftp.Client, target: FtpTarget, source: Source) -> None:
         await client.connect(target.host, target.port)

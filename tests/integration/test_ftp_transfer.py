@@ -405,3 +405,24 @@ async def test_ftp_and_http_providers_run_side_by_side(
     await drain(settings)
     assert {r["url"].rsplit("/", 1)[-1]: r["status"] for r in await rows(dsn)} == \
         {"a.nc": "done", "b.nc": "done"}
+
+
+async def test_a_silent_data_connection_times_out_and_the_next_attempt_resumes(
+        ftp: FtpServer) -> None:
+    """The server stops sending mid-file and keeps the connection open: after read_timeout
+    without a byte the attempt ends (a RetryableError), and REST resumes it."""
+    import time
+
+    data = os.urandom(300_000)
+    ftp.add("stall.nc", data, drop_after=[120_000], drop_mode="stall")
+    driver = FtpDriver(read_timeout=0.5, quit_timeout=0.3)
+    received = bytearray()
+    started = time.monotonic()
+    with pytest.raises(RetryableError, match=r"no data from the FTP server for 0.5 s"):
+        async with driver.open(Source(ftp.url("stall.nc")), 0, Validator()) as stream:
+            async for chunk in stream.chunks(1 << 16):
+                received += chunk
+    assert time.monotonic() - started < 3
+    assert len(received) == 120_000
+    offset, rest = await _fetch(driver, Source(ftp.url("stall.nc")), len(received))
+    assert offset == 120_000 and bytes(received) + rest == data
