@@ -71,9 +71,7 @@ async def queue_products(
     """
     ids = []
     for p in products:
-        name = sanitize(p.name) if p.name else None
-        if name and await queries.download_name_taken(conn, provider.id, dest, name, p.url):
-            name = None
+        name = (sanitize(p.name) if p.name else "") or None
         ids.append(await queries.download_add(
             conn, request_id=request_id, provider_id=provider.id, url=p.url, name=name,
             dest=dest, size=p.size, checksum=p.checksum,

@@ -72,6 +72,8 @@ class Resolver:
                 bound.info("request resolved", downloads=count, provider=provider.name)
         except asyncio.CancelledError:
             raise
+        except _Gone:
+            bound.info("request no longer queued: left as it is")
         except DatabaseError:
             bound.exception("request left queued: the database failed")
         except Exception as exc:
@@ -124,6 +126,8 @@ class Resolver:
                 log.warning("request listing retried", request_id=request.id,
                             error=self._redactor(exc.message), retry_in=round(decision.delay, 2))
                 await asyncio.sleep(decision.delay)
+                if await self._store.call(queries.request_status, request.id) != "queued":
+                    raise _Gone from None  # cancelled (or resolved) meanwhile
             else:
                 break
         return provider, found, login
@@ -174,6 +178,10 @@ class Resolver:
     async def _fail(self, conn: Any, request: Request, error: str) -> None:
         if await queries.request_lock(conn, request.id) is not None:
             await intake.fail(conn, request, error)
+
+
+class _Gone(Exception):
+    """The request left the queue while it was being resolved."""
 
 
 async def _expand_all(catalog: Catalog, request: Request, login: SplitUrl) -> \

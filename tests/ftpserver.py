@@ -233,9 +233,12 @@ class _Dtp(DTPHandler):  # type: ignore[misc]
         spec.sent += sent
         self.ftp.bytes_sent += sent
         if self._drop is not None and self._here >= self._drop:
-            # let the client read what was sent, then cut the connection (or go silent)
-            self.del_channel()
-            if spec.drop_mode != "stall":
+            # let the client read what was sent, then cut the connection (or go silent,
+            # still watching for the client to close it, so nothing is left open)
+            if spec.drop_mode == "stall":
+                self.modify_ioloop_events(self.ioloop.READ)
+            else:
+                self.del_channel()
                 self.call_later(0.05, self._cut)
         elif spec.rate:
             ahead = self._here / spec.rate - (time.monotonic() - self._began)

@@ -157,6 +157,12 @@ async def request_lock(db: Any, request_id: int) -> Request | None:
                    dest=r["dest"], checksum=r["checksum"])
 
 
+async def request_status(db: Any, request_id: int) -> str | None:
+    value: str | None = await db.fetchval("SELECT status FROM request WHERE id = $1",
+                                          request_id)
+    return value
+
+
 async def provider_by_id(db: Any, provider_id: int) -> Provider | None:
     row = await db.fetchrow("SELECT * FROM provider WHERE id = $1", provider_id)
     return _provider(row) if row else None
@@ -177,31 +183,24 @@ async def download_add(
     size: int | None, checksum: Checksum | None, login_user: str | None,
     login_secret: str | None, size_origin: str = "catalog",
 ) -> int:
-    """Queue a product once; asking again for a failed or cancelled one queues it again."""
-    download_id: int = await db.fetchval(
-        "INSERT INTO download (request_id, provider_id, url, name, dest, size, checksum_algo,"
-        " checksum_value, login_user, login_secret, size_origin)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-        " ON CONFLICT (provider_id, md5(url)) DO UPDATE SET"
-        "  status = CASE WHEN download.status IN ('failed', 'cancelled') THEN 'queued'"
-        "           ELSE download.status END,"
-        "  failures = CASE WHEN download.status IN ('failed', 'cancelled') THEN 0"
-        "             ELSE download.failures END,"
-        "  not_before = now(),"
-        # a failed product asked for again takes the new checksum (the old one may be a typo)
-        "  checksum_algo = CASE WHEN download.status IN ('failed', 'cancelled')"
-        "   AND EXCLUDED.checksum_algo IS NOT NULL THEN EXCLUDED.checksum_algo"
-        "   ELSE coalesce(download.checksum_algo, EXCLUDED.checksum_algo) END,"
-        "  checksum_value = CASE WHEN download.status IN ('failed', 'cancelled')"
-        "   AND EXCLUDED.checksum_value IS NOT NULL THEN EXCLUDED.checksum_value"
-        "   ELSE coalesce(download.checksum_value, EXCLUDED.checksum_value) END,"
-        "  login_user = coalesce(EXCLUDED.login_user, download.login_user),"
-        "  login_secret = coalesce(EXCLUDED.login_secret, download.login_secret)"
-        " RETURNING id",
-        request_id, provider_id, url, name, dest, size,
-        checksum.algo if checksum else None, checksum.value if checksum else None,
-        login_user, login_secret, size_origin,
-    )
+    """Queue a product once; asking again for a failed or cancelled one queues it again.
+
+    A `name` another product of the folder already has (daily folders reusing a file name,
+    two searches queueing at once) is left for the transfer to choose (`name_<id>`).
+    """
+    args = (request_id, provider_id, url, name, dest, size,
+            checksum.algo if checksum else None, checksum.value if checksum else None,
+            login_user, login_secret, size_origin)
+    if name is None:
+        download_id: int = await db.fetchval(_DOWNLOAD_ADD, *args)
+    else:
+        try:
+            async with db.transaction():  # a savepoint: the caller's transaction goes on
+                download_id = await db.fetchval(_DOWNLOAD_ADD, *args)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != "download_file_unique":
+                raise
+            download_id = await db.fetchval(_DOWNLOAD_ADD, *args[:3], None, *args[4:])
     await db.execute(
         "INSERT INTO request_download (request_id, download_id) VALUES ($1, $2)"
         " ON CONFLICT DO NOTHING",
@@ -210,16 +209,27 @@ async def download_add(
     return download_id
 
 
-async def download_name_taken(
-    db: Any, provider_id: int, dest: str, name: str, url: str
-) -> bool:
-    """True when another product (another URL) of the folder already has this file name."""
-    value: bool = await db.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM download WHERE provider_id = $1"
-        " AND coalesce(dest, '') = $2 AND name = $3 AND md5(url) <> md5($4))",
-        provider_id, dest, name, url,
-    )
-    return value
+_DOWNLOAD_ADD = (
+    "INSERT INTO download (request_id, provider_id, url, name, dest, size, checksum_algo,"
+    " checksum_value, login_user, login_secret, size_origin)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    " ON CONFLICT (provider_id, md5(url)) DO UPDATE SET"
+    "  status = CASE WHEN download.status IN ('failed', 'cancelled') THEN 'queued'"
+    "           ELSE download.status END,"
+    "  failures = CASE WHEN download.status IN ('failed', 'cancelled') THEN 0"
+    "             ELSE download.failures END,"
+    "  not_before = now(),"
+    # a failed product asked for again takes the new checksum (the old one may be a typo)
+    "  checksum_algo = CASE WHEN download.status IN ('failed', 'cancelled')"
+    "   AND EXCLUDED.checksum_algo IS NOT NULL THEN EXCLUDED.checksum_algo"
+    "   ELSE coalesce(download.checksum_algo, EXCLUDED.checksum_algo) END,"
+    "  checksum_value = CASE WHEN download.status IN ('failed', 'cancelled')"
+    "   AND EXCLUDED.checksum_value IS NOT NULL THEN EXCLUDED.checksum_value"
+    "   ELSE coalesce(download.checksum_value, EXCLUDED.checksum_value) END,"
+    "  login_user = coalesce(EXCLUDED.login_user, download.login_user),"
+    "  login_secret = coalesce(EXCLUDED.login_secret, download.login_secret)"
+    " RETURNING id"
+)
 
 
 # -- the daemon's claims and state changes ----------------------------------------------------

@@ -245,7 +245,8 @@ class FtpStream:
         failure: TransferError | None = None
         if not self._ended:
             try:
-                await self._client.command(None, "2xx", "1xx")
+                async with asyncio.timeout(self._read_timeout):
+                    await self._client.command(None, "2xx", "1xx")
             except aioftp.StatusCodeError as exc:
                 failure = error_for_reply(*reply_of(exc), what="transfer aborted")
             except (OSError, asyncio.IncompleteReadError) as exc:  # TimeoutError included
@@ -306,7 +307,8 @@ class FtpFolders:
         if kind in ("cdir", "pdir"):
             return _Listed("", None, False, False)
         size = str(info.get("size", ""))
-        link = "link_dst" in info or kind.endswith("symlink")
+        # LIST: `l...` lines; MLSD: `OS.unix=symlink` (vsftpd), `OS.unix=slink:<to>` (ProFTPD)
+        link = "link_dst" in info or kind.endswith("symlink") or kind.startswith("os.unix=slink")
         is_dir = kind == "dir" and not link
         return _Listed(name.name, int(size) if size.isdigit() and not is_dir else None,
                        is_dir, link)
@@ -316,7 +318,8 @@ class FtpFolders:
             return RemoteEntry(entry.name, entry.size, entry.is_dir)
         target = f"{folder}/{entry.name}" if folder else entry.name
         try:
-            _code, info = await self._client.command(f"SIZE {target}", "213")
+            async with asyncio.timeout(self._read_timeout):
+                _code, info = await self._client.command(f"SIZE {target}", "213")
         except aioftp.StatusCodeError:  # not a file: a folder, or a dangling link
             return RemoteEntry(entry.name, None, is_dir=True)
         value = info[-1].strip().split()[-1] if info else ""
@@ -329,11 +332,13 @@ class FtpFolders:
         """
         client = self._client
         for command in ("MLSD", "LIST"):
-            reader, writer = await client.get_passive_connection("I")
+            async with asyncio.timeout(self._read_timeout):
+                reader, writer = await client.get_passive_connection("I")
             try:
                 try:
-                    code, _info = await client.command(f"{command} {path}".strip(),
-                                                       ("1xx", "2xx"))
+                    async with asyncio.timeout(self._read_timeout):
+                        code, _info = await client.command(f"{command} {path}".strip(),
+                                                           ("1xx", "2xx"))
                 except aioftp.StatusCodeError as exc:
                     if command == "MLSD" and exc.received_codes[-1].matches("50x"):
                         continue
@@ -349,7 +354,8 @@ class FtpFolders:
             finally:
                 writer.close()
             if not code.matches("2xx"):
-                await client.command(None, "2xx", "1xx")
+                async with asyncio.timeout(self._read_timeout):
+                    await client.command(None, "2xx", "1xx")
             return lines, command == "MLSD"
         return [], True
 
@@ -408,7 +414,8 @@ class FtpDriver:
         target = FtpTarget.parse(source.url)
         with map_exceptions(_password(source, target)):
             async with self._session(target, source) as client:
-                stream = await self._start(client, target, source, offset, validator)
+                async with asyncio.timeout(self.read_timeout):
+                    stream = await self._start(client, target, source, offset, validator)
                 try:
                     yield stream
                 finally:
@@ -434,12 +441,16 @@ class FtpDriver:
     @asynccontextmanager
     async def _session(self, target: FtpTarget, source: Source) -> AsyncIterator[aioftp.Client]:
         """A logged-in control connection, closed with QUIT (or at once when cancelled)."""
+        # no aioftp timeouts: it applies them with asyncio.wait_for, which on Python 3.11
+        # can swallow a cancellation (CPython gh-86296); every step here has its own
+        # asyncio.timeout, and data reads a watchdog
         client = aioftp.Client(
-            socket_timeout=self.read_timeout, connection_timeout=self.connect_timeout,
+            socket_timeout=None, connection_timeout=None,
             ssl=self.ssl_context if target.tls == "implicit" else None,
             parse_list_line_custom=parse_dos_line)
         try:
-            await self._login(client, target, source)
+            async with asyncio.timeout(self.connect_timeout + self.read_timeout):
+                await self._login(client, target, source)
             yield client
         except (asyncio.CancelledError, GeneratorExit):
             client.close()
