@@ -100,7 +100,9 @@ def implicit_provider_name(url: str) -> str:
     name = (parts.hostname or "unknown").strip("[]").replace(":", "_")
     if parts.port is not None:
         name += f"_{parts.port}"
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100]
+    # a provider name starts with a letter or digit: `[::1]:8080` -> `1_8080`
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "host"
+    return name[:100]
 
 
 def without_login(raw: str) -> str:

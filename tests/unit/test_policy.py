@@ -215,3 +215,13 @@ def test_null_or_empty_url_is_a_usage_error() -> None:
     for bad in (None, "", "   "):
         with pytest.raises(UsageError, match="empty URL"):
             split_login(bad)
+
+
+def test_implicit_provider_names_are_valid_provider_names() -> None:
+    import re
+
+    valid = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    for url, name in [("http://[::1]:8080/x", "1_8080"), ("ftp://[fe80::2]/y", "fe80__2"),
+                      ("https://Data.Example.org/z", "data.example.org")]:
+        assert implicit_provider_name(url) == name
+        assert valid.match(name)
