@@ -147,10 +147,12 @@ async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) 
             if provider is None:
                 raise UsageError(f"unknown provider {args.provider!r}")
         if patterns:  # the daemon lists the folders: the request waits for it, queued
+            login = next((u for u in urls if u.user), None)
             request_id = await queries.request_insert(
                 conn, provider_id=provider.id if provider else None,
-                urls=[raw.strip() for raw in args.urls], search=None, dest=str(dest),
-                checksum=None, status="queued")
+                urls=[u.url for u in urls], search=None, dest=str(dest), checksum=None,
+                status="queued", login_user=login.user if login else None,
+                login_secret=login.password if login else None)
             print(f"request {request_id}: queued; its patterns are expanded by listing",
                   file=sys.stderr)
             return await _wait(settings, redactor, request_id) if args.wait else 0

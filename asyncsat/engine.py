@@ -203,14 +203,33 @@ class Engine:
             if slots is None:
                 await self._refresh_accounts()
                 slots = self._slots.get(provider_id)
-            if not due or slots is None or not slots.free():
+            if not due or slots is None:
                 continue
-            for download in await self.store.call(queries.claim, provider_id, slots.free(),
-                                                  str(self.settings.default_dest)):
-                lease = await slots.acquire()
+            # the slots first, without waiting: a listing may take one meanwhile, and this
+            # loop must never block on a slot (it also watches for stops and wake-ups)
+            leases: list[Lease] = []
+            wanted = min(due, slots.free())
+            while len(leases) < wanted:
+                lease = await slots.try_acquire()
+                if lease is None:
+                    break
+                leases.append(lease)
+            if not leases:
+                continue
+            try:
+                claimed = await self.store.call(queries.claim, provider_id, len(leases),
+                                                str(self.settings.default_dest))
+            except DatabaseError:
+                raise
+            except Exception:  # one bad row must not stop every provider
+                log.exception("claim failed", provider_id=provider_id)
+                claimed = []
+            for download, lease in zip(claimed, leases, strict=False):
                 task = asyncio.create_task(self._run_one(download, lease),
                                            name=f"download-{download.id}")
                 self._tasks[download.id] = task
+            for lease in leases[len(claimed):]:
+                lease.release()
         return next_in
 
     async def _stop_transfers(self) -> None:
@@ -258,11 +277,15 @@ class Engine:
         else:
             # the file is at its final path: record it even if a stop arrives meanwhile
             recording = asyncio.ensure_future(self._record_done(d, outcome, bound))
-            try:
-                await asyncio.shield(recording)
-            except asyncio.CancelledError:
-                await recording
-                raise
+            cancelled = False
+            while not recording.done():
+                try:
+                    await asyncio.shield(recording)
+                except asyncio.CancelledError:
+                    cancelled = True  # a second stop must not cut the recording either
+            recording.result()
+            if cancelled:
+                raise asyncio.CancelledError
         finally:
             lease.release()
             self._tasks.pop(d.id, None)

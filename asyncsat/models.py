@@ -82,3 +82,6 @@ class Request:
     search: dict[str, object] | None
     dest: str | None
     checksum: str | None
+    login_user: str | None = None
+    login_secret: str | None = field(default=None, repr=False)
+    """The login of a `get` with a URL pattern, kept apart from its URLs until resolved."""

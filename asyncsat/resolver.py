@@ -9,7 +9,8 @@ resolved again (a product is queued once, so nothing doubles).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -23,7 +24,7 @@ from asyncsat.db.store import Store
 from asyncsat.errors import AsyncsatError, DatabaseError, RetryableError
 from asyncsat.logs import Redactor
 from asyncsat.models import Provider, Request
-from asyncsat.naming import SplitUrl, split_login
+from asyncsat.naming import SplitUrl, split_login, without_login
 from asyncsat.retry import Policy, decide
 from asyncsat.slots import ProviderSlots
 from asyncsat.transfer.base import Source
@@ -74,6 +75,9 @@ class Resolver:
             raise
         except _Gone:
             bound.info("request no longer queued: left as it is")
+            urls = [without_login(u) if isinstance(u, str) else u for u in request.urls or []]
+            await self._store.call(queries.request_scrub, request.id,
+                                   urls if request.urls else None)
         except DatabaseError:
             bound.exception("request left queued: the database failed")
         except Exception as exc:
@@ -110,6 +114,9 @@ class Resolver:
                                     "to one provider")
             provider = await self._provider(request, urls[0].url)
             login = next((u for u in urls if u.user), None)
+            if request.login_user:  # a `get` keeps the login apart from the URLs
+                login = SplitUrl("", request.login_user, request.login_secret)
+                self._redactor.add_login(login.user, login.password)
         catalog = self._catalogs.for_provider(provider)
         policy = Policy.for_provider(provider)
         failures = 0
@@ -147,12 +154,13 @@ class Resolver:
                 stream = catalog.search(Query.from_json(request.search), source)
             else:
                 stream = _expand_all(catalog, request, account)
-            async for ref in stream:
-                if ref.url not in seen:
-                    seen.add(ref.url)
-                    found.append(ref)
-                    if limit is not None and len(found) >= limit:
-                        break
+            async with contextlib.aclosing(stream):  # its session ends before the slot does
+                async for ref in stream:
+                    if ref.url not in seen:
+                        seen.add(ref.url)
+                        found.append(ref)
+                        if limit is not None and len(found) >= limit:
+                            break
         finally:
             lease.release()
         return found
@@ -185,7 +193,7 @@ class _Gone(Exception):
 
 
 async def _expand_all(catalog: Catalog, request: Request, login: SplitUrl) -> \
-        AsyncIterator[ProductRef]:
+        AsyncGenerator[ProductRef, None]:
     """Every URL of a request: patterns expanded by the catalog, plain URLs as they are."""
     for raw in request.urls or []:
         u = split_login(raw)

@@ -72,13 +72,27 @@ CREATE TABLE IF NOT EXISTS download (
     finished_at     timestamptz
 );
 
+-- 0.2: the login of a `get` with a URL pattern, apart from its URLs until it is resolved
+ALTER TABLE request ADD COLUMN IF NOT EXISTS login_user text;
+ALTER TABLE request ADD COLUMN IF NOT EXISTS login_secret text;
+
 -- a product is fetched once per provider and URL; the index holds a hash of the URL, as
 -- a btree cannot hold a pre-signed URL of several kB (0.1 had UNIQUE (provider_id, url))
 ALTER TABLE download DROP CONSTRAINT IF EXISTS download_provider_id_url_key;
 -- where `size` comes from: a catalog or a user (binding: a server announcing another
 -- size is serving something else) or the server itself (a new version may change it)
-ALTER TABLE download ADD COLUMN IF NOT EXISTS size_origin text NOT NULL DEFAULT 'catalog'
-    CHECK (size_origin IN ('catalog', 'server'));
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'download'
+                     AND column_name = 'size_origin') THEN
+        -- 0.1 had no catalogs: the sizes of its rows came from the servers
+        ALTER TABLE download ADD COLUMN size_origin text NOT NULL DEFAULT 'server'
+            CHECK (size_origin IN ('catalog', 'server'));
+        ALTER TABLE download ALTER COLUMN size_origin SET DEFAULT 'catalog';
+    END IF;
+END;
+$$;
 CREATE UNIQUE INDEX IF NOT EXISTS download_url_unique ON download (provider_id, md5(url));
 
 CREATE INDEX IF NOT EXISTS download_queued_idx

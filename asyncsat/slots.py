@@ -60,6 +60,7 @@ class ProviderSlots:
         self._semaphore = asyncio.Semaphore(self.capacity)
         self._debt = 0  # slots to swallow on release after the capacity shrank
         self._in_use: dict[str, int] = {}
+        self._returned = asyncio.Event()
 
     @property
     def held(self) -> int:
@@ -73,11 +74,26 @@ class ProviderSlots:
 
     async def acquire(self) -> Lease:
         """Wait for a slot, then take it from the least loaded account with room."""
-        await self._semaphore.acquire()
-        account = self._pick()
-        if account is None:  # only after a shrink: wait for a lease to come back
+        while True:
+            await self._semaphore.acquire()
+            account = self._pick()
+            if account is not None:
+                return self._take(account)
+            # only after a shrink: a permit is left but no account has room; wait for a
+            # lease to come back
             self._semaphore.release()
-            raise RuntimeError("no account has a free connection")
+            self._returned.clear()
+            await self._returned.wait()
+
+    async def try_acquire(self) -> Lease | None:
+        """A slot now, or None; never waits (a free permit is taken without suspending)."""
+        account = self._pick()
+        if account is None or self._semaphore.locked():
+            return None
+        await self._semaphore.acquire()
+        return self._take(account)
+
+    def _take(self, account: Account) -> Lease:
         self._in_use[account.key] = self._in_use.get(account.key, 0) + 1
         return Lease(self, account)
 
@@ -92,6 +108,7 @@ class ProviderSlots:
         self._in_use[key] -= 1
         if not self._in_use[key]:
             del self._in_use[key]
+        self._returned.set()
         if self._debt:
             self._debt -= 1
         else:

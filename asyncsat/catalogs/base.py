@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -106,10 +106,10 @@ def parse_bbox(text: str) -> tuple[float, float, float, float]:
 class Catalog(Protocol):
     """One adapter per provider protocol. Errors are asyncsat CatalogError/TransferError."""
 
-    def search(self, query: Query, login: Source) -> AsyncIterator[ProductRef]:
+    def search(self, query: Query, login: Source) -> AsyncGenerator[ProductRef, None]:
         """The products matching `query`, logging in as `login` (its URL: the provider's)."""
         ...
 
-    def expand(self, pattern: str, login: Source) -> AsyncIterator[ProductRef]:
+    def expand(self, pattern: str, login: Source) -> AsyncGenerator[ProductRef, None]:
         """The products a URL pattern (`ftp://host/dir/*.nc`) stands for."""
         ...

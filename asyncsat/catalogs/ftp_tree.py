@@ -10,7 +10,7 @@ with their size known before the transfer.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Protocol
@@ -49,7 +49,7 @@ class FtpTree:
             return str(layouts[collection])
         return collection
 
-    async def search(self, query: Query, login: Source) -> AsyncIterator[ProductRef]:
+    async def search(self, query: Query, login: Source) -> AsyncGenerator[ProductRef, None]:
         if query.bbox is not None or query.wkt is not None or query.filters:
             raise CatalogError("an FTP provider can only search by collection and dates "
                                "(no --bbox, --wkt or --filter)")
@@ -78,7 +78,7 @@ class FtpTree:
                 for ref in _matching(entries, folder_url, names):
                     yield ref
 
-    async def expand(self, pattern: str, login: Source) -> AsyncIterator[ProductRef]:
+    async def expand(self, pattern: str, login: Source) -> AsyncGenerator[ProductRef, None]:
         parts = urlsplit(pattern)
         folder, wanted = split_pattern(ftp_path(pattern))
         folder_url = urlunsplit((parts.scheme, parts.netloc, quote(folder), "", ""))

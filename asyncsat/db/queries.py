@@ -45,6 +45,12 @@ def _provider(row: Any) -> Provider:
     )
 
 
+def _request(r: Any) -> Request:
+    return Request(id=r["id"], provider_id=r["provider_id"], urls=r["urls"], search=r["search"],
+                   dest=r["dest"], checksum=r["checksum"], login_user=r["login_user"],
+                   login_secret=r["login_secret"])
+
+
 # -- providers and credentials ------------------------------------------------------------
 
 async def provider_add(
@@ -122,11 +128,13 @@ async def accounts(db: Any) -> list[tuple[Provider, list[Credential]]]:
 async def request_insert(
     db: Any, *, provider_id: int | None, urls: Sequence[str] | None,
     search: dict[str, object] | None, dest: str | None, checksum: str | None, status: str,
+    login_user: str | None = None, login_secret: str | None = None,
 ) -> int:
     value: int = await db.fetchval(
-        "INSERT INTO request (provider_id, urls, search, dest, checksum, status)"
-        " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        "INSERT INTO request (provider_id, urls, search, dest, checksum, status, login_user,"
+        " login_secret) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
         provider_id, list(urls) if urls is not None else None, search, dest, checksum, status,
+        login_user, login_secret,
     )
     return value
 
@@ -141,9 +149,7 @@ async def request_lock_queued(
         limit, list(exclude),
     )
     return [
-        Request(id=r["id"], provider_id=r["provider_id"], urls=r["urls"], search=r["search"],
-                dest=r["dest"], checksum=r["checksum"])
-        for r in rows
+        _request(r) for r in rows
     ]
 
 
@@ -153,8 +159,15 @@ async def request_lock(db: Any, request_id: int) -> Request | None:
         "SELECT * FROM request WHERE id = $1 AND status = 'queued' FOR UPDATE", request_id)
     if r is None:
         return None
-    return Request(id=r["id"], provider_id=r["provider_id"], urls=r["urls"], search=r["search"],
-                   dest=r["dest"], checksum=r["checksum"])
+    return _request(r)
+
+
+async def request_scrub(db: Any, request_id: int, urls: Sequence[str | None] | None) -> None:
+    """Forget the logins of a request that left the queue unresolved."""
+    await db.execute(
+        "UPDATE request SET urls = coalesce($2, urls), login_secret = NULL WHERE id = $1",
+        request_id, list(urls) if urls is not None else None,
+    )
 
 
 async def request_status(db: Any, request_id: int) -> str | None:
@@ -173,7 +186,8 @@ async def request_finish(
     urls: Sequence[str | None] | None,
 ) -> None:
     await db.execute(
-        "UPDATE request SET status = $2, error = $3, urls = coalesce($4, urls) WHERE id = $1",
+        "UPDATE request SET status = $2, error = $3, urls = coalesce($4, urls),"
+        " login_secret = NULL WHERE id = $1",
         request_id, status, error, list(urls) if urls is not None else None,
     )
 
@@ -275,7 +289,13 @@ async def claim(db: Any, provider_id: int, limit: int, default_dest: str) -> lis
             ORDER BY not_before, id LIMIT $2 FOR UPDATE SKIP LOCKED
         ), claimed AS (
             UPDATE download d SET status = 'running', attempts = d.attempts + 1,
-                started_at = now(), finished_at = NULL, dest = coalesce(d.dest, $3)
+                started_at = now(), finished_at = NULL, dest = coalesce(d.dest, $3),
+                -- a row inserted with a name and no dest: another product of the default
+                -- folder may have that name; the transfer then picks `name_<id>`
+                name = CASE WHEN d.dest IS NULL AND EXISTS (
+                    SELECT 1 FROM download o WHERE o.provider_id = d.provider_id
+                    AND o.id <> d.id AND coalesce(o.dest, '') = $3 AND o.name = d.name)
+                    THEN NULL ELSE d.name END
             FROM picked WHERE d.id = picked.id RETURNING d.*
         )
         SELECT {_DOWNLOAD_COLUMNS} FROM claimed d JOIN provider p ON p.id = d.provider_id

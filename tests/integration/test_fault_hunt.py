@@ -697,3 +697,25 @@ async def test_unusable_destination_is_a_permanent_local_error(
     [row] = await rows(dsn)
     assert row["status"] == "failed"
     assert "network" not in row["error"] and row["attempts"] == 1, row["error"]
+
+
+async def test_a_psql_row_naming_a_file_the_default_folder_already_has(
+        hunt: HuntServer, dsn: str, settings: Settings) -> None:
+    """A row inserted with a name and no dest is unique until the daemon gives it the
+    default folder, where a `get` product already has that name: the claim must not fail
+    (it once stopped the daemon at every start); the second product gets `a_<id>.nc`."""
+    first, second = os.urandom(3000), os.urandom(4000)
+    hunt.add("one/a.nc", first)
+    hunt.add("two/a.nc", second)
+    assert settings.dest is not None
+    await queue(dsn, hunt.url("one/a.nc"), dest=settings.dest)
+    await drain(settings)
+    await _sql(dsn, "INSERT INTO download (provider_id, url, name) SELECT id, $1, 'a.nc'"
+               " FROM provider WHERE name = 'local'", hunt.url("two/a.nc"))
+    await drain(settings)
+    by_url = {r["url"]: r for r in await rows(dsn)}
+    one, two = by_url[hunt.url("one/a.nc")], by_url[hunt.url("two/a.nc")]
+    assert one["status"] == two["status"] == "done", two["error"]
+    assert Path(one["path"]).read_bytes() == first
+    assert Path(two["path"]).read_bytes() == second
+    assert two["name"] == f"a_{two['id']}.nc"

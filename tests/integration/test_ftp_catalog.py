@@ -160,3 +160,20 @@ async def test_get_wait_with_a_glob_downloads_in_the_foreground(
     result = cli("get", ftp.base + "sst/2024/02/*.grib", "--wait", dsn=dsn,
                  home=settings.home, env={"ASYNCSAT_DEST": str(settings.dest)})
     assert result.returncode == 1 and "nothing" in result.stderr, result.stderr
+
+
+async def test_get_with_a_pattern_keeps_the_login_out_of_the_request_urls(
+        ftp: FtpServer, dsn: str, settings: Settings) -> None:
+    files = _feed(ftp)
+    pattern = ftp.url("sst/2024/03/*_v2.nc", user=USER, password=PASSWORD)
+    result = cli("get", pattern, dsn=dsn, home=settings.home,
+                 env={"ASYNCSAT_DEST": str(settings.dest)})
+    assert result.returncode == 0, result.stderr
+    [queued] = await _sql(dsn, "SELECT urls, login_user, login_secret FROM request")
+    assert PASSWORD not in repr(queued["urls"]) and queued["login_user"] == USER
+    await drain(settings)
+    assert {r["status"] for r in await rows(dsn)} == {"done"}
+    assert len(await rows(dsn)) == 2 and set(ftp.logins) == {USER}
+    [resolved] = await _sql(dsn, "SELECT status, login_secret FROM request")
+    assert resolved["status"] == "resolved" and resolved["login_secret"] is None
+    assert files  # the feed was served

@@ -49,9 +49,10 @@ async def test_upgrade_from_0_1_matches_a_fresh_schema(pg: PgCluster) -> None:
         await apply_schema(old, always=True)  # and again: idempotent
         assert [tuple(r) for r in await old.fetch(SHAPE)] == \
             [tuple(r) for r in await fresh.fetch(SHAPE)]
-        # rows survive, a catalog size stays binding, and the new index keeps URLs unique
+        # rows survive (0.1 sizes came from servers: not binding), and the new index keeps
+        # URLs unique
         row = await old.fetchrow("SELECT size, size_origin FROM download")
-        assert (row["size"], row["size_origin"]) == (10, "catalog")
+        assert (row["size"], row["size_origin"]) == (10, "server")
         try:
             await old.execute("INSERT INTO download (provider_id, url) VALUES ($1, $2)",
                               provider, "http://h/a.nc")

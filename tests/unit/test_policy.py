@@ -225,3 +225,22 @@ def test_implicit_provider_names_are_valid_provider_names() -> None:
                       ("https://Data.Example.org/z", "data.example.org")]:
         assert implicit_provider_name(url) == name
         assert valid.match(name)
+
+
+async def test_try_acquire_never_waits_and_a_shrink_waits_for_a_lease_back() -> None:
+    from asyncsat.slots import Account
+
+    slots = ProviderSlots([Account("a", "u", "s", 2)])
+    leases = [await slots.try_acquire(), await slots.try_acquire()]
+    assert all(leases) and await slots.try_acquire() is None
+    slots.resize([Account("a", "u", "s", 1)])  # one lease too many is out
+    for lease in leases:
+        assert lease is not None
+        lease.release()
+    again = await slots.try_acquire()
+    assert again is not None and await slots.try_acquire() is None
+    waiting = asyncio.ensure_future(slots.acquire())  # waits, never raises
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    again.release()
+    assert (await asyncio.wait_for(waiting, 1)).account.key == "a"
