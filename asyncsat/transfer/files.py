@@ -79,6 +79,24 @@ class PartFile:
                 self._hasher.update(block)
                 remaining -= len(block)
 
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes of the part file on disk (a few kB, to compare a resume with). Blocking."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        except OSError as exc:
+            raise _local_error(self.path, exc) from None
+
+    def truncate(self) -> None:
+        """Empty the part file: its bytes are not the product's."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError as exc:
+            raise _local_error(self.path, exc) from None
+        self.size = 0
+
     def write(self, chunk: bytes) -> None:
         """Append one chunk (blocking for as long as the page cache takes it)."""
         assert self._fd is not None

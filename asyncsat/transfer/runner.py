@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -11,6 +12,9 @@ from asyncsat.models import Checksum
 from asyncsat.naming import name_from_url, sanitize
 from asyncsat.transfer.base import Driver, Opened, Source, Validator
 from asyncsat.transfer.files import PartFile
+
+OVERLAP = 4096
+"""Bytes fetched again at a resume that no size can verify, and compared with the kept ones."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,12 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
     offset = part.recover() if part is not None else 0
     attempt.start_size = attempt.size = offset
     validator = job.validator if offset else Validator()
-    async with driver.open(job.source, offset, validator) as stream:
+    # with no size to check the result against, a resume starts a little early and the
+    # bytes sent twice must equal the ones kept: a server that claims to resume but sends
+    # from the start (or another version) is caught here, not in a corrupt product
+    overlap = min(offset, OVERLAP) if offset and not job.size else 0
+    ask = offset - overlap
+    async with driver.open(job.source, ask, validator) as stream:
         opened = stream.opened
         try:
             total = _expected_size(job, opened)
@@ -92,16 +101,21 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
             chosen = await events.named(name, total, opened.validator)
             if chosen != name:  # another product has that name: the next attempt uses this
                 raise RetryableError(f"the file is to be named {chosen!r}, not {name!r}")
-        if opened.offset not in (0, offset):
+        if opened.offset not in (0, ask):
             await part.open(0)
             part.close()
-            raise RetryableError(f"the server resumed at byte {opened.offset}, not {offset}")
-        await part.open(opened.offset)
+            raise RetryableError(f"the server resumed at byte {opened.offset}, not {ask}")
+        chunks = stream.chunks(chunk_size)
+        start = opened.offset
+        if overlap and opened.offset == ask:
+            chunks = _after_overlap(chunks, part.read(ask, overlap), part)
+            start = offset
+        await part.open(start)
         # progress is measured against what was on disk before this attempt, so that a
         # restart from zero that dies at the same byte every time is not progress
-        attempt.size = opened.offset
+        attempt.size = start
         try:
-            async for chunk in stream.chunks(chunk_size):
+            async for chunk in chunks:
                 part.write(chunk)
                 attempt.size = part.size
                 await events.progress(part.size, total)
@@ -111,8 +125,26 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
             path = await part.finish(total, name)
         finally:
             part.close()
-    return Outcome(path=path, name=name, size=part.size, resumed_from=opened.offset,
-                   restarted=offset > 0 and opened.offset == 0)
+    return Outcome(path=path, name=name, size=part.size, resumed_from=start,
+                   restarted=offset > 0 and start == 0)
+
+
+async def _after_overlap(chunks: AsyncIterator[bytes], kept: bytes, part: PartFile) -> \
+        AsyncIterator[bytes]:
+    """The chunks after the first `len(kept)` bytes, which must equal `kept`."""
+    head = b""
+    async for chunk in chunks:
+        if len(head) < len(kept):
+            need = len(kept) - len(head)
+            head, chunk = head + chunk[:need], chunk[need:]
+            if len(head) == len(kept) and head != kept:
+                at = part.size
+                part.truncate()  # what is on disk cannot be trusted to continue
+                raise RetryableError(
+                    f"the server did not resume at byte {at}: the bytes it sent again "
+                    "differ from the ones kept, so the file starts again from zero")
+        if chunk:
+            yield chunk
 
 
 def _expected_size(job: Job, opened: Opened) -> int | None:
