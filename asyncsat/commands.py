@@ -21,7 +21,7 @@ from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor
 from asyncsat.models import TERMINAL
 from asyncsat.naming import ftp_path
-from asyncsat.render import ProgressBar, status_table
+from asyncsat.render import ProgressBar, requests_table, status_table
 
 
 def _emit(data: object) -> None:
@@ -270,6 +270,9 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
                 if args.watch and sys.stdout.isatty():
                     print("\x1b[H\x1b[2J", end="")
                 print(redactor(status_table(rows)))
+                pending = await queries.requests_unresolved(conn, args.request)
+                if pending:  # a search or a pattern still listed, or one that failed
+                    print(redactor(requests_table(pending)))
             if not args.watch:
                 return 0
             sys.stdout.flush()

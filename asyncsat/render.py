@@ -7,6 +7,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from asyncsat.naming import without_login
+
 
 def human(n: int | None) -> str:
     if n is None:
@@ -32,6 +34,20 @@ def status_table(rows: Sequence[dict[str, Any]]) -> str:
         line = (f"{r['id']:>6}  {r['status']:<9}  {r['provider'][:16]:<16}  {progress:<22}  "
                 f"{r['attempts']:>5}  {name}")
         if r["error"] and r["status"] != "done":
+            line += f"  ({r['error']})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def requests_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The requests still waiting to be resolved, and those that failed, one per line."""
+    lines = []
+    for r in rows:
+        what = r["search"]["collection"] if r["search"] else " ".join(
+            without_login(u) for u in r["urls"] or [] if isinstance(u, str))
+        state = "listing" if r["status"] == "queued" else r["status"]
+        line = f"request {r['id']:>4}  {state:<9}  {what}"
+        if r["error"]:
             line += f"  ({r['error']})"
         lines.append(line)
     return "\n".join(lines)

@@ -389,6 +389,17 @@ async def status_rows(db: Any, request_id: int | None = None) -> list[dict[str, 
     return [dict(r) for r in rows]
 
 
+async def requests_unresolved(db: Any, request_id: int | None = None) -> list[dict[str, Any]]:
+    """Requests not (yet) turned into downloads: queued, or failed with their reason."""
+    rows = await db.fetch(
+        "SELECT id, status, urls, search, error FROM request"
+        " WHERE status IN ('queued', 'failed') AND ($1::bigint IS NULL OR id = $1)"
+        " ORDER BY id",
+        request_id,
+    )
+    return [dict(r) for r in rows]
+
+
 async def request_exists(db: Any, request_id: int) -> bool:
     value: bool = await db.fetchval("SELECT EXISTS (SELECT 1 FROM request WHERE id = $1)",
                                     request_id)

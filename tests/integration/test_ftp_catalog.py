@@ -177,3 +177,18 @@ async def test_get_with_a_pattern_keeps_the_login_out_of_the_request_urls(
     [resolved] = await _sql(dsn, "SELECT status, login_secret FROM request")
     assert resolved["status"] == "resolved" and resolved["login_secret"] is None
     assert files  # the feed was served
+
+
+async def test_status_shows_requests_being_listed_and_failed_ones(
+        ftp: FtpServer, dsn: str, settings: Settings) -> None:
+    _feed(ftp)
+    missing = ftp.url("sst/1999/*.nc", user=USER, password=PASSWORD)
+    await _sql(dsn, "INSERT INTO request (urls) VALUES ($1)", [missing])
+    shown = cli("status", dsn=dsn, home=settings.home)
+    assert "listing" in shown.stdout and PASSWORD not in shown.stdout
+    await drain(settings)
+    shown = cli("status", dsn=dsn, home=settings.home)
+    assert shown.returncode == 0
+    [line] = [x for x in shown.stdout.splitlines() if x.startswith("request")]
+    assert "failed" in line and "folder not found" in line and PASSWORD not in line
+    assert cli("status", "--json", dsn=dsn, home=settings.home).stdout.strip() == "[]"
