@@ -10,5 +10,6 @@ USER asyncsat
 ENV ASYNCSAT_HOME=/data ASYNCSAT_DEST=/data/downloads PYTHONUNBUFFERED=1
 VOLUME ["/data"]
 STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=60s --timeout=20s CMD ["asyncsat", "check"]
 ENTRYPOINT ["asyncsat"]
 CMD ["run"]

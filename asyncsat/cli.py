@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel downloads")
     cancel.add_argument("ids", nargs="+", type=_ids, metavar="ID")
 
+    sub.add_parser("check", help="exit 0 when the database answers and a daemon serves it")
+
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--exit-when-idle", action="store_true")
     return p

@@ -304,6 +304,16 @@ async def cancel(args: argparse.Namespace, settings: Settings, redactor: Redacto
     return 0
 
 
+async def check(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    """A health check for systemd, Docker and monitoring."""
+    async with daemon.connection(settings) as conn:
+        serving = await queries.daemon_serving(conn)
+    if not serving:
+        raise AsyncsatError("no daemon serves this database")
+    print("ok: the database answers and a daemon serves it")
+    return 0
+
+
 async def run(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     try:
         await daemon.serve(settings, redactor, exit_when_idle=args.exit_when_idle)

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from asyncsat import sdnotify
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.embedded import ensure_server
@@ -83,13 +84,18 @@ async def serve(
         await listener.start()
         stop = asyncio.Event()
         log.info("daemon started", exit_when_idle=exit_when_idle)
+        systemd = sdnotify.from_env()
+        systemd.send("READY=1")
         try:
             async with _signals(stop), asyncio.TaskGroup() as group:
                 listening = group.create_task(listener.run(), name="listener")
+                alive = group.create_task(systemd.keep_alive(), name="watchdog")
                 try:
                     await engine.run(stop, exit_when_idle=exit_when_idle, until=until)
                 finally:
+                    systemd.send("STOPPING=1")
                     listening.cancel()
+                    alive.cancel()
         except BaseExceptionGroup as group_error:
             # one side task failed and stopped the other: report the first cause
             raise group_error.exceptions[0] from None

@@ -447,6 +447,17 @@ async def cancel(db: Any, ids: Sequence[int]) -> int:
     return int(result.split()[-1])
 
 
+async def daemon_serving(db: Any) -> bool:
+    """True when a daemon holds the single-daemon lock (tested without keeping it)."""
+    value: bool = await db.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND objid = $1::bigint::oid AND objsubid = 1)",
+        DAEMON_LOCK,
+    )
+    return value
+
+
 async def try_daemon_lock(db: Any) -> bool:
     """Take the single-daemon lock on this connection (session-level)."""
     value: bool = await db.fetchval("SELECT pg_try_advisory_lock($1)", DAEMON_LOCK)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -206,3 +207,35 @@ async def test_exit_when_idle_drains_everything(server: FileServer, dsn: str,
     await queue(dsn, *(server.url(f"x{i}.bin") for i in range(3, 6)))
     await drain(settings)
     assert [r["status"] for r in await rows(dsn)] == ["done"] * 6
+
+
+async def test_systemd_notify_watchdog_and_check(dsn: str, tmp_path: Path,
+                                                daemons: list[DaemonProcess]) -> None:
+    """Under systemd (Type=notify, WatchdogSec): READY=1 once serving, WATCHDOG=1 while the
+    loop turns, STOPPING=1 on SIGTERM; `asyncsat check` says whether a daemon serves."""
+    import socket
+
+    home = tmp_path / "home"
+    stopped = cli("check", dsn=dsn, home=home)
+    assert stopped.returncode == 1 and "no daemon" in stopped.stderr
+    assert stopped.stderr.count("\n") == 1
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(10)
+        proc = DaemonProcess(dsn, home, env={"NOTIFY_SOCKET": address,
+                                             "WATCHDOG_USEC": "400000"})
+        daemons.append(proc)
+        assert sock.recv(256) == b"READY=1"
+        assert {sock.recv(256) for _ in range(3)} == {b"WATCHDOG=1"}  # every 0.2 s
+        serving = cli("check", dsn=dsn, home=home)
+        assert serving.returncode == 0, serving.stderr
+        proc.signal(signal.SIGTERM)
+        assert proc.wait() == 0
+        messages = []
+        with contextlib.suppress(TimeoutError):
+            sock.settimeout(0.5)
+            while True:
+                messages.append(sock.recv(256))
+        assert b"STOPPING=1" in messages
+    assert cli("check", dsn=dsn, home=home).returncode == 1
