@@ -30,6 +30,19 @@ async def queue(dsn: str, *urls: str, dest: Path | None = None, checksum: str | 
         await conn.close()
 
 
+FAST = {"backoff_initial": 0.05, "backoff_max": 0.3}
+"""Provider settings for tests: retries within a fraction of a second."""
+
+
+async def sql(dsn: str, query: str, *args: object) -> list[Any]:
+    """Run one statement on its own connection; the rows it returns."""
+    conn = await connect(dsn)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
 async def drain(settings: Settings, timeout: float = 60) -> None:
     """Run the daemon in this process until the queue is empty."""
     await asyncio.wait_for(daemon.serve(settings, Redactor(), exit_when_idle=True), timeout)

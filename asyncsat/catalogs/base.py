@@ -56,6 +56,8 @@ class Query:
     @classmethod
     def from_json(cls, data: Mapping[str, object]) -> Query:
         """Parse and validate a `request.search` object (written by the CLI or by psql)."""
+        if not isinstance(data, Mapping):
+            raise UsageError("a search must be a JSON object, such as {\"collection\": \"...\"}")
         collection = data.get("collection")
         if not isinstance(collection, str) or not collection.strip():
             raise UsageError("a search needs a collection")

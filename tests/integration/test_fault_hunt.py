@@ -16,7 +16,6 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import structlog
 from aiohttp import web
@@ -27,10 +26,8 @@ from asyncsat.logs import Redactor
 from asyncsat.transfer.http import HttpDriver
 from asyncsat.transfer.runner import OVERLAP
 from tests.conftest import cli
-from tests.helpers import add_provider, drain, queue, rows
+from tests.helpers import FAST, add_provider, drain, queue, rows, sql
 from tests.servers import FileServer, Product
-
-FAST = {"backoff_initial": 0.05, "backoff_max": 0.3}
 
 
 class HuntServer(FileServer):
@@ -136,13 +133,6 @@ def _parts(settings: Settings) -> list[Path]:
     assert settings.dest is not None
     return list(settings.dest.rglob("*.part"))
 
-
-async def _sql(dsn: str, sql: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
 
 
 async def _wait_until(pred: Any, timeout: float = 10.0) -> None:
@@ -284,7 +274,7 @@ async def test_stalled_body_times_out_and_resumes(
     assert time.monotonic() - started < 10
     assert _final(settings, "stall.nc").read_bytes() == data
     assert [r["range"] for r in hunt.raw] == [None, "bytes=150000-"]
-    events = await _sql(dsn, "SELECT error FROM download_event WHERE error IS NOT NULL")
+    events = await sql(dsn, "SELECT error FROM download_event WHERE error IS NOT NULL")
     assert any("timed out" in e["error"] for e in events)
 
 
@@ -341,7 +331,7 @@ async def test_known_size_is_verified_against_a_short_content_length(
     """The catalogue says 1 MB; a broken cache serves 300 kB with a matching Content-Length."""
     data = os.urandom(1_000_000)
     hunt.add("S3B_SL_2.nc", data[:300_000])
-    await _sql(dsn, "INSERT INTO download (provider_id, url, size) SELECT id, $1, $2"
+    await sql(dsn, "INSERT INTO download (provider_id, url, size) SELECT id, $1, $2"
                " FROM provider WHERE name = 'local'", hunt.url("S3B_SL_2.nc"), len(data))
     await drain(settings)
     [row] = await rows(dsn)
@@ -401,7 +391,7 @@ async def test_empty_200_body_for_a_zip_is_never_done(hunt: HuntServer, dsn: str
 async def test_empty_200_body_for_a_product_of_known_size_is_never_done(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     hunt.add("S5P_L2.nc", b"")
-    await _sql(dsn, "INSERT INTO download (provider_id, url, size) SELECT id, $1, 5000000"
+    await sql(dsn, "INSERT INTO download (provider_id, url, size) SELECT id, $1, 5000000"
                " FROM provider WHERE name = 'local'", hunt.url("S5P_L2.nc"))
     await drain(settings)
     [row] = await rows(dsn)
@@ -428,7 +418,7 @@ async def test_sql_cancel_stops_the_transfer_and_retry_resumes_from_the_part(
         return part.exists() and part.stat().st_size >= 400_000
 
     await _wait_until(some_bytes)
-    await _sql(dsn, "UPDATE download SET status = 'cancelled'")
+    await sql(dsn, "UPDATE download SET status = 'cancelled'")
     cancelled_at = time.monotonic()
     await asyncio.wait_for(serving, 10)  # nothing left to do: the daemon drains and exits
     assert time.monotonic() - cancelled_at < 2
@@ -465,7 +455,7 @@ async def test_cli_cancel_of_a_running_download(hunt: HuntServer, dsn: str,
     await asyncio.wait_for(serving, 10)
     [row] = await rows(dsn)
     assert row["status"] == "cancelled"
-    history = [r["status"] for r in await _sql(
+    history = [r["status"] for r in await sql(
         dsn, "SELECT status FROM download_event WHERE download_id = 1 ORDER BY id")]
     assert history == ["queued", "running", "cancelled"]
 
@@ -492,20 +482,20 @@ async def test_re_request_with_a_corrected_checksum_uses_it(
 async def test_bad_url_among_good_ones_fails_the_whole_request(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     hunt.add("good.nc", os.urandom(1000))
-    await _sql(dsn, "INSERT INTO request (urls) VALUES ($1)",
+    await sql(dsn, "INSERT INTO request (urls) VALUES ($1)",
                [hunt.url("good.nc"), "htp://bad", f"http://127.0.0.1:{hunt.port}:99/x"])
     await drain(settings)
-    [req] = await _sql(dsn, "SELECT status, error FROM request")
+    [req] = await sql(dsn, "SELECT status, error FROM request")
     assert req["status"] == "failed" and "htp://bad" in req["error"]
     assert await rows(dsn) == []
 
 
 async def test_request_with_search_criteria_only_fails_with_a_reason(
         dsn: str, settings: Settings) -> None:
-    await _sql(dsn, "INSERT INTO request (search) VALUES ($1)",
-               json.dumps({"collection": "SENTINEL-2", "cloud": 10}))
+    await sql(dsn, "INSERT INTO request (search) VALUES ($1)",
+               {"collection": "SENTINEL-2", "cloud": 10})
     await drain(settings)
-    [req] = await _sql(dsn, "SELECT status, error FROM request")
+    [req] = await sql(dsn, "SELECT status, error FROM request")
     assert req["status"] == "failed" and "search" in req["error"]
 
 
@@ -525,10 +515,10 @@ async def test_overlong_signed_url_does_not_crash_the_daemon(
 async def test_null_url_in_a_psql_request_does_not_crash_the_daemon(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     hunt.add("ok.nc", os.urandom(1000))
-    await _sql(dsn, "INSERT INTO request (urls) VALUES (ARRAY[$1, NULL])", hunt.url("ok.nc"))
+    await sql(dsn, "INSERT INTO request (urls) VALUES (ARRAY[$1, NULL])", hunt.url("ok.nc"))
     await queue(dsn, hunt.url("ok.nc"))
     await drain(settings)
-    statuses = [r["status"] for r in await _sql(dsn, "SELECT status FROM request ORDER BY id")]
+    statuses = [r["status"] for r in await sql(dsn, "SELECT status FROM request ORDER BY id")]
     assert statuses == ["failed", "resolved"]
 
 
@@ -627,10 +617,10 @@ async def test_secrets_never_in_logs_or_errors_when_the_server_echoes_them(
         await hub.stop()
     text = out.getvalue()
     assert "download failed" in text and "download running" in text
-    stored = await _sql(dsn, "SELECT d.url, d.error, e.error AS event_error FROM download d"
+    stored = await sql(dsn, "SELECT d.url, d.error, e.error AS event_error FROM download d"
                         " JOIN download_event e ON e.download_id = d.id")
     everything = text + repr([dict(r) for r in stored]) + repr(
-        [dict(r) for r in await _sql(dsn, "SELECT urls, error FROM request")])
+        [dict(r) for r in await sql(dsn, "SELECT urls, error FROM request")])
     for secret in (CRED_PW, URL_PW, basic_a.split()[1]):
         assert secret not in everything
     assert hub.raw[0]["auth"] == basic_a  # the login was really sent
@@ -661,10 +651,10 @@ async def test_url_login_of_a_failed_request_is_not_kept_in_the_request_row(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     """A psql request with a login in one URL and a typo in another fails as a whole;
     the request row keeps the password in clear."""
-    await _sql(dsn, "INSERT INTO request (urls) VALUES ($1)",
+    await sql(dsn, "INSERT INTO request (urls) VALUES ($1)",
                [hunt.url("a.nc", user="bob", password=URL_PW), "htps://typo/b.nc"])
     await drain(settings)
-    [req] = await _sql(dsn, "SELECT status, urls, error FROM request")
+    [req] = await sql(dsn, "SELECT status, urls, error FROM request")
     assert req["status"] == "failed"
     assert URL_PW not in repr(req["urls"]) + (req["error"] or "")
 
@@ -677,7 +667,7 @@ async def test_same_name_via_get_and_via_psql_never_share_a_file(
     hunt.add("scene1/TCI.tif", a, rate=1_500_000)
     hunt.add("scene2/TCI.tif", b, rate=1_500_000)
     await queue(dsn, hunt.url("scene1/TCI.tif"))
-    await _sql(dsn, "INSERT INTO download (provider_id, url) SELECT id, $1 FROM provider"
+    await sql(dsn, "INSERT INTO download (provider_id, url) SELECT id, $1 FROM provider"
                " WHERE name = 'local'", hunt.url("scene2/TCI.tif"))
     await drain(settings)
     by_scene = {r["url"].split("/")[-2]: r for r in await rows(dsn)}
@@ -712,7 +702,7 @@ async def test_a_psql_row_naming_a_file_the_default_folder_already_has(
     assert settings.dest is not None
     await queue(dsn, hunt.url("one/a.nc"), dest=settings.dest)
     await drain(settings)
-    await _sql(dsn, "INSERT INTO download (provider_id, url, name) SELECT id, $1, 'a.nc'"
+    await sql(dsn, "INSERT INTO download (provider_id, url, name) SELECT id, $1, 'a.nc'"
                " FROM provider WHERE name = 'local'", hunt.url("two/a.nc"))
     await drain(settings)
     by_url = {r["url"]: r for r in await rows(dsn)}

@@ -33,10 +33,9 @@ from asyncsat.transfer.ftp import FtpDriver
 from asyncsat.transfer.runner import OVERLAP
 from tests.conftest import DaemonProcess, cli
 from tests.ftpserver import FtpServer, TlsFtpServer
-from tests.helpers import add_provider, drain, queue, rows
+from tests.helpers import FAST, add_provider, drain, queue, rows, sql
 
 USER, PASSWORD = "ocean", "0cean-pw-4242"
-FAST = {"backoff_initial": 0.05, "backoff_max": 0.3}
 
 
 @pytest.fixture
@@ -45,16 +44,9 @@ def ftp() -> Iterator[FtpServer]:
         yield server
 
 
-async def _sql(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
 
 async def _requests(dsn: str) -> list[asyncpg.Record]:
-    return await _sql(dsn, "SELECT id, status, error, urls FROM request ORDER BY id")
+    return await sql(dsn, "SELECT id, status, error, urls FROM request ORDER BY id")
 
 
 async def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
@@ -84,10 +76,10 @@ async def _resolve_with_transfers_parked(settings: Settings, dsn: str, ftp: FtpS
 
     async def wake_when_parked() -> None:
         await _wait_until(parked, "the transfers to wait for SIZE", timeout)
-        await _sql(dsn, "NOTIFY asyncsat")  # a turn of the daemon's loop, to check `until`
+        await sql(dsn, "NOTIFY asyncsat")  # a turn of the daemon's loop, to check `until`
 
     async def done() -> bool:
-        pending = await _sql(dsn, "SELECT 1 FROM request WHERE status = 'queued'")
+        pending = await sql(dsn, "SELECT 1 FROM request WHERE status = 'queued'")
         return not pending and parked()
 
     waker = asyncio.create_task(wake_when_parked())
@@ -269,7 +261,7 @@ async def test_a_huge_folder_is_listed_and_queued_quickly(
     began = time.monotonic()
     await _resolve_with_transfers_parked(settings, dsn, ftp, transfers=4)
     assert time.monotonic() - began < 10
-    [count] = await _sql(dsn, "SELECT count(*) AS n, count(DISTINCT url) AS urls,"
+    [count] = await sql(dsn, "SELECT count(*) AS n, count(DISTINCT url) AS urls,"
                          " sum(size) AS total FROM download")
     assert count["n"] == count["urls"] == 4000
     assert count["total"] == sum(1000 + i for i in range(4000))
@@ -352,7 +344,7 @@ async def test_concurrent_searches_of_daily_folders_that_reuse_names(
     await _resolve_with_transfers_parked(settings, dsn, ftp, transfers=4)
     assert [(r["status"], r["error"]) for r in await _requests(dsn)] == \
         [("resolved", None), ("resolved", None)]
-    [count] = await _sql(dsn, "SELECT count(*) AS n, count(DISTINCT name) AS names"
+    [count] = await sql(dsn, "SELECT count(*) AS n, count(DISTINCT name) AS names"
                          " FROM download")
     assert count["n"] == 600
 
@@ -608,7 +600,7 @@ async def test_sigkill_while_listing_resolves_the_request_later_once(
     assert all(r["status"] == "done" and r["attempts"] == 1 for r in got)
     assert _files_under(dest / "slow") == data
     assert sorted(ftp.sent_commands("RETR")) == sorted(f"feed/{n}" for n in data)
-    links = await _sql(dsn, "SELECT request_id, download_id FROM request_download")
+    links = await sql(dsn, "SELECT request_id, download_id FROM request_download")
     assert len(links) == 2 * len(data)
     assert PASSWORD not in "".join(first.raw + second.raw + third.raw)
 
@@ -653,7 +645,7 @@ async def test_a_request_cancelled_with_sql_while_listing_queues_nothing(
 
     async def cancel_while_listing() -> None:
         await _wait_until(lambda: ftp.sent_commands("MLSD") != [], "the listing to start")
-        await _sql(dsn, "UPDATE request SET status = 'cancelled' WHERE id = $1", request_id)
+        await sql(dsn, "UPDATE request SET status = 'cancelled' WHERE id = $1", request_id)
 
     async def resolver_done() -> bool:
         return bool(locked)
@@ -755,14 +747,14 @@ async def test_a_cancelled_request_stops_its_throttled_listing_retries(
             request_id = await queue(dsn, capped.base + "feed/*.nc")
             serving = asyncio.create_task(_serve_until(settings, stopped))
             await _wait_until(lambda: capped.over_limit >= 2, "refused sessions")
-            await _sql(dsn, "UPDATE request SET status = 'cancelled' WHERE id = $1",
+            await sql(dsn, "UPDATE request SET status = 'cancelled' WHERE id = $1",
                        request_id)
             await asyncio.sleep(0.5)
             after_cancel = capped.over_limit
             await asyncio.sleep(1.5)
             later = capped.over_limit
             stop = True
-            await _sql(dsn, "NOTIFY asyncsat")  # a turn of the loop, to see `stop`
+            await sql(dsn, "NOTIFY asyncsat")  # a turn of the loop, to see `stop`
             await serving
         finally:
             other.close()
@@ -855,7 +847,7 @@ async def test_rest_acknowledged_but_ignored_without_size_is_not_done_corrupt(
     assert row["status"] == "done" and Path(row["path"]).read_bytes() == data
     # the resume asked 4 kB early, saw other bytes than the kept ones, started again
     assert "the bytes it sent again differ" in repr(
-        await _sql(dsn, "SELECT error FROM download_event"))
+        await sql(dsn, "SELECT error FROM download_event"))
 
 
 async def test_a_file_growing_while_fetched_by_get_is_fetched_again_whole(
@@ -986,7 +978,7 @@ async def test_a_password_with_special_characters_in_an_ftp_url(
         got = await rows(dsn)
         assert [r["status"] for r in got] == ["done", "done"]
         assert set(ftp.logins) == {"dave"}
-        stored = await _sql(dsn, "SELECT r.urls, r.error, d.url, d.error FROM request r"
+        stored = await sql(dsn, "SELECT r.urls, r.error, d.url, d.error FROM request r"
                             " JOIN download d ON d.request_id = r.id")
         for text in (repr([tuple(r) for r in stored]), repr(logs)):
             for form in (secret, "p%40ss", "w/rd%"):

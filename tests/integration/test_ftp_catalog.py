@@ -6,16 +6,14 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from asyncsat.config import Settings
 from tests.conftest import cli
 from tests.ftpserver import FtpServer
-from tests.helpers import add_provider, drain, rows
+from tests.helpers import FAST, add_provider, drain, rows, sql
 
 USER, PASSWORD = "ocean", "0cean-pw-77"
-FAST = {"backoff_initial": 0.05, "backoff_max": 0.3}
 
 
 @pytest.fixture
@@ -23,13 +21,6 @@ def ftp() -> Iterator[FtpServer]:
     with FtpServer(users={USER: PASSWORD}, anonymous=True) as server:
         yield server
 
-
-async def _sql(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
 
 
 def _feed(ftp: FtpServer) -> dict[str, bytes]:
@@ -60,7 +51,7 @@ async def test_get_with_a_glob_lists_the_folder_and_queues_each_match(
         assert Path(row["path"]).read_bytes() == files[f"sst/2024/03/{name}"]
         assert row["size"] == len(files[f"sst/2024/03/{name}"])
     assert set(ftp.logins) == {USER}  # the listing logged in with the account too
-    [req] = await _sql(dsn, "SELECT status, error FROM request")
+    [req] = await sql(dsn, "SELECT status, error FROM request")
     assert req["status"] == "resolved"
 
 
@@ -68,14 +59,14 @@ async def test_a_glob_request_inserted_with_psql_and_a_login_in_the_url(
         ftp: FtpServer, dsn: str, settings: Settings) -> None:
     files = _feed(ftp)
     pattern = ftp.url("sst/2024/02/sst_2024022[89]_*.nc", user=USER, password=PASSWORD)
-    await _sql(dsn, "INSERT INTO request (urls) VALUES ($1)", [pattern])
+    await sql(dsn, "INSERT INTO request (urls) VALUES ($1)", [pattern])
     await drain(settings)
     result = await rows(dsn)
     assert sorted(r["name"] for r in result) == ["sst_20240228_v2.nc", "sst_20240229_v2.nc"]
     assert {r["status"] for r in result} == {"done"}
     assert all(Path(r["path"]).read_bytes() == files[f"sst/2024/02/{r['name']}"]
                for r in result)
-    stored = await _sql(dsn, "SELECT r.urls, d.url FROM request r JOIN download d"
+    stored = await sql(dsn, "SELECT r.urls, d.url FROM request r JOIN download d"
                         " ON d.request_id = r.id")
     assert PASSWORD not in repr([tuple(r) for r in stored])  # the login left the URLs
     assert set(ftp.logins) == {USER}
@@ -84,9 +75,9 @@ async def test_a_glob_request_inserted_with_psql_and_a_login_in_the_url(
 async def test_a_pattern_in_a_missing_folder_fails_the_request_with_its_reason(
         ftp: FtpServer, dsn: str, settings: Settings) -> None:
     _feed(ftp)
-    await _sql(dsn, "INSERT INTO request (urls) VALUES ($1)", [ftp.base + "sst/1999/*.nc"])
+    await sql(dsn, "INSERT INTO request (urls) VALUES ($1)", [ftp.base + "sst/1999/*.nc"])
     await drain(settings)
-    [req] = await _sql(dsn, "SELECT status, error FROM request")
+    [req] = await sql(dsn, "SELECT status, error FROM request")
     assert req["status"] == "failed" and "folder not found" in req["error"], req["error"]
     assert await rows(dsn) == []
 
@@ -111,7 +102,7 @@ async def test_search_resolves_a_date_range_against_a_templated_layout(
     for name, row in got.items():
         day = name.split("_")[1]
         assert Path(row["path"]).read_bytes() == files[f"sst/2024/{day[4:6]}/{name}"]
-    statuses = [r["status"] for r in await _sql(dsn, "SELECT status FROM request ORDER BY id")]
+    statuses = [r["status"] for r in await sql(dsn, "SELECT status FROM request ORDER BY id")]
     assert statuses == ["resolved", "resolved"]
 
 
@@ -143,7 +134,7 @@ async def test_bad_searches_exit_2_and_write_nothing(
         result = cli("search", *args, dsn=dsn, home=settings.home)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
-    assert await _sql(dsn, "SELECT * FROM request") == []
+    assert await sql(dsn, "SELECT * FROM request") == []
 
 
 async def test_get_wait_with_a_glob_downloads_in_the_foreground(
@@ -169,12 +160,12 @@ async def test_get_with_a_pattern_keeps_the_login_out_of_the_request_urls(
     result = cli("get", pattern, dsn=dsn, home=settings.home,
                  env={"ASYNCSAT_DEST": str(settings.dest)})
     assert result.returncode == 0, result.stderr
-    [queued] = await _sql(dsn, "SELECT urls, login_user, login_secret FROM request")
+    [queued] = await sql(dsn, "SELECT urls, login_user, login_secret FROM request")
     assert PASSWORD not in repr(queued["urls"]) and queued["login_user"] == USER
     await drain(settings)
     assert {r["status"] for r in await rows(dsn)} == {"done"}
     assert len(await rows(dsn)) == 2 and set(ftp.logins) == {USER}
-    [resolved] = await _sql(dsn, "SELECT status, login_secret FROM request")
+    [resolved] = await sql(dsn, "SELECT status, login_secret FROM request")
     assert resolved["status"] == "resolved" and resolved["login_secret"] is None
     assert files  # the feed was served
 
@@ -183,7 +174,7 @@ async def test_status_shows_requests_being_listed_and_failed_ones(
         ftp: FtpServer, dsn: str, settings: Settings) -> None:
     _feed(ftp)
     missing = ftp.url("sst/1999/*.nc", user=USER, password=PASSWORD)
-    await _sql(dsn, "INSERT INTO request (urls) VALUES ($1)", [missing])
+    await sql(dsn, "INSERT INTO request (urls) VALUES ($1)", [missing])
     shown = cli("status", dsn=dsn, home=settings.home)
     assert "listing" in shown.stdout and PASSWORD not in shown.stdout
     await drain(settings)

@@ -66,3 +66,9 @@ def test_search_criteria_are_validated_like_any_input() -> None:
     for bad_box in ("1,2,3", "a,b,c,d", "0,50,10,40"):
         with pytest.raises(UsageError):
             parse_bbox(bad_box)
+
+
+def test_a_search_that_is_not_a_json_object_is_refused() -> None:
+    for bad in ("SENTINEL-2", ["sst"], 3):
+        with pytest.raises(UsageError, match="JSON object"):
+            Query.from_json(bad)  # type: ignore[arg-type]
