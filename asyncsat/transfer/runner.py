@@ -123,6 +123,9 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                 # a bounded 206 or a body cut short: resumable, and progress if it grew
                 raise RetryableError(f"the transfer ended at byte {part.size} of {total}")
             path = await part.finish(total, name)
+        except RetryableError:
+            attempt.size = part.size  # the part may have been emptied
+            raise
         finally:
             part.close()
     return Outcome(path=path, name=name, size=part.size, resumed_from=start,
@@ -145,6 +148,11 @@ async def _after_overlap(chunks: AsyncIterator[bytes], kept: bytes, part: PartFi
                     "differ from the ones kept, so the file starts again from zero")
         if chunk:
             yield chunk
+    if len(head) < len(kept):  # the file ends before the bytes kept do: not the same file
+        at = part.size
+        part.truncate()
+        raise RetryableError(f"the server's file ends before byte {at} that was kept, so the "
+                             "file starts again from zero")
 
 
 def _expected_size(job: Job, opened: Opened) -> int | None:

@@ -711,3 +711,25 @@ async def test_a_psql_row_naming_a_file_the_default_folder_already_has(
     assert Path(one["path"]).read_bytes() == first
     assert Path(two["path"]).read_bytes() == second
     assert two["name"] == f"a_{two['id']}.nc"
+
+
+async def test_a_file_that_shrank_under_an_unverifiable_resume_starts_again(
+        hunt: HuntServer, dsn: str, settings: Settings) -> None:
+    """No length, no validator: the resume overlaps the kept bytes. The server's file now
+    ends inside that overlap: the kept part is not this file, so it starts from zero."""
+    old, new = os.urandom(300_000), os.urandom(198_000)
+    product = hunt.add("shrink.nc", old, no_length=True, drop_after=[200_000])
+    hunt.no_validators.add("shrink.nc")
+    await queue(dsn, hunt.url("shrink.nc"))
+    original = hunt._send
+
+    async def send(request: web.Request, p: Product) -> web.StreamResponse:
+        if request.headers.get("Range"):
+            product.data = new  # shorter than the 200 kB kept
+        return await original(request, p)
+
+    hunt._send = send  # type: ignore[method-assign]
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert row["status"] == "done", row["error"]
+    assert _final(settings, "shrink.nc").read_bytes() == new
