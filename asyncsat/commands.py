@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 
 from asyncsat import checksums, daemon, intake
 from asyncsat.catalogs.base import Query, parse_bbox, parse_time
-from asyncsat.catalogs.templates import check_template, split_pattern
+from asyncsat.catalogs.ftp_tree import layout
+from asyncsat.catalogs.templates import split_pattern
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.listener import DaemonLocked
@@ -217,17 +218,7 @@ async def search(args: argparse.Namespace, settings: Settings, redactor: Redacto
         if provider.protocol != "ftp":
             raise UsageError(f"catalog searches of {provider.protocol} providers are not "
                              "supported yet")
-        if query.bbox or query.wkt or query.filters:
-            raise UsageError("an FTP provider can only search by collection and dates "
-                             "(no --bbox, --wkt or --filter)")
-        layouts = provider.settings.get("collections")
-        template = layouts.get(query.collection) if isinstance(layouts, dict) else None
-        template = template if isinstance(template, str) else query.collection
-        check_template(template)
-        if "{" in template and query.start is None:
-            raise UsageError(f"collection {query.collection!r} is laid out by date: "
-                             "give --start")
-        split_pattern("/" + template)
+        layout(provider, query)  # what the daemon would refuse, refused now: nothing written
         request_id = await queries.request_insert(
             conn, provider_id=provider.id, urls=None, search=query.to_json(), dest=str(dest),
             checksum=None, status="queued")

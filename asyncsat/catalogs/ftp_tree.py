@@ -19,8 +19,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import structlog
 
 from asyncsat.catalogs.base import ProductRef, Query
-from asyncsat.catalogs.templates import expand, matches, split_pattern
-from asyncsat.errors import CatalogError, NotFoundError
+from asyncsat.catalogs.templates import check_template, expand, matches, split_pattern
+from asyncsat.errors import CatalogError, NotFoundError, UsageError
 from asyncsat.models import Provider
 from asyncsat.naming import ftp_path
 from asyncsat.transfer.base import Folders, RemoteEntry, Source
@@ -43,22 +43,10 @@ class FtpTree:
         self._lister = lister
         self._provider = provider
 
-    def _template(self, collection: str) -> str:
-        layouts = self._provider.settings.get("collections")
-        if isinstance(layouts, Mapping) and isinstance(layouts.get(collection), str):
-            return str(layouts[collection])
-        return collection
-
     async def search(self, query: Query, login: Source) -> AsyncGenerator[ProductRef, None]:
-        if query.bbox is not None or query.wkt is not None or query.filters:
-            raise CatalogError("an FTP provider can only search by collection and dates "
-                               "(no --bbox, --wkt or --filter)")
+        template = layout(self._provider, query)
         if not self._provider.url:
             raise CatalogError(f"provider {self._provider.name} has no URL to search")
-        template = self._template(query.collection)
-        if "{" in template and query.start is None:
-            raise CatalogError(f"collection {query.collection!r} is laid out by date: "
-                               "give --start (and --end, default now)")
         now = datetime.now(UTC)
         by_folder: dict[str, list[str]] = {}
         for pattern in expand(template, query.start or now, query.end or now):
@@ -87,6 +75,24 @@ class FtpTree:
             entries = await session.listing(folder_url)
         for ref in _matching(entries, folder_url, [wanted]):
             yield ref
+
+
+def layout(provider: Provider, query: Query) -> str:
+    """The folder layout a search of an FTP provider lists, checked (UsageError if unfit):
+    a layout named in the provider's `collections` setting, else the collection itself."""
+    if query.bbox is not None or query.wkt is not None or query.filters:
+        raise UsageError("an FTP provider can only search by collection and dates "
+                         "(no --bbox, --wkt or --filter)")
+    layouts = provider.settings.get("collections")
+    template = query.collection
+    if isinstance(layouts, Mapping) and isinstance(layouts.get(query.collection), str):
+        template = str(layouts[query.collection])
+    check_template(template)
+    if "{" in template and query.start is None:
+        raise UsageError(f"collection {query.collection!r} is laid out by date: "
+                         "give --start (and --end, default now)")
+    split_pattern("/" + template.lstrip("/"))
+    return template
 
 
 def _matching(entries: list[RemoteEntry], folder_url: str, patterns: list[str]) -> \

@@ -170,7 +170,11 @@ def _password(source: Source, target: FtpTarget) -> str | None:
 
 
 def _changed(old: Validator, new: Validator) -> bool:
-    """True when a validator both sides know differs (the size in `etag`, MDTM in the other)."""
+    """True when a validator both sides know differs (the size in `etag`, MDTM in the other).
+
+    Not `Validator.differs`, which trusts the ETag alone: here a file of the same size with
+    a new MDTM has changed too.
+    """
     if old.etag and new.etag and old.etag != new.etag:
         return True
     return bool(old.last_modified and new.last_modified and
