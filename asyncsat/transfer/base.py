@@ -7,14 +7,23 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from asyncsat.auth.base import ANONYMOUS, Auth
+
 
 @dataclass(frozen=True)
 class Source:
-    """Where a product is and how to log in (no secret in the URL)."""
+    """Where a product is (no secret in the URL) and how its requests are authorised."""
 
     url: str
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
+    auth: Auth = ANONYMOUS
+
+    @property
+    def user(self) -> str | None:
+        return self.auth.user
+
+    @property
+    def password(self) -> str | None:
+        return self.auth.password
 
 
 @dataclass(frozen=True)

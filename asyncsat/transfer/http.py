@@ -13,6 +13,7 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 import yarl
 
+from asyncsat.auth.base import Auth
 from asyncsat.errors import AuthError, PermanentError, RetryableError, TransferError
 from asyncsat.naming import name_from_content_disposition
 from asyncsat.transfer.base import Opened, Source, Validator
@@ -141,9 +142,8 @@ class HttpDriver:
     @asynccontextmanager
     async def open(self, source: Source, offset: int, validator: Validator) -> \
             AsyncIterator[HttpStream]:
-        auth = _authorization(source)
         with map_exceptions():
-            stream = await self._start(source.url, auth, offset, validator)
+            stream = await self._start(source.url, source.auth, offset, validator)
         try:
             yield stream  # the caller's own errors pass through untranslated
         finally:
@@ -151,7 +151,7 @@ class HttpDriver:
                 stream.response.release()
 
     async def _start(
-        self, url: str, auth: dict[str, str], offset: int, validator: Validator
+        self, url: str, auth: Auth, offset: int, validator: Validator
     ) -> HttpStream:
         if offset <= 0:
             response = await self._get(url, auth, {})
@@ -176,10 +176,16 @@ class HttpDriver:
         return HttpStream(response, self._opened(response))
 
     async def _get(
-        self, url: str, auth: dict[str, str], headers: dict[str, str],
-        *, ok_416: bool = False,
+        self, url: str, auth: Auth, headers: dict[str, str], *, ok_416: bool = False,
     ) -> aiohttp.ClientResponse:
-        response = await self._session.get(_target(url), headers={**auth, **headers})
+        sent = await auth.headers()
+        response = await self._session.get(_target(url), headers={**sent, **headers})
+        if response.status == 401 and auth.rejected(sent):
+            # a token that expired (or was revoked) before its time: one renewal, same
+            # request; a resume goes on from the same offset under the new token
+            response.release()
+            sent = await auth.headers()
+            response = await self._session.get(_target(url), headers={**sent, **headers})
         if response.status >= 400 and not (ok_416 and response.status == 416):
             detail = await _error_detail(response)
             response.release()
@@ -213,15 +219,6 @@ def _target(url: str) -> yarl.URL:
     if url.isascii() and not any(c.isspace() or not c.isprintable() for c in url):
         return yarl.URL(url, encoded=True)
     return yarl.URL(url)
-
-
-def _authorization(source: Source) -> dict[str, str]:
-    """The Authorization header of a login; aiohttp drops it on redirects to another host."""
-    if not source.user:
-        return {}
-    if ":" in source.user:
-        raise PermanentError("a user name cannot contain ':' (RFC 7617)")
-    return {"Authorization": aiohttp.encode_basic_auth(source.user, source.password or "")}
 
 
 async def _error_detail(response: aiohttp.ClientResponse) -> str:

@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from asyncsat.auth.base import Login
 from asyncsat.config import Settings
 from asyncsat.errors import PermanentError, RetryableError
 from asyncsat.transfer.base import RemoteEntry, Source, Validator
@@ -97,7 +98,7 @@ async def test_driver_resumes_with_rest_and_detects_a_short_transfer(ftp: FtpSer
     data = os.urandom(500_000)
     f = ftp.add("lie.nc", data, drop_after=[123_456], drop_mode="lie")  # 226 after a cut
     driver = FtpDriver(read_timeout=5)
-    source = Source(ftp.url("lie.nc"), USER, PASSWORD)
+    source = Source(ftp.url("lie.nc"), Login(USER, PASSWORD))
     received = bytearray()
     with pytest.raises(RetryableError, match="connection broken mid-file: got 123456 of"):
         async with driver.open(source, 0, Validator()) as stream:
@@ -119,13 +120,13 @@ async def test_driver_lists_a_folder(ftp: FtpServer, mlsd: bool) -> None:
     if not mlsd:
         ftp.script["MLSD"] = ['500 Command "MLSD" not understood.']  # LIST is used instead
     driver = FtpDriver(read_timeout=5)
-    entries = await driver.list_dir(Source(ftp.base + "feed/2024/03/", USER, PASSWORD))
+    entries = await driver.list_dir(Source(ftp.base + "feed/2024/03/", Login(USER, PASSWORD)))
     assert sorted(entries, key=lambda e: e.name) == [
         RemoteEntry("old", None, is_dir=True),
         RemoteEntry("sst 20240302.nc", 99), RemoteEntry("sst_20240301.nc", 1234)]
     assert ftp.sent_commands("LIST" if not mlsd else "MLSD") == ["feed/2024/03"]
     with pytest.raises(PermanentError, match=r"folder not found .*: feed/2025"):
-        await driver.list_dir(Source(ftp.base + "feed/2025/", USER, PASSWORD))
+        await driver.list_dir(Source(ftp.base + "feed/2025/", Login(USER, PASSWORD)))
     assert ftp.active[USER] == 0
 
 
@@ -156,7 +157,7 @@ async def test_ftps_encrypts_the_login_and_the_data(ftps: TlsFtpServer,
     ftps.files["secure/S6A_P4_2.nc"] = data
     driver = FtpDriver(read_timeout=5, ssl_context=ssl.create_default_context(
         cafile=str(tls_cert[0])))
-    source = Source(ftps.url("secure/S6A_P4_2.nc"), "dave", "pw-dave-55")
+    source = Source(ftps.url("secure/S6A_P4_2.nc"), Login("dave", "pw-dave-55"))
     assert await _fetch(driver, source) == (0, data)
     sent = {command: encrypted for command, _arg, encrypted in ftps.commands}
     assert [c for c, _a, _t in ftps.commands][:4] == ["AUTH", "PBSZ", "PROT", "USER"]
@@ -169,7 +170,7 @@ async def test_ftps_with_an_untrusted_certificate_fails_permanently(
         ftps: TlsFtpServer) -> None:
     ftps.files["x.nc"] = b"x" * 100
     with pytest.raises(PermanentError, match="TLS certificate is rejected"):
-        await _fetch(FtpDriver(read_timeout=5), Source(ftps.url("x.nc"), "dave", "pw"))
+        await _fetch(FtpDriver(read_timeout=5), Source(ftps.url("x.nc"), Login("dave", "pw")))
     assert [c for c, _a, _t in ftps.commands] == ["AUTH"]  # no login in clear text
 
 
@@ -179,7 +180,7 @@ async def test_ftps_refused_by_the_server_fails_permanently(
     try:
         server.files["x.nc"] = b"x" * 100
         with pytest.raises(PermanentError, match="the FTP server refused TLS"):
-            await _fetch(FtpDriver(read_timeout=5), Source(server.url("x.nc"), "dave", "pw"))
+            await _fetch(FtpDriver(read_timeout=5), Source(server.url("x.nc"), Login("dave", "pw")))
         assert "USER" not in [c for c, _a, _t in server.commands]
     finally:
         await server.stop()

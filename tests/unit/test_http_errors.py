@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 from aioresponses import aioresponses
 
+from asyncsat.auth.base import Login
 from asyncsat.errors import AuthError, PermanentError, RetryableError, TransferError
 from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.http import HttpDriver, parse_content_range, parse_retry_after
@@ -32,7 +33,7 @@ async def _open(status: int, **kw: object) -> TransferError:
         with aioresponses() as mock:
             mock.get(URL, status=status, response_class=_Response, **kw)  # type: ignore[arg-type]
             with pytest.raises(TransferError) as info:
-                async with driver.open(Source(URL, "u", "secret-pw"), 0, Validator()):
+                async with driver.open(Source(URL, Login("u", "secret-pw")), 0, Validator()):
                     pass
             return info.value
     finally:

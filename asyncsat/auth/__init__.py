@@ -1,0 +1,1 @@
+"""How requests of an account are authorised: logins, and tokens shared per account."""
