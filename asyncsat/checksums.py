@@ -39,12 +39,8 @@ def parse(text: str) -> Checksum:
 
 def new_hasher(algo: str) -> Hasher:
     if algo == "blake3":
-        try:
-            from blake3 import blake3
-        except ImportError:
-            raise UsageError(
-                "blake3 checksums need the blake3 package: pip install 'asyncsat[blake3]'"
-            ) from None
+        from blake3 import blake3
+
         hasher: Hasher = blake3(max_threads=1)
         return hasher
     return hashlib.new(algo)

@@ -19,6 +19,7 @@ from asyncsat.config import LOG_FORMATS, LOG_LEVELS, Settings
 from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor, configure
 from asyncsat.models import PROTOCOLS
+from asyncsat.presets import PRESETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, parser_class=_Parser)
     padd = prov.add_parser("add", help="add a provider")
     padd.add_argument("name")
-    padd.add_argument("--protocol", required=True, choices=PROTOCOLS)
+    padd.add_argument("--protocol", choices=PROTOCOLS)
+    padd.add_argument("--preset", choices=sorted(PRESETS),
+                      help="a known service: fills protocol, URL and settings")
     padd.add_argument("--url")
     padd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     prov.add_parser("list", help="list providers").add_argument("--json", action="store_true")
@@ -101,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
     search.add_argument("--limit", type=_positive)
     search.add_argument("--dest")
+    search.add_argument("--follow", action="store_true",
+                        help="a standing request: search again every follow_interval and "
+                        "queue new products, until cancel --request")
     search.add_argument("--wait", action="store_true",
                         help="download now (or wait for the daemon); exit 0 only if all are done")
 
@@ -108,13 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--request", type=_ids)
     status.add_argument("--watch", action="store_true")
+    status.add_argument("--requests", action="store_true",
+                        help="list requests (searches, URL lists) with their progress")
 
     retry = sub.add_parser("retry", help="queue failed downloads again")
     retry.add_argument("ids", nargs="*", type=_ids, default=[], metavar="ID")
     retry.add_argument("--failed", action="store_true", help="every failed download")
 
-    cancel = sub.add_parser("cancel", help="cancel downloads")
-    cancel.add_argument("ids", nargs="+", type=_ids, metavar="ID")
+    cancel = sub.add_parser("cancel", help="cancel downloads, or a request")
+    cancel.add_argument("ids", nargs="*", type=_ids, default=[], metavar="ID")
+    cancel.add_argument("--request", type=_ids, metavar="ID",
+                        help="cancel a request (a standing one stops) and its downloads")
 
     sub.add_parser("check", help="exit 0 when the database answers and a daemon serves it")
 

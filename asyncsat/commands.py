@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from asyncsat import checksums, daemon, intake
-from asyncsat.catalogs.base import Query, parse_bbox, parse_time
+from asyncsat.catalogs.base import Filter, Query, parse_bbox, parse_time
 from asyncsat.catalogs.ftp_tree import layout
 from asyncsat.catalogs.templates import split_pattern
 from asyncsat.config import Settings
@@ -20,9 +20,16 @@ from asyncsat.db import queries
 from asyncsat.db.listener import DaemonLocked
 from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor
-from asyncsat.models import TERMINAL
+from asyncsat.models import TERMINAL, Provider
 from asyncsat.naming import ftp_path
-from asyncsat.render import ProgressBar, requests_table, status_table
+from asyncsat.presets import preset
+from asyncsat.render import (
+    ProgressBar,
+    request_progress_table,
+    request_summary,
+    requests_lines,
+    status_table,
+)
 
 
 def _emit(data: object) -> None:
@@ -50,8 +57,16 @@ def _setting(text: str) -> tuple[str, object]:
 
 
 async def provider_add(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
-    config = dict(_setting(s) for s in args.set)
-    url = args.url
+    given = dict(_setting(s) for s in args.set)
+    if args.preset:
+        known = preset(args.preset)
+        protocol = args.protocol or known.protocol
+        url = args.url or known.url
+        config = {**known.settings, **given}  # options given as well win
+    elif not args.protocol:
+        raise UsageError("give --protocol (and --url), or --preset")
+    else:
+        protocol, url, config = args.protocol, args.url, given
     if url is not None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https", "ftp", "ftps") or not parts.hostname:
@@ -59,7 +74,7 @@ async def provider_add(args: argparse.Namespace, settings: Settings, redactor: R
         if parts.username or parts.password:
             raise UsageError("put logins in a credential (asyncsat credential add), not the URL")
     async with daemon.connection(settings) as conn:
-        provider = await queries.provider_add(conn, args.name, args.protocol, url, config)
+        provider = await queries.provider_add(conn, args.name, protocol, url, config)
     print(f"provider {provider.name} added")
     return 0
 
@@ -204,7 +219,7 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
 
 
 async def search(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
-    filters = dict(_filter(f) for f in args.filter)
+    filters = tuple(Filter.parse(f) for f in args.filter)
     query = Query(
         collection=args.collection.strip(), start=parse_time(args.start, "start"),
         end=parse_time(args.end, "end"), bbox=parse_bbox(args.bbox) if args.bbox else None,
@@ -215,22 +230,30 @@ async def search(args: argparse.Namespace, settings: Settings, redactor: Redacto
         provider = await queries.provider_get(conn, args.provider)
         if provider is None:
             raise UsageError(f"unknown provider {args.provider!r}")
-        if provider.protocol != "ftp":
-            raise UsageError(f"catalog searches of {provider.protocol} providers are not "
-                             "supported yet")
-        layout(provider, query)  # what the daemon would refuse, refused now: nothing written
+        _check_search(provider, query)  # what the daemon would refuse, refused now
         request_id = await queries.request_insert(
             conn, provider_id=provider.id, urls=None, search=query.to_json(), dest=str(dest),
-            checksum=None, status="queued")
-    print(f"request {request_id}: search of {provider.name} queued", file=sys.stderr)
+            checksum=None, status="queued", follow=args.follow)
+    what = "standing search" if args.follow else "search"
+    print(f"request {request_id}: {what} of {provider.name} queued", file=sys.stderr)
     return await _wait(settings, redactor, request_id) if args.wait else 0
 
 
-def _filter(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise UsageError(f"invalid --filter {text!r}: use KEY=VALUE")
-    return key.strip(), value
+def _check_search(provider: Provider, query: Query) -> None:
+    """UsageError for a search the provider's catalog cannot run (nothing is written)."""
+    if provider.protocol == "ftp":
+        layout(provider, query)
+    elif provider.protocol == "odata":
+        from asyncsat.catalogs import odata
+
+        odata.check(query)
+    elif provider.protocol == "stac":
+        from asyncsat.catalogs import stac
+
+        stac.check(query)
+    else:
+        raise UsageError(f"catalog searches of {provider.protocol} providers are not "
+                         "supported yet")
 
 
 def _status_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -253,6 +276,8 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
     async with daemon.connection(settings) as conn:
         if args.request is not None and not await queries.request_exists(conn, args.request):
             raise UsageError(f"no request {args.request}")
+        if args.requests:
+            return await _requests(conn, args, redactor)
         while True:
             rows = await queries.status_rows(conn, args.request)
             if args.json:
@@ -261,9 +286,11 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
                 if args.watch and sys.stdout.isatty():
                     print("\x1b[H\x1b[2J", end="")
                 print(redactor(status_table(rows)))
-                pending = await queries.requests_unresolved(conn, args.request)
-                if pending:  # a search or a pattern still listed, or one that failed
-                    print(redactor(requests_table(pending)))
+                summaries = [request_summary(r)
+                             for r in await queries.request_rows(conn, args.request)]
+                pending = requests_lines(summaries)
+                if pending:  # requests still listed, searched, followed, or failed
+                    print(redactor(pending))
             if not args.watch:
                 return 0
             sys.stdout.flush()
@@ -287,7 +314,39 @@ async def retry(args: argparse.Namespace, settings: Settings, redactor: Redactor
     return 0
 
 
+async def _requests(conn: Any, args: argparse.Namespace, redactor: Redactor) -> int:
+    while True:
+        rows = [request_summary(r) for r in await queries.request_rows(conn, args.request)]
+        if args.json:
+            _emit(rows)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\x1b[H\x1b[2J", end="")
+            print(redactor(request_progress_table(rows)))
+        if not args.watch:
+            return 0
+        sys.stdout.flush()
+        await asyncio.sleep(1.0)
+
+
 async def cancel(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    if args.request is not None:
+        if args.ids:
+            raise UsageError("give either download ids or --request ID")
+        async with daemon.connection(settings) as conn:
+            if not await queries.request_exists(conn, args.request):
+                raise UsageError(f"no request {args.request}")
+            async with conn.transaction():
+                ended, cancelled, kept = await queries.cancel_request(conn, args.request)
+        if not ended:
+            print(f"request {args.request} had already ended; {cancelled} download(s) "
+                  "cancelled")
+            return 0
+        extra = f" ({kept} kept: other requests want them)" if kept else ""
+        print(f"request {args.request} cancelled: {cancelled} download(s) cancelled{extra}")
+        return 0
+    if not args.ids:
+        raise UsageError("give download ids, or --request ID")
     async with daemon.connection(settings) as conn:
         await _check_ids(conn, args.ids)
         count = await queries.cancel(conn, args.ids)

@@ -15,15 +15,22 @@ from typing import Any, Protocol
 import structlog
 
 from asyncsat import intake
+from asyncsat.auth.registry import Auths
 from asyncsat.catalogs.registry import Catalogs
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.store import Store
-from asyncsat.errors import DatabaseError, PermanentError, RetryableError, TransferError
+from asyncsat.errors import (
+    DatabaseError,
+    OfflineError,
+    PermanentError,
+    RetryableError,
+    TransferError,
+)
 from asyncsat.logs import Redactor
 from asyncsat.models import Download, Provider, Request
 from asyncsat.resolver import Resolver
-from asyncsat.retry import Policy, decide
+from asyncsat.retry import Policy, decide, follow_settings, offline_delay
 from asyncsat.slots import Lease, ProviderSlots, accounts_for
 from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.registry import Drivers
@@ -68,7 +75,9 @@ class Engine:
         self._providers: dict[int, Provider] = {}
         self._slots: dict[int, ProviderSlots] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self.resolver = Resolver(store, settings, Catalogs(drivers), redactor,
+        self.auths = Auths(redactor)
+        self.catalogs = Catalogs(drivers)
+        self.resolver = Resolver(store, settings, self.catalogs, self.auths, redactor,
                                  self._slots_for, self.wake)
 
     # -- wake-ups -----------------------------------------------------------------------------
@@ -82,6 +91,8 @@ class Engine:
             task = self._tasks.get(int(payload.get("id", 0)))
             if task is not None:
                 task.cancel("cancelled by user")
+        if kind == "request" and payload.get("status") == "cancelled":
+            self.resolver.cancel(int(payload.get("id", 0)))
         self.wake.set()
 
     def rescan(self) -> None:
@@ -112,18 +123,24 @@ class Engine:
                 if self._accounts_stale:
                     await self._refresh_accounts()
                 more_requests = await self._resolve_requests()
-                next_in = await self._dispatch()
+                next_in, later = await self._dispatch()
                 if until is not None and await until():
                     return
+                # offline products and standing requests do not keep an idle run going
                 if exit_when_idle and not self._tasks and next_in is None and \
-                        not more_requests and await self._drained():
+                        not more_requests and not self.resolver.busy and await self._drained():
                     log.info("queue drained")
                     return
                 if more_requests:
                     continue
-                await wait_any(self.wake, stop, timeout=next_in)
+                follow_in = await self.store.call(queries.next_request_due)
+                timeout = min((t for t in (next_in, later, follow_in) if t is not None),
+                              default=None)
+                await wait_any(self.wake, stop, timeout=timeout)
         finally:
             await self._stop_transfers()
+            await self.catalogs.aclose()
+            await self.auths.aclose()
 
     async def _drained(self) -> bool:
         return not await self.store.call(queries.pending_work)
@@ -193,12 +210,17 @@ class Engine:
             raise DatabaseError(f"provider {provider_id} disappeared")
         return slots
 
-    async def _dispatch(self) -> float | None:
-        """Claim due downloads into free slots; seconds until the next one is due (or None)."""
+    async def _dispatch(self) -> tuple[float | None, float | None]:
+        """Claim due downloads into free slots. Seconds until the next queued download is
+        due, and until the next offline one is to be looked at again (None: none)."""
         next_in: float | None = None
-        for provider_id, due, wait in await self.store.call(queries.queued_providers):
+        later: float | None = None
+        for provider_id, due, wait, offline_wait in \
+                await self.store.call(queries.queued_providers):
             if wait is not None:
                 next_in = wait if next_in is None else min(next_in, wait)
+            if offline_wait is not None:
+                later = offline_wait if later is None else min(later, offline_wait)
             slots = self._slots.get(provider_id)
             if slots is None:
                 await self._refresh_accounts()
@@ -230,7 +252,7 @@ class Engine:
                 self._tasks[download.id] = task
             for lease in leases[len(claimed):]:
                 lease.release()
-        return next_in
+        return next_in, later
 
     async def _stop_transfers(self) -> None:
         """Cancel running transfers; each puts its row back in the queue, resumable."""
@@ -250,20 +272,33 @@ class Engine:
     async def _run_one(self, d: Download, lease: Lease) -> None:
         bound = log.bind(download_id=d.id, request_id=d.request_id, provider=d.provider)
         provider = self._providers[d.provider_id]
-        user, secret = (d.login_user, d.login_secret) if d.login_user else \
-            (lease.account.user, lease.account.secret)
-        self.redactor.add_login(user, secret)
+        if d.login_user:  # the download's own login (a URL's userinfo)
+            auth = self.auths.for_account(provider, f"login:{d.login_user}", d.login_user,
+                                          d.login_secret)
+        else:
+            auth = self.auths.for_account(provider, lease.account.key, lease.account.user,
+                                          lease.account.secret)
         folder = Path(d.dest or self.settings.default_dest) / d.provider
-        job = Job(Source(d.url, user, secret), folder, d.name, d.size, d.checksum,
-                  Validator(d.etag, d.last_modified), fallback_name=f"download-{d.id}",
-                  size_from_server=d.size_from_server)
         attempt = Attempt(start_size=d.bytes_done, size=d.bytes_done)
         events = _RowEvents(self, d)
-        bound.info("download running", url=d.url, attempt=d.attempts, user=user)
+        if d.claimed_from == "offline":
+            bound.info("offline download looked at", checks=d.offline_checks)
+        else:
+            bound.info("download running", url=d.url, attempt=d.attempts,
+                       **({"user": auth.user} if auth.user else {}))
         try:
             with structlog.contextvars.bound_contextvars(
                     download_id=d.id, request_id=d.request_id, provider=d.provider):
-                outcome = await transfer(self.drivers.for_url(d.url), job, events, attempt,
+                source = Source(d.url, auth)
+                if d.product_id is not None and self.catalogs.prepares(provider):
+                    source = await self.catalogs.for_provider(provider).prepare(d, auth)
+                if d.claimed_from == "offline":
+                    bound.info("download running", url=source.url, attempt=d.attempts,
+                               reason="online again")
+                job = Job(source, folder, d.name, d.size, d.checksum,
+                          Validator(d.etag, d.last_modified), fallback_name=f"download-{d.id}",
+                          size_from_server=d.size_from_server)
+                outcome = await transfer(self.drivers.for_url(source.url), job, events, attempt,
                                          self.settings.chunk_size)
         except asyncio.CancelledError:
             await asyncio.shield(self._after_stop(d, attempt, bound))
@@ -314,6 +349,13 @@ class Engine:
     ) -> None:
         decision = decide(exc, d.failures, attempt.progressed, Policy.for_provider(provider))
         error = _one_line(self.redactor(exc.message))
+        if isinstance(exc, OfflineError):
+            delay = offline_delay(d.offline_checks, follow_settings(provider), exc.retry_after)
+            await self.store.call(queries.download_offline, d.id, error=error, delay=delay,
+                                  bytes_done=attempt.size)
+            bound.info("download offline", error=error, look_again_in=round(delay, 1))
+            self._finished(d.id, "offline")
+            return
         if decision.action == "retry":
             await self.store.call(queries.download_requeue, d.id, error=error,
                                   failures=decision.failures, bytes_done=attempt.size,
@@ -322,14 +364,10 @@ class Engine:
                           retry_in=round(decision.delay, 2), failures=decision.failures,
                           bytes_done=attempt.size)
             return
-        status = "offline" if decision.action == "offline" else "failed"
-        await self.store.call(queries.download_end, d.id, status=status, error=error,
+        await self.store.call(queries.download_end, d.id, status="failed", error=error,
                               failures=decision.failures, bytes_done=attempt.size)
-        if status == "offline":
-            bound.warning("download offline", error=error)
-        else:
-            bound.error("download failed", error=error, attempts=d.attempts)
-        self._finished(d.id, status)
+        bound.error("download failed", error=error, attempts=d.attempts)
+        self._finished(d.id, "failed")
 
     def _finished(self, download_id: int, status: str) -> None:
         if self.sink is not None:

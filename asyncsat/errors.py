@@ -82,4 +82,12 @@ class NotFoundError(PermanentError):
 
 
 class OfflineError(TransferError):
-    """The product is offline (in a long-term archive) and must be ordered first."""
+    """The product is offline (in a long-term archive) and must be ordered first.
+
+    `retry_after`: when the provider says it will be available, in seconds, if it does.
+    Waiting for it uses no attempt.
+    """
+
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

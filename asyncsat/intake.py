@@ -62,12 +62,14 @@ async def queue_urls(
 
 async def queue_products(
     conn: Any, request_id: int, provider: Provider, products: Sequence[ProductRef], *,
-    dest: str, login: SplitUrl | None = None,
+    dest: str, login: SplitUrl | None = None, revive: bool = True,
+    offline_in: float = 60.0,
 ) -> list[int]:
     """Insert one download per product a catalog found (inside the caller's transaction).
 
     A catalog name is sanitised; one that another download of the folder already has (daily
-    folders that reuse a file name) is left for the transfer to choose (`name_<id>`).
+    folders that reuse a file name) is left for the transfer to choose (`name_<id>`). A
+    product the catalog reports offline waits `offline_in` seconds before it is looked at.
     """
     ids = []
     for p in products:
@@ -77,7 +79,8 @@ async def queue_products(
             dest=dest, size=p.size, checksum=p.checksum,
             login_user=login.user if login else None,
             login_secret=login.password if login else None,
-            size_origin="catalog" if p.size_binding else "server",
+            size_origin="catalog" if p.size_binding else "server", product_id=p.id,
+            offline_in=None if p.online else offline_in, revive=revive,
         ))
     return ids
 

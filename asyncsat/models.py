@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 Status = Literal["queued", "running", "done", "failed", "cancelled", "offline"]
 TERMINAL: frozenset[str] = frozenset({"done", "failed", "cancelled", "offline"})
-PROTOCOLS: tuple[str, ...] = ("http", "ftp", "odata", "stac", "m2m")
+PROTOCOLS: tuple[str, ...] = ("http", "ftp", "odata", "dhus", "stac", "m2m")
+CATALOG_PROTOCOLS: frozenset[str] = frozenset({"odata", "dhus", "stac", "m2m"})
+REQUEST_STATUSES: tuple[str, ...] = (
+    "queued", "following", "resolved", "done", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,12 @@ class Download:
     login_secret: str | None = field(default=None, repr=False)
     size_from_server: bool = False
     """`size` was announced by the server, not given by a catalog or a user."""
+    product_id: str | None = None
+    """The catalog's id of the product (None for a plain URL)."""
+    offline_checks: int = 0
+    """How many times the product was found offline (the next look comes later each time)."""
+    claimed_from: str = "queued"
+    """The status the row had when it was claimed: `offline` means look at it again first."""
 
 
 @dataclass(frozen=True)
@@ -85,3 +95,8 @@ class Request:
     login_user: str | None = None
     login_secret: str | None = field(default=None, repr=False)
     """The login of a `get` with a URL pattern, kept apart from its URLs until resolved."""
+    follow: bool = False
+    """A standing request: searched again every `follow_interval`."""
+    watermark: datetime | None = None
+    """The newest publication (or sensing) time a standing request has seen."""
+    status: str = "queued"

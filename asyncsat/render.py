@@ -39,14 +39,22 @@ def status_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def requests_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The requests still waiting to be resolved, and those that failed, one per line."""
+def requests_lines(rows: Sequence[dict[str, Any]]) -> str:
+    """The requests still in progress, and the failed ones, one line each (under the
+    downloads of `status`): still being listed or searched, standing, or with products
+    not finished; with products found, done, failed and bytes."""
     lines = []
     for r in rows:
-        what = r["search"]["collection"] if r["search"] else " ".join(
-            without_login(u) for u in r["urls"] or [] if isinstance(u, str))
+        if r["status"] in ("done", "cancelled"):
+            continue
+        what = r["search"].get("collection", "") if r["search"] else " ".join(r["urls"] or [])
         state = "listing" if r["status"] == "queued" else r["status"]
         line = f"request {r['id']:>4}  {state:<9}  {what}"
+        if r["status"] != "queued":
+            line += (f"  found {r['products']}, done {r['done']}, failed {r['failed']}, "
+                     f"{human(r['bytes_done'])}/{human(r['size'])}")
+        if r["offline"]:
+            line += f", {r['offline']} offline"
         if r["error"]:
             line += f"  ({r['error']})"
         lines.append(line)
@@ -100,3 +108,49 @@ class ProgressBar:
                 f"{len(self._finished)} finished")
         self.stream.write("\r" + line[: self.WIDTH] + "\x1b[K\r")
         self.stream.flush()
+
+
+def request_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """A request as users follow it (`status --requests --json`): its status says where it
+    stands, derived from its products once it is resolved."""
+    status, error = row["status"], row["error"]
+    if status == "resolved":
+        if row["failed"]:
+            status = "failed"
+            error = f"{row['failed']} product(s) failed" + (
+                f"; first: {row['product_error']}" if row["product_error"] else "")
+        elif not row["pending"] and not row["offline"]:
+            status = "done"
+    search = row["search"] or {}
+    return {
+        "id": row["id"], "status": status, "provider": row["provider"],
+        "products": row["products"], "done": row["done"], "failed": row["failed"],
+        "cancelled": row["cancelled"], "offline": row["offline"], "pending": row["pending"],
+        "bytes_done": row["bytes_done"], "size": row["size"], "error": error,
+        "follow": row["follow"], "search": search or None,
+        "urls": [without_login(u) for u in row["urls"] or [] if isinstance(u, str)] or None,
+        "next_run": row["next_run"].isoformat() if row["next_run"] else None,
+        "watermark": row["watermark"].isoformat() if row["watermark"] else None,
+        "created_at": row["created_at"].isoformat(),
+    }
+
+
+def request_progress_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per request: status, products found, done, failed, bytes."""
+    if not rows:
+        return "no requests"
+    lines = [f"{'ID':>6}  {'STATUS':<9}  {'PROVIDER':<16}  {'FOUND':>6}  {'DONE':>6}  "
+             f"{'FAILED':>6}  {'BYTES':<20}  WHAT"]
+    for r in rows:
+        what = r["search"].get("collection", "") if r["search"] else " ".join(r["urls"] or [])
+        size = f"{human(r['bytes_done'])}/{human(r['size'])}"
+        line = (f"{r['id']:>6}  {r['status']:<9}  {(r['provider'] or '-')[:16]:<16}  "
+                f"{r['products']:>6}  {r['done']:>6}  {r['failed']:>6}  {size:<20}  {what[:60]}")
+        if r["offline"]:
+            line += f"  [{r['offline']} offline]"
+        if r["next_run"]:
+            line += f"  [next run {r['next_run'][:19]}]"
+        if r["error"]:
+            line += f"  ({r['error']})"
+        lines.append(line)
+    return "\n".join(lines)

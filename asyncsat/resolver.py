@@ -4,6 +4,10 @@ They are resolved outside the request transaction (a listing or a search may tak
 each holding one connection slot of its provider's account, as any request sent for that
 account does. Until it is resolved the request stays `queued`: after a crash it is simply
 resolved again (a product is queued once, so nothing doubles).
+
+A standing request (`follow`) is searched again every `follow_interval` from its
+watermark less an overlap (late-indexed products are caught; the products already known
+are recognised by their catalog id and not queued twice), and stays `following`.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import structlog
 
 from asyncsat import intake
+from asyncsat.auth.base import Auth
+from asyncsat.auth.registry import Auths
 from asyncsat.catalogs.base import Catalog, ProductRef, Query
 from asyncsat.catalogs.registry import Catalogs
 from asyncsat.config import Settings
@@ -25,9 +32,8 @@ from asyncsat.errors import AsyncsatError, DatabaseError, RetryableError
 from asyncsat.logs import Redactor
 from asyncsat.models import Provider, Request
 from asyncsat.naming import SplitUrl, split_login, without_login
-from asyncsat.retry import Policy, decide
+from asyncsat.retry import Policy, decide, follow_settings
 from asyncsat.slots import ProviderSlots
-from asyncsat.transfer.base import Source
 
 log = structlog.get_logger("asyncsat")
 
@@ -36,12 +42,14 @@ class Resolver:
     """Runs one task per request being resolved by a catalog."""
 
     def __init__(
-        self, store: Store, settings: Settings, catalogs: Catalogs, redactor: Redactor,
-        slots: Callable[[int], Awaitable[ProviderSlots]], wake: asyncio.Event,
+        self, store: Store, settings: Settings, catalogs: Catalogs, auths: Auths,
+        redactor: Redactor, slots: Callable[[int], Awaitable[ProviderSlots]],
+        wake: asyncio.Event,
     ) -> None:
         self._store = store
         self._settings = settings
         self._catalogs = catalogs
+        self._auths = auths
         self._redactor = redactor
         self._slots = slots
         self._wake = wake
@@ -57,6 +65,13 @@ class Resolver:
             self._tasks[request.id] = asyncio.create_task(
                 self._resolve(request), name=f"request-{request.id}")
 
+    def cancel(self, request_id: int) -> None:
+        """The request was cancelled: stop resolving it (nothing is queued for it)."""
+        task = self._tasks.get(request_id)
+        if task is not None:
+            log.info("request search stopped", request_id=request_id, reason="cancelled")
+            task.cancel("request cancelled")
+
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         for task in tasks:
@@ -70,11 +85,12 @@ class Resolver:
             count = await self._store.transaction(
                 lambda conn: self._queue(conn, request, provider, products, login))
             if count is not None:
-                bound.info("request resolved", downloads=count, provider=provider.name)
+                bound.info("request followed" if request.follow else "request resolved",
+                           downloads=count, provider=provider.name)
         except asyncio.CancelledError:
             raise
         except _Gone:
-            bound.info("request no longer queued: left as it is")
+            bound.info("request no longer to resolve: left as it is")
             urls = [without_login(u) if isinstance(u, str) else u for u in request.urls or []]
             await self._store.call(queries.request_scrub, request.id,
                                    urls if request.urls else None)
@@ -85,7 +101,6 @@ class Resolver:
                 bound.exception("internal error while resolving a request")
             error = " ".join(self._redactor(str(exc) or type(exc).__name__).split())[:1000]
             await self._store.transaction(lambda conn: self._fail(conn, request, error))
-            bound.error("request failed", error=error)
         finally:
             self._tasks.pop(request.id, None)
             self._wake.set()
@@ -101,22 +116,7 @@ class Resolver:
                 raise AsyncsatError(f"provider {request.provider_id} does not exist")
             login = None
         else:
-            urls = [split_login(u) for u in request.urls or []]
-            for u in urls:
-                self._redactor.add_login(u.user, u.password)
-            if not urls:
-                raise AsyncsatError("no URL given")
-            if request.checksum:
-                raise AsyncsatError("a checksum cannot apply to a URL pattern")
-            owners = {(await self._provider(request, u.url)).id: u for u in urls}
-            if len(owners) > 1:
-                raise AsyncsatError("the URLs of a request with a pattern must all belong "
-                                    "to one provider")
-            provider = await self._provider(request, urls[0].url)
-            login = next((u for u in urls if u.user), None)
-            if request.login_user:  # a `get` keeps the login apart from the URLs
-                login = SplitUrl("", request.login_user, request.login_secret)
-                self._redactor.add_login(login.user, login.password)
+            provider, login = await self._pattern_owner(request)
         catalog = self._catalogs.for_provider(provider)
         policy = Policy.for_provider(provider)
         failures = 0
@@ -130,40 +130,76 @@ class Resolver:
                 if decision.action != "retry":
                     raise
                 failures = decision.failures
-                log.warning("request listing retried", request_id=request.id,
+                log.warning("request search retried", request_id=request.id,
                             error=self._redactor(exc.message), retry_in=round(decision.delay, 2))
                 await asyncio.sleep(decision.delay)
-                if await self._store.call(queries.request_status, request.id) != "queued":
+                if await self._store.call(queries.request_status, request.id) not in (
+                        "queued", "following"):
                     raise _Gone from None  # cancelled (or resolved) meanwhile
             else:
                 break
         return provider, found, login
+
+    async def _pattern_owner(self, request: Request) -> tuple[Provider, SplitUrl | None]:
+        urls = [split_login(u) for u in request.urls or []]
+        for u in urls:
+            self._redactor.add_login(u.user, u.password)
+        if not urls:
+            raise AsyncsatError("no URL given")
+        if request.checksum:
+            raise AsyncsatError("a checksum cannot apply to a URL pattern")
+        owners = {(await self._provider(request, u.url)).id: u for u in urls}
+        if len(owners) > 1:
+            raise AsyncsatError("the URLs of a request with a pattern must all belong "
+                                "to one provider")
+        provider = await self._provider(request, urls[0].url)
+        login = next((u for u in urls if u.user), None)
+        if request.login_user:  # a `get` keeps the login apart from the URLs
+            login = SplitUrl("", request.login_user, request.login_secret)
+            self._redactor.add_login(login.user, login.password)
+        return provider, login
 
     async def _ask(self, catalog: Catalog, request: Request, provider: Provider,
                    login: SplitUrl | None) -> list[ProductRef]:
         """One try: the products of the request, with an account slot held meanwhile."""
         found: list[ProductRef] = []
         seen: set[str] = set()
-        limit = Query.from_json(request.search).limit if request.search is not None else None
+        limit = None
+        if request.search is not None:
+            limit = Query.from_json(request.search).limit
+            if limit is not None and request.follow:  # the cap is on the request's total
+                limit -= await self._store.call(queries.request_product_count, request.id)
+                if limit <= 0:
+                    return []
         lease = await (await self._slots(provider.id)).acquire()
         try:
-            account = login or SplitUrl("", lease.account.user, lease.account.secret)
-            self._redactor.add_login(account.user, account.password)
-            if request.search is not None:
-                source = Source(provider.url or "", account.user, account.password)
-                stream = catalog.search(Query.from_json(request.search), source)
+            if login is not None:
+                auth = self._auths.for_account(provider, f"login:{login.user}", login.user,
+                                               login.password)
             else:
-                stream = _expand_all(catalog, request, account)
+                auth = self._auths.for_account(provider, lease.account.key, lease.account.user,
+                                               lease.account.secret)
+            stream = self._products(catalog, request, provider, auth)
             async with contextlib.aclosing(stream):  # its session ends before the slot does
                 async for ref in stream:
-                    if ref.url not in seen:
-                        seen.add(ref.url)
+                    key = ref.id or ref.url
+                    if key not in seen:
+                        seen.add(key)
                         found.append(ref)
                         if limit is not None and len(found) >= limit:
                             break
         finally:
             lease.release()
         return found
+
+    def _products(self, catalog: Catalog, request: Request, provider: Provider,
+                  auth: Auth) -> AsyncGenerator[ProductRef, None]:
+        if request.search is None:
+            return _expand_all(catalog, request, auth)
+        since = None
+        if request.status == "following" and request.watermark is not None:
+            since = request.watermark - timedelta(seconds=follow_settings(provider).overlap)
+        return catalog.search(Query.from_json(request.search), auth, since)
 
     async def _provider(self, request: Request, url: str) -> Provider:
         if request.provider_id is not None:
@@ -177,28 +213,47 @@ class Resolver:
         if await queries.request_lock(conn, request.id) is None:
             return None  # cancelled or resolved meanwhile
         dest = request.dest or str(self._settings.default_dest)
+        follow = follow_settings(provider)
+        # a standing request's later runs do not revive products that failed for good
         ids = await intake.queue_products(conn, request.id, provider, products, dest=dest,
-                                          login=login)
+                                          login=login, revive=request.status == "queued",
+                                          offline_in=follow.offline_interval)
+        if request.follow:
+            seen = [p.seen_at for p in products if p.seen_at is not None]
+            await queries.request_follow_next(
+                conn, request.id, watermark=max(seen) if seen else None,
+                interval=follow.interval)
+            return len(ids)
         urls = [split_login(u).url for u in request.urls] if request.urls else None
         await queries.request_finish(conn, request.id, "resolved", None, urls)
         return len(ids)
 
     async def _fail(self, conn: Any, request: Request, error: str) -> None:
-        if await queries.request_lock(conn, request.id) is not None:
-            await intake.fail(conn, request, error)
+        locked = await queries.request_lock(conn, request.id)
+        if locked is None:
+            return
+        if locked.status == "following":  # a standing request stays: the next run may work
+            provider = await queries.provider_by_id(conn, request.provider_id or 0)
+            delay = follow_settings(provider).interval if provider else 900.0
+            await queries.request_retry_later(conn, request.id, error, delay)
+            log.warning("request run failed", request_id=request.id, error=error,
+                        retry_in=delay)
+            return
+        await intake.fail(conn, request, error)
+        log.error("request failed", request_id=request.id, error=error)
 
 
 class _Gone(Exception):
     """The request left the queue while it was being resolved."""
 
 
-async def _expand_all(catalog: Catalog, request: Request, login: SplitUrl) -> \
+async def _expand_all(catalog: Catalog, request: Request, auth: Auth) -> \
         AsyncGenerator[ProductRef, None]:
     """Every URL of a request: patterns expanded by the catalog, plain URLs as they are."""
     for raw in request.urls or []:
         u = split_login(raw)
         if intake.is_pattern(u.url):
-            async for ref in catalog.expand(u.url, Source(u.url, login.user, login.password)):
+            async for ref in catalog.expand(u.url, auth):
                 yield ref
         else:
             yield ProductRef(url=u.url)

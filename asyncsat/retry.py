@@ -96,3 +96,43 @@ def _delay(error: RetryableError, n: int, policy: Policy) -> float:
     if error.retry_after is not None:
         wait = max(wait, error.retry_after)
     return wait
+
+
+DEFAULT_FOLLOW_INTERVAL = 900.0
+DEFAULT_FOLLOW_OVERLAP = 86400.0
+DEFAULT_OFFLINE_INTERVAL = 60.0
+MAX_OFFLINE_INTERVAL = 1800.0
+
+
+@dataclass(frozen=True)
+class Follow:
+    """When standing requests run and offline products are looked at (provider settings)."""
+
+    interval: float = DEFAULT_FOLLOW_INTERVAL
+    """`follow_interval`: seconds between two runs of a standing request."""
+    overlap: float = DEFAULT_FOLLOW_OVERLAP
+    """`follow_overlap`: how far before its watermark a run searches again, for products
+    the catalog indexed late."""
+    offline_interval: float = DEFAULT_OFFLINE_INTERVAL
+    """`offline_interval`: seconds before an offline product is first looked at again."""
+
+
+def follow_settings(provider: Provider) -> Follow:
+    s = provider.settings
+
+    def num(key: str, default: float) -> float:
+        value = s.get(key, default)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+            and value > 0 else default
+
+    return Follow(interval=num("follow_interval", DEFAULT_FOLLOW_INTERVAL),
+                  overlap=num("follow_overlap", DEFAULT_FOLLOW_OVERLAP),
+                  offline_interval=num("offline_interval", DEFAULT_OFFLINE_INTERVAL))
+
+
+def offline_delay(checks: int, follow: Follow, retry_after: float | None = None) -> float:
+    """Seconds before an offline product is looked at again, after `checks` earlier looks:
+    `offline_interval`, doubling each time, up to 30 minutes (or what the server asks)."""
+    first = min(follow.offline_interval, MAX_OFFLINE_INTERVAL)
+    delay = min(first * float(2 ** min(checks, 16)), max(first, MAX_OFFLINE_INTERVAL))
+    return max(delay, retry_after) if retry_after is not None else delay

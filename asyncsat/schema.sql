@@ -6,7 +6,7 @@ CREATE TABLE IF NOT EXISTS provider (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     name        text NOT NULL UNIQUE
                 CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$'),
-    protocol    text NOT NULL CHECK (protocol IN ('http', 'ftp', 'odata', 'stac', 'm2m')),
+    protocol    text NOT NULL,
     url         text,
     settings    jsonb NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(settings) = 'object'),
     -- true for the providers made implicitly for the host of a `get` URL
@@ -34,8 +34,7 @@ CREATE TABLE IF NOT EXISTS request (
     search      jsonb,
     dest        text,
     checksum    text,
-    status      text NOT NULL DEFAULT 'queued'
-                CHECK (status IN ('queued', 'resolved', 'failed', 'cancelled')),
+    status      text NOT NULL DEFAULT 'queued',
     error       text,
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now(),
@@ -93,10 +92,44 @@ BEGIN
     END IF;
 END;
 $$;
-CREATE UNIQUE INDEX IF NOT EXISTS download_url_unique ON download (provider_id, md5(url));
 
-CREATE INDEX IF NOT EXISTS download_queued_idx
-    ON download (provider_id, not_before, id) WHERE status = 'queued';
+-- 0.3: catalogs. A product is identified by the catalog's id when it has one, else by its
+-- URL: a product two searches find is fetched once, even when its URL changes (pre-signed)
+ALTER TABLE download ADD COLUMN IF NOT EXISTS product_id text;
+-- times an offline product was looked at (its next look is `not_before`, later each time)
+ALTER TABLE download ADD COLUMN IF NOT EXISTS offline_checks integer NOT NULL DEFAULT 0;
+DROP INDEX IF EXISTS download_url_unique;
+CREATE UNIQUE INDEX IF NOT EXISTS download_product_unique
+    ON download (provider_id, md5(coalesce('id:' || product_id, url)));
+
+-- standing requests (`search --follow`): searched again every follow_interval from a
+-- watermark (the newest publication or sensing time seen)
+ALTER TABLE request ADD COLUMN IF NOT EXISTS follow boolean NOT NULL DEFAULT false;
+ALTER TABLE request ADD COLUMN IF NOT EXISTS watermark timestamptz;
+ALTER TABLE request ADD COLUMN IF NOT EXISTS next_run timestamptz;
+ALTER TABLE request ADD COLUMN IF NOT EXISTS runs integer NOT NULL DEFAULT 0;
+DO $$
+BEGIN
+    -- 0.3 adds the `following` status and the `dhus` protocol
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'request_status_v3') THEN
+        ALTER TABLE request DROP CONSTRAINT IF EXISTS request_status_check;
+        ALTER TABLE request ADD CONSTRAINT request_status_v3 CHECK
+            (status IN ('queued', 'following', 'resolved', 'failed', 'cancelled'));
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'provider_protocol_v3') THEN
+        ALTER TABLE provider DROP CONSTRAINT IF EXISTS provider_protocol_check;
+        ALTER TABLE provider ADD CONSTRAINT provider_protocol_v3 CHECK
+            (protocol IN ('http', 'ftp', 'odata', 'dhus', 'stac', 'm2m'));
+    END IF;
+END;
+$$;
+
+-- what the claim reads: due rows of a provider, queued or offline (to be looked at again)
+DROP INDEX IF EXISTS download_queued_idx;
+CREATE INDEX IF NOT EXISTS download_due_idx
+    ON download (provider_id, not_before, id) WHERE status IN ('queued', 'offline');
+CREATE INDEX IF NOT EXISTS request_following_idx
+    ON request (next_run) WHERE status = 'following';
 CREATE INDEX IF NOT EXISTS download_request_idx ON download (request_id);
 -- two downloads never share a file on disk
 CREATE UNIQUE INDEX IF NOT EXISTS download_file_unique
@@ -138,8 +171,10 @@ CREATE OR REPLACE TRIGGER credential_touch BEFORE UPDATE ON credential
 -- New requests wake the daemon.
 CREATE OR REPLACE FUNCTION asyncsat_notify_request() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF NEW.status = 'queued' THEN
-        PERFORM pg_notify('asyncsat', json_build_object('type', 'request', 'id', NEW.id)::text);
+    IF NEW.status IN ('queued', 'following') OR (TG_OP = 'UPDATE' AND
+            NEW.status = 'cancelled' AND OLD.status IS DISTINCT FROM 'cancelled') THEN
+        PERFORM pg_notify('asyncsat', json_build_object(
+            'type', 'request', 'id', NEW.id, 'status', NEW.status)::text);
     END IF;
     -- a request resolved or failed (a search may queue nothing): for `--wait` clients
     IF TG_OP = 'UPDATE' AND NEW.status IS DISTINCT FROM OLD.status THEN

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+from asyncsat.auth.base import Auth
 from asyncsat.errors import UsageError
-from asyncsat.models import Checksum
+from asyncsat.models import Checksum, Download
 from asyncsat.transfer.base import Source
 
 
@@ -22,6 +23,55 @@ class ProductRef:
     checksum: Checksum | None = None
     size_binding: bool = True
     """False when the size may still change (a file listed while it is uploaded)."""
+    id: str | None = None
+    """The catalog's own id: the product's identity (None: the URL is)."""
+    online: bool = True
+    """False when the catalog reports it archived: it waits, `offline`, until it is not."""
+    seen_at: datetime | None = None
+    """When the catalog published (or, failing that, sensed) it: a standing request's
+    watermark moves to the newest one."""
+
+
+OPERATORS = ("<=", ">=", "<", ">", "=")
+"""`--filter` operators, in the order they are looked for."""
+
+
+@dataclass(frozen=True)
+class Filter:
+    """`KEY=VALUE` (equality) or `KEY<=VALUE`, `KEY>=VALUE`, `KEY<VALUE`, `KEY>VALUE`
+    (numbers); keys are the catalog's own attribute names."""
+
+    key: str
+    op: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.key}{self.op}{self.value}"
+
+    @property
+    def number(self) -> float | None:
+        """The value as a number, if it is one."""
+        try:
+            return float(self.value)
+        except ValueError:
+            return None
+
+    @classmethod
+    def parse(cls, text: str) -> Filter:
+        """`cloudCover<=20` -> Filter("cloudCover", "<=", "20"); UsageError otherwise."""
+        for i, char in enumerate(text):
+            if char in "<>=":
+                op = text[i:i + 2] if text[i:i + 2] in ("<=", ">=") else char
+                key, value = text[:i].strip(), text[i + len(op):].strip()
+                break
+        else:
+            raise UsageError(f"invalid filter {text!r}: use KEY=VALUE, KEY<=VALUE, "
+                             "KEY>=VALUE, KEY<VALUE or KEY>VALUE")
+        if not key or not value:
+            raise UsageError(f"invalid filter {text!r}: a key and a value are needed")
+        if op != "=" and cls(key, op, value).number is None:
+            raise UsageError(f"invalid filter {text!r}: {op} compares numbers")
+        return cls(key, op, value)
 
 
 @dataclass(frozen=True)
@@ -33,7 +83,7 @@ class Query:
     end: datetime | None = None
     bbox: tuple[float, float, float, float] | None = None
     wkt: str | None = None
-    filters: Mapping[str, str] = field(default_factory=dict)
+    filters: tuple[Filter, ...] = ()
     limit: int | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -48,7 +98,7 @@ class Query:
         if self.wkt is not None:
             out["wkt"] = self.wkt
         if self.filters:
-            out["filters"] = dict(self.filters)
+            out["filters"] = [str(f) for f in self.filters]
         if self.limit is not None:
             out["limit"] = self.limit
         return out
@@ -65,9 +115,7 @@ class Query:
         if bbox is not None:
             bbox = parse_bbox(bbox if isinstance(bbox, str) else
                               ",".join(str(v) for v in bbox) if isinstance(bbox, list) else "")
-        filters = data.get("filters") or {}
-        if not isinstance(filters, Mapping):
-            raise UsageError("search filters must be a JSON object")
+        filters = _filters(data.get("filters"))
         limit = data.get("limit")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
                                   or limit < 1):
@@ -78,7 +126,19 @@ class Query:
             raise UsageError("the search ends before it starts")
         return cls(collection=collection.strip(), start=start, end=end, bbox=bbox,
                    wkt=wkt if isinstance(wkt, str) else None,
-                   filters={str(k): str(v) for k, v in filters.items()}, limit=limit)
+                   filters=filters, limit=limit)
+
+
+def _filters(raw: object) -> tuple[Filter, ...]:
+    """A list of expressions (`["cloudCover<=20"]`), or an object of equalities."""
+    if raw is None:
+        return ()
+    if isinstance(raw, Mapping):
+        return tuple(Filter.parse(f"{k}={v}") for k, v in raw.items())
+    if isinstance(raw, list) and all(isinstance(f, str) for f in raw):
+        return tuple(Filter.parse(f) for f in raw)
+    raise UsageError('search filters must be a list such as ["cloudCover<=20"] or an object '
+                     'such as {"productType": "S2MSI1C"}')
 
 
 def parse_time(value: object, what: str) -> datetime | None:
@@ -106,12 +166,23 @@ def parse_bbox(text: str) -> tuple[float, float, float, float]:
 
 
 class Catalog(Protocol):
-    """One adapter per provider protocol. Errors are asyncsat CatalogError/TransferError."""
+    """One adapter per provider protocol. Errors are asyncsat CatalogError/TransferError.
 
-    def search(self, query: Query, login: Source) -> AsyncGenerator[ProductRef, None]:
-        """The products matching `query`, logging in as `login` (its URL: the provider's)."""
+    Every call is made while the caller holds a slot of the account `auth` belongs to.
+    """
+
+    def search(self, query: Query, auth: Auth, since: datetime | None = None) -> \
+            AsyncGenerator[ProductRef, None]:
+        """The products matching `query`; `since`: only those published since then (the
+        watermark of a standing request, less an overlap)."""
         ...
 
-    def expand(self, pattern: str, login: Source) -> AsyncGenerator[ProductRef, None]:
+    def expand(self, pattern: str, auth: Auth) -> AsyncGenerator[ProductRef, None]:
         """The products a URL pattern (`ftp://host/dir/*.nc`) stands for."""
+        ...
+
+    async def prepare(self, download: Download, auth: Auth) -> Source:
+        """Where to fetch the product from now, and how to log in there (`auth`, or none
+        for a host that is not the provider's); OfflineError while it is not available
+        (archived, being prepared), with the delay to look again when the API tells it."""
         ...

@@ -18,10 +18,11 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import structlog
 
+from asyncsat.auth.base import Auth
 from asyncsat.catalogs.base import ProductRef, Query
 from asyncsat.catalogs.templates import check_template, expand, matches, split_pattern
 from asyncsat.errors import CatalogError, NotFoundError, UsageError
-from asyncsat.models import Provider
+from asyncsat.models import Download, Provider
 from asyncsat.naming import ftp_path
 from asyncsat.transfer.base import Folders, RemoteEntry, Source
 
@@ -43,17 +44,21 @@ class FtpTree:
         self._lister = lister
         self._provider = provider
 
-    async def search(self, query: Query, login: Source) -> AsyncGenerator[ProductRef, None]:
+    async def search(self, query: Query, auth: Auth, since: datetime | None = None) -> \
+            AsyncGenerator[ProductRef, None]:
         template = layout(self._provider, query)
         if not self._provider.url:
             raise CatalogError(f"provider {self._provider.name} has no URL to search")
         now = datetime.now(UTC)
+        start = query.start or now
+        if since is not None:  # a standing request: only the days since its last run
+            start = max(start, since)
         by_folder: dict[str, list[str]] = {}
-        for pattern in expand(template, query.start or now, query.end or now):
+        for pattern in expand(template, start, query.end or now):
             folder, name = split_pattern("/" + pattern.lstrip("/"))
             by_folder.setdefault(folder, []).append(name)
         base = self._provider.url.rstrip("/")
-        async with self._lister.folders(Source(base + "/", login.user, login.password)) as \
+        async with self._lister.folders(Source(base + "/", auth)) as \
                 session:
             for folder, names in by_folder.items():
                 folder_url = base + quote(folder)
@@ -66,15 +71,18 @@ class FtpTree:
                 for ref in _matching(entries, folder_url, names):
                     yield ref
 
-    async def expand(self, pattern: str, login: Source) -> AsyncGenerator[ProductRef, None]:
+    async def expand(self, pattern: str, auth: Auth) -> AsyncGenerator[ProductRef, None]:
         parts = urlsplit(pattern)
         folder, wanted = split_pattern(ftp_path(pattern))
         folder_url = urlunsplit((parts.scheme, parts.netloc, quote(folder), "", ""))
-        async with self._lister.folders(Source(folder_url, login.user, login.password)) as \
+        async with self._lister.folders(Source(folder_url, auth)) as \
                 session:
             entries = await session.listing(folder_url)
         for ref in _matching(entries, folder_url, [wanted]):
             yield ref
+
+    async def prepare(self, download: Download, auth: Auth) -> Source:
+        return Source(download.url, auth)  # a listed file is there to fetch
 
 
 def layout(provider: Provider, query: Query) -> str:

@@ -19,6 +19,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+    # a pooled connection the server cut in the middle of an operation can report this
+    # ("cannot switch to state N; another operation is in progress") on its next use
+    asyncpg.InternalClientError,
     TimeoutError,
 )
 

@@ -18,7 +18,8 @@ DAEMON_LOCK = 0x61737974  # advisory lock held by the one running daemon
 _DOWNLOAD_COLUMNS = """
     d.id, d.request_id, d.provider_id, p.name AS provider, d.url, d.name, d.dest, d.size,
     d.checksum_algo, d.checksum_value, d.status, d.bytes_done, d.attempts, d.failures,
-    d.error, d.path, d.etag, d.last_modified, d.login_user, d.login_secret, d.size_origin
+    d.error, d.path, d.etag, d.last_modified, d.login_user, d.login_secret, d.size_origin,
+    d.product_id, d.offline_checks
 """
 
 
@@ -34,7 +35,9 @@ def _download(row: Any) -> Download:
         attempts=row["attempts"], failures=row["failures"], error=row["error"],
         path=row["path"], etag=row["etag"], last_modified=row["last_modified"],
         login_user=row["login_user"], login_secret=row["login_secret"],
-        size_from_server=row["size_origin"] == "server",
+        size_from_server=row["size_origin"] == "server", product_id=row["product_id"],
+        offline_checks=row["offline_checks"],
+        claimed_from=row.get("claimed_from") or row["status"],
     )
 
 
@@ -48,7 +51,8 @@ def _provider(row: Any) -> Provider:
 def _request(r: Any) -> Request:
     return Request(id=r["id"], provider_id=r["provider_id"], urls=r["urls"], search=r["search"],
                    dest=r["dest"], checksum=r["checksum"], login_user=r["login_user"],
-                   login_secret=r["login_secret"])
+                   login_secret=r["login_secret"], follow=r["follow"],
+                   watermark=r["watermark"], status=r["status"])
 
 
 # -- providers and credentials ------------------------------------------------------------
@@ -128,13 +132,13 @@ async def accounts(db: Any) -> list[tuple[Provider, list[Credential]]]:
 async def request_insert(
     db: Any, *, provider_id: int | None, urls: Sequence[str] | None,
     search: dict[str, object] | None, dest: str | None, checksum: str | None, status: str,
-    login_user: str | None = None, login_secret: str | None = None,
+    login_user: str | None = None, login_secret: str | None = None, follow: bool = False,
 ) -> int:
     value: int = await db.fetchval(
         "INSERT INTO request (provider_id, urls, search, dest, checksum, status, login_user,"
-        " login_secret) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+        " login_secret, follow) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
         provider_id, list(urls) if urls is not None else None, search, dest, checksum, status,
-        login_user, login_secret,
+        login_user, login_secret, follow,
     )
     return value
 
@@ -142,9 +146,12 @@ async def request_insert(
 async def request_lock_queued(
     db: Any, limit: int = 20, exclude: Sequence[int] = ()
 ) -> list[Request]:
-    """Lock queued requests for resolution (inside a transaction), but those in `exclude`."""
+    """Lock requests to resolve (inside a transaction), but those in `exclude`: the queued
+    ones, and the standing ones whose next run is due."""
     rows = await db.fetch(
-        "SELECT * FROM request WHERE status = 'queued' AND NOT id = ANY($2::bigint[])"
+        "SELECT * FROM request WHERE (status = 'queued'"
+        "  OR (status = 'following' AND coalesce(next_run, now()) <= now()))"
+        " AND NOT id = ANY($2::bigint[])"
         " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         limit, list(exclude),
     )
@@ -154,9 +161,11 @@ async def request_lock_queued(
 
 
 async def request_lock(db: Any, request_id: int) -> Request | None:
-    """Lock one request that is still queued (inside a transaction); None otherwise."""
+    """Lock one request still to resolve, queued or standing (inside a transaction); None
+    when it was resolved, failed or cancelled meanwhile."""
     r = await db.fetchrow(
-        "SELECT * FROM request WHERE id = $1 AND status = 'queued' FOR UPDATE", request_id)
+        "SELECT * FROM request WHERE id = $1 AND status IN ('queued', 'following') FOR UPDATE",
+        request_id)
     if r is None:
         return None
     return _request(r)
@@ -192,19 +201,59 @@ async def request_finish(
     )
 
 
+async def request_follow_next(
+    db: Any, request_id: int, *, watermark: Any, interval: float, urls: None = None
+) -> None:
+    """A standing request ran: its watermark moves on, its next run is due in `interval`."""
+    await db.execute(
+        "UPDATE request SET status = 'following', error = NULL, runs = runs + 1,"
+        " watermark = greatest(watermark, $2), next_run = now() + make_interval(secs => $3)"
+        " WHERE id = $1",
+        request_id, watermark, interval,
+    )
+
+
+async def request_retry_later(db: Any, request_id: int, error: str, delay: float) -> None:
+    """A standing request whose run failed stays standing; the error shows until a run works."""
+    await db.execute(
+        "UPDATE request SET error = $2, next_run = now() + make_interval(secs => $3)"
+        " WHERE id = $1 AND status = 'following'",
+        request_id, error, delay,
+    )
+
+
+async def request_product_count(db: Any, request_id: int) -> int:
+    value: int = await db.fetchval(
+        "SELECT count(*) FROM request_download WHERE request_id = $1", request_id)
+    return value
+
+
+async def next_request_due(db: Any) -> float | None:
+    """Seconds until the next standing request is to be searched again (None: none)."""
+    value: float | None = await db.fetchval(
+        "SELECT extract(epoch FROM min(next_run) - now())::float8 FROM request"
+        " WHERE status = 'following'")
+    return None if value is None else max(0.0, value)
+
+
 async def download_add(
     db: Any, *, request_id: int, provider_id: int, url: str, name: str | None, dest: str,
     size: int | None, checksum: Checksum | None, login_user: str | None,
-    login_secret: str | None, size_origin: str = "catalog",
+    login_secret: str | None, size_origin: str = "catalog", product_id: str | None = None,
+    offline_in: float | None = None, revive: bool = True,
 ) -> int:
-    """Queue a product once; asking again for a failed or cancelled one queues it again.
+    """Queue a product once, known by its catalog id (else its URL); count it in the request.
 
-    A `name` another product of the folder already has (daily folders reusing a file name,
-    two searches queueing at once) is left for the transfer to choose (`name_<id>`).
+    Asking again for a failed or cancelled product queues it again (`revive`; a standing
+    request's later runs do not). A product found again with another URL (pre-signed
+    ones change) takes the new one. `offline_in`: the catalog reports it offline, to be
+    looked at again in that many seconds. A `name` another product of the folder already
+    has (daily folders reusing a file name) is left for the transfer to choose (`name_<id>`).
     """
     args = (request_id, provider_id, url, name, dest, size,
             checksum.algo if checksum else None, checksum.value if checksum else None,
-            login_user, login_secret, size_origin)
+            login_user, login_secret, size_origin, product_id,
+            "offline" if offline_in is not None else "queued", offline_in or 0.0, revive)
     if name is None:
         download_id: int = await db.fetchval(_DOWNLOAD_ADD, *args)
     else:
@@ -223,21 +272,25 @@ async def download_add(
     return download_id
 
 
+_REVIVED = "($15 AND download.status IN ('failed', 'cancelled'))"
 _DOWNLOAD_ADD = (
     "INSERT INTO download (request_id, provider_id, url, name, dest, size, checksum_algo,"
-    " checksum_value, login_user, login_secret, size_origin)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-    " ON CONFLICT (provider_id, md5(url)) DO UPDATE SET"
-    "  status = CASE WHEN download.status IN ('failed', 'cancelled') THEN 'queued'"
-    "           ELSE download.status END,"
-    "  failures = CASE WHEN download.status IN ('failed', 'cancelled') THEN 0"
-    "             ELSE download.failures END,"
-    "  not_before = now(),"
+    " checksum_value, login_user, login_secret, size_origin, product_id, status, not_before,"
+    " offline_checks)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
+    "  now() + make_interval(secs => $14), ($13 = 'offline')::int)"
+    " ON CONFLICT (provider_id, md5(coalesce('id:' || product_id, url))) DO UPDATE SET"
+    f"  status = CASE WHEN {_REVIVED} THEN EXCLUDED.status ELSE download.status END,"
+    f"  failures = CASE WHEN {_REVIVED} THEN 0 ELSE download.failures END,"
+    f"  not_before = CASE WHEN {_REVIVED} OR download.status = 'queued'"
+    "   THEN least(download.not_before, EXCLUDED.not_before) ELSE download.not_before END,"
+    # a catalog product keeps its identity when its URL changes (pre-signed URLs expire)
+    "  url = CASE WHEN download.product_id IS NOT NULL THEN EXCLUDED.url ELSE download.url END,"
     # a failed product asked for again takes the new checksum (the old one may be a typo)
-    "  checksum_algo = CASE WHEN download.status IN ('failed', 'cancelled')"
+    f"  checksum_algo = CASE WHEN {_REVIVED}"
     "   AND EXCLUDED.checksum_algo IS NOT NULL THEN EXCLUDED.checksum_algo"
     "   ELSE coalesce(download.checksum_algo, EXCLUDED.checksum_algo) END,"
-    "  checksum_value = CASE WHEN download.status IN ('failed', 'cancelled')"
+    f"  checksum_value = CASE WHEN {_REVIVED}"
     "   AND EXCLUDED.checksum_value IS NOT NULL THEN EXCLUDED.checksum_value"
     "   ELSE coalesce(download.checksum_value, EXCLUDED.checksum_value) END,"
     "  login_user = coalesce(EXCLUDED.login_user, download.login_user),"
@@ -256,14 +309,19 @@ async def release_running(db: Any) -> int:
     return int(result.split()[-1])
 
 
-async def queued_providers(db: Any) -> list[tuple[int, int, float | None]]:
-    """(provider_id, rows due now, seconds until the next row not yet due) per provider."""
+async def queued_providers(db: Any) -> list[tuple[int, int, float | None, float | None]]:
+    """Per provider: (id, rows due now, seconds until the next queued row is due, seconds
+    until the next offline row is to be looked at again)."""
     rows = await db.fetch(
         "SELECT provider_id, count(*) FILTER (WHERE not_before <= now()) AS due,"
-        " extract(epoch FROM min(not_before) FILTER (WHERE not_before > now()) - now())::float8"
-        " AS wait FROM download WHERE status = 'queued' GROUP BY provider_id ORDER BY provider_id"
+        " extract(epoch FROM min(not_before) FILTER (WHERE not_before > now()"
+        "  AND status = 'queued') - now())::float8 AS wait,"
+        " extract(epoch FROM min(not_before) FILTER (WHERE not_before > now()"
+        "  AND status = 'offline') - now())::float8 AS offline_wait"
+        " FROM download WHERE status IN ('queued', 'offline')"
+        " GROUP BY provider_id ORDER BY provider_id"
     )
-    return [(r["provider_id"], r["due"], r["wait"]) for r in rows]
+    return [(r["provider_id"], r["due"], r["wait"], r["offline_wait"]) for r in rows]
 
 
 async def pending_work(db: Any) -> bool:
@@ -284,10 +342,12 @@ async def claim(db: Any, provider_id: int, limit: int, default_dest: str) -> lis
     rows = await db.fetch(
         f"""
         WITH picked AS (
-            SELECT id FROM download
-            WHERE status = 'queued' AND provider_id = $1 AND not_before <= now()
+            SELECT id, status AS claimed_from FROM download
+            WHERE status IN ('queued', 'offline') AND provider_id = $1 AND not_before <= now()
             ORDER BY not_before, id LIMIT $2 FOR UPDATE SKIP LOCKED
         ), claimed AS (
+            -- (looking at an offline product again uses no attempt: download_offline
+            -- gives it back when the product is still offline)
             UPDATE download d SET status = 'running', attempts = d.attempts + 1,
                 started_at = now(), finished_at = NULL, dest = coalesce(d.dest, $3),
                 -- a row inserted with a name and no dest: another product of the default
@@ -296,9 +356,10 @@ async def claim(db: Any, provider_id: int, limit: int, default_dest: str) -> lis
                     SELECT 1 FROM download o WHERE o.provider_id = d.provider_id
                     AND o.id <> d.id AND coalesce(o.dest, '') = $3 AND o.name = d.name)
                     THEN NULL ELSE d.name END
-            FROM picked WHERE d.id = picked.id RETURNING d.*
+            FROM picked WHERE d.id = picked.id RETURNING d.*, picked.claimed_from
         )
-        SELECT {_DOWNLOAD_COLUMNS} FROM claimed d JOIN provider p ON p.id = d.provider_id
+        SELECT {_DOWNLOAD_COLUMNS}, d.claimed_from
+        FROM claimed d JOIN provider p ON p.id = d.provider_id
         ORDER BY d.id
         """,
         provider_id, limit, default_dest,
@@ -368,6 +429,20 @@ async def download_end(
     )
 
 
+async def download_offline(
+    db: Any, download_id: int, *, error: str, delay: float, bytes_done: int,
+) -> None:
+    """The product is offline (archived): look at it again in `delay` seconds. Waiting
+    uses no attempt: the one the claim counted is given back."""
+    await db.execute(
+        "UPDATE download SET status = 'offline', error = $2, bytes_done = $3,"
+        " attempts = greatest(0, attempts - 1), offline_checks = offline_checks + 1,"
+        " not_before = now() + make_interval(secs => $4)"
+        " WHERE id = $1 AND status = 'running'",
+        download_id, error, bytes_done, delay,
+    )
+
+
 async def download_status(db: Any, download_id: int) -> str | None:
     value: str | None = await db.fetchval("SELECT status FROM download WHERE id = $1", download_id)
     return value
@@ -384,17 +459,6 @@ async def status_rows(db: Any, request_id: int | None = None) -> list[dict[str, 
         " WHERE $1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
         "  (SELECT download_id FROM request_download WHERE request_id = $1)"
         " ORDER BY d.id",
-        request_id,
-    )
-    return [dict(r) for r in rows]
-
-
-async def requests_unresolved(db: Any, request_id: int | None = None) -> list[dict[str, Any]]:
-    """Requests not (yet) turned into downloads: queued, or failed with their reason."""
-    rows = await db.fetch(
-        "SELECT id, status, urls, search, error FROM request"
-        " WHERE status IN ('queued', 'failed') AND ($1::bigint IS NULL OR id = $1)"
-        " ORDER BY id",
         request_id,
     )
     return [dict(r) for r in rows]
@@ -462,3 +526,49 @@ async def try_daemon_lock(db: Any) -> bool:
     """Take the single-daemon lock on this connection (session-level)."""
     value: bool = await db.fetchval("SELECT pg_try_advisory_lock($1)", DAEMON_LOCK)
     return value
+
+
+# -- requests as users follow them -------------------------------------------------------------
+
+async def request_rows(db: Any, request_id: int | None = None) -> list[dict[str, Any]]:
+    """Requests with the counts of their products by status, and their bytes."""
+    rows = await db.fetch(
+        "SELECT r.id, r.status, r.error, r.follow, r.search, r.urls, r.dest, r.created_at,"
+        " r.next_run, r.watermark, r.runs, p.name AS provider,"
+        " count(d.id) AS products,"
+        " count(d.id) FILTER (WHERE d.status = 'done') AS done,"
+        " count(d.id) FILTER (WHERE d.status = 'failed') AS failed,"
+        " count(d.id) FILTER (WHERE d.status = 'cancelled') AS cancelled,"
+        " count(d.id) FILTER (WHERE d.status = 'offline') AS offline,"
+        " count(d.id) FILTER (WHERE d.status IN ('queued', 'running')) AS pending,"
+        " coalesce(sum(d.bytes_done), 0)::bigint AS bytes_done,"
+        " sum(d.size)::bigint AS size,"
+        " (SELECT d2.error FROM request_download rd2 JOIN download d2 ON d2.id = rd2.download_id"
+        "  WHERE rd2.request_id = r.id AND d2.status = 'failed' ORDER BY d2.id LIMIT 1)"
+        "  AS product_error"
+        " FROM request r LEFT JOIN provider p ON p.id = r.provider_id"
+        " LEFT JOIN request_download rd ON rd.request_id = r.id"
+        " LEFT JOIN download d ON d.id = rd.download_id"
+        " WHERE $1::bigint IS NULL OR r.id = $1"
+        " GROUP BY r.id, p.name ORDER BY r.id",
+        request_id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def cancel_request(db: Any, request_id: int) -> tuple[bool, int, int]:
+    """Cancel a request (a standing one stops) and its unfinished downloads that no other
+    live request wants. (request ended now, downloads cancelled, downloads kept)."""
+    ended: str = await db.execute(
+        "UPDATE request SET status = 'cancelled', login_secret = NULL, next_run = NULL"
+        " WHERE id = $1 AND status IN ('queued', 'following', 'resolved')", request_id)
+    rows = await db.fetch(
+        "SELECT d.id, EXISTS (SELECT 1 FROM request_download o JOIN request r"
+        "  ON r.id = o.request_id WHERE o.download_id = d.id AND r.id <> $1"
+        "  AND r.status IN ('queued', 'following', 'resolved')) AS shared"
+        " FROM request_download rd JOIN download d ON d.id = rd.download_id"
+        " WHERE rd.request_id = $1 AND d.status IN ('queued', 'running', 'offline')",
+        request_id)
+    mine = [r["id"] for r in rows if not r["shared"]]
+    count = await cancel(db, mine) if mine else 0
+    return ended.split()[-1] != "0", count, len(rows) - len(mine)

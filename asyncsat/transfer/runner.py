@@ -116,7 +116,7 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
         attempt.size = start
         try:
             async for chunk in chunks:
-                part.write(chunk)
+                await part.write(chunk)
                 attempt.size = part.size
                 await events.progress(part.size, total)
             if total is not None and part.size < total:

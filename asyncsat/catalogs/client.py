@@ -1,0 +1,103 @@
+"""JSON over HTTP for catalog APIs (OData, STAC, ...): auth, error mapping, one session.
+
+Every call is sent while the caller holds a slot of the account. A 401 to a token is
+renewed once and the call repeated; errors become asyncsat errors with the server's own
+reason (a 400 naming the filter it could not parse, a 429 with its Retry-After).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from asyncsat.auth.base import Auth
+from asyncsat.errors import PermanentError, RetryableError
+from asyncsat.transfer.http import USER_AGENT, error_for_status, map_exceptions
+
+MAX_BODY = 64 << 20
+"""A catalog page larger than this is refused (a misbehaving server, not a page)."""
+
+
+class JsonClient:
+    """GET and POST of JSON documents; the session is made on first use."""
+
+    def __init__(self, *, timeout: float = 120.0) -> None:
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout, sock_connect=30),
+                headers={"User-Agent": USER_AGENT, "Accept": "application/json"})
+        return self._session
+
+    async def get(self, url: str, auth: Auth, params: dict[str, str] | None = None) -> Any:
+        return await self.send("GET", url, auth, params=params)
+
+    async def post(self, url: str, auth: Auth, body: Any) -> Any:
+        return await self.send("POST", url, auth, body=body)
+
+    async def send(self, method: str, url: str, auth: Auth, *,
+                   params: dict[str, str] | None = None, body: Any = None,
+                   headers: dict[str, str] | None = None) -> Any:
+        """The decoded JSON answer; asyncsat errors for error statuses and non-JSON."""
+        with map_exceptions():
+            sent = await auth.headers()
+            status, reason, retry_after, raw = await self._once(
+                method, url, {**sent, **(headers or {})}, params, body)
+            if status == 401 and auth.rejected(sent):
+                sent = await auth.headers()
+                status, reason, retry_after, raw = await self._once(
+                    method, url, {**sent, **(headers or {})}, params, body)
+        if status >= 400:
+            raise error_for_status(status, reason, retry_after, _detail(raw))
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise RetryableError(f"the catalog answered HTTP {status} with no JSON "
+                                 f"({len(raw)} bytes)") from None
+
+    async def _once(self, method: str, url: str, headers: dict[str, str],
+                    params: dict[str, str] | None, body: Any) -> tuple[int, str, str | None, bytes]:
+        async with self._http().request(method, url, params=params, json=body,
+                                        headers=headers) as response:
+            raw = await response.content.read(MAX_BODY + 1)
+            if len(raw) > MAX_BODY:
+                raise PermanentError(f"the catalog page at {url} is larger than {MAX_BODY} bytes")
+            return (response.status, response.reason or "", response.headers.get("Retry-After"),
+                    raw)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _detail(raw: bytes) -> str:
+    """The server's reason in one short line: OData/FastAPI `detail`, STAC `description`,
+    `message`, `error`; else the start of the body."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return " ".join(raw[:200].decode("utf-8", "replace").split())
+    found = _find_message(doc)
+    return " ".join(found.split())[:300] if found else ""
+
+
+def _find_message(doc: Any) -> str:
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, list):
+        return "; ".join(m for m in (_find_message(d) for d in doc[:3]) if m)
+    if isinstance(doc, dict):
+        for key in ("detail", "description", "message", "msg", "error_description", "error"):
+            if key in doc:
+                inner = _find_message(doc[key])
+                if inner:
+                    loc = doc.get("loc")
+                    where = ".".join(str(x) for x in loc) if isinstance(loc, list) else ""
+                    return f"{where}: {inner}" if where else inner
+    return ""
