@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from asyncsat import checksums, daemon, intake
+from asyncsat import checksums, daemon, intake, provider_settings
 from asyncsat.catalogs.base import Query, parse_bbox, parse_time
 from asyncsat.catalogs.ftp_tree import layout
 from asyncsat.catalogs.templates import split_pattern
@@ -20,7 +20,7 @@ from asyncsat.db import queries
 from asyncsat.db.listener import DaemonLocked
 from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor
-from asyncsat.models import TERMINAL
+from asyncsat.models import TERMINAL, Provider
 from asyncsat.naming import ftp_path
 from asyncsat.render import ProgressBar, requests_table, status_table
 
@@ -50,7 +50,7 @@ def _setting(text: str) -> tuple[str, object]:
 
 
 async def provider_add(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
-    config = dict(_setting(s) for s in args.set)
+    config = provider_settings.validate(args.protocol, dict(_setting(s) for s in args.set))
     url = args.url
     if url is not None:
         parts = urlsplit(url)
@@ -59,9 +59,21 @@ async def provider_add(args: argparse.Namespace, settings: Settings, redactor: R
         if parts.username or parts.password:
             raise UsageError("put logins in a credential (asyncsat credential add), not the URL")
     async with daemon.connection(settings) as conn:
+        if url is not None:
+            same = _same_url(url, await queries.provider_list(conn))
+            if same is not None:
+                raise UsageError(f"provider {same.name} already has the URL {same.url}: "
+                                 "one URL, one provider")
         provider = await queries.provider_add(conn, args.name, args.protocol, url, config)
     print(f"provider {provider.name} added")
     return 0
+
+
+def _same_url(url: str, providers: list[Provider]) -> Provider | None:
+    """The explicit provider with the same base URL (as `get` matches them), if any."""
+    key = url.rstrip("/").lower()
+    return next((p for p in providers
+                 if p.url and not p.implicit and p.url.rstrip("/").lower() == key), None)
 
 
 async def provider_list(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:

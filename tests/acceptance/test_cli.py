@@ -40,6 +40,9 @@ async def _count(dsn: str) -> int:
     ["provider", "add", "bad/name", "--protocol", "http"],
     ["provider", "add", "x", "--protocol", "gopher"],
     ["provider", "add", "x", "--protocol", "http", "--url", "nota url"],
+    ["provider", "add", "x", "--protocol", "http", "--set", "max_connections=-3"],
+    ["provider", "add", "x", "--protocol", "http", "--set", "bogus_key=1"],
+    ["provider", "add", "x", "--protocol", "odata", "--url", "https://HUB.example/odata/v1"],
     ["status", "--request", "999"],
     ["retry", "12345"],
     ["retry"],
@@ -59,6 +62,26 @@ async def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("asyncsat: error: "), result.stderr
     assert await _count(dsn) == before
+
+
+async def test_provider_add_names_the_bad_key(dsn: str, tmp_path: Path) -> None:
+    for args, named in [
+        (["--set", "max_connections=-3"], "max_connections=-3"),
+        (["--set", "bogus_key=1"], "'bogus_key'"),
+        (["--url", "https://a.example/data/", "--set", "max_attempts=0"], "max_attempts=0"),
+    ]:
+        r = await asyncio.to_thread(cli, "provider", "add", "p", "--protocol", "http", *args,
+                                    dsn=dsn, home=tmp_path)
+        assert r.returncode == 2 and named in r.stderr, r.stderr
+    first = await asyncio.to_thread(cli, "provider", "add", "a", "--protocol", "http", "--url",
+                                    "https://a.example/data/", dsn=dsn, home=tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = await asyncio.to_thread(cli, "provider", "add", "b", "--protocol", "http",
+                                     "--url", "https://a.example/data", dsn=dsn, home=tmp_path)
+    assert second.returncode == 2
+    assert second.stderr.strip() == ("asyncsat: error: provider a already has the URL "
+                                     "https://a.example/data/: one URL, one provider")
+    assert await _count(dsn) == 1
 
 
 async def test_provider_and_credential_lists_never_show_a_secret(dsn: str,
