@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     padd.add_argument("--url")
     padd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     prov.add_parser("list", help="list providers").add_argument("--json", action="store_true")
+    prem = prov.add_parser("remove", help="remove a provider, its credentials and its "
+                           "download rows (files are kept)")
+    prem.add_argument("name")
+    prem.add_argument("--force", action="store_true",
+                      help="even with unfinished downloads (they are cancelled)")
 
     cred = sub.add_parser("credential", help="manage credentials").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -81,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     secret.add_argument("--password-stdin", action="store_true")
     cadd.add_argument("--max-connections", type=_positive)
     cred.add_parser("list", help="list credentials").add_argument("--json", action="store_true")
+    crem = cred.add_parser("remove", help="remove an account of a provider")
+    crem.add_argument("provider")
+    crem.add_argument("--user", required=True)
 
     get = sub.add_parser("get", help="queue URLs for download")
     get.add_argument("urls", nargs="+", metavar="URL")

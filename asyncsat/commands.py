@@ -89,6 +89,26 @@ async def provider_list(args: argparse.Namespace, settings: Settings, redactor: 
     return 0
 
 
+async def provider_remove(args: argparse.Namespace, settings: Settings,
+                          redactor: Redactor) -> int:
+    async with daemon.connection(settings) as conn, conn.transaction():
+        provider = await queries.provider_get(conn, args.name)
+        if provider is None:
+            raise UsageError(f"unknown provider {args.name!r}")
+        downloads, requests = await queries.provider_unfinished(conn, provider.id)
+        if (downloads or requests) and not args.force:
+            raise UsageError(
+                f"provider {provider.name} has {downloads} unfinished download(s) (queued, "
+                f"running or offline) and {requests} queued request(s): cancel them, "
+                "or remove it with --force")
+        credentials, rows = await queries.provider_remove(conn, provider.id)
+    print(f"provider {provider.name} removed, with {credentials} credential(s) and {rows} "
+          f"download row(s)" + (f", {downloads} of them unfinished" if downloads else "")
+          + (f"; {requests} queued request(s) cancelled" if requests else "")
+          + "; files on disk are kept")
+    return 0
+
+
 def _read_secret(args: argparse.Namespace) -> str:
     if args.password_env:
         value = os.environ.get(args.password_env)
@@ -121,6 +141,19 @@ async def credential_add(args: argparse.Namespace, settings: Settings, redactor:
         await queries.credential_upsert(conn, provider.id, args.user, secret,
                                         args.max_connections)
     print(f"credential {args.user} for {args.provider} saved")
+    return 0
+
+
+async def credential_remove(args: argparse.Namespace, settings: Settings,
+                            redactor: Redactor) -> int:
+    async with daemon.connection(settings) as conn:
+        provider = await queries.provider_get(conn, args.provider)
+        if provider is None:
+            raise UsageError(f"unknown provider {args.provider!r}")
+        if not await queries.credential_remove(conn, provider.id, args.user):
+            raise UsageError(f"provider {provider.name} has no credential for user "
+                             f"{args.user!r}")
+    print(f"credential {args.user} of {provider.name} removed")
     return 0
 
 

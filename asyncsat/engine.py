@@ -303,7 +303,9 @@ class Engine:
         await self.store.call(queries.download_requeue, d.id, error=d.error, failures=d.failures,
                               bytes_done=attempt.size, delay=0.0)
         status = await self.store.call(queries.download_status, d.id)
-        if status == "cancelled":
+        if status is None:  # its provider was removed (`provider remove --force`)
+            bound.info("download removed", bytes_done=attempt.size)
+        elif status == "cancelled":
             bound.info("download cancelled", bytes_done=attempt.size)
         else:
             bound.info("download queued", reason="stopped", bytes_done=attempt.size)

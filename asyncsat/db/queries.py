@@ -102,6 +102,50 @@ async def credential_upsert(
     )
 
 
+async def provider_unfinished(db: Any, provider_id: int) -> tuple[int, int]:
+    """(downloads queued, running or offline; requests still to be searched) of a provider."""
+    row = await db.fetchrow(
+        "SELECT (SELECT count(*) FROM download WHERE provider_id = $1"
+        "  AND status IN ('queued', 'running', 'offline')) AS downloads,"
+        " (SELECT count(*) FROM request WHERE provider_id = $1"
+        "  AND status IN ('queued', 'following'))"
+        " AS requests",
+        provider_id,
+    )
+    return int(row["downloads"]), int(row["requests"])
+
+
+async def provider_remove(db: Any, provider_id: int) -> tuple[int, int]:
+    """Delete a provider, its credentials and its download rows (inside a transaction).
+
+    Unfinished downloads are cancelled first, so that a daemon running one stops it.
+    Returns (credentials, downloads) removed.
+    """
+    await db.execute(
+        "UPDATE download SET status = 'cancelled', finished_at = now()"
+        " WHERE provider_id = $1 AND status IN ('queued', 'running', 'offline')",
+        provider_id,
+    )
+    await db.execute(
+        "UPDATE request SET status = 'cancelled', error = 'its provider was removed'"
+        " WHERE provider_id = $1 AND status IN ('queued', 'following')",
+        provider_id,
+    )
+    downloads = await db.execute("DELETE FROM download WHERE provider_id = $1", provider_id)
+    credentials = await db.execute("DELETE FROM credential WHERE provider_id = $1",
+                                   provider_id)
+    await db.execute("DELETE FROM provider WHERE id = $1", provider_id)
+    return int(credentials.split()[-1]), int(downloads.split()[-1])
+
+
+async def credential_remove(db: Any, provider_id: int, username: str) -> bool:
+    result: str = await db.execute(
+        "DELETE FROM credential WHERE provider_id = $1 AND username = $2",
+        provider_id, username,
+    )
+    return result != "DELETE 0"
+
+
 async def credential_list(db: Any) -> list[dict[str, object]]:
     rows = await db.fetch(
         "SELECT c.id, p.name AS provider, c.username AS user, c.max_connections, c.enabled"

@@ -213,3 +213,21 @@ async def test_get_wait_exit_code_reflects_failures(server: FileServer, dsn: str
     out, _err = await proc.communicate()
     assert proc.returncode == 1
     assert "done" in out.decode() and "failed" in out.decode()
+
+
+async def test_credential_remove(dsn: str, tmp_path: Path) -> None:
+    for step in (["provider", "add", "hub", "--protocol", "http", "--url", "https://h.example/"],
+                 ["credential", "add", "hub", "--user", "alice", "--password-env", "PW"],
+                 ["credential", "add", "hub", "--user", "bob", "--password-env", "PW"]):
+        r = await asyncio.to_thread(cli, *step, dsn=dsn, home=tmp_path, env={"PW": "pw-123"})
+        assert r.returncode == 0, r.stderr
+    removed = await asyncio.to_thread(cli, "credential", "remove", "hub", "--user", "alice",
+                                      dsn=dsn, home=tmp_path)
+    assert (removed.returncode, removed.stdout) == (0, "credential alice of hub removed\n")
+    again = await asyncio.to_thread(cli, "credential", "remove", "hub", "--user", "alice",
+                                    dsn=dsn, home=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr == ("asyncsat: error: provider hub has no credential for user "
+                            "'alice'\n")
+    listed = await asyncio.to_thread(cli, "credential", "list", "--json", dsn=dsn, home=tmp_path)
+    assert [c["user"] for c in json.loads(listed.stdout)] == ["bob"]
