@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, get_args
 
 import uvloop
 
@@ -18,7 +18,7 @@ from asyncsat import __version__
 from asyncsat.config import LOG_FORMATS, LOG_LEVELS, Settings
 from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor, configure
-from asyncsat.models import PROTOCOLS
+from asyncsat.models import PROTOCOLS, Status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--request", type=_ids)
     status.add_argument("--watch", action="store_true")
+    status.add_argument("--status", action="append", choices=get_args(Status),
+                        help="only downloads in this status (repeatable)")
+    status.add_argument("--limit", type=_positive, help="only the N newest downloads")
 
     retry = sub.add_parser("retry", help="queue failed downloads again")
     retry.add_argument("ids", nargs="*", type=_ids, default=[], metavar="ID")

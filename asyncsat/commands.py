@@ -83,6 +83,8 @@ async def provider_list(args: argparse.Namespace, settings: Settings, redactor: 
         _emit([{"name": p.name, "protocol": p.protocol, "url": p.url, "settings": p.settings,
                 "implicit": p.implicit} for p in providers])
         return 0
+    if not providers:
+        print("no providers")
     for p in providers:
         print(f"{p.name:<24} {p.protocol:<6} {p.url or '-'}" + ("  (implicit)" if p.implicit
                                                                  else ""))
@@ -164,6 +166,8 @@ async def credential_list(args: argparse.Namespace, settings: Settings, redactor
         _emit([{k: r[k] for k in ("provider", "user", "max_connections", "enabled")}
                for r in rows])
         return 0
+    if not rows:
+        print("no credentials")
     for r in rows:
         state = "enabled" if r["enabled"] else "disabled"
         print(f"{r['provider']:<24} {r['user']:<24} {r['max_connections']:>3} connections  {state}")
@@ -295,18 +299,26 @@ def _status_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
 
 
 async def status(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    statuses = args.status or None
     async with daemon.connection(settings) as conn:
         if args.request is not None and not await queries.request_exists(conn, args.request):
             raise UsageError(f"no request {args.request}")
         while True:
-            rows = await queries.status_rows(conn, args.request)
+            rows = await queries.status_rows(conn, args.request, statuses=statuses,
+                                             limit=args.limit, newest_first=True)
             if args.json:
                 _emit([_status_json(r, settings) for r in rows])
             else:
                 if args.watch and sys.stdout.isatty():
                     print("\x1b[H\x1b[2J", end="")
                 print(redactor(status_table(rows)))
-                pending = await queries.requests_unresolved(conn, args.request)
+                if args.limit is not None and len(rows) == args.limit:
+                    total = await queries.status_count(conn, args.request, statuses=statuses)
+                    if total > len(rows):
+                        print(f"... {total - len(rows)} older download(s) not shown "
+                              "(--limit)")
+                pending = [r for r in await queries.requests_unresolved(conn, args.request)
+                           if statuses is None or r["status"] in statuses]
                 if pending:  # a search or a pattern still listed, or one that failed
                     print(redactor(requests_table(pending)))
             if not args.watch:
@@ -321,22 +333,51 @@ async def _check_ids(conn: Any, ids: list[int]) -> None:
         raise UsageError("no download " + ", ".join(str(i) for i in missing))
 
 
+_NOTHING_TO_RETRY = {
+    "done": "is done", "queued": "is queued already", "running": "is running",
+}
+_NOTHING_TO_CANCEL = {
+    "done": "is done", "failed": "has failed", "cancelled": "is cancelled already",
+}
+
+
+async def _change(conn: Any, ids: list[int], change: Any) -> tuple[list[int], dict[int, str]]:
+    """Apply `change(conn, ids)`; (ids it changed, status of each id it left alone)."""
+    async with conn.transaction():
+        before = await queries.download_statuses(conn, ids)
+        await change(conn, ids)
+        after = await queries.download_statuses(conn, ids)
+    changed = [i for i in dict.fromkeys(ids) if before[i] != after[i]]
+    return changed, {i: before[i] for i in dict.fromkeys(ids) if i not in changed}
+
+
 async def retry(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     if args.failed == bool(args.ids):
         raise UsageError("give either download ids or --failed")
     async with daemon.connection(settings) as conn:
-        if args.ids:
-            await _check_ids(conn, args.ids)
-        count = await queries.retry(conn, None if args.failed else args.ids)
-    print(f"{count} download(s) queued again")
+        if args.failed:
+            count = await queries.retry(conn, None)
+            print(f"{count} download(s) queued again" if count else
+                  "no failed download: nothing to retry")
+            return 0
+        await _check_ids(conn, args.ids)
+        changed, left = await _change(conn, args.ids, queries.retry)
+    print(f"{len(changed)} download(s) queued again" +
+          (": " + ", ".join(str(i) for i in changed) if changed else ""))
+    for i, status in left.items():
+        print(f"download {i} {_NOTHING_TO_RETRY.get(status, 'is ' + status)}: nothing to retry")
     return 0
 
 
 async def cancel(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     async with daemon.connection(settings) as conn:
         await _check_ids(conn, args.ids)
-        count = await queries.cancel(conn, args.ids)
-    print(f"{count} download(s) cancelled")
+        changed, left = await _change(conn, args.ids, queries.cancel)
+    print(f"{len(changed)} download(s) cancelled" +
+          (": " + ", ".join(str(i) for i in changed) if changed else ""))
+    for i, status in left.items():
+        print(f"download {i} {_NOTHING_TO_CANCEL.get(status, 'is ' + status)}: "
+              "nothing to cancel")
     return 0
 
 

@@ -165,7 +165,8 @@ async def test_status_json_fields_retry_and_cancel(server: FileServer, dsn: str,
     queued = json.loads((await asyncio.to_thread(cli, "status", "--json", dsn=dsn,
                                                  home=tmp_path)).stdout)
     assert [q["status"] for q in queued] == ["queued", "queued"]
-    cancelled = await asyncio.to_thread(cli, "cancel", str(queued[1]["id"]), dsn=dsn,
+    assert queued[0]["id"] > queued[1]["id"]  # newest first
+    cancelled = await asyncio.to_thread(cli, "cancel", str(queued[0]["id"]), dsn=dsn,
                                         home=tmp_path)
     assert cancelled.returncode == 0
     run = await asyncio.create_subprocess_exec(
@@ -177,7 +178,7 @@ async def test_status_json_fields_retry_and_cancel(server: FileServer, dsn: str,
     keys = {"id", "request_id", "provider", "name", "url", "status", "bytes_done", "size",
             "attempts", "error", "path"}
     assert all(keys <= set(row) for row in rows)
-    ok, gone = rows
+    gone, ok = rows
     provider = f"127.0.0.1_{server.port}"
     assert ok["status"] == "done" and ok["provider"] == provider and ok["name"] == "ok.bin"
     assert ok["path"] == str(dest / provider / "ok.bin") and ok["size"] == 1000
@@ -192,7 +193,7 @@ async def test_status_json_fields_retry_and_cancel(server: FileServer, dsn: str,
     rows = json.loads((await asyncio.to_thread(cli, "status", "--json", "--request",
                                                str(gone["request_id"]), dsn=dsn,
                                                home=tmp_path)).stdout)
-    assert rows[1]["status"] == "failed" and "404" in rows[1]["error"]
+    assert rows[0]["status"] == "failed" and "404" in rows[0]["error"]
     table = await asyncio.to_thread(cli, "status", dsn=dsn, home=tmp_path)
     assert "done" in table.stdout and "failed" in table.stdout
 
@@ -231,3 +232,59 @@ async def test_credential_remove(dsn: str, tmp_path: Path) -> None:
                             "'alice'\n")
     listed = await asyncio.to_thread(cli, "credential", "list", "--json", dsn=dsn, home=tmp_path)
     assert [c["user"] for c in json.loads(listed.stdout)] == ["bob"]
+
+
+async def test_no_ops_say_why_and_status_filters(server: FileServer, dsn: str,
+                                                 tmp_path: Path) -> None:
+    empty = await asyncio.to_thread(cli, "credential", "list", dsn=dsn, home=tmp_path)
+    assert (empty.returncode, empty.stdout) == (0, "no credentials\n")
+    nobody = await asyncio.to_thread(cli, "provider", "list", dsn=dsn, home=tmp_path)
+    assert (nobody.returncode, nobody.stdout) == (0, "no providers\n")
+    for name in ("a.bin", "b.bin", "c.bin"):
+        server.add(name, os.urandom(500))
+    r = await asyncio.to_thread(cli, "get", server.url("a.bin"), server.url("b.bin"),
+                                server.url("missing.bin"), "--dest", str(tmp_path / "d"),
+                                "--wait", dsn=dsn, home=tmp_path)
+    assert r.returncode == 1
+    r = await asyncio.to_thread(cli, "get", server.url("c.bin"), "--dest", str(tmp_path / "d"),
+                                dsn=dsn, home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    a, b, missing, c = 1, 2, 3, 4  # ids in the order queued
+
+    cancelled = await asyncio.to_thread(cli, "cancel", str(a), str(missing), str(c), str(c),
+                                        dsn=dsn, home=tmp_path)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.splitlines() == [
+        "1 download(s) cancelled: 4",
+        "download 1 is done: nothing to cancel",
+        "download 3 has failed: nothing to cancel",
+    ]
+    retried = await asyncio.to_thread(cli, "retry", str(b), str(missing), str(c), dsn=dsn,
+                                      home=tmp_path)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.splitlines() == [
+        "2 download(s) queued again: 3, 4",
+        "download 2 is done: nothing to retry",
+    ]
+    again = await asyncio.to_thread(cli, "retry", str(c), dsn=dsn, home=tmp_path)
+    assert again.stdout.splitlines() == [
+        "0 download(s) queued again", "download 4 is queued already: nothing to retry"]
+    none_failed = await asyncio.to_thread(cli, "retry", "--failed", dsn=dsn, home=tmp_path)
+    assert none_failed.stdout == "no failed download: nothing to retry\n"
+
+    def ids(*args: str) -> list[int]:
+        out = cli("status", "--json", *args, dsn=dsn, home=tmp_path)
+        assert out.returncode == 0, out.stderr
+        return [row["id"] for row in json.loads(out.stdout)]
+
+    assert await asyncio.to_thread(ids) == [4, 3, 2, 1]
+    assert await asyncio.to_thread(ids, "--status", "done") == [2, 1]
+    assert await asyncio.to_thread(ids, "--status", "queued", "--status", "done") == \
+        [4, 3, 2, 1]
+    assert await asyncio.to_thread(ids, "--limit", "3") == [4, 3, 2]
+    assert await asyncio.to_thread(ids, "--status", "done", "--limit", "1") == [2]
+    table = await asyncio.to_thread(cli, "status", "--limit", "1", dsn=dsn, home=tmp_path)
+    lines = table.stdout.splitlines()
+    assert "c.bin" in lines[-2] and lines[-1] == "... 3 older download(s) not shown (--limit)"
+    bad = await asyncio.to_thread(cli, "status", "--status", "finished", dsn=dsn, home=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
