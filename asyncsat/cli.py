@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("check", help="exit 0 when the database answers and a daemon serves it")
 
+    db = sub.add_parser("db", help="the database this command line uses").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    db.add_parser("dsn", help="print the DSN to use with psql (never its password)")
+    dbpsql = db.add_parser("psql", help="run psql on the database (arguments after -- go "
+                           "to psql)")
+    dbpsql.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="ARG")
+    db.add_parser("stop", help="stop the embedded PostgreSQL server")
+
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--exit-when-idle", action="store_true")
     return p

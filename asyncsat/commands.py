@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ from asyncsat.catalogs.base import Query, parse_bbox, parse_time
 from asyncsat.catalogs.ftp_tree import layout
 from asyncsat.catalogs.templates import split_pattern
 from asyncsat.config import Settings
-from asyncsat.db import queries
+from asyncsat.db import embedded, queries
 from asyncsat.db.listener import DaemonLocked
+from asyncsat.db.pool import connect
+from asyncsat.dsn import split_password
 from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor
 from asyncsat.models import TERMINAL, Provider
@@ -300,6 +303,9 @@ def _status_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
 
 async def status(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     statuses = args.status or None
+    database = settings.database
+    if not settings.dsn and not embedded.created(settings.home):
+        database += " (created just now, empty: is --home right?)"
     async with daemon.connection(settings) as conn:
         if args.request is not None and not await queries.request_exists(conn, args.request):
             raise UsageError(f"no request {args.request}")
@@ -311,6 +317,7 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
             else:
                 if args.watch and sys.stdout.isatty():
                     print("\x1b[H\x1b[2J", end="")
+                print(f"database: {database}")
                 print(redactor(status_table(rows)))
                 if args.limit is not None and len(rows) == args.limit:
                     total = await queries.status_count(conn, args.request, statuses=statuses)
@@ -388,6 +395,61 @@ async def check(args: argparse.Namespace, settings: Settings, redactor: Redactor
     if not serving:
         raise AsyncsatError("no daemon serves this database")
     print("ok: the database answers and a daemon serves it")
+    return 0
+
+
+# -- the database ----------------------------------------------------------------------------
+
+async def db_dsn(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    """The DSN to give psql: the embedded server's (started when needed), or the configured
+    one without its password."""
+    shown, password = split_password(await daemon.resolve_dsn(settings))
+    print(shown)
+    if password:
+        print("the password is left out: give it in PGPASSWORD or ~/.pgpass, or run "
+              "asyncsat db psql", file=sys.stderr)
+    return 0
+
+
+async def db_psql(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    """Replace this process with psql on the database (its password in the environment,
+    never on the command line that `ps` shows)."""
+    shown, password = split_password(await daemon.resolve_dsn(settings))
+    program = shutil.which("psql") if settings.dsn else \
+        embedded.psql_program() or shutil.which("psql")
+    if program is None:
+        raise AsyncsatError("psql is not installed (apt-get install postgresql-client)")
+    extra = list(args.psql_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    env = dict(os.environ)
+    if password:
+        env["PGPASSWORD"] = password
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(program, [program, "--dbname", shown, *extra], env)
+
+
+async def db_stop(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    """Stop the embedded server, unless a daemon serves it."""
+    if settings.dsn:
+        raise UsageError(f"this command line uses {settings.database}, not an embedded "
+                         "server: stop it with its own tools")
+    where = settings.home / "pg"
+    dsn = embedded.running_dsn(settings.home)
+    if dsn is None:
+        print(f"the embedded PostgreSQL in {where} is not running: nothing to stop")
+        return 0
+    conn = await connect(dsn)
+    try:
+        serving = await queries.daemon_serving(conn)
+    finally:
+        await conn.close()
+    if serving:
+        raise AsyncsatError(f"a daemon serves the embedded PostgreSQL in {where}: stop the "
+                            "daemon first")
+    await asyncio.to_thread(embedded.stop_server, settings.home)
+    print(f"stopped the embedded PostgreSQL in {where}")
     return 0
 
 

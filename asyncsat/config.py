@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from asyncsat.dsn import describe
 from asyncsat.errors import ConfigError
 
 LOG_FORMATS = ("json", "console")
@@ -47,6 +48,13 @@ class Settings:
     @property
     def default_dest(self) -> Path:
         return self.dest if self.dest is not None else self.home / "downloads"
+
+    @property
+    def database(self) -> str:
+        """Which database the settings lead to, for people (never with a password)."""
+        if not self.dsn:
+            return f"embedded PostgreSQL in {self.home / 'pg'}"
+        return f"PostgreSQL {describe(self.dsn)}"
 
     def validate(self) -> Settings:
         if self.log_format not in LOG_FORMATS:

@@ -83,7 +83,7 @@ async def serve(
         listener = Listener(dsn, engine.notify, engine.rescan, ping=settings.listener_ping)
         await listener.start()
         stop = asyncio.Event()
-        log.info("daemon started", exit_when_idle=exit_when_idle)
+        log.info("daemon started", exit_when_idle=exit_when_idle, database=settings.database)
         systemd = sdnotify.from_env()
         systemd.send("READY=1")
         try:
