@@ -146,8 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     redactor = Redactor()
     try:
         args = build_parser().parse_args(argv)
-        settings = Settings.from_env(os.environ, dsn=args.dsn, home=args.home,
-                                     log_format=args.log_format, log_level=args.log_level)
+        settings = Settings.from_env(os.environ, tty=sys.stdout.isatty(), dsn=args.dsn,
+                                     home=args.home, log_format=args.log_format,
+                                     log_level=args.log_level)
         redactor.add(settings.dsn)
         configure(redactor, fmt=settings.log_format, level=settings.log_level)
         return uvloop.run(_dispatch(args, settings, redactor))

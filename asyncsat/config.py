@@ -33,7 +33,7 @@ class Settings:
     dest: Path | None = None
     """Default destination of downloads; None means `home/downloads`."""
     log_format: str = "json"
-    """`json` (one object per line) or `console`."""
+    """`json` (one object per line) or `console`; `from_env` picks console on a terminal."""
     log_level: str = "info"
     """Lowest level that is logged."""
     chunk_size: int = 1 << 20
@@ -66,10 +66,12 @@ class Settings:
         return self
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], **overrides: object) -> Settings:
+    def from_env(cls, environ: Mapping[str, str], *, tty: bool = False,
+                 **overrides: object) -> Settings:
         """Build settings from ASYNCSAT_CONFIG (TOML), then ASYNCSAT_* variables, then overrides.
 
-        Overrides whose value is None are ignored.
+        Overrides whose value is None are ignored. With no log format anywhere, the logs are
+        for people on a terminal (`tty`: console) and JSON lines elsewhere (services, pipes).
         """
         values: dict[str, object] = {}
         config_path = environ.get("ASYNCSAT_CONFIG")
@@ -85,7 +87,7 @@ class Settings:
             dsn=_str(values, "dsn", defaults.dsn),
             home=_path(values, "home") or defaults.home,
             dest=_path(values, "dest"),
-            log_format=_str(values, "log_format", defaults.log_format) or "json",
+            log_format=_str(values, "log_format", "console" if tty else "json") or "json",
             log_level=_str(values, "log_level", defaults.log_level) or "info",
             chunk_size=int(_num(values, "chunk_size", defaults.chunk_size)),
             progress_interval=_num(values, "progress_interval", defaults.progress_interval),

@@ -19,11 +19,17 @@ from asyncsat.catalogs.registry import Catalogs
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.store import Store
-from asyncsat.errors import DatabaseError, PermanentError, RetryableError, TransferError
+from asyncsat.errors import (
+    AuthError,
+    DatabaseError,
+    PermanentError,
+    RetryableError,
+    TransferError,
+)
 from asyncsat.logs import Redactor
 from asyncsat.models import Download, Provider, Request
 from asyncsat.resolver import Resolver
-from asyncsat.retry import Policy, decide
+from asyncsat.retry import Policy, budget, decide
 from asyncsat.slots import Lease, ProviderSlots, accounts_for
 from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.registry import Drivers
@@ -259,7 +265,8 @@ class Engine:
                   size_from_server=d.size_from_server)
         attempt = Attempt(start_size=d.bytes_done, size=d.bytes_done)
         events = _RowEvents(self, d)
-        bound.info("download running", url=d.url, attempt=d.attempts, user=user)
+        bound.info("download running", url=d.url, attempt=d.attempts,
+                   **({"user": user} if user else {}))
         try:
             with structlog.contextvars.bound_contextvars(
                     download_id=d.id, request_id=d.request_id, provider=d.provider):
@@ -269,7 +276,12 @@ class Engine:
             await asyncio.shield(self._after_stop(d, attempt, bound))
             raise
         except TransferError as exc:
-            await asyncio.shield(self._after_failure(d, provider, exc, attempt, bound))
+            refused = None
+            if isinstance(exc, AuthError):  # name the login the server refused
+                refused = repr(user) if user else "anonymous"
+                bound = bound.bind(user=user or "anonymous")
+            await asyncio.shield(self._after_failure(d, provider, exc, attempt, bound,
+                                                     refused=refused))
         except Exception as exc:  # a bug must not lose the row: retry it within the budget
             bound.exception("internal error in transfer")
             error = RetryableError(f"internal error: {type(exc).__name__}: {exc}")
@@ -312,16 +324,21 @@ class Engine:
         self._finished(d.id, status or "queued")
 
     async def _after_failure(
-        self, d: Download, provider: Provider, exc: TransferError, attempt: Attempt, bound: Any
+        self, d: Download, provider: Provider, exc: TransferError, attempt: Attempt, bound: Any,
+        *, refused: str | None = None,
     ) -> None:
-        decision = decide(exc, d.failures, attempt.progressed, Policy.for_provider(provider))
+        policy = Policy.for_provider(provider)
+        decision = decide(exc, d.failures, attempt.progressed, policy)
         error = _one_line(self.redactor(exc.message))
+        if refused and refused.strip("'") not in error:
+            error = _one_line(self.redactor(f"{error} (login: {refused})"))
+        told = budget(decision, exc, attempt.progressed, policy)
         if decision.action == "retry":
             await self.store.call(queries.download_requeue, d.id, error=error,
                                   failures=decision.failures, bytes_done=attempt.size,
                                   delay=decision.delay)
             bound.warning("download queued", reason="retry", error=error,
-                          retry_in=round(decision.delay, 2), failures=decision.failures,
+                          retry_in=round(decision.delay, 2), attempt=d.attempts, budget=told,
                           bytes_done=attempt.size)
             return
         status = "offline" if decision.action == "offline" else "failed"
@@ -330,7 +347,7 @@ class Engine:
         if status == "offline":
             bound.warning("download offline", error=error)
         else:
-            bound.error("download failed", error=error, attempts=d.attempts)
+            bound.error("download failed", error=error, attempts=d.attempts, budget=told)
         self._finished(d.id, status)
 
     def _finished(self, download_id: int, status: str) -> None:
