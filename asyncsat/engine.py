@@ -260,7 +260,9 @@ class Engine:
             (lease.account.user, lease.account.secret)
         self.redactor.add_login(user, secret)
         folder = Path(d.dest or self.settings.default_dest) / d.provider
-        job = Job(Source(d.url, user, secret), folder, d.name, d.size, d.checksum,
+        insecure = provider.settings.get("allow_insecure_redirects") is True
+        job = Job(Source(d.url, user, secret, allow_insecure_redirects=insecure), folder,
+                  d.name, d.size, d.checksum,
                   Validator(d.etag, d.last_modified), fallback_name=f"download-{d.id}",
                   size_from_server=d.size_from_server)
         attempt = Attempt(start_size=d.bytes_done, size=d.bytes_done)

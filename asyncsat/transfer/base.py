@@ -15,6 +15,8 @@ class Source:
     url: str
     user: str | None = None
     password: str | None = field(default=None, repr=False)
+    allow_insecure_redirects: bool = False
+    """Follow a redirect from https:// to http:// (refused by default)."""
 
 
 @dataclass(frozen=True)
