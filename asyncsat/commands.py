@@ -455,7 +455,9 @@ async def db_stop(args: argparse.Namespace, settings: Settings, redactor: Redact
 
 async def run(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     try:
-        await daemon.serve(settings, redactor, exit_when_idle=args.exit_when_idle)
+        port = args.metrics_port or settings.metrics_port
+        await daemon.serve(settings, redactor, exit_when_idle=args.exit_when_idle,
+                           metrics_at=(settings.metrics_host, port) if port else None)
     except DaemonLocked as exc:
         raise AsyncsatError(exc.message) from None
     return 0

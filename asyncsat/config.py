@@ -44,6 +44,10 @@ class Settings:
     """Seconds granted to running transfers to stop cleanly on SIGTERM."""
     listener_ping: float = 10.0
     """Seconds of silence after which the LISTEN connection is checked."""
+    metrics_port: int | None = None
+    """`asyncsat run` serves Prometheus metrics on this port (None: no metrics)."""
+    metrics_host: str = "127.0.0.1"
+    """The address the metrics are served on."""
 
     @property
     def default_dest(self) -> Path:
@@ -63,6 +67,11 @@ class Settings:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
         if self.chunk_size < 4096:
             raise ConfigError("chunk_size must be at least 4096")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ConfigError(f"metrics_port must be a TCP port (1-65535), not "
+                              f"{self.metrics_port}")
+        if not self.metrics_host.strip():
+            raise ConfigError("metrics_host must be an address")
         return self
 
     @classmethod
@@ -93,6 +102,8 @@ class Settings:
             progress_interval=_num(values, "progress_interval", defaults.progress_interval),
             shutdown_timeout=_num(values, "shutdown_timeout", defaults.shutdown_timeout),
             listener_ping=_num(values, "listener_ping", defaults.listener_ping),
+            metrics_port=_port(values, "metrics_port"),
+            metrics_host=_str(values, "metrics_host", defaults.metrics_host) or "",
         ).validate()
 
 
@@ -117,6 +128,15 @@ def _num(values: Mapping[str, object], key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"setting {key} must be a number")
     return float(value)
+
+
+def _port(values: Mapping[str, object], key: str) -> int | None:
+    value = values.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"setting {key} must be a whole number (a TCP port)")
+    return value
 
 
 def _read_toml(path: Path) -> dict[str, object]:

@@ -27,6 +27,7 @@ from asyncsat.errors import (
     TransferError,
 )
 from asyncsat.logs import Redactor
+from asyncsat.metrics import Recorder
 from asyncsat.models import Download, Provider, Request
 from asyncsat.resolver import Resolver
 from asyncsat.retry import Policy, budget, decide
@@ -62,20 +63,21 @@ class Engine:
 
     def __init__(
         self, store: Store, settings: Settings, drivers: Drivers, redactor: Redactor,
-        *, sink: ProgressSink | None = None,
+        *, sink: ProgressSink | None = None, metrics: Recorder | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.drivers = drivers
         self.redactor = redactor
         self.sink = sink
+        self.metrics = metrics or Recorder()
         self.wake = asyncio.Event()
         self._accounts_stale = True
         self._providers: dict[int, Provider] = {}
         self._slots: dict[int, ProviderSlots] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self.resolver = Resolver(store, settings, Catalogs(drivers), redactor,
-                                 self._slots_for, self.wake)
+                                 self._slots_for, self.wake, metrics=self.metrics)
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -101,6 +103,11 @@ class Engine:
 
     def slots(self, provider_id: int) -> ProviderSlots | None:
         return self._slots.get(provider_id)
+
+    def slot_figures(self) -> list[tuple[str, int, int]]:
+        """(provider, free slots, capacity) per provider, for the metrics."""
+        return [(self._providers[i].name, s.free(), s.capacity)
+                for i, s in self._slots.items() if i in self._providers]
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -269,6 +276,7 @@ class Engine:
         events = _RowEvents(self, d)
         bound.info("download running", url=d.url, attempt=d.attempts,
                    **({"user": user} if user else {}))
+        self.metrics.transfer_started(d.provider)
         try:
             with structlog.contextvars.bound_contextvars(
                     download_id=d.id, request_id=d.request_id, provider=d.provider):
@@ -301,6 +309,7 @@ class Engine:
             if cancelled:
                 raise asyncio.CancelledError
         finally:
+            self.metrics.transfer_ended(d.provider)
             lease.release()
             self._tasks.pop(d.id, None)
             self.wake.set()
@@ -311,7 +320,7 @@ class Engine:
         bound.info("download done", name=outcome.name, path=str(outcome.path),
                    size=outcome.size, resumed_from=outcome.resumed_from,
                    restarted=outcome.restarted)
-        self._finished(d.id, "done")
+        self._finished(d, "done")
 
     async def _after_stop(self, d: Download, attempt: Attempt, bound: Any) -> None:
         await self.store.call(queries.download_requeue, d.id, error=d.error, failures=d.failures,
@@ -323,7 +332,7 @@ class Engine:
             bound.info("download cancelled", bytes_done=attempt.size)
         else:
             bound.info("download queued", reason="stopped", bytes_done=attempt.size)
-        self._finished(d.id, status or "queued")
+        self._finished(d, status or "queued")
 
     async def _after_failure(
         self, d: Download, provider: Provider, exc: TransferError, attempt: Attempt, bound: Any,
@@ -342,6 +351,7 @@ class Engine:
             bound.warning("download queued", reason="retry", error=error,
                           retry_in=round(decision.delay, 2), attempt=d.attempts, budget=told,
                           bytes_done=attempt.size)
+            self.metrics.retried(d.provider, exc)
             return
         status = "offline" if decision.action == "offline" else "failed"
         await self.store.call(queries.download_end, d.id, status=status, error=error,
@@ -350,11 +360,13 @@ class Engine:
             bound.warning("download offline", error=error)
         else:
             bound.error("download failed", error=error, attempts=d.attempts, budget=told)
-        self._finished(d.id, status)
+        self._finished(d, status)
 
-    def _finished(self, download_id: int, status: str) -> None:
+    def _finished(self, d: Download, status: str) -> None:
+        if status != "queued":  # a stop puts it back: not an end
+            self.metrics.download_ended(d.provider, status)
         if self.sink is not None:
-            self.sink.finished(download_id, status)
+            self.sink.finished(d.id, status)
 
 
 def _unique_name(name: str, download_id: int) -> str:
@@ -376,6 +388,7 @@ class _RowEvents:
         self._download = download
         self._name = download.name or ""
         self._last = 0.0
+        self._on_disk = download.bytes_done
 
     async def named(self, name: str, size: int | None, validator: Validator) -> str:
         for candidate in (name, _unique_name(name, self._download.id)):
@@ -387,6 +400,10 @@ class _RowEvents:
         raise PermanentError(f"another download already writes {name!r}")
 
     async def progress(self, done: int, total: int | None) -> None:
+        # bytes written since the last call; a file that starts again from zero counts anew
+        grown = done - self._on_disk if done >= self._on_disk else done
+        self._on_disk = done
+        self._engine.metrics.downloaded(self._download.provider, grown)
         now = time.monotonic()
         if now - self._last < self._engine.settings.progress_interval:
             return

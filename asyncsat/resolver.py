@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from asyncsat.db import queries
 from asyncsat.db.store import Store
 from asyncsat.errors import AsyncsatError, DatabaseError, RetryableError
 from asyncsat.logs import Redactor
+from asyncsat.metrics import Recorder
 from asyncsat.models import Provider, Request
 from asyncsat.naming import SplitUrl, split_login, without_login
 from asyncsat.retry import Policy, decide
@@ -38,6 +40,7 @@ class Resolver:
     def __init__(
         self, store: Store, settings: Settings, catalogs: Catalogs, redactor: Redactor,
         slots: Callable[[int], Awaitable[ProviderSlots]], wake: asyncio.Event,
+        *, metrics: Recorder | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
@@ -45,6 +48,7 @@ class Resolver:
         self._redactor = redactor
         self._slots = slots
         self._wake = wake
+        self._metrics = metrics or Recorder()
         self._tasks: dict[int, asyncio.Task[None]] = {}
 
     @property
@@ -146,6 +150,7 @@ class Resolver:
         seen: set[str] = set()
         limit = Query.from_json(request.search).limit if request.search is not None else None
         lease = await (await self._slots(provider.id)).acquire()
+        started, ok = time.monotonic(), False
         try:
             account = login or SplitUrl("", lease.account.user, lease.account.secret)
             self._redactor.add_login(account.user, account.password)
@@ -161,7 +166,9 @@ class Resolver:
                         found.append(ref)
                         if limit is not None and len(found) >= limit:
                             break
+            ok = True
         finally:
+            self._metrics.catalog_request(provider.name, time.monotonic() - started, ok=ok)
             lease.release()
         return found
 
