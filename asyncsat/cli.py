@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env(os.environ, tty=sys.stdout.isatty(), dsn=args.dsn,
                                      home=args.home, log_format=args.log_format,
                                      log_level=args.log_level)
-        redactor.add(settings.dsn)
+        redactor.add_dsn(settings.dsn)
         configure(redactor, fmt=settings.log_format, level=settings.log_level)
         return uvloop.run(_dispatch(args, settings, redactor))
     except UsageError as exc:

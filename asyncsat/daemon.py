@@ -79,7 +79,7 @@ async def serve(
     Raises DaemonLocked when another daemon serves the same database.
     """
     dsn = await resolve_dsn(settings)
-    redactor.add(dsn)
+    redactor.add_dsn(dsn)
     pool = await create_pool(dsn)
     drivers = Drivers()
     served: web.AppRunner | None = None

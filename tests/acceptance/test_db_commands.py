@@ -50,11 +50,13 @@ async def test_db_dsn_and_psql_keep_the_password_off_screen(dsn: str, tmp_path: 
 
 async def test_daemon_started_names_its_database(dsn: str, tmp_path: Path,
                                                  daemons: list[DaemonProcess]) -> None:
-    proc = DaemonProcess(_with_password(dsn, "pw-daemon-3"), tmp_path / "home")
-    daemons.append(proc)
-    line = await proc.wait_for(lambda line: line["event"] == "daemon started")
-    assert line["database"] == f"PostgreSQL {dsn}"
-    assert "pw-daemon-3" not in "".join(proc.raw)
+    for given in (dsn, _with_password(dsn, "pw-daemon-3")):
+        proc = DaemonProcess(given, tmp_path / "home", "--exit-when-idle")
+        daemons.append(proc)
+        line = await proc.wait_for(lambda line: line["event"] == "daemon started")
+        assert line["database"] == f"PostgreSQL {dsn}"
+        assert await asyncio.to_thread(proc.wait) == 0
+        assert "pw-daemon-3" not in "".join(proc.raw)
 
 
 @pytest.fixture
