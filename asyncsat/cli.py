@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, get_args
 
 import uvloop
 
@@ -18,7 +18,7 @@ from asyncsat import __version__
 from asyncsat.config import LOG_FORMATS, LOG_LEVELS, Settings
 from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor, configure
-from asyncsat.models import PROTOCOLS
+from asyncsat.models import PROTOCOLS, Status
 from asyncsat.presets import PRESETS
 
 
@@ -36,6 +36,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"not a TCP port (1-65535): {value}")
     return value
 
 
@@ -72,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     padd.add_argument("--url")
     padd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     prov.add_parser("list", help="list providers").add_argument("--json", action="store_true")
+    prem = prov.add_parser("remove", help="remove a provider, its credentials and its "
+                           "download rows (files are kept)")
+    prem.add_argument("name")
+    prem.add_argument("--force", action="store_true",
+                      help="even with unfinished downloads (they are cancelled)")
 
     cred = sub.add_parser("credential", help="manage credentials").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
@@ -84,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     secret.add_argument("--password-stdin", action="store_true")
     cadd.add_argument("--max-connections", type=_positive)
     cred.add_parser("list", help="list credentials").add_argument("--json", action="store_true")
+    crem = cred.add_parser("remove", help="remove an account of a provider")
+    crem.add_argument("provider")
+    crem.add_argument("--user", required=True)
 
     get = sub.add_parser("get", help="queue URLs for download")
     get.add_argument("urls", nargs="+", metavar="URL")
@@ -116,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true")
     status.add_argument("--requests", action="store_true",
                         help="list requests (searches, URL lists) with their progress")
+    status.add_argument("--status", action="append", choices=get_args(Status),
+                        help="only downloads in this status (repeatable)")
+    status.add_argument("--limit", type=_positive, help="only the N newest downloads")
 
     retry = sub.add_parser("retry", help="queue failed downloads again")
     retry.add_argument("ids", nargs="*", type=_ids, default=[], metavar="ID")
@@ -128,8 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("check", help="exit 0 when the database answers and a daemon serves it")
 
+    db = sub.add_parser("db", help="the database this command line uses").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    db.add_parser("dsn", help="print the DSN to use with psql (never its password)")
+    dbpsql = db.add_parser("psql", help="run psql on the database (arguments after -- go "
+                           "to psql)")
+    dbpsql.add_argument("psql_args", nargs=argparse.REMAINDER, metavar="ARG")
+    db.add_parser("stop", help="stop the embedded PostgreSQL server")
+
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--exit-when-idle", action="store_true")
+    run.add_argument("--metrics-port", type=_port, metavar="PORT",
+                     help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics "
+                     "(config metrics_host for another address)")
     return p
 
 
@@ -137,9 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     redactor = Redactor()
     try:
         args = build_parser().parse_args(argv)
-        settings = Settings.from_env(os.environ, dsn=args.dsn, home=args.home,
-                                     log_format=args.log_format, log_level=args.log_level)
-        redactor.add(settings.dsn)
+        settings = Settings.from_env(os.environ, tty=sys.stdout.isatty(), dsn=args.dsn,
+                                     home=args.home, log_format=args.log_format,
+                                     log_level=args.log_level)
+        redactor.add_dsn(settings.dsn)
         configure(redactor, fmt=settings.log_format, level=settings.log_level)
         return uvloop.run(_dispatch(args, settings, redactor))
     except UsageError as exc:

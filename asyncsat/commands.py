@@ -6,18 +6,21 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from asyncsat import checksums, daemon, intake
+from asyncsat import checksums, daemon, intake, provider_settings
 from asyncsat.catalogs.base import Filter, Query, parse_bbox, parse_time
 from asyncsat.catalogs.ftp_tree import layout
 from asyncsat.catalogs.templates import split_pattern
 from asyncsat.config import Settings
-from asyncsat.db import queries
+from asyncsat.db import embedded, queries
 from asyncsat.db.listener import DaemonLocked
+from asyncsat.db.pool import connect
+from asyncsat.dsn import split_password
 from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor
 from asyncsat.models import TERMINAL, Provider
@@ -62,11 +65,12 @@ async def provider_add(args: argparse.Namespace, settings: Settings, redactor: R
         known = preset(args.preset)
         protocol = args.protocol or known.protocol
         url = args.url or known.url
-        config = {**known.settings, **given}  # options given as well win
+        given = {**known.settings, **given}  # options given as well win
     elif not args.protocol:
         raise UsageError("give --protocol (and --url), or --preset")
     else:
-        protocol, url, config = args.protocol, args.url, given
+        protocol, url = args.protocol, args.url
+    config = provider_settings.validate(protocol, given)
     if url is not None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https", "ftp", "ftps") or not parts.hostname:
@@ -74,9 +78,21 @@ async def provider_add(args: argparse.Namespace, settings: Settings, redactor: R
         if parts.username or parts.password:
             raise UsageError("put logins in a credential (asyncsat credential add), not the URL")
     async with daemon.connection(settings) as conn:
+        if url is not None:
+            same = _same_url(url, await queries.provider_list(conn))
+            if same is not None:
+                raise UsageError(f"provider {same.name} already has the URL {same.url}: "
+                                 "one URL, one provider")
         provider = await queries.provider_add(conn, args.name, protocol, url, config)
     print(f"provider {provider.name} added")
     return 0
+
+
+def _same_url(url: str, providers: list[Provider]) -> Provider | None:
+    """The explicit provider with the same base URL (as `get` matches them), if any."""
+    key = url.rstrip("/").lower()
+    return next((p for p in providers
+                 if p.url and not p.implicit and p.url.rstrip("/").lower() == key), None)
 
 
 async def provider_list(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
@@ -86,9 +102,31 @@ async def provider_list(args: argparse.Namespace, settings: Settings, redactor: 
         _emit([{"name": p.name, "protocol": p.protocol, "url": p.url, "settings": p.settings,
                 "implicit": p.implicit} for p in providers])
         return 0
+    if not providers:
+        print("no providers")
     for p in providers:
         print(f"{p.name:<24} {p.protocol:<6} {p.url or '-'}" + ("  (implicit)" if p.implicit
                                                                  else ""))
+    return 0
+
+
+async def provider_remove(args: argparse.Namespace, settings: Settings,
+                          redactor: Redactor) -> int:
+    async with daemon.connection(settings) as conn, conn.transaction():
+        provider = await queries.provider_get(conn, args.name)
+        if provider is None:
+            raise UsageError(f"unknown provider {args.name!r}")
+        downloads, requests = await queries.provider_unfinished(conn, provider.id)
+        if (downloads or requests) and not args.force:
+            raise UsageError(
+                f"provider {provider.name} has {downloads} unfinished download(s) (queued, "
+                f"running or offline) and {requests} queued request(s): cancel them, "
+                "or remove it with --force")
+        credentials, rows = await queries.provider_remove(conn, provider.id)
+    print(f"provider {provider.name} removed, with {credentials} credential(s) and {rows} "
+          f"download row(s)" + (f", {downloads} of them unfinished" if downloads else "")
+          + (f"; {requests} queued request(s) cancelled" if requests else "")
+          + "; files on disk are kept")
     return 0
 
 
@@ -127,6 +165,19 @@ async def credential_add(args: argparse.Namespace, settings: Settings, redactor:
     return 0
 
 
+async def credential_remove(args: argparse.Namespace, settings: Settings,
+                            redactor: Redactor) -> int:
+    async with daemon.connection(settings) as conn:
+        provider = await queries.provider_get(conn, args.provider)
+        if provider is None:
+            raise UsageError(f"unknown provider {args.provider!r}")
+        if not await queries.credential_remove(conn, provider.id, args.user):
+            raise UsageError(f"provider {provider.name} has no credential for user "
+                             f"{args.user!r}")
+    print(f"credential {args.user} of {provider.name} removed")
+    return 0
+
+
 async def credential_list(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     async with daemon.connection(settings) as conn:
         rows = await queries.credential_list(conn)
@@ -134,6 +185,8 @@ async def credential_list(args: argparse.Namespace, settings: Settings, redactor
         _emit([{k: r[k] for k in ("provider", "user", "max_connections", "enabled")}
                for r in rows])
         return 0
+    if not rows:
+        print("no credentials")
     for r in rows:
         state = "enabled" if r["enabled"] else "disabled"
         print(f"{r['provider']:<24} {r['user']:<24} {r['max_connections']:>3} connections  {state}")
@@ -273,24 +326,36 @@ def _status_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
 
 
 async def status(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    statuses = args.status or None
+    database = settings.database
+    if not settings.dsn and not embedded.created(settings.home):
+        database += " (created just now, empty: is --home right?)"
     async with daemon.connection(settings) as conn:
         if args.request is not None and not await queries.request_exists(conn, args.request):
             raise UsageError(f"no request {args.request}")
         if args.requests:
             return await _requests(conn, args, redactor)
         while True:
-            rows = await queries.status_rows(conn, args.request)
+            rows = await queries.status_rows(conn, args.request, statuses=statuses,
+                                             limit=args.limit, newest_first=True)
             if args.json:
                 _emit([_status_json(r, settings) for r in rows])
             else:
                 if args.watch and sys.stdout.isatty():
                     print("\x1b[H\x1b[2J", end="")
+                print(f"database: {database}")
                 print(redactor(status_table(rows)))
-                summaries = [request_summary(r)
-                             for r in await queries.request_rows(conn, args.request)]
-                pending = requests_lines(summaries)
-                if pending:  # requests still listed, searched, followed, or failed
-                    print(redactor(pending))
+                if args.limit is not None and len(rows) == args.limit:
+                    total = await queries.status_count(conn, args.request, statuses=statuses)
+                    if total > len(rows):
+                        print(f"... {total - len(rows)} older download(s) not shown "
+                              "(--limit)")
+                if statuses is None and args.limit is None:
+                    summaries = [request_summary(r)
+                                 for r in await queries.request_rows(conn, args.request)]
+                    pending = requests_lines(summaries)
+                    if pending:  # requests still listed, searched, followed, or failed
+                        print(redactor(pending))
             if not args.watch:
                 return 0
             sys.stdout.flush()
@@ -303,14 +368,39 @@ async def _check_ids(conn: Any, ids: list[int]) -> None:
         raise UsageError("no download " + ", ".join(str(i) for i in missing))
 
 
+_NOTHING_TO_RETRY = {
+    "done": "is done", "queued": "is queued already", "running": "is running",
+}
+_NOTHING_TO_CANCEL = {
+    "done": "is done", "failed": "has failed", "cancelled": "is cancelled already",
+}
+
+
+async def _change(conn: Any, ids: list[int], change: Any) -> tuple[list[int], dict[int, str]]:
+    """Apply `change(conn, ids)`; (ids it changed, status of each id it left alone)."""
+    async with conn.transaction():
+        before = await queries.download_statuses(conn, ids)
+        await change(conn, ids)
+        after = await queries.download_statuses(conn, ids)
+    changed = [i for i in dict.fromkeys(ids) if before[i] != after[i]]
+    return changed, {i: before[i] for i in dict.fromkeys(ids) if i not in changed}
+
+
 async def retry(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     if args.failed == bool(args.ids):
         raise UsageError("give either download ids or --failed")
     async with daemon.connection(settings) as conn:
-        if args.ids:
-            await _check_ids(conn, args.ids)
-        count = await queries.retry(conn, None if args.failed else args.ids)
-    print(f"{count} download(s) queued again")
+        if args.failed:
+            count = await queries.retry(conn, None)
+            print(f"{count} download(s) queued again" if count else
+                  "no failed download: nothing to retry")
+            return 0
+        await _check_ids(conn, args.ids)
+        changed, left = await _change(conn, args.ids, queries.retry)
+    print(f"{len(changed)} download(s) queued again" +
+          (": " + ", ".join(str(i) for i in changed) if changed else ""))
+    for i, status in left.items():
+        print(f"download {i} {_NOTHING_TO_RETRY.get(status, 'is ' + status)}: nothing to retry")
     return 0
 
 
@@ -349,8 +439,12 @@ async def cancel(args: argparse.Namespace, settings: Settings, redactor: Redacto
         raise UsageError("give download ids, or --request ID")
     async with daemon.connection(settings) as conn:
         await _check_ids(conn, args.ids)
-        count = await queries.cancel(conn, args.ids)
-    print(f"{count} download(s) cancelled")
+        changed, left = await _change(conn, args.ids, queries.cancel)
+    print(f"{len(changed)} download(s) cancelled" +
+          (": " + ", ".join(str(i) for i in changed) if changed else ""))
+    for i, status in left.items():
+        print(f"download {i} {_NOTHING_TO_CANCEL.get(status, 'is ' + status)}: "
+              "nothing to cancel")
     return 0
 
 
@@ -364,9 +458,66 @@ async def check(args: argparse.Namespace, settings: Settings, redactor: Redactor
     return 0
 
 
+# -- the database ----------------------------------------------------------------------------
+
+async def db_dsn(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    """The DSN to give psql: the embedded server's (started when needed), or the configured
+    one without its password."""
+    shown, password = split_password(await daemon.resolve_dsn(settings))
+    print(shown)
+    if password:
+        print("the password is left out: give it in PGPASSWORD or ~/.pgpass, or run "
+              "asyncsat db psql", file=sys.stderr)
+    return 0
+
+
+async def db_psql(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    """Replace this process with psql on the database (its password in the environment,
+    never on the command line that `ps` shows)."""
+    shown, password = split_password(await daemon.resolve_dsn(settings))
+    program = shutil.which("psql") if settings.dsn else \
+        embedded.psql_program() or shutil.which("psql")
+    if program is None:
+        raise AsyncsatError("psql is not installed (apt-get install postgresql-client)")
+    extra = list(args.psql_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    env = dict(os.environ)
+    if password:
+        env["PGPASSWORD"] = password
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(program, [program, "--dbname", shown, *extra], env)
+
+
+async def db_stop(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    """Stop the embedded server, unless a daemon serves it."""
+    if settings.dsn:
+        raise UsageError(f"this command line uses {settings.database}, not an embedded "
+                         "server: stop it with its own tools")
+    where = settings.home / "pg"
+    dsn = embedded.running_dsn(settings.home)
+    if dsn is None:
+        print(f"the embedded PostgreSQL in {where} is not running: nothing to stop")
+        return 0
+    conn = await connect(dsn)
+    try:
+        serving = await queries.daemon_serving(conn)
+    finally:
+        await conn.close()
+    if serving:
+        raise AsyncsatError(f"a daemon serves the embedded PostgreSQL in {where}: stop the "
+                            "daemon first")
+    await asyncio.to_thread(embedded.stop_server, settings.home)
+    print(f"stopped the embedded PostgreSQL in {where}")
+    return 0
+
+
 async def run(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     try:
-        await daemon.serve(settings, redactor, exit_when_idle=args.exit_when_idle)
+        port = args.metrics_port or settings.metrics_port
+        await daemon.serve(settings, redactor, exit_when_idle=args.exit_when_idle,
+                           metrics_at=(settings.metrics_host, port) if port else None)
     except DaemonLocked as exc:
         raise AsyncsatError(exc.message) from None
     return 0

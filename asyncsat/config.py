@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from asyncsat.dsn import describe
 from asyncsat.errors import ConfigError
 
 LOG_FORMATS = ("json", "console")
@@ -32,7 +33,7 @@ class Settings:
     dest: Path | None = None
     """Default destination of downloads; None means `home/downloads`."""
     log_format: str = "json"
-    """`json` (one object per line) or `console`."""
+    """`json` (one object per line) or `console`; `from_env` picks console on a terminal."""
     log_level: str = "info"
     """Lowest level that is logged."""
     chunk_size: int = 1 << 20
@@ -43,10 +44,21 @@ class Settings:
     """Seconds granted to running transfers to stop cleanly on SIGTERM."""
     listener_ping: float = 10.0
     """Seconds of silence after which the LISTEN connection is checked."""
+    metrics_port: int | None = None
+    """`asyncsat run` serves Prometheus metrics on this port (None: no metrics)."""
+    metrics_host: str = "127.0.0.1"
+    """The address the metrics are served on."""
 
     @property
     def default_dest(self) -> Path:
         return self.dest if self.dest is not None else self.home / "downloads"
+
+    @property
+    def database(self) -> str:
+        """Which database the settings lead to, for people (never with a password)."""
+        if not self.dsn:
+            return f"embedded PostgreSQL in {self.home / 'pg'}"
+        return f"PostgreSQL {describe(self.dsn)}"
 
     def validate(self) -> Settings:
         if self.log_format not in LOG_FORMATS:
@@ -55,13 +67,20 @@ class Settings:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
         if self.chunk_size < 4096:
             raise ConfigError("chunk_size must be at least 4096")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ConfigError(f"metrics_port must be a TCP port (1-65535), not "
+                              f"{self.metrics_port}")
+        if not self.metrics_host.strip():
+            raise ConfigError("metrics_host must be an address")
         return self
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str], **overrides: object) -> Settings:
+    def from_env(cls, environ: Mapping[str, str], *, tty: bool = False,
+                 **overrides: object) -> Settings:
         """Build settings from ASYNCSAT_CONFIG (TOML), then ASYNCSAT_* variables, then overrides.
 
-        Overrides whose value is None are ignored.
+        Overrides whose value is None are ignored. With no log format anywhere, the logs are
+        for people on a terminal (`tty`: console) and JSON lines elsewhere (services, pipes).
         """
         values: dict[str, object] = {}
         config_path = environ.get("ASYNCSAT_CONFIG")
@@ -77,12 +96,14 @@ class Settings:
             dsn=_str(values, "dsn", defaults.dsn),
             home=_path(values, "home") or defaults.home,
             dest=_path(values, "dest"),
-            log_format=_str(values, "log_format", defaults.log_format) or "json",
+            log_format=_str(values, "log_format", "console" if tty else "json") or "json",
             log_level=_str(values, "log_level", defaults.log_level) or "info",
             chunk_size=int(_num(values, "chunk_size", defaults.chunk_size)),
             progress_interval=_num(values, "progress_interval", defaults.progress_interval),
             shutdown_timeout=_num(values, "shutdown_timeout", defaults.shutdown_timeout),
             listener_ping=_num(values, "listener_ping", defaults.listener_ping),
+            metrics_port=_port(values, "metrics_port"),
+            metrics_host=_str(values, "metrics_host", defaults.metrics_host) or "",
         ).validate()
 
 
@@ -107,6 +128,15 @@ def _num(values: Mapping[str, object], key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"setting {key} must be a number")
     return float(value)
+
+
+def _port(values: Mapping[str, object], key: str) -> int | None:
+    value = values.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"setting {key} must be a whole number (a TCP port)")
+    return value
 
 
 def _read_toml(path: Path) -> dict[str, object]:

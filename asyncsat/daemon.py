@@ -10,7 +10,7 @@ import asyncio
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -23,8 +23,12 @@ from asyncsat.db.pool import apply_schema, connect, create_pool
 from asyncsat.db.store import Store
 from asyncsat.engine import Engine, ProgressSink, wait_any
 from asyncsat.logs import Redactor
+from asyncsat.metrics import Metrics, Recorder
 from asyncsat.models import TERMINAL
 from asyncsat.transfer.registry import Drivers
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = structlog.get_logger("asyncsat")
 
@@ -67,23 +71,41 @@ def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
 async def serve(
     settings: Settings, redactor: Redactor, *, exit_when_idle: bool = False,
     until: Callable[[], Awaitable[bool]] | None = None, sink: ProgressSink | None = None,
+    metrics_at: tuple[str, int] | None = None,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT, a drained queue (`exit_when_idle`) or `until()`.
 
+    With `metrics_at` (host, port), Prometheus metrics are served there meanwhile.
     Raises DaemonLocked when another daemon serves the same database.
     """
     dsn = await resolve_dsn(settings)
-    redactor.add(dsn)
+    redactor.add_dsn(dsn)
     pool = await create_pool(dsn)
     drivers = Drivers()
+    served: web.AppRunner | None = None
     try:
         async with pool.acquire() as conn:
             await apply_schema(conn, always=False)
-        engine = Engine(Store(pool), settings, drivers, redactor, sink=sink)
-        listener = Listener(dsn, engine.notify, engine.rescan, ping=settings.listener_ping)
+        metrics = Metrics() if metrics_at is not None else Recorder()
+        engine = Engine(Store(pool), settings, drivers, redactor, sink=sink, metrics=metrics)
+        metrics.watch_slots(engine.slot_figures)
+
+        def reconnected() -> None:
+            metrics.listener_reconnected()
+            engine.rescan()
+
+        listener = Listener(dsn, engine.notify, reconnected, ping=settings.listener_ping)
         await listener.start()
+        if isinstance(metrics, Metrics) and metrics_at is not None:  # after the lock
+            try:
+                served = await metrics.serve(*metrics_at)
+            except BaseException:
+                await listener.aclose()
+                raise
+            log.info("metrics served", url=f"http://{_host(metrics_at[0])}:{metrics_at[1]}"
+                     "/metrics")
         stop = asyncio.Event()
-        log.info("daemon started", exit_when_idle=exit_when_idle)
+        log.info("daemon started", exit_when_idle=exit_when_idle, database=settings.database)
         systemd = sdnotify.from_env()
         systemd.send("READY=1")
         try:
@@ -101,8 +123,14 @@ async def serve(
             raise group_error.exceptions[0] from None
         log.info("daemon stopped")
     finally:
+        if served is not None:
+            await served.cleanup()
         await drivers.aclose()
         await pool.close()
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 async def wait_for_request(settings: Settings, request_id: int) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.store import Store
 from asyncsat.errors import (
+    AuthError,
     DatabaseError,
     OfflineError,
     PermanentError,
@@ -28,9 +30,10 @@ from asyncsat.errors import (
     TransferError,
 )
 from asyncsat.logs import Redactor
+from asyncsat.metrics import Recorder
 from asyncsat.models import Download, Provider, Request
 from asyncsat.resolver import Resolver
-from asyncsat.retry import Policy, decide, follow_settings, offline_delay
+from asyncsat.retry import Policy, budget, decide, follow_settings, offline_delay
 from asyncsat.slots import Lease, ProviderSlots, accounts_for
 from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.registry import Drivers
@@ -63,13 +66,14 @@ class Engine:
 
     def __init__(
         self, store: Store, settings: Settings, drivers: Drivers, redactor: Redactor,
-        *, sink: ProgressSink | None = None,
+        *, sink: ProgressSink | None = None, metrics: Recorder | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.drivers = drivers
         self.redactor = redactor
         self.sink = sink
+        self.metrics = metrics or Recorder()
         self.wake = asyncio.Event()
         self._accounts_stale = True
         self._providers: dict[int, Provider] = {}
@@ -78,7 +82,7 @@ class Engine:
         self.auths = Auths(redactor)
         self.catalogs = Catalogs(drivers)
         self.resolver = Resolver(store, settings, self.catalogs, self.auths, redactor,
-                                 self._slots_for, self.wake)
+                                 self._slots_for, self.wake, metrics=self.metrics)
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -106,6 +110,11 @@ class Engine:
 
     def slots(self, provider_id: int) -> ProviderSlots | None:
         return self._slots.get(provider_id)
+
+    def slot_figures(self) -> list[tuple[str, int, int]]:
+        """(provider, free slots, capacity) per provider, for the metrics."""
+        return [(self._providers[i].name, s.free(), s.capacity)
+                for i, s in self._slots.items() if i in self._providers]
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -286,12 +295,15 @@ class Engine:
         else:
             bound.info("download running", url=d.url, attempt=d.attempts,
                        **({"user": auth.user} if auth.user else {}))
+        self.metrics.transfer_started(d.provider)
         try:
             with structlog.contextvars.bound_contextvars(
                     download_id=d.id, request_id=d.request_id, provider=d.provider):
                 source = Source(d.url, auth)
                 if d.product_id is not None and self.catalogs.prepares(provider):
                     source = await self.catalogs.for_provider(provider).prepare(d, auth)
+                if provider.settings.get("allow_insecure_redirects") is True:
+                    source = replace(source, allow_insecure_redirects=True)
                 if d.claimed_from == "offline":
                     bound.info("download running", url=source.url, attempt=d.attempts,
                                reason="online again")
@@ -304,7 +316,12 @@ class Engine:
             await asyncio.shield(self._after_stop(d, attempt, bound))
             raise
         except TransferError as exc:
-            await asyncio.shield(self._after_failure(d, provider, exc, attempt, bound))
+            refused = None
+            if isinstance(exc, AuthError):  # name the login the server refused
+                refused = repr(auth.user) if auth.user else "anonymous"
+                bound = bound.bind(user=auth.user or "anonymous")
+            await asyncio.shield(self._after_failure(d, provider, exc, attempt, bound,
+                                                     refused=refused))
         except Exception as exc:  # a bug must not lose the row: retry it within the budget
             bound.exception("internal error in transfer")
             error = RetryableError(f"internal error: {type(exc).__name__}: {exc}")
@@ -322,6 +339,7 @@ class Engine:
             if cancelled:
                 raise asyncio.CancelledError
         finally:
+            self.metrics.transfer_ended(d.provider)
             lease.release()
             self._tasks.pop(d.id, None)
             self.wake.set()
@@ -332,46 +350,56 @@ class Engine:
         bound.info("download done", name=outcome.name, path=str(outcome.path),
                    size=outcome.size, resumed_from=outcome.resumed_from,
                    restarted=outcome.restarted)
-        self._finished(d.id, "done")
+        self._finished(d, "done")
 
     async def _after_stop(self, d: Download, attempt: Attempt, bound: Any) -> None:
         await self.store.call(queries.download_requeue, d.id, error=d.error, failures=d.failures,
                               bytes_done=attempt.size, delay=0.0)
         status = await self.store.call(queries.download_status, d.id)
-        if status == "cancelled":
+        if status is None:  # its provider was removed (`provider remove --force`)
+            bound.info("download removed", bytes_done=attempt.size)
+        elif status == "cancelled":
             bound.info("download cancelled", bytes_done=attempt.size)
         else:
             bound.info("download queued", reason="stopped", bytes_done=attempt.size)
-        self._finished(d.id, status or "queued")
+        self._finished(d, status or "queued")
 
     async def _after_failure(
-        self, d: Download, provider: Provider, exc: TransferError, attempt: Attempt, bound: Any
+        self, d: Download, provider: Provider, exc: TransferError, attempt: Attempt, bound: Any,
+        *, refused: str | None = None,
     ) -> None:
-        decision = decide(exc, d.failures, attempt.progressed, Policy.for_provider(provider))
+        policy = Policy.for_provider(provider)
+        decision = decide(exc, d.failures, attempt.progressed, policy)
         error = _one_line(self.redactor(exc.message))
         if isinstance(exc, OfflineError):
             delay = offline_delay(d.offline_checks, follow_settings(provider), exc.retry_after)
             await self.store.call(queries.download_offline, d.id, error=error, delay=delay,
                                   bytes_done=attempt.size)
             bound.info("download offline", error=error, look_again_in=round(delay, 1))
-            self._finished(d.id, "offline")
+            self._finished(d, "offline")
             return
+        if refused and refused.strip("'") not in error:
+            error = _one_line(self.redactor(f"{error} (login: {refused})"))
+        told = budget(decision, exc, attempt.progressed, policy)
         if decision.action == "retry":
             await self.store.call(queries.download_requeue, d.id, error=error,
                                   failures=decision.failures, bytes_done=attempt.size,
                                   delay=decision.delay)
             bound.warning("download queued", reason="retry", error=error,
-                          retry_in=round(decision.delay, 2), failures=decision.failures,
+                          retry_in=round(decision.delay, 2), attempt=d.attempts, budget=told,
                           bytes_done=attempt.size)
+            self.metrics.retried(d.provider, exc)
             return
         await self.store.call(queries.download_end, d.id, status="failed", error=error,
                               failures=decision.failures, bytes_done=attempt.size)
-        bound.error("download failed", error=error, attempts=d.attempts)
-        self._finished(d.id, "failed")
+        bound.error("download failed", error=error, attempts=d.attempts, budget=told)
+        self._finished(d, "failed")
 
-    def _finished(self, download_id: int, status: str) -> None:
+    def _finished(self, d: Download, status: str) -> None:
+        if status != "queued":  # a stop puts it back: not an end
+            self.metrics.download_ended(d.provider, status)
         if self.sink is not None:
-            self.sink.finished(download_id, status)
+            self.sink.finished(d.id, status)
 
 
 def _unique_name(name: str, download_id: int) -> str:
@@ -393,6 +421,7 @@ class _RowEvents:
         self._download = download
         self._name = download.name or ""
         self._last = 0.0
+        self._on_disk = download.bytes_done
 
     async def named(self, name: str, size: int | None, validator: Validator) -> str:
         for candidate in (name, _unique_name(name, self._download.id)):
@@ -404,6 +433,10 @@ class _RowEvents:
         raise PermanentError(f"another download already writes {name!r}")
 
     async def progress(self, done: int, total: int | None) -> None:
+        # bytes written since the last call; a file that starts again from zero counts anew
+        grown = done - self._on_disk if done >= self._on_disk else done
+        self._on_disk = done
+        self._engine.metrics.downloaded(self._download.provider, grown)
         now = time.monotonic()
         if now - self._last < self._engine.settings.progress_interval:
             return

@@ -12,6 +12,8 @@ from urllib.parse import quote
 
 import structlog
 
+from asyncsat.dsn import split_password
+
 MASK = "***"
 
 # userinfo in URLs, secret-looking query parameters and header values
@@ -44,6 +46,12 @@ class Redactor:
         if user:
             token = f"{user}:{password}".encode()
             self.add(base64.b64encode(token).decode(), base64.urlsafe_b64encode(token).decode())
+
+    def add_dsn(self, dsn: str | None) -> None:
+        """Remember the password of a PostgreSQL DSN (the rest of it may be shown)."""
+        if dsn:
+            password = split_password(dsn)[1]
+            self.add(password, quote(password or "", safe=""))
 
     def __call__(self, text: str) -> str:
         for secret in sorted(self._secrets, key=len, reverse=True):

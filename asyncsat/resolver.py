@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from asyncsat.db import queries
 from asyncsat.db.store import Store
 from asyncsat.errors import AsyncsatError, DatabaseError, RetryableError
 from asyncsat.logs import Redactor
+from asyncsat.metrics import Recorder
 from asyncsat.models import Provider, Request
 from asyncsat.naming import SplitUrl, split_login, without_login
 from asyncsat.retry import Policy, decide, follow_settings
@@ -44,7 +46,7 @@ class Resolver:
     def __init__(
         self, store: Store, settings: Settings, catalogs: Catalogs, auths: Auths,
         redactor: Redactor, slots: Callable[[int], Awaitable[ProviderSlots]],
-        wake: asyncio.Event,
+        wake: asyncio.Event, *, metrics: Recorder | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
@@ -53,6 +55,7 @@ class Resolver:
         self._redactor = redactor
         self._slots = slots
         self._wake = wake
+        self._metrics = metrics or Recorder()
         self._tasks: dict[int, asyncio.Task[None]] = {}
 
     @property
@@ -172,6 +175,7 @@ class Resolver:
                 if limit <= 0:
                     return []
         lease = await (await self._slots(provider.id)).acquire()
+        started, ok = time.monotonic(), False
         try:
             if login is not None:
                 auth = self._auths.for_account(provider, f"login:{login.user}", login.user,
@@ -188,7 +192,9 @@ class Resolver:
                         found.append(ref)
                         if limit is not None and len(found) >= limit:
                             break
+            ok = True
         finally:
+            self._metrics.catalog_request(provider.name, time.monotonic() - started, ok=ok)
             lease.release()
         return found
 

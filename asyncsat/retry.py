@@ -136,3 +136,19 @@ def offline_delay(checks: int, follow: Follow, retry_after: float | None = None)
     first = min(follow.offline_interval, MAX_OFFLINE_INTERVAL)
     delay = min(first * float(2 ** min(checks, 16)), max(first, MAX_OFFLINE_INTERVAL))
     return max(delay, retry_after) if retry_after is not None else delay
+
+
+def budget(decision: Decision, error: TransferError, progressed: bool, policy: Policy) -> str:
+    """What an attempt that failed did to the retry budget, in words (for the log line)."""
+    if decision.action == "offline":
+        return "not used: the product is offline"
+    if not isinstance(error, RetryableError):
+        return "not retried: a permanent error"
+    if isinstance(error, AuthError | ChecksumError):
+        what = "a refused login" if isinstance(error, AuthError) else "a checksum mismatch"
+        return f"{decision.failures} of {STRICT_RETRIES} tries for {what}"
+    if error.throttled:
+        return "not used: the server limits requests or connections"
+    if progressed and decision.failures == 0:
+        return "not used: the attempt moved the file forward"
+    return f"{decision.failures} of {policy.max_attempts} attempts in a row without progress"

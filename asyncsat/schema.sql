@@ -221,3 +221,29 @@ CREATE OR REPLACE TRIGGER credential_notify AFTER INSERT OR UPDATE OR DELETE ON 
     FOR EACH STATEMENT EXECUTE FUNCTION asyncsat_notify_accounts();
 CREATE OR REPLACE TRIGGER provider_notify AFTER INSERT OR UPDATE OR DELETE ON provider
     FOR EACH STATEMENT EXECUTE FUNCTION asyncsat_notify_accounts();
+
+-- A product is ready: `LISTEN asyncsat_done` wakes the application that uses the files the
+-- way `asyncsat` wakes the daemon. The payload is JSON (NOTIFY payloads stay under 8000
+-- bytes: no URL, which may be a long pre-signed one).
+CREATE OR REPLACE FUNCTION asyncsat_notify_done() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status = 'done' AND (TG_OP = 'INSERT' OR OLD.status IS DISTINCT FROM 'done') THEN
+        PERFORM pg_notify('asyncsat_done', json_build_object(
+            'download_id', NEW.id,
+            'request_id', NEW.request_id,
+            'request_ids', coalesce((SELECT json_agg(request_id ORDER BY request_id)
+                                     FROM request_download WHERE download_id = NEW.id),
+                                    '[]'::json),
+            'provider', (SELECT name FROM provider WHERE id = NEW.provider_id),
+            'name', NEW.name,
+            'path', NEW.path,
+            'size', NEW.size,
+            'checksum', CASE WHEN NEW.checksum_algo IS NOT NULL
+                        THEN NEW.checksum_algo || ':' || NEW.checksum_value END)::text);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER download_done_notify AFTER INSERT OR UPDATE OF status ON download
+    FOR EACH ROW EXECUTE FUNCTION asyncsat_notify_done();

@@ -16,6 +16,7 @@ import hashlib
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -80,16 +81,17 @@ class FileServer:
         self.bytes_sent = 0
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.scheme = "http"
         self.app = web.Application()
         self.app.router.add_get("/files/{name:.+}", self.handle)
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/files/"
+        return f"{self.scheme}://127.0.0.1:{self.port}/files/"
 
     def url(self, name: str, *, user: str | None = None, password: str | None = None) -> str:
         login = f"{user}:{password}@" if user else ""
-        return f"http://{login}127.0.0.1:{self.port}/files/{name}"
+        return f"{self.scheme}://{login}127.0.0.1:{self.port}/files/{name}"
 
     def add(self, name: str, data: bytes | None = None, **kw: object) -> Product:
         product = Product(data=data or b"", **kw)  # type: ignore[arg-type]
@@ -98,10 +100,12 @@ class FileServer:
         self.products[name] = product
         return product
 
-    async def start(self) -> FileServer:
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> FileServer:
+        """Serve on loopback; over HTTPS with `ssl_context`."""
+        self.scheme = "https" if ssl_context is not None else "http"
         self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self

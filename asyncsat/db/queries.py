@@ -106,6 +106,50 @@ async def credential_upsert(
     )
 
 
+async def provider_unfinished(db: Any, provider_id: int) -> tuple[int, int]:
+    """(downloads queued, running or offline; requests still to be searched) of a provider."""
+    row = await db.fetchrow(
+        "SELECT (SELECT count(*) FROM download WHERE provider_id = $1"
+        "  AND status IN ('queued', 'running', 'offline')) AS downloads,"
+        " (SELECT count(*) FROM request WHERE provider_id = $1"
+        "  AND status IN ('queued', 'following'))"
+        " AS requests",
+        provider_id,
+    )
+    return int(row["downloads"]), int(row["requests"])
+
+
+async def provider_remove(db: Any, provider_id: int) -> tuple[int, int]:
+    """Delete a provider, its credentials and its download rows (inside a transaction).
+
+    Unfinished downloads are cancelled first, so that a daemon running one stops it.
+    Returns (credentials, downloads) removed.
+    """
+    await db.execute(
+        "UPDATE download SET status = 'cancelled', finished_at = now()"
+        " WHERE provider_id = $1 AND status IN ('queued', 'running', 'offline')",
+        provider_id,
+    )
+    await db.execute(
+        "UPDATE request SET status = 'cancelled', error = 'its provider was removed'"
+        " WHERE provider_id = $1 AND status IN ('queued', 'following')",
+        provider_id,
+    )
+    downloads = await db.execute("DELETE FROM download WHERE provider_id = $1", provider_id)
+    credentials = await db.execute("DELETE FROM credential WHERE provider_id = $1",
+                                   provider_id)
+    await db.execute("DELETE FROM provider WHERE id = $1", provider_id)
+    return int(credentials.split()[-1]), int(downloads.split()[-1])
+
+
+async def credential_remove(db: Any, provider_id: int, username: str) -> bool:
+    result: str = await db.execute(
+        "DELETE FROM credential WHERE provider_id = $1 AND username = $2",
+        provider_id, username,
+    )
+    return result != "DELETE 0"
+
+
 async def credential_list(db: Any) -> list[dict[str, object]]:
     rows = await db.fetch(
         "SELECT c.id, p.name AS provider, c.username AS user, c.max_connections, c.enabled"
@@ -450,18 +494,45 @@ async def download_status(db: Any, download_id: int) -> str | None:
 
 # -- user commands ----------------------------------------------------------------------------
 
-async def status_rows(db: Any, request_id: int | None = None) -> list[dict[str, Any]]:
+async def status_rows(
+    db: Any, request_id: int | None = None, *, statuses: Sequence[str] | None = None,
+    limit: int | None = None, newest_first: bool = False,
+) -> list[dict[str, Any]]:
+    """Downloads (of one request), oldest first (or newest first), optionally by status."""
+    order = "d.id DESC" if newest_first else "d.id"
     rows = await db.fetch(
         "SELECT d.id, d.request_id, p.name AS provider, d.name, d.url, d.status, d.bytes_done,"
         " d.size, d.attempts, d.error, d.path, d.dest, d.checksum_algo, d.checksum_value,"
         " d.created_at, d.updated_at, d.finished_at"
         " FROM download d JOIN provider p ON p.id = d.provider_id"
-        " WHERE $1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
-        "  (SELECT download_id FROM request_download WHERE request_id = $1)"
-        " ORDER BY d.id",
-        request_id,
+        " WHERE ($1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
+        "  (SELECT download_id FROM request_download WHERE request_id = $1))"
+        " AND ($2::text[] IS NULL OR d.status = ANY($2::text[]))"
+        f" ORDER BY {order} LIMIT $3",
+        request_id, list(statuses) if statuses else None, limit,
     )
     return [dict(r) for r in rows]
+
+
+async def status_count(
+    db: Any, request_id: int | None = None, *, statuses: Sequence[str] | None = None
+) -> int:
+    """How many downloads `status_rows` would list without a limit."""
+    value: int = await db.fetchval(
+        "SELECT count(*) FROM download d"
+        " WHERE ($1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
+        "  (SELECT download_id FROM request_download WHERE request_id = $1))"
+        " AND ($2::text[] IS NULL OR d.status = ANY($2::text[]))",
+        request_id, list(statuses) if statuses else None,
+    )
+    return value
+
+
+async def download_statuses(db: Any, ids: Sequence[int]) -> dict[int, str]:
+    """The status of each download (locked until the end of the caller's transaction)."""
+    rows = await db.fetch(
+        "SELECT id, status FROM download WHERE id = ANY($1::bigint[]) FOR UPDATE", list(ids))
+    return {r["id"]: r["status"] for r in rows}
 
 
 async def request_exists(db: Any, request_id: int) -> bool:

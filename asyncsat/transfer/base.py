@@ -24,6 +24,8 @@ class Source:
     @property
     def password(self) -> str | None:
         return self.auth.password
+    allow_insecure_redirects: bool = False
+    """Follow a redirect from https:// to http:// (refused by default)."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from types import SimpleNamespace
 
 import aiohttp
 import yarl
@@ -126,8 +127,11 @@ class HttpDriver:
     @classmethod
     def create(cls, *, connect_timeout: float = 30.0, read_timeout: float = 60.0) -> HttpDriver:
         """A driver with its own session; the slots, not the connector, limit concurrency."""
+        redirects = aiohttp.TraceConfig()
+        redirects.on_request_redirect.append(_refuse_downgrade)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            trace_configs=[redirects],
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
                                           sock_read=read_timeout),
             auto_decompress=False,
@@ -143,7 +147,8 @@ class HttpDriver:
     async def open(self, source: Source, offset: int, validator: Validator) -> \
             AsyncIterator[HttpStream]:
         with map_exceptions():
-            stream = await self._start(source.url, source.auth, offset, validator)
+            stream = await self._start(source.url, source.auth, offset, validator,
+                                       insecure=source.allow_insecure_redirects)
         try:
             yield stream  # the caller's own errors pass through untranslated
         finally:
@@ -151,16 +156,17 @@ class HttpDriver:
                 stream.response.release()
 
     async def _start(
-        self, url: str, auth: Auth, offset: int, validator: Validator
+        self, url: str, auth: Auth, offset: int, validator: Validator,
+        *, insecure: bool = False,
     ) -> HttpStream:
         if offset <= 0:
-            response = await self._get(url, auth, {})
+            response = await self._get(url, auth, {}, insecure=insecure)
             return HttpStream(response, self._opened(response))
         headers = {"Range": f"bytes={offset}-"}
         if_range = _if_range(validator)
         if if_range:
             headers["If-Range"] = if_range
-        response = await self._get(url, auth, headers, ok_416=True)
+        response = await self._get(url, auth, headers, ok_416=True, insecure=insecure)
         if response.status == 416:
             _, total = parse_content_range(response.headers.get("Content-Range"))
             response.release()
@@ -172,20 +178,23 @@ class HttpDriver:
                 return HttpStream(response, opened)
             response.release()
         # the file changed or the range is unusable: start again from zero
-        response = await self._get(url, auth, {})
+        response = await self._get(url, auth, {}, insecure=insecure)
         return HttpStream(response, self._opened(response))
 
     async def _get(
         self, url: str, auth: Auth, headers: dict[str, str], *, ok_416: bool = False,
+        insecure: bool = False,
     ) -> aiohttp.ClientResponse:
         sent = await auth.headers()
-        response = await self._session.get(_target(url), headers={**sent, **headers})
+        response = await self._session.get(_target(url), headers={**sent, **headers},
+                                           trace_request_ctx=_Redirects(insecure))
         if response.status == 401 and auth.rejected(sent):
             # a token that expired (or was revoked) before its time: one renewal, same
             # request; a resume goes on from the same offset under the new token
             response.release()
             sent = await auth.headers()
-            response = await self._session.get(_target(url), headers={**sent, **headers})
+            response = await self._session.get(_target(url), headers={**sent, **headers},
+                                               trace_request_ctx=_Redirects(insecure))
         if response.status >= 400 and not (ok_416 and response.status == 416):
             detail = await _error_detail(response)
             response.release()
@@ -208,6 +217,41 @@ class HttpDriver:
             response.release()
             raise PermanentError(f"unexpected HTTP {response.status} {response.reason or ''}")
         return Opened(offset=0, total=response.content_length, name=name, validator=validator)
+
+
+@dataclass(frozen=True)
+class _Redirects:
+    """What one request may follow (its `trace_request_ctx`)."""
+
+    insecure: bool = False
+    """A redirect from https:// to http:// is followed (provider allow_insecure_redirects)."""
+
+
+async def _refuse_downgrade(_session: aiohttp.ClientSession, context: SimpleNamespace,
+                            params: aiohttp.TraceRequestRedirectParams) -> None:
+    """Refuse, before it is followed, a redirect that would drop TLS: the product (and a
+    pre-signed URL in the Location) would travel unprotected."""
+    policy = context.trace_request_ctx
+    if params.url.scheme != "https" or (isinstance(policy, _Redirects) and policy.insecure):
+        return
+    location = params.response.headers.get("Location") or params.response.headers.get("URI")
+    if not location:
+        return
+    try:
+        target = params.url.join(yarl.URL(location))
+    except ValueError:
+        return  # aiohttp refuses a Location that is not a URL by itself
+    if target.scheme == "http":
+        params.response.close()
+        raise PermanentError(
+            f"refused a redirect from https to http ({_shown(params.url)} -> {_shown(target)})"
+            ": the file would travel unencrypted; set allow_insecure_redirects=true on the "
+            "provider to allow it")
+
+
+def _shown(url: yarl.URL) -> str:
+    """A URL fit for a message: no login, no query (it may hold a signature)."""
+    return str(url.with_user(None).with_query(None).with_fragment(None))
 
 
 def _target(url: str) -> yarl.URL:

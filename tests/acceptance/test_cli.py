@@ -40,6 +40,9 @@ async def _count(dsn: str) -> int:
     ["provider", "add", "bad/name", "--protocol", "http"],
     ["provider", "add", "x", "--protocol", "gopher"],
     ["provider", "add", "x", "--protocol", "http", "--url", "nota url"],
+    ["provider", "add", "x", "--protocol", "http", "--set", "max_connections=-3"],
+    ["provider", "add", "x", "--protocol", "http", "--set", "bogus_key=1"],
+    ["provider", "add", "x", "--protocol", "odata", "--url", "https://HUB.example/odata/v1"],
     ["status", "--request", "999"],
     ["retry", "12345"],
     ["retry"],
@@ -59,6 +62,26 @@ async def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("asyncsat: error: "), result.stderr
     assert await _count(dsn) == before
+
+
+async def test_provider_add_names_the_bad_key(dsn: str, tmp_path: Path) -> None:
+    for args, named in [
+        (["--set", "max_connections=-3"], "max_connections=-3"),
+        (["--set", "bogus_key=1"], "'bogus_key'"),
+        (["--url", "https://a.example/data/", "--set", "max_attempts=0"], "max_attempts=0"),
+    ]:
+        r = await asyncio.to_thread(cli, "provider", "add", "p", "--protocol", "http", *args,
+                                    dsn=dsn, home=tmp_path)
+        assert r.returncode == 2 and named in r.stderr, r.stderr
+    first = await asyncio.to_thread(cli, "provider", "add", "a", "--protocol", "http", "--url",
+                                    "https://a.example/data/", dsn=dsn, home=tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = await asyncio.to_thread(cli, "provider", "add", "b", "--protocol", "http",
+                                     "--url", "https://a.example/data", dsn=dsn, home=tmp_path)
+    assert second.returncode == 2
+    assert second.stderr.strip() == ("asyncsat: error: provider a already has the URL "
+                                     "https://a.example/data/: one URL, one provider")
+    assert await _count(dsn) == 1
 
 
 async def test_provider_and_credential_lists_never_show_a_secret(dsn: str,
@@ -142,7 +165,8 @@ async def test_status_json_fields_retry_and_cancel(server: FileServer, dsn: str,
     queued = json.loads((await asyncio.to_thread(cli, "status", "--json", dsn=dsn,
                                                  home=tmp_path)).stdout)
     assert [q["status"] for q in queued] == ["queued", "queued"]
-    cancelled = await asyncio.to_thread(cli, "cancel", str(queued[1]["id"]), dsn=dsn,
+    assert queued[0]["id"] > queued[1]["id"]  # newest first
+    cancelled = await asyncio.to_thread(cli, "cancel", str(queued[0]["id"]), dsn=dsn,
                                         home=tmp_path)
     assert cancelled.returncode == 0
     run = await asyncio.create_subprocess_exec(
@@ -154,7 +178,7 @@ async def test_status_json_fields_retry_and_cancel(server: FileServer, dsn: str,
     keys = {"id", "request_id", "provider", "name", "url", "status", "bytes_done", "size",
             "attempts", "error", "path"}
     assert all(keys <= set(row) for row in rows)
-    ok, gone = rows
+    gone, ok = rows
     provider = f"127.0.0.1_{server.port}"
     assert ok["status"] == "done" and ok["provider"] == provider and ok["name"] == "ok.bin"
     assert ok["path"] == str(dest / provider / "ok.bin") and ok["size"] == 1000
@@ -169,7 +193,7 @@ async def test_status_json_fields_retry_and_cancel(server: FileServer, dsn: str,
     rows = json.loads((await asyncio.to_thread(cli, "status", "--json", "--request",
                                                str(gone["request_id"]), dsn=dsn,
                                                home=tmp_path)).stdout)
-    assert rows[1]["status"] == "failed" and "404" in rows[1]["error"]
+    assert rows[0]["status"] == "failed" and "404" in rows[0]["error"]
     table = await asyncio.to_thread(cli, "status", dsn=dsn, home=tmp_path)
     assert "done" in table.stdout and "failed" in table.stdout
 
@@ -190,3 +214,77 @@ async def test_get_wait_exit_code_reflects_failures(server: FileServer, dsn: str
     out, _err = await proc.communicate()
     assert proc.returncode == 1
     assert "done" in out.decode() and "failed" in out.decode()
+
+
+async def test_credential_remove(dsn: str, tmp_path: Path) -> None:
+    for step in (["provider", "add", "hub", "--protocol", "http", "--url", "https://h.example/"],
+                 ["credential", "add", "hub", "--user", "alice", "--password-env", "PW"],
+                 ["credential", "add", "hub", "--user", "bob", "--password-env", "PW"]):
+        r = await asyncio.to_thread(cli, *step, dsn=dsn, home=tmp_path, env={"PW": "pw-123"})
+        assert r.returncode == 0, r.stderr
+    removed = await asyncio.to_thread(cli, "credential", "remove", "hub", "--user", "alice",
+                                      dsn=dsn, home=tmp_path)
+    assert (removed.returncode, removed.stdout) == (0, "credential alice of hub removed\n")
+    again = await asyncio.to_thread(cli, "credential", "remove", "hub", "--user", "alice",
+                                    dsn=dsn, home=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr == ("asyncsat: error: provider hub has no credential for user "
+                            "'alice'\n")
+    listed = await asyncio.to_thread(cli, "credential", "list", "--json", dsn=dsn, home=tmp_path)
+    assert [c["user"] for c in json.loads(listed.stdout)] == ["bob"]
+
+
+async def test_no_ops_say_why_and_status_filters(server: FileServer, dsn: str,
+                                                 tmp_path: Path) -> None:
+    empty = await asyncio.to_thread(cli, "credential", "list", dsn=dsn, home=tmp_path)
+    assert (empty.returncode, empty.stdout) == (0, "no credentials\n")
+    nobody = await asyncio.to_thread(cli, "provider", "list", dsn=dsn, home=tmp_path)
+    assert (nobody.returncode, nobody.stdout) == (0, "no providers\n")
+    for name in ("a.bin", "b.bin", "c.bin"):
+        server.add(name, os.urandom(500))
+    r = await asyncio.to_thread(cli, "get", server.url("a.bin"), server.url("b.bin"),
+                                server.url("missing.bin"), "--dest", str(tmp_path / "d"),
+                                "--wait", dsn=dsn, home=tmp_path)
+    assert r.returncode == 1
+    r = await asyncio.to_thread(cli, "get", server.url("c.bin"), "--dest", str(tmp_path / "d"),
+                                dsn=dsn, home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    a, b, missing, c = 1, 2, 3, 4  # ids in the order queued
+
+    cancelled = await asyncio.to_thread(cli, "cancel", str(a), str(missing), str(c), str(c),
+                                        dsn=dsn, home=tmp_path)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.splitlines() == [
+        "1 download(s) cancelled: 4",
+        "download 1 is done: nothing to cancel",
+        "download 3 has failed: nothing to cancel",
+    ]
+    retried = await asyncio.to_thread(cli, "retry", str(b), str(missing), str(c), dsn=dsn,
+                                      home=tmp_path)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.splitlines() == [
+        "2 download(s) queued again: 3, 4",
+        "download 2 is done: nothing to retry",
+    ]
+    again = await asyncio.to_thread(cli, "retry", str(c), dsn=dsn, home=tmp_path)
+    assert again.stdout.splitlines() == [
+        "0 download(s) queued again", "download 4 is queued already: nothing to retry"]
+    none_failed = await asyncio.to_thread(cli, "retry", "--failed", dsn=dsn, home=tmp_path)
+    assert none_failed.stdout == "no failed download: nothing to retry\n"
+
+    def ids(*args: str) -> list[int]:
+        out = cli("status", "--json", *args, dsn=dsn, home=tmp_path)
+        assert out.returncode == 0, out.stderr
+        return [row["id"] for row in json.loads(out.stdout)]
+
+    assert await asyncio.to_thread(ids) == [4, 3, 2, 1]
+    assert await asyncio.to_thread(ids, "--status", "done") == [2, 1]
+    assert await asyncio.to_thread(ids, "--status", "queued", "--status", "done") == \
+        [4, 3, 2, 1]
+    assert await asyncio.to_thread(ids, "--limit", "3") == [4, 3, 2]
+    assert await asyncio.to_thread(ids, "--status", "done", "--limit", "1") == [2]
+    table = await asyncio.to_thread(cli, "status", "--limit", "1", dsn=dsn, home=tmp_path)
+    lines = table.stdout.splitlines()
+    assert "c.bin" in lines[-2] and lines[-1] == "... 3 older download(s) not shown (--limit)"
+    bad = await asyncio.to_thread(cli, "status", "--status", "finished", dsn=dsn, home=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1

@@ -239,3 +239,44 @@ async def test_systemd_notify_watchdog_and_check(dsn: str, tmp_path: Path,
                 messages.append(sock.recv(256))
         assert b"STOPPING=1" in messages
     assert cli("check", dsn=dsn, home=home).returncode == 1
+
+
+async def test_provider_remove_refuses_while_work_is_unfinished_then_force_stops_it(
+        server: FileServer, dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    server.add("slow.bin", os.urandom(3_000_000), rate=500_000)
+    server.add("done.bin", os.urandom(1000))
+    await add_provider(dsn, "local", server.base, credentials=[("u", "pw-local-1", 2)])
+    dest = tmp_path / "dest"
+    await queue(dsn, server.url("done.bin"), dest=dest)
+    await drain(Settings(dsn=dsn, home=tmp_path / "home", dest=dest))
+    await queue(dsn, server.url("slow.bin"), dest=dest)
+    proc = DaemonProcess(dsn, tmp_path / "home")
+    daemons.append(proc)
+    await _wait_part(_part(dest, "slow.bin"), 100_000)
+
+    refused = await asyncio.to_thread(cli, "provider", "remove", "local", dsn=dsn,
+                                      home=tmp_path / "home")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == ("asyncsat: error: provider local has 1 unfinished download(s) "
+                              "(queued, running or offline) and 0 queued request(s): cancel "
+                              "them, or remove it with --force\n")
+    assert len(await rows(dsn)) == 2
+
+    forced = await asyncio.to_thread(cli, "provider", "remove", "local", "--force", dsn=dsn,
+                                     home=tmp_path / "home")
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout == ("provider local removed, with 1 credential(s) and 2 download "
+                             "row(s), 1 of them unfinished; files on disk are kept\n")
+    await proc.wait_for(lambda line: line["event"] == "download removed", timeout=10)
+    assert await rows(dsn) == []
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM provider") == 0
+        assert await conn.fetchval("SELECT count(*) FROM credential") == 0
+    finally:
+        await conn.close()
+    assert (dest / "local" / "done.bin").exists() and _part(dest, "slow.bin").exists()
+    assert proc.proc.poll() is None  # the daemon goes on serving
+    gone = await asyncio.to_thread(cli, "provider", "remove", "local", dsn=dsn,
+                                   home=tmp_path / "home")
+    assert gone.returncode == 2 and "unknown provider 'local'" in gone.stderr
