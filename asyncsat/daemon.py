@@ -85,11 +85,12 @@ async def serve(
         stop = asyncio.Event()
         log.info("daemon started", exit_when_idle=exit_when_idle)
         systemd = sdnotify.from_env()
-        systemd.send("READY=1")
         try:
             async with _signals(stop), asyncio.TaskGroup() as group:
                 listening = group.create_task(listener.run(), name="listener")
                 alive = group.create_task(systemd.keep_alive(), name="watchdog")
+                # only now that SIGTERM sets `stop`: systemd may stop us as soon as it reads it
+                systemd.send("READY=1")
                 try:
                     await engine.run(stop, exit_when_idle=exit_when_idle, until=until)
                 finally:
