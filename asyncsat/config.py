@@ -43,6 +43,8 @@ class Settings:
     """Seconds granted to running transfers to stop cleanly on SIGTERM."""
     listener_ping: float = 10.0
     """Seconds of silence after which the LISTEN connection is checked."""
+    status_interval: float = 10.0
+    """Seconds between two STATUS= lines (queue figures) sent to systemd."""
 
     @property
     def default_dest(self) -> Path:
@@ -55,6 +57,8 @@ class Settings:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
         if self.chunk_size < 4096:
             raise ConfigError("chunk_size must be at least 4096")
+        if self.status_interval <= 0:
+            raise ConfigError("status_interval must be positive")
         return self
 
     @classmethod
@@ -83,6 +87,7 @@ class Settings:
             progress_interval=_num(values, "progress_interval", defaults.progress_interval),
             shutdown_timeout=_num(values, "shutdown_timeout", defaults.shutdown_timeout),
             listener_ping=_num(values, "listener_ping", defaults.listener_ping),
+            status_interval=_num(values, "status_interval", defaults.status_interval),
         ).validate()
 
 

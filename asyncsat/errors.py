@@ -29,6 +29,10 @@ class DatabaseError(AsyncsatError):
     """The database could not be reached or refused a statement."""
 
 
+class DatabaseUnavailable(DatabaseError):
+    """The database server cannot be reached, or is starting up: it may answer later."""
+
+
 class CatalogError(AsyncsatError):
     """A catalog search failed."""
 

@@ -447,6 +447,12 @@ async def cancel(db: Any, ids: Sequence[int]) -> int:
     return int(result.split()[-1])
 
 
+async def download_counts(db: Any) -> dict[str, int]:
+    """How many downloads there are in each status."""
+    rows = await db.fetch("SELECT status, count(*) AS n FROM download GROUP BY status")
+    return {row["status"]: row["n"] for row in rows}
+
+
 async def daemon_serving(db: Any) -> bool:
     """True when a daemon holds the single-daemon lock (tested without keeping it)."""
     value: bool = await db.fetchval(
