@@ -141,3 +141,53 @@ async def test_a_database_not_up_yet_is_waited_for(
         for d in daemons:
             d.kill()
         cluster.destroy()
+
+
+async def test_the_database_password_comes_from_a_credential_file(
+        tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    """LoadCredential=dsn-password:... with ASYNCSAT_DSN_PASSWORD_FILE=%d/dsn-password: the
+    password is in no environment variable, and never printed."""
+    secret = "S3cret pw&x/@"
+    cluster = PgCluster().init()
+    try:
+        cluster.psql(f"CREATE ROLE pwuser LOGIN PASSWORD '{secret}'")
+        cluster.psql("CREATE DATABASE pwdb OWNER pwuser")
+        hba = cluster.data / "pg_hba.conf"
+        hba.write_text("host all pwuser 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+        cluster.psql("SELECT pg_reload_conf()")
+        dsn = cluster.dsn("pwdb", user="pwuser")
+        home = tmp_path / "home"
+        credentials = tmp_path / "credentials"
+        credentials.mkdir()
+        (credentials / "dsn-password").write_text(secret + "\n")
+        env = {"ASYNCSAT_DSN_PASSWORD_FILE": str(credentials / "dsn-password")}
+
+        refused = await asyncio.to_thread(cli, "status", dsn=dsn, home=home)
+        assert refused.returncode == 1 and "password" in refused.stderr, refused.stderr
+        status = await asyncio.to_thread(cli, "status", dsn=dsn, home=home, env=env)
+        assert status.returncode == 0, status.stderr
+
+        proc = DaemonProcess(dsn, home, env=env)
+        daemons.append(proc)
+        await proc.wait_for(lambda line: line["event"] == "daemon started")
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait) == 0
+
+        (credentials / "wrong").write_text("not it\n")
+        wrong = await asyncio.to_thread(
+            cli, "status", dsn=dsn, home=home,
+            env={"ASYNCSAT_DSN_PASSWORD_FILE": str(credentials / "wrong")})
+        assert wrong.returncode == 1 and "password authentication failed" in wrong.stderr
+        both = await asyncio.to_thread(cli, "status", dsn=dsn.replace("pwuser@", "pwuser:x@"),
+                                       home=home, env=env)
+        assert both.returncode == 2 and "already holds a password" in both.stderr
+        missing = await asyncio.to_thread(
+            cli, "status", dsn=dsn, home=home,
+            env={"ASYNCSAT_DSN_PASSWORD_FILE": str(credentials / "nothing")})
+        assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+        for text in (status.stdout, status.stderr, "".join(proc.raw), wrong.stderr):
+            assert secret not in text and "S3cret" not in text
+    finally:
+        for d in daemons:
+            d.kill()
+        cluster.destroy()
