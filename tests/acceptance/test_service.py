@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -191,3 +192,27 @@ async def test_the_database_password_comes_from_a_credential_file(
         for d in daemons:
             d.kill()
         cluster.destroy()
+
+
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "asyncsat.service"
+
+
+def test_the_unit_is_hardened_to_an_exposure_of_2_or_less() -> None:
+    """`systemd-analyze security` rates the shipped unit (offline: nothing is started)."""
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=20", str(UNIT)],
+        capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for asyncsat\.service: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    assert float(found[1]) <= 2.0, result.stdout
+    assert result.returncode == 0, result.stderr  # --threshold=20: at most 2.0
+
+
+def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """No unknown directive, no bad value; the venv stands in for /opt/asyncsat/venv (verify
+    wants the executables to exist)."""
+    unit = tmp_path / "asyncsat.service"
+    unit.write_text(UNIT.read_text().replace("/opt/asyncsat/venv", sys.prefix))
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
