@@ -86,7 +86,9 @@ async def _serve(
     systemd = sdnotify.from_env()
     dsn = await resolve_dsn(settings)
     redactor.add(dsn)
-    pool = await _open_pool(dsn, systemd, stop, patient=until is None and not exit_when_idle)
+    # an external server may come up later; the embedded one is ours, and up by now
+    patient = settings.dsn is not None and until is None and not exit_when_idle
+    pool = await _open_pool(dsn, systemd, stop, patient=patient)
     if pool is None:
         log.info("daemon stopped")
         return
