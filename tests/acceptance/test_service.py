@@ -215,13 +215,19 @@ def test_the_unit_is_hardened_to_an_exposure_of_2_or_less() -> None:
 
 
 def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    """No unknown directive, no bad value; the venv stands in for /opt/asyncsat/venv (verify
-    wants the executables to exist)."""
-    unit = tmp_path / "asyncsat.service"
-    unit.write_text(UNIT.read_text().replace("/opt/asyncsat/venv", sys.prefix))
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    """No unknown directive, no bad value, as shipped and with its commented-out credential
+    lines on; the venv stands in for /opt/asyncsat/venv (verify wants the executables)."""
+    text = UNIT.read_text().replace("/opt/asyncsat/venv", sys.prefix)
+    with_credential = re.sub(r"^#(LoadCredential=|Environment=ASYNCSAT_DSN_PASSWORD_FILE=)",
+                             r"\1", text, flags=re.MULTILINE)
+    assert with_credential.count("\nLoadCredential=dsn-password:") == 1
+    for variant, unit_text in (("shipped", text), ("credential", with_credential)):
+        unit = tmp_path / variant / "asyncsat.service"
+        unit.parent.mkdir()
+        unit.write_text(unit_text)
+        result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and not result.stderr.strip(), (variant, result.stderr)
 
 
 async def test_the_daemon_and_its_embedded_postgresql_work_under_the_units_filters(
