@@ -173,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      home=args.home, log_format=args.log_format,
                                      log_level=args.log_level)
         redactor.add_dsn(settings.dsn)
+        redactor.add_login(None, settings.dsn_password)
         configure(redactor, fmt=settings.log_format, level=settings.log_level)
         return uvloop.run(_dispatch(args, settings, redactor))
     except UsageError as exc:

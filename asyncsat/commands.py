@@ -304,6 +304,10 @@ def _check_search(provider: Provider, query: Query) -> None:
         from asyncsat.catalogs import stac
 
         stac.check(query)
+    elif provider.protocol == "dhus":
+        from asyncsat.catalogs import dhus
+
+        dhus.check(query)
     else:
         raise UsageError(f"catalog searches of {provider.protocol} providers are not "
                          "supported yet")
@@ -322,6 +326,8 @@ def _status_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
         "checksum": f"{row['checksum_algo']}:{row['checksum_value']}"
         if row["checksum_algo"] else None,
         "created_at": row["created_at"].isoformat(), "updated_at": row["updated_at"].isoformat(),
+        # an offline product: when it is looked at again
+        "next_check": row["not_before"].isoformat() if row["status"] == "offline" else None,
     }
 
 

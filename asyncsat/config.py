@@ -7,6 +7,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
 
 from asyncsat.dsn import describe
 from asyncsat.errors import ConfigError
@@ -28,6 +29,8 @@ class Settings:
 
     dsn: str | None = field(default=None, repr=False)
     """PostgreSQL DSN; None starts (or reuses) the embedded server under `home`."""
+    dsn_password: str | None = field(default=None, repr=False)
+    """The password read from `dsn_password_file`: already part of `dsn`, known to redact it."""
     home: Path = field(default_factory=lambda: default_home(os.environ))
     """State directory: the embedded database lives in `home/pg`."""
     dest: Path | None = None
@@ -48,6 +51,8 @@ class Settings:
     """`asyncsat run` serves Prometheus metrics on this port (None: no metrics)."""
     metrics_host: str = "127.0.0.1"
     """The address the metrics are served on."""
+    status_interval: float = 10.0
+    """Seconds between two STATUS= lines (queue figures) sent to systemd."""
 
     @property
     def default_dest(self) -> Path:
@@ -72,6 +77,8 @@ class Settings:
                               f"{self.metrics_port}")
         if not self.metrics_host.strip():
             raise ConfigError("metrics_host must be an address")
+        if self.status_interval <= 0:
+            raise ConfigError("status_interval must be positive")
         return self
 
     @classmethod
@@ -87,13 +94,20 @@ class Settings:
         if config_path:
             values.update(_read_toml(Path(config_path)))
         for key, var in (("dsn", "ASYNCSAT_DSN"), ("home", "ASYNCSAT_HOME"),
-                         ("dest", "ASYNCSAT_DEST")):
+                         ("dest", "ASYNCSAT_DEST"),
+                         ("dsn_password_file", "ASYNCSAT_DSN_PASSWORD_FILE")):
             if environ.get(var):
                 values[key] = environ[var]
         values.update({k: v for k, v in overrides.items() if v is not None})
         defaults = cls(home=default_home(environ))
+        dsn = _str(values, "dsn", defaults.dsn)
+        password = None
+        password_file = _path(values, "dsn_password_file")
+        if password_file is not None:
+            dsn, password = _with_password(dsn, password_file)
         return cls(
-            dsn=_str(values, "dsn", defaults.dsn),
+            dsn=dsn,
+            dsn_password=password,
             home=_path(values, "home") or defaults.home,
             dest=_path(values, "dest"),
             log_format=_str(values, "log_format", "console" if tty else "json") or "json",
@@ -104,7 +118,32 @@ class Settings:
             listener_ping=_num(values, "listener_ping", defaults.listener_ping),
             metrics_port=_port(values, "metrics_port"),
             metrics_host=_str(values, "metrics_host", defaults.metrics_host) or "",
+            status_interval=_num(values, "status_interval", defaults.status_interval),
         ).validate()
+
+
+def _with_password(dsn: str | None, path: Path) -> tuple[str, str]:
+    """The DSN with the password read from `path` (its first line), and the password.
+
+    The file is what systemd's LoadCredential= (or a container secret) provides, so that
+    the password is in no environment variable and no world-readable file.
+    """
+    if not dsn:
+        raise ConfigError("dsn_password_file needs a DSN (ASYNCSAT_DSN or --dsn)")
+    parts = urlsplit(dsn)
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise ConfigError("the DSN already holds a password: give it there or in "
+                          "dsn_password_file, not both")
+    try:
+        with path.open(encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read the DSN password file {path}: {reason}") from None
+    if not password:
+        raise ConfigError(f"the DSN password file {path} is empty")
+    # appended, not rebuilt with urlunsplit, which drops the // of `postgresql:///db?host=`
+    return f"{dsn}{'&' if '?' in dsn else '?'}password={quote(password, safe='')}", password
 
 
 def _str(values: Mapping[str, object], key: str, default: str | None) -> str | None:
@@ -150,7 +189,7 @@ def _read_toml(path: Path) -> dict[str, object]:
     section = data.get("asyncsat", data)
     if not isinstance(section, dict):
         raise ConfigError(f"invalid config file {path}: [asyncsat] must be a table")
-    known = set(Settings.__dataclass_fields__)
+    known = set(Settings.__dataclass_fields__) - {"dsn_password"} | {"dsn_password_file"}
     unknown = sorted(set(section) - known)
     if unknown:
         raise ConfigError(f"unknown setting in {path}: {', '.join(unknown)}")

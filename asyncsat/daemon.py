@@ -22,6 +22,7 @@ from asyncsat.db.listener import DaemonLocked, Listener
 from asyncsat.db.pool import apply_schema, connect, create_pool
 from asyncsat.db.store import Store
 from asyncsat.engine import Engine, ProgressSink, wait_any
+from asyncsat.errors import DatabaseUnavailable
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Metrics, Recorder
 from asyncsat.models import TERMINAL
@@ -78,16 +79,34 @@ async def serve(
     With `metrics_at` (host, port), Prometheus metrics are served there meanwhile.
     Raises DaemonLocked when another daemon serves the same database.
     """
+    stop = asyncio.Event()
+    async with _signals(stop):  # from the start: systemd may stop a daemon still starting
+        await _serve(settings, redactor, stop, exit_when_idle=exit_when_idle, until=until,
+                     sink=sink, metrics_at=metrics_at)
+
+
+async def _serve(
+    settings: Settings, redactor: Redactor, stop: asyncio.Event, *, exit_when_idle: bool,
+    until: Callable[[], Awaitable[bool]] | None, sink: ProgressSink | None,
+    metrics_at: tuple[str, int] | None,
+) -> None:
+    systemd = sdnotify.from_env()
     dsn = await resolve_dsn(settings)
     redactor.add_dsn(dsn)
-    pool = await create_pool(dsn)
+    # an external server may come up later; the embedded one is ours, and up by now
+    patient = settings.dsn is not None and until is None and not exit_when_idle
+    pool = await _open_pool(dsn, systemd, stop, patient=patient)
+    if pool is None:
+        log.info("daemon stopped")
+        return
     drivers = Drivers()
     served: web.AppRunner | None = None
     try:
         async with pool.acquire() as conn:
             await apply_schema(conn, always=False)
+        store = Store(pool)
         metrics = Metrics() if metrics_at is not None else Recorder()
-        engine = Engine(Store(pool), settings, drivers, redactor, sink=sink, metrics=metrics)
+        engine = Engine(store, settings, drivers, redactor, sink=sink, metrics=metrics)
         metrics.watch_slots(engine.slot_figures)
 
         def reconnected() -> None:
@@ -104,20 +123,22 @@ async def serve(
                 raise
             log.info("metrics served", url=f"http://{_host(metrics_at[0])}:{metrics_at[1]}"
                      "/metrics")
-        stop = asyncio.Event()
         log.info("daemon started", exit_when_idle=exit_when_idle, database=settings.database)
-        systemd = sdnotify.from_env()
-        systemd.send("READY=1")
         try:
-            async with _signals(stop), asyncio.TaskGroup() as group:
+            async with asyncio.TaskGroup() as group:
                 listening = group.create_task(listener.run(), name="listener")
                 alive = group.create_task(systemd.keep_alive(), name="watchdog")
+                # only now that SIGTERM sets `stop`: systemd may stop us as soon as it reads it
+                systemd.send("READY=1")
+                reporting = group.create_task(systemd.report(
+                    lambda: _queue_status(store), settings.status_interval), name="status")
                 try:
                     await engine.run(stop, exit_when_idle=exit_when_idle, until=until)
                 finally:
                     systemd.send("STOPPING=1")
                     listening.cancel()
                     alive.cancel()
+                    reporting.cancel()
         except BaseExceptionGroup as group_error:
             # one side task failed and stopped the other: report the first cause
             raise group_error.exceptions[0] from None
@@ -131,6 +152,42 @@ async def serve(
 
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+async def _open_pool(
+    dsn: str, systemd: sdnotify.Notifier, stop: asyncio.Event, *, patient: bool,
+) -> Any | None:
+    """The pool, once the database answers; None when stopped before.
+
+    With `patient`, a server that cannot be reached or is starting up is waited for (a
+    service started before its database, a database restarted meanwhile), and systemd is
+    asked for more time to start; otherwise, and for a refusal, DatabaseError.
+    """
+    delay = 1.0
+    while True:
+        try:
+            return await create_pool(dsn)
+        except DatabaseUnavailable as exc:
+            if not patient:
+                raise
+            log.warning("database not ready, waiting", error=exc.message, retry_in=delay)
+            # until the next message: this wait, then at most one connection timeout (10 s)
+            systemd.extend_timeout(delay + 15, "waiting for the database")
+        await wait_any(stop, timeout=delay)
+        if stop.is_set():
+            return None
+        delay = min(delay * 2, 10.0)
+
+
+async def _queue_status(store: Store) -> str | None:
+    """`3 running, 12 queued, 40 done` (and failed, offline); None if the database is away."""
+    counts = await store.try_call(queries.download_counts)
+    if counts is None:
+        return None
+    figures = [f"{counts.get(status, 0)} {status}" for status in ("running", "queued", "done")]
+    figures += [f"{counts[status]} {status}" for status in ("failed", "offline")
+                if counts.get(status)]
+    return ", ".join(figures)
 
 
 async def wait_for_request(settings: Settings, request_id: int) -> dict[str, int]:

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import structlog
 
 from asyncsat import intake
+from asyncsat.archive import Archive
+from asyncsat.auth.base import Auth
 from asyncsat.auth.registry import Auths
 from asyncsat.catalogs.registry import Catalogs
 from asyncsat.config import Settings
@@ -28,12 +30,13 @@ from asyncsat.errors import (
     PermanentError,
     RetryableError,
     TransferError,
+    VerificationError,
 )
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Recorder
 from asyncsat.models import Download, Provider, Request
 from asyncsat.resolver import Resolver
-from asyncsat.retry import Policy, budget, decide, follow_settings, offline_delay
+from asyncsat.retry import Policy, budget, decide
 from asyncsat.slots import Lease, ProviderSlots, accounts_for
 from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.registry import Drivers
@@ -81,6 +84,7 @@ class Engine:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self.auths = Auths(redactor)
         self.catalogs = Catalogs(drivers)
+        self.archive = Archive(store, self.catalogs)
         self.resolver = Resolver(store, settings, self.catalogs, self.auths, redactor,
                                  self._slots_for, self.wake, metrics=self.metrics)
 
@@ -315,6 +319,10 @@ class Engine:
         except asyncio.CancelledError:
             await asyncio.shield(self._after_stop(d, attempt, bound))
             raise
+        except OfflineError as exc:
+            account = f"login:{d.login_user}" if d.login_user else lease.account.key
+            await asyncio.shield(self._after_offline(d, provider, exc, attempt, bound, auth,
+                                                     account))
         except TransferError as exc:
             refused = None
             if isinstance(exc, AuthError):  # name the login the server refused
@@ -369,22 +377,20 @@ class Engine:
         *, refused: str | None = None,
     ) -> None:
         policy = Policy.for_provider(provider)
-        decision = decide(exc, d.failures, attempt.progressed, policy)
+        mismatch = exc.evidence if isinstance(exc, VerificationError) else None
+        decision = decide(exc, d.failures, attempt.progressed, policy,
+                          repeated=mismatch is not None and mismatch == d.last_mismatch)
         error = _one_line(self.redactor(exc.message))
-        if isinstance(exc, OfflineError):
-            delay = offline_delay(d.offline_checks, follow_settings(provider), exc.retry_after)
-            await self.store.call(queries.download_offline, d.id, error=error, delay=delay,
-                                  bytes_done=attempt.size)
-            bound.info("download offline", error=error, look_again_in=round(delay, 1))
-            self._finished(d, "offline")
-            return
+        if decision.bad_at_source:
+            error = _one_line(self.redactor(
+                f"bad at the source (the same wrong {_what(mismatch)} twice): {exc.message}"))
         if refused and refused.strip("'") not in error:
             error = _one_line(self.redactor(f"{error} (login: {refused})"))
         told = budget(decision, exc, attempt.progressed, policy)
         if decision.action == "retry":
             await self.store.call(queries.download_requeue, d.id, error=error,
                                   failures=decision.failures, bytes_done=attempt.size,
-                                  delay=decision.delay)
+                                  delay=decision.delay, mismatch=mismatch)
             bound.warning("download queued", reason="retry", error=error,
                           retry_in=round(decision.delay, 2), attempt=d.attempts, budget=told,
                           bytes_done=attempt.size)
@@ -395,11 +401,27 @@ class Engine:
         bound.error("download failed", error=error, attempts=d.attempts, budget=told)
         self._finished(d, "failed")
 
+    async def _after_offline(
+        self, d: Download, provider: Provider, exc: OfflineError, attempt: Attempt, bound: Any,
+        auth: Auth, account: str,
+    ) -> None:
+        """Archived: wait (no attempt used), ordering it first where the catalog can."""
+        delay, note = await self.archive.park(d, provider, exc, auth, account)
+        error = _one_line(self.redactor(note))
+        await self.store.call(queries.download_offline, d.id, error=error, delay=delay,
+                              bytes_done=attempt.size)
+        bound.info("download offline", error=error, look_again_in=round(delay, 1))
+        self._finished(d, "offline")
+
     def _finished(self, d: Download, status: str) -> None:
         if status != "queued":  # a stop puts it back: not an end
             self.metrics.download_ended(d.provider, status)
         if self.sink is not None:
             self.sink.finished(d.id, status)
+
+
+def _what(evidence: str | None) -> str:
+    return "size" if evidence and evidence.startswith("size:") else "checksum"
 
 
 def _unique_name(name: str, download_id: int) -> str:

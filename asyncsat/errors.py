@@ -29,6 +29,10 @@ class DatabaseError(AsyncsatError):
     """The database could not be reached or refused a statement."""
 
 
+class DatabaseUnavailable(DatabaseError):
+    """The database server cannot be reached, or is starting up: it may answer later."""
+
+
 class CatalogError(AsyncsatError):
     """A catalog search failed."""
 
@@ -58,7 +62,15 @@ class AuthError(RetryableError):
 
 
 class VerificationError(RetryableError):
-    """The whole file arrived but is not the product: bytes received are no progress."""
+    """The whole file arrived but is not the product: bytes received are no progress.
+
+    `evidence` names what was received (`md5:<digest>`, `size:<bytes>`): the same wrong
+    evidence twice means the provider holds a bad copy, and fetching it again cannot help.
+    """
+
+    def __init__(self, message: str | None = None, *, evidence: str | None = None) -> None:
+        super().__init__(message)
+        self.evidence = evidence
 
 
 class SizeError(VerificationError):
@@ -85,9 +97,16 @@ class OfflineError(TransferError):
     """The product is offline (in a long-term archive) and must be ordered first.
 
     `retry_after`: when the provider says it will be available, in seconds, if it does.
-    Waiting for it uses no attempt.
+    `ordered`: this very request placed the order (a DHuS 202). `orderable`: the catalog can
+    order it (`Catalog.order`), within the account's archive quota. `quota`: the provider
+    refused an order because the account's retrieval quota is used up. Waiting for it uses
+    no attempt.
     """
 
-    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
+    def __init__(self, message: str | None = None, *, retry_after: float | None = None,
+                 ordered: bool = False, orderable: bool = False, quota: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.ordered = ordered
+        self.orderable = orderable
+        self.quota = quota

@@ -80,6 +80,10 @@ class Download:
     """How many times the product was found offline (the next look comes later each time)."""
     claimed_from: str = "queued"
     """The status the row had when it was claimed: `offline` means look at it again first."""
+    ordered_at: datetime | None = None
+    """When the product was ordered from the provider's long-term archive (None: never)."""
+    last_mismatch: str | None = None
+    """The wrong bytes the last attempt received (`md5:<digest>`, `size:<n>`), if any."""
 
 
 @dataclass(frozen=True)

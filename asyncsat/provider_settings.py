@@ -72,6 +72,16 @@ def _layouts(value: object) -> str | None:
     return None
 
 
+def _quota(value: object) -> str | None:
+    from asyncsat.archive import parse_quota
+
+    try:
+        parse_quota(value)
+    except UsageError:
+        return "COUNT/PERIOD such as '20/12h' (period in s, m, h or d)"
+    return None
+
+
 @dataclass(frozen=True)
 class Key:
     """One setting: what its value must be, and what it does (for the README)."""
@@ -107,7 +117,8 @@ _TOKENS = {
     "client_id": Key(_text, "OAuth2 client id (default cdse-public)"),
 }
 _ARCHIVE = {
-    "archive_quota": Key(_integer(1), "products ordered from the long-term archive at a time"),
+    "archive_quota": Key(_quota, "orders to the long-term archive an account may send, as "
+                         "COUNT/PERIOD (`20/12h`: twenty in any twelve hours)"),
 }
 
 KEYS: dict[str, dict[str, Key]] = {

@@ -35,6 +35,8 @@ def status_table(rows: Sequence[dict[str, Any]]) -> str:
                 f"{r['attempts']:>5}  {name}")
         if r["error"] and r["status"] != "done":
             line += f"  ({r['error']})"
+        if r["status"] == "offline" and r.get("not_before") is not None:
+            line += f"  [looked at again at {r['not_before']:%Y-%m-%d %H:%M:%S %Z}]"
         lines.append(line)
     return "\n".join(lines)
 

@@ -12,7 +12,6 @@ from tenacity import RetryCallState, Retrying, wait_exponential, wait_random
 
 from asyncsat.errors import (
     AuthError,
-    ChecksumError,
     OfflineError,
     RetryableError,
     TransferError,
@@ -23,7 +22,7 @@ from asyncsat.models import Provider
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_BACKOFF_INITIAL = 1.0
 DEFAULT_BACKOFF_MAX = 60.0
-STRICT_RETRIES = 2  # attempts allowed for auth failures and checksum mismatches
+STRICT_RETRIES = 2  # attempts allowed for refused logins
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,9 @@ class Decision:
     action: Literal["retry", "fail", "offline"]
     failures: int
     delay: float = 0.0
+    bad_at_source: bool = False
+    """The same wrong bytes arrived twice: the provider's copy is bad, fetching again
+    cannot help."""
 
 
 def backoff(failures: int, policy: Policy) -> float:
@@ -67,19 +69,23 @@ def backoff(failures: int, policy: Policy) -> float:
     return min(float(wait(state)), policy.backoff_max)
 
 
-def decide(error: TransferError, failures: int, progressed: bool, policy: Policy) -> Decision:
+def decide(error: TransferError, failures: int, progressed: bool, policy: Policy, *,
+           repeated: bool = False) -> Decision:
     """Retry, fail or park as offline, given the consecutive failures before this attempt.
 
     An attempt that moved the file forward before the connection broke resets the count: a
     flaky connection that keeps delivering bytes never exhausts the budget. A file that
-    arrived whole but failed verification is no progress. Throttling (429 and the like)
-    never counts.
+    arrived whole but failed verification is no progress; the same wrong file twice
+    (`repeated`: the same digest, the same wrong size) is bad at the source and fails at
+    once. Throttling (429 and the like) never counts.
     """
     if isinstance(error, OfflineError):
         return Decision("offline", failures)
     if not isinstance(error, RetryableError):
         return Decision("fail", failures + 1)
-    if isinstance(error, AuthError | ChecksumError):
+    if isinstance(error, VerificationError) and repeated:
+        return Decision("fail", failures + 1, bad_at_source=True)
+    if isinstance(error, AuthError):
         n = failures + 1
         return Decision("fail", n) if n >= STRICT_RETRIES else \
             Decision("retry", n, _delay(error, n, policy))
@@ -144,9 +150,10 @@ def budget(decision: Decision, error: TransferError, progressed: bool, policy: P
         return "not used: the product is offline"
     if not isinstance(error, RetryableError):
         return "not retried: a permanent error"
-    if isinstance(error, AuthError | ChecksumError):
-        what = "a refused login" if isinstance(error, AuthError) else "a checksum mismatch"
-        return f"{decision.failures} of {STRICT_RETRIES} tries for {what}"
+    if decision.bad_at_source:
+        return "not retried: the same wrong file twice, bad at the source"
+    if isinstance(error, AuthError):
+        return f"{decision.failures} of {STRICT_RETRIES} tries for a refused login"
     if error.throttled:
         return "not used: the server limits requests or connections"
     if progressed and decision.failures == 0:

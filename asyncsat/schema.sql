@@ -124,6 +124,23 @@ BEGIN
 END;
 $$;
 
+-- archived products: when this product was ordered from the long-term archive (never twice
+-- while an order runs), and the wrong bytes last received (the same twice: bad at the source)
+ALTER TABLE download ADD COLUMN IF NOT EXISTS ordered_at timestamptz;
+ALTER TABLE download ADD COLUMN IF NOT EXISTS last_mismatch text;
+
+-- every order sent to an archive, per account: the provider's quota (`archive_quota`,
+-- such as 20 per 12 h) is counted here, so that a restart does not reset it
+CREATE TABLE IF NOT EXISTS archive_order (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    provider_id bigint NOT NULL REFERENCES provider (id) ON DELETE CASCADE,
+    account     text NOT NULL,
+    download_id bigint REFERENCES download (id) ON DELETE SET NULL,
+    ordered_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS archive_order_account_idx
+    ON archive_order (provider_id, account, ordered_at);
+
 -- what the claim reads: due rows of a provider, queued or offline (to be looked at again)
 DROP INDEX IF EXISTS download_queued_idx;
 CREATE INDEX IF NOT EXISTS download_due_idx

@@ -186,3 +186,9 @@ class Catalog(Protocol):
         for a host that is not the provider's); OfflineError while it is not available
         (archived, being prepared), with the delay to look again when the API tells it."""
         ...
+
+    async def order(self, download: Download, auth: Auth) -> float | None:
+        """Order an archived product (called only when `prepare` said it is `orderable`,
+        within the account's archive quota); seconds until it should be online, if known.
+        OfflineError(quota=True) when the provider refuses the order for its quota."""
+        ...

@@ -60,6 +60,20 @@ class JsonClient:
             raise RetryableError(f"the catalog answered HTTP {status} with no JSON "
                                  f"({len(raw)} bytes)") from None
 
+    async def probe(self, method: str, url: str, auth: Auth) -> tuple[int, dict[str, str], str]:
+        """One request whose answer is read as it is: (status, headers, the start of the
+        body as text). For APIs that speak in status codes (an archive order's 202)."""
+        with map_exceptions():
+            for renewal in (True, False):
+                sent = await auth.headers()
+                async with self._http().request(method, url, headers=sent) as response:
+                    if response.status == 401 and renewal and auth.rejected(sent):
+                        continue  # a token renewed once, the same request again
+                    body = await response.content.read(4096)
+                    return (response.status, dict(response.headers),
+                            body.decode("utf-8", "replace"))
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def _once(self, method: str, url: str, headers: dict[str, str],
                     params: dict[str, str] | None, body: Any) -> tuple[int, str, str | None, bytes]:
         async with self._http().request(method, url, params=params, json=body,

@@ -81,6 +81,9 @@ class FtpTree:
         for ref in _matching(entries, folder_url, [wanted]):
             yield ref
 
+    async def order(self, download: Download, auth: Auth) -> float | None:
+        raise CatalogError("this catalog cannot order archived products")
+
     async def prepare(self, download: Download, auth: Auth) -> Source:
         return Source(download.url, auth)  # a listed file is there to fetch
 

@@ -132,6 +132,9 @@ class ODataCatalog:
     def expand(self, pattern: str, auth: Auth) -> AsyncGenerator[ProductRef, None]:
         raise UsageError("an OData provider takes searches, not URL patterns")
 
+    async def order(self, download: Download, auth: Auth) -> float | None:
+        raise CatalogError("this catalog cannot order archived products")
+
     async def prepare(self, download: Download, auth: Auth) -> Source:
         """The `$value` URL; for a product found offline, only once the catalogue says it
         is online again."""

@@ -28,6 +28,10 @@ class Catalogs:
             from asyncsat.catalogs.odata import ODataCatalog
 
             return ODataCatalog(self._json, provider)
+        if provider.protocol == "dhus":
+            from asyncsat.catalogs.dhus import DhusCatalog
+
+            return DhusCatalog(self._json, provider)
         if provider.protocol == "stac":
             from asyncsat.catalogs.stac import StacCatalog
 

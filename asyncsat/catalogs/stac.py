@@ -143,6 +143,9 @@ class StacCatalog:
     def expand(self, pattern: str, auth: Auth) -> AsyncGenerator[ProductRef, None]:
         raise UsageError("a STAC provider takes searches, not URL patterns")
 
+    async def order(self, download: Download, auth: Auth) -> float | None:
+        raise CatalogError("this catalog cannot order archived products")
+
     async def prepare(self, download: Download, auth: Auth) -> Source:
         """The asset's href; the account logs in only on the provider's own hosts (an
         asset on a public bucket or another service never sees the credential)."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from asyncsat.errors import DatabaseError
+from asyncsat.errors import DatabaseError, DatabaseUnavailable
 
 SCHEMA_LOCK = 0x61737973  # advisory lock key taken while the schema is applied
 
@@ -46,13 +46,19 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> Any:
 
 
 async def create_pool(dsn: str, *, size: int = 4) -> Any:
-    """The pool used for every query of the daemon."""
+    """The pool used for every query of the daemon.
+
+    DatabaseUnavailable when the server cannot be reached or is not ready yet (it may be
+    later), DatabaseError when it refuses (a bad login, no such database).
+    """
     try:
         return await asyncpg.create_pool(
             dsn, min_size=1, max_size=size, init=_init_connection, timeout=10,
             max_inactive_connection_lifetime=60,
         )
-    except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+    except (*CONNECTION_ERRORS, asyncpg.TooManyConnectionsError) as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
+    except asyncpg.PostgresError as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from None
 
 

@@ -19,7 +19,7 @@ _DOWNLOAD_COLUMNS = """
     d.id, d.request_id, d.provider_id, p.name AS provider, d.url, d.name, d.dest, d.size,
     d.checksum_algo, d.checksum_value, d.status, d.bytes_done, d.attempts, d.failures,
     d.error, d.path, d.etag, d.last_modified, d.login_user, d.login_secret, d.size_origin,
-    d.product_id, d.offline_checks
+    d.product_id, d.offline_checks, d.ordered_at, d.last_mismatch
 """
 
 
@@ -36,7 +36,8 @@ def _download(row: Any) -> Download:
         path=row["path"], etag=row["etag"], last_modified=row["last_modified"],
         login_user=row["login_user"], login_secret=row["login_secret"],
         size_from_server=row["size_origin"] == "server", product_id=row["product_id"],
-        offline_checks=row["offline_checks"],
+        offline_checks=row["offline_checks"], ordered_at=row["ordered_at"],
+        last_mismatch=row["last_mismatch"],
         claimed_from=row.get("claimed_from") or row["status"],
     )
 
@@ -326,6 +327,7 @@ _DOWNLOAD_ADD = (
     " ON CONFLICT (provider_id, md5(coalesce('id:' || product_id, url))) DO UPDATE SET"
     f"  status = CASE WHEN {_REVIVED} THEN EXCLUDED.status ELSE download.status END,"
     f"  failures = CASE WHEN {_REVIVED} THEN 0 ELSE download.failures END,"
+    f"  last_mismatch = CASE WHEN {_REVIVED} THEN NULL ELSE download.last_mismatch END,"
     f"  not_before = CASE WHEN {_REVIVED} OR download.status = 'queued'"
     "   THEN least(download.not_before, EXCLUDED.not_before) ELSE download.not_before END,"
     # a catalog product keeps its identity when its URL changes (pre-signed URLs expire)
@@ -451,14 +453,41 @@ async def download_done(db: Any, download_id: int, *, size: int, path: str) -> N
 
 async def download_requeue(
     db: Any, download_id: int, *, error: str | None, failures: int, bytes_done: int,
-    delay: float,
+    delay: float, mismatch: str | None = None,
 ) -> None:
-    """Back to the queue, due after `delay` seconds (a retry, or a clean stop)."""
+    """Back to the queue, due after `delay` seconds (a retry, or a clean stop); `mismatch`:
+    the wrong bytes this attempt received, remembered to tell a bad copy at the source."""
     await db.execute(
         "UPDATE download SET status = 'queued', error = $2, failures = $3, bytes_done = $4,"
-        " not_before = now() + make_interval(secs => $5)"
+        " not_before = now() + make_interval(secs => $5),"
+        " last_mismatch = coalesce($6, last_mismatch)"
         " WHERE id = $1 AND status = 'running'",
-        download_id, error, failures, bytes_done, delay,
+        download_id, error, failures, bytes_done, delay, mismatch,
+    )
+
+
+async def archive_usage(
+    db: Any, provider_id: int, account: str, window: float
+) -> tuple[int, float | None]:
+    """Orders an account sent to the provider's archive within the last `window` seconds,
+    and the seconds until the oldest of them leaves the window (None: no order)."""
+    row = await db.fetchrow(
+        "SELECT count(*) AS used, extract(epoch FROM min(ordered_at)"
+        "  + make_interval(secs => $3) - now())::float8 AS frees_in"
+        " FROM archive_order WHERE provider_id = $1 AND account = $2"
+        " AND ordered_at > now() - make_interval(secs => $3)",
+        provider_id, account, window,
+    )
+    return row["used"], row["frees_in"]
+
+
+async def archive_ordered(db: Any, download_id: int, provider_id: int, account: str) -> None:
+    """An order was sent to the archive for this product, by this account."""
+    await db.execute(
+        "WITH o AS (INSERT INTO archive_order (provider_id, account, download_id)"
+        " VALUES ($2, $3, $1))"
+        " UPDATE download SET ordered_at = now() WHERE id = $1",
+        download_id, provider_id, account,
     )
 
 
@@ -503,7 +532,7 @@ async def status_rows(
     rows = await db.fetch(
         "SELECT d.id, d.request_id, p.name AS provider, d.name, d.url, d.status, d.bytes_done,"
         " d.size, d.attempts, d.error, d.path, d.dest, d.checksum_algo, d.checksum_value,"
-        " d.created_at, d.updated_at, d.finished_at"
+        " d.created_at, d.updated_at, d.finished_at, d.not_before"
         " FROM download d JOIN provider p ON p.id = d.provider_id"
         " WHERE ($1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
         "  (SELECT download_id FROM request_download WHERE request_id = $1))"
@@ -565,7 +594,7 @@ async def retry(db: Any, ids: Sequence[int] | None) -> int:
     """Queue failed, cancelled or offline downloads again (all failed ones when `ids` is None)."""
     result: str = await db.execute(
         "UPDATE download SET status = 'queued', failures = 0, error = NULL, not_before = now(),"
-        " finished_at = NULL"
+        " finished_at = NULL, last_mismatch = NULL"
         " WHERE ($1::bigint[] IS NULL AND status = 'failed')"
         "    OR (id = ANY($1::bigint[]) AND status IN ('failed', 'cancelled', 'offline'))",
         list(ids) if ids is not None else None,
@@ -580,6 +609,12 @@ async def cancel(db: Any, ids: Sequence[int]) -> int:
         list(ids),
     )
     return int(result.split()[-1])
+
+
+async def download_counts(db: Any) -> dict[str, int]:
+    """How many downloads there are in each status."""
+    rows = await db.fetch("SELECT status, count(*) AS n FROM download GROUP BY status")
+    return {row["status"]: row["n"] for row in rows}
 
 
 async def daemon_serving(db: Any) -> bool:

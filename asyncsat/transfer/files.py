@@ -131,15 +131,16 @@ class PartFile:
             self.close()
             if self.size > expected_size:
                 self.path.unlink(missing_ok=True)
-            raise SizeError(f"size mismatch: got {self.size} bytes, expected {expected_size}")
+            raise SizeError(f"size mismatch: got {self.size} bytes, expected {expected_size}",
+                            evidence=f"size:{self.size}")
         if self.checksum is not None and self._hasher is not None:
             digest = self._hasher.hexdigest()
             if digest != self.checksum.value:
                 self.close()
                 self.path.unlink(missing_ok=True)
                 raise ChecksumError(
-                    f"{self.checksum.algo} mismatch: got {digest}, expected {self.checksum.value}"
-                )
+                    f"{self.checksum.algo} mismatch: got {digest}, expected {self.checksum.value}",
+                    evidence=f"{self.checksum.algo}:{digest}")
         try:
             await asyncio.to_thread(self._seal, name)
         except OSError as exc:

@@ -15,7 +15,13 @@ import aiohttp
 import yarl
 
 from asyncsat.auth.base import Auth
-from asyncsat.errors import AuthError, PermanentError, RetryableError, TransferError
+from asyncsat.errors import (
+    AuthError,
+    OfflineError,
+    PermanentError,
+    RetryableError,
+    TransferError,
+)
 from asyncsat.naming import name_from_content_disposition
 from asyncsat.transfer.base import Opened, Source, Validator
 
@@ -52,10 +58,29 @@ def parse_content_range(value: str | None) -> tuple[int | None, int | None]:
     return first, total
 
 
+_FLOWS = re.compile(r"concurrent flows|too many (?:concurrent )?(?:requests|downloads|sessions)",
+                    re.I)
+_QUOTA = re.compile(r"quota", re.I)
+_OFFLINE = re.compile(r"offline|long.term archive|not online", re.I)
+
+
 def error_for_status(status: int, reason: str, retry_after: str | None, detail: str = "") -> \
         TransferError:
-    """The asyncsat error for an HTTP error status."""
+    """The asyncsat error for an HTTP error status.
+
+    Archive hubs (DHuS) say more than their status: a 403 whose reason is a concurrent-flows
+    limit is throttling, one about the retrieval quota means the product stays offline
+    until the quota frees, and an older hub's 500 "Trying to download an offline product"
+    means offline, not broken.
+    """
     text = f"HTTP {status} {reason}".strip() + (f": {detail}" if detail else "")
+    wait = parse_retry_after(retry_after)
+    if status in (403, 429) and _FLOWS.search(detail):
+        return RetryableError(text, retry_after=wait, throttled=True)
+    if status == 403 and _QUOTA.search(detail):
+        return OfflineError(text, retry_after=wait, quota=True)
+    if status == 500 and _OFFLINE.search(detail):
+        return OfflineError(text, retry_after=wait)
     if status in (401, 403):
         return AuthError(text)
     if status in RETRYABLE_STATUS:
@@ -213,6 +238,11 @@ class HttpDriver:
                 response.release()
                 raise RetryableError("the server sent a partial answer without Content-Range")
             return Opened(offset=first, total=total, name=name, validator=validator)
+        if response.status == 202:  # an archive hub took the request as an order (DHuS LTA)
+            response.release()
+            raise OfflineError("the product is offline: the server accepted an order from its "
+                               "long-term archive (HTTP 202)", ordered=True,
+                               retry_after=parse_retry_after(headers.get("Retry-After")))
         if response.status != 200:
             response.release()
             raise PermanentError(f"unexpected HTTP {response.status} {response.reason or ''}")

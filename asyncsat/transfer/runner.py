@@ -168,7 +168,8 @@ def _expected_size(job: Job, opened: Opened) -> int | None:
     if known is None or opened.total is None or opened.total == known:
         return known if known is not None else opened.total
     if not job.size_from_server:
-        raise SizeError(f"the server announces {opened.total} bytes, {known} were expected")
+        raise SizeError(f"the server announces {opened.total} bytes, {known} were expected",
+                        evidence=f"size:{opened.total}")
     if opened.offset == 0:
         return opened.total
     raise _SizeChanged(f"the remote file changed size ({known} -> {opened.total} bytes)")

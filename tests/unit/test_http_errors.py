@@ -11,7 +11,13 @@ import pytest
 from aioresponses import aioresponses
 
 from asyncsat.auth.base import Login
-from asyncsat.errors import AuthError, PermanentError, RetryableError, TransferError
+from asyncsat.errors import (
+    AuthError,
+    OfflineError,
+    PermanentError,
+    RetryableError,
+    TransferError,
+)
 from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.http import HttpDriver, parse_content_range, parse_retry_after
 
@@ -57,10 +63,24 @@ async def test_429_is_throttling_with_retry_after() -> None:
 
 @pytest.mark.parametrize("status", [401, 403])
 async def test_auth_failures(status: int) -> None:
-    err = await _open(status, headers={"cause-message": "Maximum number of 4 concurrent flows"})
+    err = await _open(status, headers={"cause-message": "Unauthorized access"})
     assert isinstance(err, AuthError)
-    assert "concurrent flows" in err.message
+    assert "Unauthorized access" in err.message
     assert "secret-pw" not in err.message
+
+
+async def test_dhus_flow_limits_quota_and_offline_answers() -> None:
+    flows = await _open(403, headers={"cause-message": 'Maximum number of 4 concurrent flows '
+                                      'achieved by the user "u"'})
+    assert isinstance(flows, RetryableError) and flows.throttled
+    quota = await _open(403, headers={"cause-message": "offline products retrieval quota "
+                                      "exceeded (20 fetches max)"})
+    assert isinstance(quota, OfflineError) and quota.quota and not quota.ordered
+    old = await _open(500, body='<error xmlns="m"><code/><message xml:lang="en">'
+                                "Trying to download an offline product</message></error>")
+    assert isinstance(old, OfflineError) and not old.quota
+    accepted = await _open(202)
+    assert isinstance(accepted, OfflineError) and accepted.ordered
 
 
 @pytest.mark.parametrize("status", [400, 404, 410])

@@ -47,10 +47,22 @@ def test_progress_resets_the_budget_but_verification_failures_do_not() -> None:
     assert decide(SizeError("short"), 4, True, POLICY).action == "fail"
 
 
-def test_auth_and_checksum_failures_get_one_retry() -> None:
-    for err in (AuthError("HTTP 401"), ChecksumError("md5 mismatch")):
-        assert decide(err, 0, False, POLICY).action == "retry"
-        assert decide(err, 1, False, POLICY).action == "fail"
+def test_a_refused_login_gets_one_retry() -> None:
+    assert decide(AuthError("HTTP 401"), 0, False, POLICY).action == "retry"
+    assert decide(AuthError("HTTP 401"), 1, False, POLICY).action == "fail"
+
+
+def test_the_same_wrong_file_twice_is_bad_at_the_source() -> None:
+    wrong = ChecksumError("md5 mismatch", evidence="md5:aa")
+    first = decide(wrong, 0, False, POLICY)
+    assert first.action == "retry" and not first.bad_at_source
+    again = decide(wrong, 1, False, POLICY, repeated=True)
+    assert again.action == "fail" and again.bad_at_source
+    # other wrong digests each time: a flaky path, retried within the budget
+    assert decide(wrong, 3, False, POLICY).action == "retry"
+    assert decide(wrong, POLICY.max_attempts - 1, False, POLICY).action == "fail"
+    assert decide(SizeError("size", evidence="size:1"), 1, False, POLICY,
+                  repeated=True).bad_at_source
 
 
 def test_permanent_and_offline() -> None:

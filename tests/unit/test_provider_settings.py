@@ -42,7 +42,7 @@ def test_the_readme_documents_every_key_of_every_protocol() -> None:
     ("odata", {"token_url": "https://id.example/token", "client_id": "cdse-public",
                "download_url": "https://dl.example/odata/v1/", "page_size": 50,
                "max_skip": 10000, "follow_interval": 600, "offline_interval": 60,
-               "archive_quota": 2}),
+               "archive_quota": "20/12h"}),
     ("stac", {"assets": ["B04", "B08"], "page_size": 20}),
 ])
 def test_good_settings_pass(protocol: str, settings: dict[str, object]) -> None:
