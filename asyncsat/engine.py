@@ -146,7 +146,8 @@ class Engine:
                     return
                 if more_requests:
                     continue
-                follow_in = await self.store.call(queries.next_request_due)
+                follow_in = await self.store.call(queries.next_request_due,
+                                                  self.resolver.busy)
                 timeout = min((t for t in (next_in, later, follow_in) if t is not None),
                               default=None)
                 await wait_any(self.wake, stop, timeout=timeout)

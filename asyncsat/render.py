@@ -122,7 +122,8 @@ def request_summary(row: dict[str, Any]) -> dict[str, Any]:
             error = f"{row['failed']} product(s) failed" + (
                 f"; first: {row['product_error']}" if row["product_error"] else "")
         elif not row["pending"] and not row["offline"]:
-            status = "done"
+            # every product finished: done, unless all that were found were cancelled
+            status = "cancelled" if row["cancelled"] and not row["done"] else "done"
     search = row["search"] or {}
     return {
         "id": row["id"], "status": status, "provider": row["provider"],

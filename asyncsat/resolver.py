@@ -224,7 +224,10 @@ class Resolver:
         ids = await intake.queue_products(conn, request.id, provider, products, dest=dest,
                                           login=login, revive=request.status == "queued",
                                           offline_in=follow.offline_interval)
-        if request.follow:
+        limit = Query.from_json(request.search).limit if request.search else None
+        full = limit is not None and \
+            await queries.request_product_count(conn, request.id) >= limit
+        if request.follow and not full:
             seen = [p.seen_at for p in products if p.seen_at is not None]
             await queries.request_follow_next(
                 conn, request.id, watermark=max(seen) if seen else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,11 +51,12 @@ class Filter:
 
     @property
     def number(self) -> float | None:
-        """The value as a number, if it is one."""
+        """The value as a number, if it is a finite one."""
         try:
-            return float(self.value)
+            value = float(self.value)
         except ValueError:
             return None
+        return value if math.isfinite(value) else None
 
     @classmethod
     def parse(cls, text: str) -> Filter:

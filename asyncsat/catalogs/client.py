@@ -7,14 +7,20 @@ reason (a 400 naming the filter it could not parse, a 429 with its Retry-After).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import structlog
 
 from asyncsat.auth.base import Auth
-from asyncsat.errors import PermanentError, RetryableError
+from asyncsat.errors import AuthError, PermanentError, RetryableError
+from asyncsat.retry import Policy, decide
 from asyncsat.transfer.http import USER_AGENT, error_for_status, map_exceptions
+
+log = structlog.get_logger("asyncsat")
 
 MAX_BODY = 64 << 20
 """A catalog page larger than this is refused (a misbehaving server, not a page)."""
@@ -34,16 +40,42 @@ class JsonClient:
                 headers={"User-Agent": USER_AGENT, "Accept": "application/json"})
         return self._session
 
-    async def get(self, url: str, auth: Auth, params: dict[str, str] | None = None) -> Any:
-        return await self.send("GET", url, auth, params=params)
+    async def get(self, url: str, auth: Auth, params: dict[str, str] | None = None, *,
+                  policy: Policy | None = None) -> Any:
+        return await self.send("GET", url, auth, params=params, policy=policy)
 
-    async def post(self, url: str, auth: Auth, body: Any) -> Any:
-        return await self.send("POST", url, auth, body=body)
+    async def post(self, url: str, auth: Auth, body: Any, *,
+                   policy: Policy | None = None) -> Any:
+        return await self.send("POST", url, auth, body=body, policy=policy)
 
     async def send(self, method: str, url: str, auth: Auth, *,
                    params: dict[str, str] | None = None, body: Any = None,
-                   headers: dict[str, str] | None = None) -> Any:
-        """The decoded JSON answer; asyncsat errors for error statuses and non-JSON."""
+                   headers: dict[str, str] | None = None, policy: Policy | None = None) -> Any:
+        """The decoded JSON answer; asyncsat errors for error statuses and non-JSON.
+
+        With a `policy`, transient faults of this one call (429 with Retry-After, 5xx,
+        timeouts, dropped connections) are retried as downloads are, so that one bad
+        moment in a search of a thousand pages costs a page, not the search.
+        """
+        failures = 0
+        while True:
+            try:
+                return await self._send(method, url, auth, params=params, body=body,
+                                        headers=headers)
+            except RetryableError as exc:
+                if policy is None or isinstance(exc, AuthError):
+                    raise
+                decision = decide(exc, failures, False, policy)
+                if decision.action != "retry":
+                    raise
+                failures = decision.failures
+                log.warning("catalog call retried", url=_shown(url), error=exc.message,
+                            retry_in=round(decision.delay, 2))
+                await asyncio.sleep(decision.delay)
+
+    async def _send(self, method: str, url: str, auth: Auth, *,
+                    params: dict[str, str] | None, body: Any,
+                    headers: dict[str, str] | None) -> Any:
         with map_exceptions():
             sent = await auth.headers()
             status, reason, retry_after, raw = await self._once(
@@ -88,6 +120,20 @@ class JsonClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _shown(url: str) -> str:
+    """A URL fit for a log line: no query (it may hold a token)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+
+
+def same_origin(url: str, root: str) -> bool:
+    """True when `url` is on the host of `root`, with no weaker scheme: a next link that
+    points elsewhere is followed without the account's credentials."""
+    a, b = urlsplit(url), urlsplit(root)
+    return (a.hostname or "").lower() == (b.hostname or "").lower() and \
+        a.port == b.port and (a.scheme == b.scheme or a.scheme == "https")
 
 
 def _detail(raw: bytes) -> str:

@@ -26,6 +26,7 @@ from asyncsat.errors import (
     UsageError,
 )
 from asyncsat.models import Checksum, Download, Provider
+from asyncsat.retry import Policy
 from asyncsat.transfer.base import Source
 from asyncsat.transfer.http import error_for_status
 
@@ -48,6 +49,7 @@ class DhusCatalog:
         self._provider = provider
         self._root = provider.url if provider.url.endswith("/") else provider.url + "/"
         page = provider.settings.get("page_size")
+        self._policy = Policy.for_provider(provider)
         self._rows = min(MAX_ROWS, page) if isinstance(page, int) and \
             not isinstance(page, bool) and page > 0 else MAX_ROWS
 
@@ -58,7 +60,7 @@ class DhusCatalog:
         while True:
             page = await self._client.get(f"{self._root}search", auth, {
                 "q": q, "start": str(start), "rows": str(self._rows), "format": "json",
-                "orderby": "beginposition asc"})
+                "orderby": "beginposition asc"}, policy=self._policy)
             entries = _entries(page)
             for entry in entries:
                 ref = await self._product(entry, auth)
@@ -96,7 +98,8 @@ class DhusCatalog:
         """The product's OData v1 entity (`d`): ContentLength, Checksum, Online."""
         try:
             answer = await self._client.get(
-                f"{self._root}odata/v1/Products('{uuid}')", auth, {"$format": "json"})
+                f"{self._root}odata/v1/Products('{uuid}')", auth, {"$format": "json"},
+                policy=self._policy)
         except NotFoundError:
             return {}
         entity = answer.get("d") if isinstance(answer, dict) else None

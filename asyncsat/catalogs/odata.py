@@ -19,11 +19,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
-from asyncsat.auth.base import Auth
+from asyncsat.auth.base import ANONYMOUS, Auth
 from asyncsat.catalogs.base import Filter, ProductRef, Query
-from asyncsat.catalogs.client import JsonClient
+from asyncsat.catalogs.client import JsonClient, same_origin
 from asyncsat.errors import CatalogError, OfflineError, UsageError
 from asyncsat.models import Checksum, Download, Provider
+from asyncsat.retry import Policy
 from asyncsat.transfer.base import Source
 
 log = structlog.get_logger("asyncsat")
@@ -54,6 +55,7 @@ class ODataCatalog:
         download = settings.get("download_url") or self._base
         self._download = str(download) if str(download).endswith("/") else f"{download}/"
         self._page = _positive(settings.get("page_size"), DEFAULT_PAGE_SIZE)
+        self._policy = Policy.for_provider(provider)
         self._max_skip = _positive(settings.get("max_skip"), DEFAULT_MAX_SKIP, zero=True)
 
     async def search(self, query: Query, auth: Auth, since: datetime | None = None) -> \
@@ -92,7 +94,9 @@ class ODataCatalog:
             "$filter": where, "$orderby": ORDER, "$top": str(self._page)}
         skip = 0
         while True:
-            page = await self._client.get(url, auth, params)
+            # a next link elsewhere than the catalogue is followed without the credential
+            sender = auth if same_origin(url, self._base) else ANONYMOUS
+            page = await self._client.get(url, sender, params, policy=self._policy)
             items = page.get("value") if isinstance(page, dict) else None
             if not isinstance(items, list):
                 raise CatalogError("the catalogue answered without a `value` list")
@@ -105,7 +109,9 @@ class ODataCatalog:
             if isinstance(link, str) and link:
                 next_skip = _skip_of(link)
                 url, params = link, None
-            elif len(items) >= self._page and params is not None:
+            elif params is not None:
+                # no next link: page on with $skip until a page comes back empty (a server
+                # may serve fewer than $top without saying so)
                 next_skip = skip + len(items)
                 params = {**params, "$skip": str(next_skip)}
             else:
@@ -141,7 +147,8 @@ class ODataCatalog:
         if download.product_id is None or (download.claimed_from != "offline"
                                            and not download.offline_checks):
             return Source(download.url, auth)
-        item = await self._client.get(f"{self._base}Products({download.product_id})", auth)
+        item = await self._client.get(f"{self._base}Products({download.product_id})", auth,
+                                      policy=self._policy)
         if isinstance(item, dict) and isinstance(item.get("d"), dict):
             item = item["d"]
         if not isinstance(item, dict) or item.get("Online") is False:

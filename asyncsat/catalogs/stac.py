@@ -20,10 +20,11 @@ import structlog
 
 from asyncsat.auth.base import ANONYMOUS, Auth
 from asyncsat.catalogs.base import Filter, ProductRef, Query
-from asyncsat.catalogs.client import JsonClient
+from asyncsat.catalogs.client import JsonClient, same_origin
 from asyncsat.errors import CatalogError, PermanentError, UsageError
 from asyncsat.models import Checksum, Download, Provider
 from asyncsat.naming import sanitize
+from asyncsat.retry import Policy
 from asyncsat.transfer.base import Source
 
 log = structlog.get_logger("asyncsat")
@@ -53,6 +54,7 @@ class StacCatalog:
             page > 0 else DEFAULT_PAGE_SIZE
         assets = settings.get("assets")
         self._assets = [str(a) for a in assets] if isinstance(assets, list) else None
+        self._policy = Policy.for_provider(provider)
         hosts = settings.get("auth_hosts")
         self._auth_hosts = {urlsplit(self._root).hostname or ""} | (
             {str(h).lower() for h in hosts} if isinstance(hosts, list) else set())
@@ -77,33 +79,39 @@ class StacCatalog:
         raise CatalogError(f"the search did not end after {MAX_PAGES} pages")
 
     async def _conformance(self, auth: Auth) -> set[str]:
-        landing = await self._client.get(self._root, auth)
+        landing = await self._client.get(self._root, auth, policy=self._policy)
         found = landing.get("conformsTo") if isinstance(landing, dict) else None
         if not isinstance(found, list):
-            answer = await self._client.get(f"{self._root}conformance", auth)
+            answer = await self._client.get(f"{self._root}conformance", auth,
+                                            policy=self._policy)
             found = answer.get("conformsTo") if isinstance(answer, dict) else []
         return {str(c) for c in found or []}
 
     async def _first_page(self, body: dict[str, Any], auth: Auth) -> Any:
         try:
-            return await self._client.post(f"{self._root}search", auth, body)
+            return await self._client.post(f"{self._root}search", auth, body,
+                                           policy=self._policy)
         except PermanentError as exc:
             if not any(f"HTTP {s}" in exc.message for s in (404, 405, 501)):
                 raise
         log.info("STAC search by GET: the server refuses POST", provider=self._provider.name)
-        return await self._client.get(f"{self._root}search", auth, get_params(body))
+        return await self._client.get(f"{self._root}search", auth, get_params(body),
+                                      policy=self._policy)
 
     async def _follow(self, link: Mapping[str, Any], body: dict[str, Any], auth: Auth) -> Any:
         href = str(link["href"])
         headers = link.get("headers") if isinstance(link.get("headers"), dict) else None
+        # a next link elsewhere than the API is followed without the credential
+        auth = auth if same_origin(href, self._root) else ANONYMOUS
         if str(link.get("method", "GET")).upper() == "POST":
             extra = link.get("body")
             extra = extra if isinstance(extra, dict) else {}
             sent = {**body, **extra} if link.get("merge") else (extra or body)
             return await self._client.send("POST", href, auth, body=sent,
                                            headers={str(k): str(v) for k, v in
-                                                    (headers or {}).items()})
-        return await self._client.send("GET", href, auth, headers=headers)
+                                                    (headers or {}).items()},
+                                           policy=self._policy)
+        return await self._client.send("GET", href, auth, headers=headers, policy=self._policy)
 
     def _products(self, item: dict[str, Any]) -> list[ProductRef]:
         item_id = str(item.get("id") or "")

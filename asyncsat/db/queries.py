@@ -273,11 +273,12 @@ async def request_product_count(db: Any, request_id: int) -> int:
     return value
 
 
-async def next_request_due(db: Any) -> float | None:
-    """Seconds until the next standing request is to be searched again (None: none)."""
+async def next_request_due(db: Any, exclude: Sequence[int] = ()) -> float | None:
+    """Seconds until the next standing request is to be searched again (None: none), but
+    those in `exclude` (being searched now: their next run is set when they end)."""
     value: float | None = await db.fetchval(
         "SELECT extract(epoch FROM min(next_run) - now())::float8 FROM request"
-        " WHERE status = 'following'")
+        " WHERE status = 'following' AND NOT id = ANY($1::bigint[])", list(exclude))
     return None if value is None else max(0.0, value)
 
 
@@ -328,8 +329,9 @@ _DOWNLOAD_ADD = (
     f"  status = CASE WHEN {_REVIVED} THEN EXCLUDED.status ELSE download.status END,"
     f"  failures = CASE WHEN {_REVIVED} THEN 0 ELSE download.failures END,"
     f"  last_mismatch = CASE WHEN {_REVIVED} THEN NULL ELSE download.last_mismatch END,"
-    f"  not_before = CASE WHEN {_REVIVED} OR download.status = 'queued'"
-    "   THEN least(download.not_before, EXCLUDED.not_before) ELSE download.not_before END,"
+    # a product found again keeps its retry time (a Retry-After is not cut short)
+    f"  not_before = CASE WHEN {_REVIVED} THEN EXCLUDED.not_before"
+    "   ELSE download.not_before END,"
     # a catalog product keeps its identity when its URL changes (pre-signed URLs expire)
     "  url = CASE WHEN download.product_id IS NOT NULL THEN EXCLUDED.url ELSE download.url END,"
     # a failed product asked for again takes the new checksum (the old one may be a typo)
@@ -665,9 +667,13 @@ async def request_rows(db: Any, request_id: int | None = None) -> list[dict[str,
 async def cancel_request(db: Any, request_id: int) -> tuple[bool, int, int]:
     """Cancel a request (a standing one stops) and its unfinished downloads that no other
     live request wants. (request ended now, downloads cancelled, downloads kept)."""
+    # a request that has ended (resolved, every product finished) stays as it ended
     ended: str = await db.execute(
-        "UPDATE request SET status = 'cancelled', login_secret = NULL, next_run = NULL"
-        " WHERE id = $1 AND status IN ('queued', 'following', 'resolved')", request_id)
+        "UPDATE request r SET status = 'cancelled', login_secret = NULL, next_run = NULL"
+        " WHERE id = $1 AND (status IN ('queued', 'following') OR (status = 'resolved'"
+        "  AND EXISTS (SELECT 1 FROM request_download rd JOIN download d"
+        "   ON d.id = rd.download_id WHERE rd.request_id = r.id"
+        "   AND d.status IN ('queued', 'running', 'offline'))))", request_id)
     rows = await db.fetch(
         "SELECT d.id, EXISTS (SELECT 1 FROM request_download o JOIN request r"
         "  ON r.id = o.request_id WHERE o.download_id = d.id AND r.id <> $1"

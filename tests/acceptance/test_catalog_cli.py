@@ -67,6 +67,7 @@ async def test_presets_fill_protocol_url_and_settings(dsn: str, tmp_path: Path) 
     (["--wkt", "NOT A SHAPE"], "invalid --wkt"),
     (["--filter", "cloudCover<=cloudy"], "compares numbers"),
     (["--filter", "cloudCover"], "invalid filter"),
+    (["--filter", "cloudCover<=nan"], "compares numbers"),
     (["--start", "yesterday"], "invalid start time"),
     (["--bbox", "1,2,3"], "invalid bbox"),
 ])

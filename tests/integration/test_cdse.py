@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from asyncsat import daemon
 from asyncsat.catalogs.base import Filter, Query
@@ -315,13 +316,11 @@ async def test_offline_products_wait_without_attempts_and_come_when_online(
     assert (offline["status"], offline["attempts"]) == ("offline", 0)
     assert (await summary(dsn, rid))["offline"] == 1
     archived.online = True
-    stop = asyncio.Event()
 
     async def arrived() -> bool:
         return all(r["status"] == "done" for r in await rows(dsn))
 
     await asyncio.wait_for(daemon.serve(settings, Redactor(), until=arrived), 30)
-    assert not stop.is_set()
     row = {r["name"]: r for r in await rows(dsn)}[archived.name + ".zip"]
     assert (row["status"], row["attempts"]) == ("done", 1)
     looks = [r for r in emu.requests if r["path"] == f"/odata/v1/Products({archived.id})"]
@@ -355,3 +354,118 @@ async def test_follow_queues_products_published_later_and_none_twice(
     finally:
         await conn.close()
     assert ended and (await summary(dsn, rid))["status"] == "cancelled"
+
+
+async def test_transient_faults_in_a_long_search_cost_a_page_not_the_search(
+        dsn: str, settings: Settings) -> None:
+    emu = CdseEmulator(users={USER: PASSWORD})
+    calls = [0]
+
+    @web.middleware
+    async def flaky(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/odata/v1/Products":
+            calls[0] += 1
+            if calls[0] % 4 == 0:  # every fourth catalogue call fails
+                return web.Response(status=503, text="Service Unavailable")
+        return await handler(request)
+
+    emu.app.middlewares.append(flaky)
+    await emu.start()
+    try:
+        for n in range(20):
+            emu.add(s2(n, data=payload(1000)))
+        pid = await cdse_provider(dsn, emu, page_size=1)
+        rid = await search(dsn, pid, Query("SENTINEL-2"))
+        await drain(settings)
+    finally:
+        await emu.stop()
+    state = await summary(dsn, rid)
+    assert (state["status"], state["products"], state["done"]) == ("done", 20, 20)
+    pages = [r for r in emu.requests if r["path"] == "/odata/v1/Products"]
+    failed = calls[0] // 4
+    # each failed call was repeated once (the emulator logs those too), never the search
+    assert len(pages) == 20 + failed and failed >= 4
+    assert sorted({int(p["query"].get("$skip", 0)) for p in pages}) == list(range(20))
+
+
+async def test_a_follow_run_waiting_for_a_slot_does_not_spin_the_loop(
+        dsn: str, settings: Settings, emu: CdseEmulator,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    emu.add(s2(1, data=payload(2_000_000), rate=1_000_000.0,
+               published=datetime.now(UTC) - timedelta(hours=1)))
+    pid = await cdse_provider(dsn, emu, connections=1, follow_interval=0.2)
+    rid = await search(dsn, pid, Query("SENTINEL-2"), follow=True)
+    turns = [0]
+    due = queries.next_request_due
+
+    async def counted(db: Any, exclude: Any = ()) -> float | None:
+        turns[0] += 1
+        return await due(db, exclude)
+
+    monkeypatch.setattr(queries, "next_request_due", counted)
+
+    async def done() -> bool:
+        return (await summary(dsn, rid))["done"] == 1
+
+    # the follow's second run is due while the one slot carries a 2 s transfer
+    await asyncio.wait_for(daemon.serve(settings, Redactor(), until=done), 30)
+    assert turns[0] < 60  # a loop spinning while the run waits turns thousands of times
+
+
+async def test_requests_statuses_when_cancelled_or_finished(
+        dsn: str, settings: Settings, emu: CdseEmulator) -> None:
+    emu.add(s2(1))
+    pid = await cdse_provider(dsn, emu)
+    finished = await search(dsn, pid, Query("SENTINEL-2"))
+    await drain(settings)
+    conn = await connect(dsn)
+    try:
+        ended, cancelled, _kept = await queries.cancel_request(conn, finished)
+        assert (ended, cancelled) == (False, 0)  # a finished request stays as it ended
+        assert (await summary(dsn, finished))["status"] == "done"
+        emu.add(s2(2, start=T0 + timedelta(days=5)))
+        later = await search(dsn, pid, Query("SENTINEL-2", start=T0 + timedelta(days=4)))
+    finally:
+        await conn.close()
+    await sql(dsn, "UPDATE request SET status = 'resolved' WHERE id = $1", later)
+    product = emu.products[next(iter(p for p in emu.products if emu.products[p].name.startswith(
+        "S2A_MSIL1C_20240302")))]
+    [row] = await sql(dsn, "INSERT INTO download (provider_id, url, product_id, status)"
+                      " VALUES ($1, $2, $3, 'queued') RETURNING id", pid,
+                      f"{emu.download_url}Products({product.id})/$value", product.id)
+    await sql(dsn, "INSERT INTO request_download VALUES ($1, $2)", later, row["id"])
+    await sql(dsn, "UPDATE download SET status = 'cancelled' WHERE id = $1", row["id"])
+    assert (await summary(dsn, later))["status"] == "cancelled"  # none done, all cancelled
+
+
+async def test_a_standing_request_ends_when_its_limit_is_reached(
+        dsn: str, settings: Settings, emu: CdseEmulator) -> None:
+    for n in range(3):
+        emu.add(s2(n, published=datetime.now(UTC)))
+    pid = await cdse_provider(dsn, emu, follow_interval=0.2)
+    rid = await search(dsn, pid, Query("SENTINEL-2", limit=2), follow=True)
+    await drain(settings)
+    state = await summary(dsn, rid)
+    assert (state["status"], state["products"], state["done"]) == ("done", 2, 2)
+
+
+async def test_a_product_found_again_keeps_its_retry_time(dsn: str, emu: CdseEmulator) -> None:
+    pid = await cdse_provider(dsn, emu)
+    rid = await search(dsn, pid, Query("SENTINEL-2"))
+    conn = await connect(dsn)
+    try:
+        first = await queries.download_add(
+            conn, request_id=rid, provider_id=pid, url="https://h/a", name="a.zip", dest="/d",
+            size=None, checksum=None, login_user=None, login_secret=None, product_id="p-1")
+        await conn.execute("UPDATE download SET not_before = now() + interval '1 hour'"
+                           " WHERE id = $1", first)
+        again = await queries.download_add(
+            conn, request_id=rid, provider_id=pid, url="https://h/a-signed?x=1", name="a.zip",
+            dest="/d", size=None, checksum=None, login_user=None, login_secret=None,
+            product_id="p-1", revive=False)
+        row = await conn.fetchrow("SELECT url, not_before > now() + interval '50 minutes'"
+                                  " AS later FROM download WHERE id = $1", first)
+    finally:
+        await conn.close()
+    assert again == first  # the same product, known by its catalog id
+    assert row["url"] == "https://h/a-signed?x=1" and row["later"]
