@@ -41,6 +41,7 @@ MESSAGES = {
     "RATE_LIMIT_USER_DL": "User has reached download-related rate limits",  # [doc]
     "DATASET_INVALID": "Invalid dataset used",  # [doc]
 }
+Log = list[dict[str, Any]]
 KEY_CHARS = string.ascii_letters + string.digits + "@"  # [seen] a real key: "4oCpGCCrIET5H@Cd"
 
 
@@ -244,7 +245,7 @@ class M2MEmulator:
         self.rate_limits = rate_limits
         self.max_concurrent_requests, self.api_delay = max_concurrent_requests, api_delay
         self.scenes: dict[str, M2MScene] = {}
-        self.requests, self.download_requests, self.file_gets = ([], [], [])  # type: ignore[var-annotated]
+        self.requests, self.download_requests, self.file_gets = Log(), Log(), Log()
         self.logins, self.logouts = list[str](), list[str]()
         self.active_file_gets = self.peak_file_gets = self.bytes_sent = self.port = 0
         self.chunk = 64 * 1024

@@ -71,7 +71,8 @@ def error_for_status(status: int, reason: str, retry_after: str | None, detail: 
     Archive hubs (DHuS) say more than their status: a 403 whose reason is a concurrent-flows
     limit is throttling, one about the retrieval quota means the product stays offline
     until the quota frees, and an older hub's 500 "Trying to download an offline product"
-    means offline, not broken.
+    means offline, not broken (as does a catalogue's 409 "Product is offline" for a product
+    evicted to its archive after it was found).
     """
     text = f"HTTP {status} {reason}".strip() + (f": {detail}" if detail else "")
     wait = parse_retry_after(retry_after)
@@ -79,7 +80,7 @@ def error_for_status(status: int, reason: str, retry_after: str | None, detail: 
         return RetryableError(text, retry_after=wait, throttled=True)
     if status == 403 and _QUOTA.search(detail):
         return OfflineError(text, retry_after=wait, quota=True)
-    if status == 500 and _OFFLINE.search(detail):
+    if status in (409, 500, 503) and _OFFLINE.search(detail):
         return OfflineError(text, retry_after=wait)
     if status in (401, 403):
         return AuthError(text)
