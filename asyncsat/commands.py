@@ -308,6 +308,10 @@ def _check_search(provider: Provider, query: Query) -> None:
         from asyncsat.catalogs import dhus
 
         dhus.check(query)
+    elif provider.protocol == "m2m":
+        from asyncsat.catalogs import m2m
+
+        m2m.check(query)
     else:
         raise UsageError(f"catalog searches of {provider.protocol} providers are not "
                          "supported yet")

@@ -135,7 +135,9 @@ KEYS: dict[str, dict[str, Key]] = {
                            "asset)"),
              "auth_hosts": Key(_names, "hosts besides the API's own that get the account's "
                                "login with asset downloads (default: none)")},
-    "m2m": {**_COMMON, **_HTTP, **_CATALOG, **_ARCHIVE},
+    "m2m": {**_COMMON, **_HTTP, **_CATALOG,
+            "product": Key(_text, "which download option of a scene to fetch: a product name "
+                           "or part of one (default `Product Bundle`)")},
 }
 """The known setting keys of each protocol."""
 

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from operator import attrgetter
 from typing import Any
 
 from aiohttp import web
@@ -155,13 +156,12 @@ class _Session:
 
 
 def _int(body: dict[str, Any], name: str, default: int) -> int:
-    value = body.get(name)
-    try:
-        n = default if value is None else int(value)  # "1" too: [doc] samples send strings
+    try:  # "1" too: [doc] samples send strings
+        n = default if body.get(name) is None else int(body[name])
     except (TypeError, ValueError):
-        raise ApiError("INPUT_PARAMETER_INVALID", f"{name} must be an integer") from None
+        n = 0
     if n < 1:
-        raise ApiError("INPUT_PARAMETER_INVALID", f"{name} must be positive")  # guess
+        raise ApiError("INPUT_PARAMETER_INVALID", f"{name} must be a positive integer")
     return n
 
 
@@ -200,14 +200,6 @@ def intersects(scene: tuple[float, float, float, float], box: tuple[float, ...])
     return (w <= be and bw <= e) if bw <= be else (e >= bw or w <= be)
 
 
-def _acquired(sc: M2MScene) -> datetime:
-    return sc.acquired
-
-
-def _published(sc: M2MScene) -> datetime:
-    return sc.published or sc.acquired
-
-
 def _compile(flt: Any) -> list[Callable[[M2MScene], bool]]:
     """sceneFilter -> predicates; metadataFilter is accepted and ignored (not emulated)."""
     if not isinstance(flt, dict):
@@ -216,7 +208,8 @@ def _compile(flt: Any) -> list[Callable[[M2MScene], bool]]:
     if flt.get("spatialFilter"):
         box = _bbox(flt["spatialFilter"])
         preds.append(lambda sc: intersects(sc.bounds, box))
-    for name, get in (("acquisitionFilter", _acquired), ("ingestFilter", _published)):
+    for name, get in (("acquisitionFilter", attrgetter("acquired")),
+                      ("ingestFilter", attrgetter("published"))):
         if flt.get(name):
             preds.append(_dates(flt[name], name, get))
     if cc := flt.get("cloudCoverFilter"):
@@ -254,9 +247,9 @@ class M2MEmulator:
         self._downloads: list[_Download] = []
         self._urls: dict[str, tuple[_Download, float, bool]] = {}  # token -> dl, expiry, staging
         self._inflight: Counter[str] = Counter()
-        self._request_ids = itertools.count(225951215)
-        self._session_ids, self._download_ids = itertools.count(48213211), itertools.count(26107136)
-        self._url_ids, self._request_id = itertools.count(20263459), 0
+        self._request_ids, self._session_ids = itertools.count(225951215), itertools.count(4821)
+        self._download_ids, self._url_ids = itertools.count(26107136), itertools.count(20263459)
+        self._request_id = 0
         self._runner: web.AppRunner | None = None
         self._handlers: dict[str, Callable[[_Session, dict[str, Any]], Any]] = {
             "logout": self._logout, "scene-search": self._scene_search,
@@ -424,27 +417,22 @@ class M2MEmulator:
 
     def _result(self, sc: M2MScene, metadata_type: Any) -> dict[str, Any]:
         w, s, e, n = sc.bounds
-        day, ring = sc.acquired.strftime("%Y-%m-%d 00:00:00"), [[w, s], [w, n], [e, n], [e, s],
-                                                                 [w, s]]
-        browse = f"https://landsatlook.usgs.gov/gen-browse?size={{}}&type=refl&product_id=" \
-                 f"{sc.display_id}"
+        day, ring = sc.acquired.strftime("%Y-%m-%d 00:00:00"), [[w, s], [w, n], [e, n], [e, s]]
+        browse = f"https://landsatlook.usgs.gov/gen-browse?size={{}}&product_id={sc.display_id}"
         meta = [{"id": "5e83d1507bc900d5", "fieldName": "Landsat Product Identifier L2",
-                 "dictionaryLink": None, "value": sc.display_id},
-                {"id": "5e83d150aaf8cb3a", "fieldName": "Date Acquired",  # guess: id
-                 "dictionaryLink": None, "value": sc.acquired.strftime("%Y/%m/%d")}]
+                 "dictionaryLink": None, "value": sc.display_id}]  # [doc] (one field only)
         return {  # [fix] fields and formats: cloudCover a string, dates without a zone
             "browse": [{"id": _hexid(sc.entity_id + "/browse"), "browseRotationEnabled": False,
                         "browseName": "Reflective Browse", "browsePath": browse.format("rrb"),
                         "overlayPath": None, "overlayType": "ls_chs",
                         "thumbnailPath": browse.format("thumb")}],
-            "cloudCover": None if sc.cloud is None else f"{sc.cloud:.2f}",
-            "entityId": sc.entity_id, "displayId": sc.display_id, "orderingId": None,
+            "cloudCover": None if sc.cloud is None else f"{sc.cloud:.2f}", "entityId": sc.entity_id,
+            "displayId": sc.display_id, "orderingId": None, "hasCustomizedMetadata": False,
             "metadata": meta if metadata_type in ("summary", "full") else [],
-            "hasCustomizedMetadata": False,
             "options": {"bulk": True, "download": True, "order": True, "secondary": False},
             "selected": {"bulk": False, "compare": False, "order": False},
-            "spatialBounds": {"type": "Polygon", "coordinates": [ring]},
-            "spatialCoverage": {"type": "Polygon", "coordinates": [ring]},
+            "spatialBounds": {"type": "Polygon", "coordinates": [ring + ring[:1]]},
+            "spatialCoverage": {"type": "Polygon", "coordinates": [ring + ring[:1]]},
             "temporalCoverage": {"endDate": day, "startDate": day},
             "publishDate": (sc.published or sc.acquired).strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -490,10 +478,9 @@ class M2MEmulator:
                 sum(d.ready <= now and not (d.attempted or d.completed) for d in mine))
 
     def _remaining(self, user: str) -> list[dict[str, Any]]:
-        left = dict(zip(("recentDownloadCount", "pendingDownloadCount",
-                         "unattemptedDownloadCount"),
-                        (lim - c for lim, c in zip(self.rate_limits, self._counts(user),
-                                                   strict=True)), strict=True))
+        names = ("recentDownloadCount", "pendingDownloadCount", "unattemptedDownloadCount")
+        left = {k: lim - c for k, lim, c in zip(names, self.rate_limits, self._counts(user),
+                                                  strict=True)}
         return [{"username": user, "limitType": "user", **left},  # [doc]
                 {"ipAddress": "127.0.0.1", "limitType": "ip", **left}]
 
@@ -523,12 +510,8 @@ class M2MEmulator:
         if recent + fresh > limit[0] or pending >= limit[1] or unattempted >= limit[2]:
             raise ApiError("RATE_LIMIT_USER_DL")
         default = f"m2m_{self._request_id + 1}_{datetime.now(UTC):%Y%m%d%H%M%S}"  # [fix]
-        new: dict[str, str] = {}
-        dup: dict[str, str] = {}
-        ready: list[dict[str, Any]] = []
-        preparing: list[dict[str, Any]] = []
-        failed: list[dict[str, Any]] = []
-        now = time.monotonic()
+        new, dup, now = dict[str, str](), dict[str, str](), time.monotonic()
+        ready, preparing, failed = Log(), Log(), Log()
         for d, item in zip(downloads, items, strict=True):
             if item is None or (item.bundle and not item.scene.available):
                 failed.append({"entityId": d.get("entityId"), "productId": d.get("productId"),
@@ -558,17 +541,14 @@ class M2MEmulator:
         mine = [d for d in self._downloads if d.user == session.user and not d.completed
                 and (label is None or d.label == label)]
 
-        def record(dl: _Download, available: bool) -> dict[str, Any]:
-            _, code, name = dl.item.product
-            return {"url": self._hand_out(dl, not available), "label": dl.label,
-                    "entityId": dl.item.entity_id, "eulaCode": None,
-                    "filesize": len(dl.item.data), "datasetId": spec(dl.item.scene.dataset)
-                    .dataset_id, "displayId": dl.item.display_id, "downloadId": dl.id,
-                    # [doc] A/Available; for those still preparing: guess
-                    "statusCode": "A" if available else "R",
-                    "statusText": "Available" if available else "Requested",
-                    "productCode": code, "productName": name,
-                    "collectionName": spec(dl.item.scene.dataset).collection}
+        def record(dl: _Download, ok: bool) -> dict[str, Any]:  # [doc]; "R": guess
+            (_, code, name), sp = dl.item.product, spec(dl.item.scene.dataset)
+            return {"url": self._hand_out(dl, not ok), "label": dl.label,
+                    "entityId": dl.item.entity_id, "eulaCode": None, "filesize": len(dl.item.data),
+                    "datasetId": sp.dataset_id, "displayId": dl.item.display_id,
+                    "downloadId": dl.id, "statusCode": "A" if ok else "R",
+                    "statusText": "Available" if ok else "Requested", "productCode": code,
+                    "productName": name, "collectionName": sp.collection}
         available = [record(d, True) for d in mine if d.ready <= now]
         requested = [record(d, False) for d in mine if d.ready > now]
         # queueSize: those not yet available (as clients read it; the [doc] sample is unclear)

@@ -7,6 +7,7 @@ import hashlib
 import aiohttp
 
 from asyncsat.auth.base import ANONYMOUS, Auth, Login
+from asyncsat.auth.m2m import ApiKeySource
 from asyncsat.auth.oauth import TokenSource
 from asyncsat.logs import Redactor
 from asyncsat.models import Provider
@@ -24,6 +25,7 @@ class Auths:
     def __init__(self, redactor: Redactor) -> None:
         self._redactor = redactor
         self._tokens: dict[tuple[str, ...], TokenSource] = {}
+        self._keys: dict[tuple[str, ...], ApiKeySource] = {}
         self._session: aiohttp.ClientSession | None = None
 
     def for_account(self, provider: Provider, key: str, user: str | None,
@@ -33,6 +35,8 @@ class Auths:
         token_url = provider.settings.get("token_url")
         if not user:
             return ANONYMOUS
+        if provider.protocol == "m2m" and provider.url:
+            return self._api_key(provider.url, key, user, secret or "")
         if not isinstance(token_url, str) or not token_url:
             return Login(user, secret)
         client_id = str(provider.settings.get("client_id") or DEFAULT_CLIENT_ID)
@@ -45,6 +49,15 @@ class Auths:
                 password=secret or "", on_token=self._redactor.add)
         return source
 
+    def _api_key(self, url: str, key: str, user: str, token: str) -> ApiKeySource:
+        root = url if url.endswith("/") else url + "/"
+        ident = (key, user, hashlib.sha256(token.encode()).hexdigest(), root)
+        source = self._keys.get(ident)
+        if source is None:
+            source = self._keys[ident] = ApiKeySource(
+                self._http(), root=root, user=user, token=token, on_key=self._redactor.add)
+        return source
+
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -53,6 +66,9 @@ class Auths:
         return self._session
 
     async def aclose(self) -> None:
+        """Log out of the services that keep sessions (M2M), then close the session."""
+        for source in self._keys.values():
+            await source.logout()
         if self._session is not None:
             await self._session.close()
             self._session = None

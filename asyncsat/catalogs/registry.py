@@ -32,6 +32,10 @@ class Catalogs:
             from asyncsat.catalogs.dhus import DhusCatalog
 
             return DhusCatalog(self._json, provider)
+        if provider.protocol == "m2m":
+            from asyncsat.catalogs.m2m import M2MCatalog
+
+            return M2MCatalog(self._json, provider)
         if provider.protocol == "stac":
             from asyncsat.catalogs.stac import StacCatalog
 

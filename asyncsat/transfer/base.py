@@ -26,6 +26,9 @@ class Source:
         return self.auth.password
     allow_insecure_redirects: bool = False
     """Follow a redirect from https:// to http:// (refused by default)."""
+    expires: bool = False
+    """A link the catalog prepared for a while (USGS M2M): a refusal means it lapsed, and
+    the next attempt asks for a new one instead of failing."""
 
 
 @dataclass(frozen=True)

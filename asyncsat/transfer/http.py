@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import aiohttp
 import yarl
 
-from asyncsat.auth.base import Auth
 from asyncsat.errors import (
     AuthError,
     OfflineError,
@@ -173,26 +172,22 @@ class HttpDriver:
     async def open(self, source: Source, offset: int, validator: Validator) -> \
             AsyncIterator[HttpStream]:
         with map_exceptions():
-            stream = await self._start(source.url, source.auth, offset, validator,
-                                       insecure=source.allow_insecure_redirects)
+            stream = await self._start(source, offset, validator)
         try:
             yield stream  # the caller's own errors pass through untranslated
         finally:
             if stream.response is not None:
                 stream.response.release()
 
-    async def _start(
-        self, url: str, auth: Auth, offset: int, validator: Validator,
-        *, insecure: bool = False,
-    ) -> HttpStream:
+    async def _start(self, source: Source, offset: int, validator: Validator) -> HttpStream:
         if offset <= 0:
-            response = await self._get(url, auth, {}, insecure=insecure)
+            response = await self._get(source, {})
             return HttpStream(response, self._opened(response))
         headers = {"Range": f"bytes={offset}-"}
         if_range = _if_range(validator)
         if if_range:
             headers["If-Range"] = if_range
-        response = await self._get(url, auth, headers, ok_416=True, insecure=insecure)
+        response = await self._get(source, headers, ok_416=True)
         if response.status == 416:
             _, total = parse_content_range(response.headers.get("Content-Range"))
             response.release()
@@ -204,26 +199,31 @@ class HttpDriver:
                 return HttpStream(response, opened)
             response.release()
         # the file changed or the range is unusable: start again from zero
-        response = await self._get(url, auth, {}, insecure=insecure)
+        response = await self._get(source, {})
         return HttpStream(response, self._opened(response))
 
-    async def _get(
-        self, url: str, auth: Auth, headers: dict[str, str], *, ok_416: bool = False,
-        insecure: bool = False,
-    ) -> aiohttp.ClientResponse:
+    async def _get(self, source: Source, headers: dict[str, str], *, ok_416: bool = False,
+                   ) -> aiohttp.ClientResponse:
+        auth, url = source.auth, _target(source.url)
+        follows = _Redirects(source.allow_insecure_redirects)
         sent = await auth.headers()
-        response = await self._session.get(_target(url), headers={**sent, **headers},
-                                           trace_request_ctx=_Redirects(insecure))
+        response = await self._session.get(url, headers={**sent, **headers},
+                                           trace_request_ctx=follows)
         if response.status == 401 and auth.rejected(sent):
             # a token that expired (or was revoked) before its time: one renewal, same
             # request; a resume goes on from the same offset under the new token
             response.release()
             sent = await auth.headers()
-            response = await self._session.get(_target(url), headers={**sent, **headers},
-                                               trace_request_ctx=_Redirects(insecure))
+            response = await self._session.get(url, headers={**sent, **headers},
+                                               trace_request_ctx=follows)
         if response.status >= 400 and not (ok_416 and response.status == 416):
             detail = await _error_detail(response)
             response.release()
+            if source.expires and response.status in (401, 403, 404, 410):
+                # a prepared link that lapsed: the next attempt asks the catalog for a new
+                # one and resumes from the .part
+                raise RetryableError(f"the prepared download link was refused (HTTP "
+                                     f"{response.status}): a new one is asked for")
             raise error_for_status(response.status, response.reason or "",
                                    response.headers.get("Retry-After"), detail)
         return response

@@ -113,12 +113,12 @@ async def test_keys_missing_unknown_logged_out() -> None:
 
 
 async def test_key_lifetime_slides_and_expires() -> None:
-    async with running(scene(), api_key_lifetime=0.4) as emu:
+    async with running(scene(), api_key_lifetime=0.8) as emu:
         key, body = await login(emu), {"datasetName": "landsat_ot_c2_l2"}
         for _ in range(4):  # each call restarts the key's lifetime
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.3)
             await ok(emu, "scene-search", body, key)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.9)
         status, env = await call(emu, "scene-search", body, key)
         assert status == 200 and env == {"errorCode": "AUTH_EXPIRED",
                                          "errorMessage": "API key has expired due to inactivity",
@@ -143,6 +143,7 @@ async def test_endpoints_and_bodies() -> None:
         assert (status, env["errorCode"], env["errorMessage"]) == (404, "NOT_FOUND",
                                                                    "Invalid Endpoint")
         assert "password" not in emu.requests[-1]["body"]
+        assert (emu.requests[-1]["status"], emu.requests[-1]["error"]) == (404, "NOT_FOUND")
         _, env = await call(emu, "scene-search", raw=b"{not json", key=key)
         assert env["errorCode"] == "INPUT_FORMAT"
         _, env = await call(emu, "scene-search", raw=b"[1, 2]", key=key)
@@ -155,9 +156,9 @@ async def test_endpoints_and_bodies() -> None:
         status, env = await call(emu, "scene-search", {"datasetName": "LANDSAT_OT_C2_L2"}, key,
                                  method="GET")
         assert status == 200 and env["data"]["totalHits"] == 0
-        ids = [r["requestId"] for r in (await asyncio.gather(*(
-            call(emu, "download-retrieve", {}, key) for _ in range(3))))[0:3] for r in [r[1]]]
-        assert len(set(ids)) == 3
+        answers = await asyncio.gather(*(call(emu, "download-retrieve", {}, key)
+                                         for _ in range(3)))
+        assert len({env["requestId"] for _, env in answers}) == 3
 
 
 async def test_concurrent_requests_rate_limit() -> None:
@@ -287,8 +288,8 @@ async def test_scene_search_paging() -> None:
 
 async def test_download_options() -> None:
     a, b = scene(0), scene(1, available=False)
-    c = scene(2, dataset="landsat_ot_c2_l1")
-    async with running(a, b, c) as emu:
+    c, d = scene(2, dataset="landsat_ot_c2_l1"), scene(3, dataset="Other_Dataset")
+    async with running(a, b, c, d) as emu:
         key = await login(emu)
         opts = await ok(emu, "download-options", {"datasetName": "landsat_ot_c2_l2",
                                                   "entityIds": [a.entity_id, b.entity_id,
@@ -312,6 +313,10 @@ async def test_download_options() -> None:
                                                  "entityIds": f"{a.entity_id},{b.entity_id}"},
                        key)  # a comma-separated string works too
         assert len(one) == 4
+        g = await ok(emu, "download-options", {"datasetName": "other_dataset",
+                                               "entityIds": [d.entity_id]}, key)
+        assert [(o["productName"], o["downloadSystem"]) for o in g] == [
+            ("Standard Download", "dds")]  # another dataset: one bundle, no band files
         l1 = await ok(emu, "download-options", {"datasetName": "landsat_ot_c2_l1",
                                                 "entityIds": [c.entity_id]}, key)
         assert l1[0]["productName"] == "Landsat Collection 2 Level-1 Product Bundle"
@@ -354,7 +359,7 @@ async def test_download_request_available_now() -> None:
 
 
 async def test_download_request_preparing_then_retrieved() -> None:
-    a, b = scene(0, prepare_time=0.5), scene(1)
+    a, b = scene(0, prepare_time=0.8), scene(1)
     async with running(a, b) as emu:
         key = await login(emu)
         data = await ok(emu, "download-request", {"downloads": [
@@ -375,7 +380,7 @@ async def test_download_request_preparing_then_retrieved() -> None:
         assert (rec["statusCode"], rec["statusText"], rec["label"]) == ("A", "Available", label)
         assert rec["collectionName"] == "Landsat 8-9 OLI/TIRS C2 L2"
         assert rec["downloadId"] == avail["downloadId"] and rec["filesize"] == len(b.data)
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.9)
         got = await ok(emu, "download-retrieve", {"label": label}, key)
         assert got["requested"] == [] and got["queueSize"] == 0
         assert {r["entityId"] for r in got["available"]} == {a.entity_id, b.entity_id}
@@ -422,7 +427,7 @@ async def test_download_request_failures_and_limits() -> None:
 
 
 async def test_pending_and_unattempted_limits() -> None:
-    a, b = scene(0, prepare_time=0.3), scene(1)
+    a, b = scene(0, prepare_time=0.6), scene(1)
     async with running(a, b, rate_limits=(100, 1, 1)) as emu:
         key = await login(emu)
         one = {"downloads": [{"entityId": a.entity_id, "productId": BUNDLE_L2}]}
@@ -430,7 +435,7 @@ async def test_pending_and_unattempted_limits() -> None:
         await ok(emu, "download-request", one, key)
         _, env = await call(emu, "download-request", two, key)  # one pending
         assert env["errorCode"] == "RATE_LIMIT_USER_DL"
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.7)
         _, env = await call(emu, "download-request", two, key)  # one available, not attempted
         assert env["errorCode"] == "RATE_LIMIT_USER_DL"
         (rec,) = (await ok(emu, "download-retrieve", {}, key))["available"]
@@ -487,10 +492,10 @@ async def test_ranges_and_hostile_names() -> None:
 
 async def test_urls_expire_and_unknown_ones() -> None:
     a = scene(0)
-    async with running(a, url_lifetime=0.3) as emu:
+    async with running(a, url_lifetime=0.6) as emu:
         key = await login(emu)
         url = await available_url(emu, a, key)
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.7)
         status, _, body = await fetch(url)
         assert status == 403 and b"expired" in body
         fresh = await available_url(emu, a, key)  # asked again (a duplicate): a new URL
