@@ -26,6 +26,8 @@ from asyncsat.retry import follow_settings, offline_delay
 
 log = structlog.get_logger("asyncsat")
 
+DEFAULT_WINDOW = 3600.0
+"""How long an account sends no order after a quota refusal, when no `archive_quota` says."""
 REORDER_AFTER = 86400.0
 """An order older than this that has not brought the product online may be sent again."""
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -72,28 +74,29 @@ class Archive:
         """(seconds before the product is looked at again, what happened), ordering it first
         when the catalog can and the account's quota allows. Called holding a slot."""
         delay = offline_delay(d.offline_checks, follow_settings(provider), exc.retry_after)
-        quota = quota_of(provider)
+        window = self._window(provider)
         if exc.ordered:  # the request itself placed the order (a DHuS 202)
             await self._store.call(queries.archive_ordered, d.id, provider.id, account)
             return delay, f"{exc.message}: ordered from the archive"
-        if exc.quota:  # the provider refused the order: wait for the quota window
-            wait = await self._quota_wait(provider, account, quota, refused=True)
-            return max(delay, wait), f"{exc.message}: the archive quota is used up"
+        if exc.quota:  # the provider refused an order: none from this account for a window
+            return await self._refused(d, provider, account, exc, delay, window)
         if not exc.orderable or not self._may_reorder(d):
             return delay, exc.message
-        if quota is not None:
-            used, frees_in = await self._store.call(queries.archive_usage, provider.id, account,
-                                                    quota.window)
-            if used >= quota.count:
-                wait = max(delay, frees_in or 0.0)
-                return wait, (f"{exc.message}: waiting for the archive quota ({used} orders "
-                              f"of {quota} sent by this account)")
+        used, frees_in, refused_in = await self._store.call(
+            queries.archive_usage, provider.id, account, window)
+        if refused_in is not None and refused_in > 0:
+            return max(delay, refused_in), (f"{exc.message}: the provider refused an order "
+                                            "for its quota; none is sent until it frees")
+        quota = quota_of(provider)
+        if quota is not None and used >= quota.count:
+            return max(delay, frees_in or 0.0), (
+                f"{exc.message}: waiting for the archive quota ({used} orders of {quota} "
+                "sent by this account)")
         try:
             eta = await self._catalogs.for_provider(provider).order(d, auth)
-        except OfflineError as refused:  # the order itself was refused for the quota
+        except OfflineError as refused:
             if refused.quota:
-                wait = await self._quota_wait(provider, account, quota, refused=True)
-                return max(delay, wait), f"{refused.message}: the archive quota is used up"
+                return await self._refused(d, provider, account, refused, delay, window)
             raise
         except TransferError as failed:
             log.warning("archive order failed", download_id=d.id, error=failed.message)
@@ -103,18 +106,21 @@ class Archive:
                  available_in=eta)
         return (max(delay, eta) if eta else delay), f"{exc.message}: ordered from the archive"
 
+    async def _refused(self, d: Download, provider: Provider, account: str, exc: OfflineError,
+                       delay: float, window: float) -> tuple[float, str]:
+        await self._store.call(queries.archive_ordered, d.id, provider.id, account,
+                               refused=True)
+        log.warning("archive order refused for the quota", download_id=d.id,
+                    provider=provider.name, wait=window)
+        return max(delay, window), f"{exc.message}: the archive quota is used up"
+
+    @staticmethod
+    def _window(provider: Provider) -> float:
+        quota = quota_of(provider)
+        return quota.window if quota is not None else DEFAULT_WINDOW
+
     @staticmethod
     def _may_reorder(d: Download) -> bool:
         if d.ordered_at is None:
             return True
         return (datetime.now(UTC) - d.ordered_at).total_seconds() > REORDER_AFTER
-
-    async def _quota_wait(self, provider: Provider, account: str, quota: Quota | None,
-                          *, refused: bool) -> float:
-        """How long to wait when the provider refused an order for its quota: until the
-        oldest of our orders leaves the window, else a window's share."""
-        if quota is None:
-            return 3600.0 if refused else 0.0
-        _used, frees_in = await self._store.call(queries.archive_usage, provider.id, account,
-                                                 quota.window)
-        return frees_in if frees_in else quota.window / quota.count

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -275,6 +275,10 @@ class Engine:
         if not tasks:
             return
         log.info("stopping transfers", count=len(tasks))
+        # a task claimed just now may not have run its first step yet: cancelled then, it
+        # would never reach the handler that puts its row back; one turn of the loop lets
+        # every task start (they were scheduled before this one resumes)
+        await asyncio.sleep(0)
         for task in tasks:
             task.cancel()
         _done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
@@ -318,35 +322,26 @@ class Engine:
                 outcome = await transfer(self.drivers.for_url(source.url), job, events, attempt,
                                          self.settings.chunk_size)
         except asyncio.CancelledError:
-            await asyncio.shield(self._after_stop(d, attempt, bound))
+            await _to_the_end(self._after_stop(d, attempt, bound))
             raise
         except OfflineError as exc:
             account = f"login:{d.login_user}" if d.login_user else lease.account.key
-            await asyncio.shield(self._after_offline(d, provider, exc, attempt, bound, auth,
+            await _to_the_end(self._after_offline(d, provider, exc, attempt, bound, auth,
                                                      account))
         except TransferError as exc:
             refused = None
             if isinstance(exc, AuthError):  # name the login the server refused
                 refused = repr(auth.user) if auth.user else "anonymous"
                 bound = bound.bind(user=auth.user or "anonymous")
-            await asyncio.shield(self._after_failure(d, provider, exc, attempt, bound,
+            await _to_the_end(self._after_failure(d, provider, exc, attempt, bound,
                                                      refused=refused))
         except Exception as exc:  # a bug must not lose the row: retry it within the budget
             bound.exception("internal error in transfer")
             error = RetryableError(f"internal error: {type(exc).__name__}: {exc}")
-            await asyncio.shield(self._after_failure(d, provider, error, attempt, bound))
+            await _to_the_end(self._after_failure(d, provider, error, attempt, bound))
         else:
             # the file is at its final path: record it even if a stop arrives meanwhile
-            recording = asyncio.ensure_future(self._record_done(d, outcome, bound))
-            cancelled = False
-            while not recording.done():
-                try:
-                    await asyncio.shield(recording)
-                except asyncio.CancelledError:
-                    cancelled = True  # a second stop must not cut the recording either
-            recording.result()
-            if cancelled:
-                raise asyncio.CancelledError
+            await _to_the_end(self._record_done(d, outcome, bound))
         finally:
             self.metrics.transfer_ended(d.provider)
             lease.release()
@@ -362,13 +357,18 @@ class Engine:
         self._finished(d, "done")
 
     async def _after_stop(self, d: Download, attempt: Attempt, bound: Any) -> None:
-        await self.store.call(queries.download_requeue, d.id, error=d.error, failures=d.failures,
-                              bytes_done=attempt.size, delay=0.0)
+        if d.claimed_from == "offline":  # stopped while looking at it: offline it stays
+            await self.store.call(queries.download_unclaim_offline, d.id)
+        else:
+            await self.store.call(queries.download_requeue, d.id, error=d.error,
+                                  failures=d.failures, bytes_done=attempt.size, delay=0.0)
         status = await self.store.call(queries.download_status, d.id)
         if status is None:  # its provider was removed (`provider remove --force`)
             bound.info("download removed", bytes_done=attempt.size)
         elif status == "cancelled":
             bound.info("download cancelled", bytes_done=attempt.size)
+        elif status == "offline":
+            bound.info("download offline", reason="stopped")
         else:
             bound.info("download queued", reason="stopped", bytes_done=attempt.size)
         self._finished(d, status or "queued")
@@ -419,6 +419,22 @@ class Engine:
             self.metrics.download_ended(d.provider, status)
         if self.sink is not None:
             self.sink.finished(d.id, status)
+
+
+async def _to_the_end(step: Coroutine[Any, Any, None]) -> None:
+    """Run a step that records an outcome to its end, even when a stop arrives meanwhile
+    (a second stop must not cut it either): the row must never stay `running` behind the
+    daemon's back. The stop is passed on once the step is done."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _what(evidence: str | None) -> str:

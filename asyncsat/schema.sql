@@ -140,6 +140,8 @@ CREATE TABLE IF NOT EXISTS archive_order (
 );
 CREATE INDEX IF NOT EXISTS archive_order_account_idx
     ON archive_order (provider_id, account, ordered_at);
+-- an order the provider refused for its quota: the account sends none for a while
+ALTER TABLE archive_order ADD COLUMN IF NOT EXISTS refused boolean NOT NULL DEFAULT false;
 
 -- what the claim reads: due rows of a provider, queued or offline (to be looked at again)
 DROP INDEX IF EXISTS download_queued_idx;

@@ -110,9 +110,13 @@ class JsonClient:
                     params: dict[str, str] | None, body: Any) -> tuple[int, str, str | None, bytes]:
         async with self._http().request(method, url, params=params, json=body,
                                         headers=headers) as response:
-            raw = await response.content.read(MAX_BODY + 1)
-            if len(raw) > MAX_BODY:
-                raise PermanentError(f"the catalog page at {url} is larger than {MAX_BODY} bytes")
+            buffer = bytearray()
+            async for chunk in response.content.iter_chunked(1 << 16):
+                buffer += chunk
+                if len(buffer) > MAX_BODY:
+                    raise PermanentError(
+                        f"the catalog page at {_shown(url)} is larger than {MAX_BODY} bytes")
+            raw = bytes(buffer)
             return (response.status, response.reason or "", response.headers.get("Retry-After"),
                     raw)
 

@@ -470,26 +470,33 @@ async def download_requeue(
 
 async def archive_usage(
     db: Any, provider_id: int, account: str, window: float
-) -> tuple[int, float | None]:
-    """Orders an account sent to the provider's archive within the last `window` seconds,
-    and the seconds until the oldest of them leaves the window (None: no order)."""
+) -> tuple[int, float | None, float | None]:
+    """An account's archive orders within the last `window` seconds: (orders sent, seconds
+    until the oldest leaves the window, seconds until the latest refusal for the quota
+    leaves it); None where there is none."""
     row = await db.fetchrow(
-        "SELECT count(*) AS used, extract(epoch FROM min(ordered_at)"
-        "  + make_interval(secs => $3) - now())::float8 AS frees_in"
+        "SELECT count(*) FILTER (WHERE NOT refused) AS used,"
+        " extract(epoch FROM min(ordered_at) FILTER (WHERE NOT refused)"
+        "  + make_interval(secs => $3) - now())::float8 AS frees_in,"
+        " extract(epoch FROM max(ordered_at) FILTER (WHERE refused)"
+        "  + make_interval(secs => $3) - now())::float8 AS refused_in"
         " FROM archive_order WHERE provider_id = $1 AND account = $2"
         " AND ordered_at > now() - make_interval(secs => $3)",
         provider_id, account, window,
     )
-    return row["used"], row["frees_in"]
+    return row["used"], row["frees_in"], row["refused_in"]
 
 
-async def archive_ordered(db: Any, download_id: int, provider_id: int, account: str) -> None:
-    """An order was sent to the archive for this product, by this account."""
+async def archive_ordered(db: Any, download_id: int, provider_id: int, account: str, *,
+                          refused: bool = False) -> None:
+    """An order was sent to the archive for this product, by this account (`refused`: and
+    the provider refused it for its quota)."""
     await db.execute(
-        "WITH o AS (INSERT INTO archive_order (provider_id, account, download_id)"
-        " VALUES ($2, $3, $1))"
-        " UPDATE download SET ordered_at = now() WHERE id = $1",
-        download_id, provider_id, account,
+        "WITH o AS (INSERT INTO archive_order (provider_id, account, download_id, refused)"
+        " VALUES ($2, $3, $1, $4))"
+        " UPDATE download SET ordered_at = CASE WHEN $4 THEN ordered_at ELSE now() END"
+        " WHERE id = $1",
+        download_id, provider_id, account, refused,
     )
 
 
@@ -515,6 +522,15 @@ async def download_offline(
         " not_before = now() + make_interval(secs => $4)"
         " WHERE id = $1 AND status = 'running'",
         download_id, error, bytes_done, delay,
+    )
+
+
+async def download_unclaim_offline(db: Any, download_id: int) -> None:
+    """A look at an offline product was stopped: offline again, due now, no attempt used."""
+    await db.execute(
+        "UPDATE download SET status = 'offline', attempts = greatest(0, attempts - 1),"
+        " not_before = now() WHERE id = $1 AND status = 'running'",
+        download_id,
     )
 
 
