@@ -18,7 +18,6 @@ from asyncsat.catalogs.ftp_tree import layout
 from asyncsat.catalogs.templates import split_pattern
 from asyncsat.config import Settings
 from asyncsat.db import embedded, queries
-from asyncsat.db.listener import DaemonLocked
 from asyncsat.db.pool import connect
 from asyncsat.dsn import split_password
 from asyncsat.errors import AsyncsatError, UsageError
@@ -246,12 +245,13 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
             status, _e, counts = await queries.request_state(conn, request_id)
             return status != "queued" and not set(counts) - TERMINAL
 
-        try:
-            await daemon.serve(settings, redactor, until=request_final, sink=ProgressBar())
-        except DaemonLocked:
-            print("a daemon is running: waiting for it to finish the downloads",
-                  file=sys.stderr)
+        live = await queries.live_daemons(conn)
+        if live:  # they share the work; this command waits for them to finish it
+            print(f"{_daemons(live)} serve{'s' if len(live) == 1 else ''} this database: "
+                  "waiting for the downloads to finish", file=sys.stderr)
             await daemon.wait_for_request(settings, request_id)
+        else:
+            await daemon.serve(settings, redactor, until=request_final, sink=ProgressBar())
         rows = await queries.status_rows(conn, request_id)
         status, error, _counts = await queries.request_state(conn, request_id)
     if status == "failed":
@@ -354,6 +354,7 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
                 if args.watch and sys.stdout.isatty():
                     print("\x1b[H\x1b[2J", end="")
                 print(f"database: {database}")
+                print(_daemons_line(await queries.live_daemons(conn), rows))
                 print(redactor(status_table(rows)))
                 if args.limit is not None and len(rows) == args.limit:
                     total = await queries.status_count(conn, args.request, statuses=statuses)
@@ -458,13 +459,34 @@ async def cancel(args: argparse.Namespace, settings: Settings, redactor: Redacto
     return 0
 
 
+def _daemons_line(live: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """Who serves the database: the live daemons and what each is doing, or a warning when
+    none does (rows shown `running` are then frozen)."""
+    if not live:
+        stale = sum(r["status"] == "running" for r in rows)
+        return "daemons: none serves this database" + (
+            f" ({stale} download(s) shown running are stopped: start `asyncsat run`)"
+            if stale else "")
+    return "daemons: " + "; ".join(
+        f"{d['id'][:8]} on {d['host']} pid {d['pid']}: {d['running']} running" for d in live)
+
+
+def _daemons(live: list[dict[str, Any]]) -> str:
+    """`2 daemons` / `a daemon` for messages."""
+    return f"{len(live)} daemons" if len(live) > 1 else "a daemon"
+
+
 async def check(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     """A health check for systemd, Docker and monitoring."""
     async with daemon.connection(settings) as conn:
-        serving = await queries.daemon_serving(conn)
-    if not serving:
+        live = await queries.live_daemons(conn)
+    if not live:
         raise AsyncsatError("no daemon serves this database")
-    print("ok: the database answers and a daemon serves it")
+    print(f"ok: the database answers and {_daemons(live)} serve{'s' if len(live) == 1 else ''}"
+          " it")
+    for d in live:
+        print(f"  daemon {d['id']} on {d['host']} (pid {d['pid']}, {d['version']}), "
+              f"{d['running']} running, heartbeat {d['heartbeat_at']:%H:%M:%S}")
     return 0
 
 
@@ -512,7 +534,7 @@ async def db_stop(args: argparse.Namespace, settings: Settings, redactor: Redact
         return 0
     conn = await connect(dsn)
     try:
-        serving = await queries.daemon_serving(conn)
+        serving = await queries.live_daemons(conn)
     finally:
         await conn.close()
     if serving:
@@ -524,10 +546,7 @@ async def db_stop(args: argparse.Namespace, settings: Settings, redactor: Redact
 
 
 async def run(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
-    try:
-        port = args.metrics_port or settings.metrics_port
-        await daemon.serve(settings, redactor, exit_when_idle=args.exit_when_idle,
-                           metrics_at=(settings.metrics_host, port) if port else None)
-    except DaemonLocked as exc:
-        raise AsyncsatError(exc.message) from None
+    port = args.metrics_port or settings.metrics_port
+    await daemon.serve(settings, redactor, exit_when_idle=args.exit_when_idle,
+                       metrics_at=(settings.metrics_host, port) if port else None)
     return 0

@@ -47,6 +47,9 @@ class Settings:
     """Seconds granted to running transfers to stop cleanly on SIGTERM."""
     listener_ping: float = 10.0
     """Seconds of silence after which the LISTEN connection is checked."""
+    lease_timeout: float = 30.0
+    """Seconds a daemon's slots and downloads stay its own without a heartbeat: the
+    downloads of a daemon that died are taken over by another after this long."""
     metrics_port: int | None = None
     """`asyncsat run` serves Prometheus metrics on this port (None: no metrics)."""
     metrics_host: str = "127.0.0.1"
@@ -72,6 +75,8 @@ class Settings:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
         if self.chunk_size < 4096:
             raise ConfigError("chunk_size must be at least 4096")
+        if not 1.0 <= self.lease_timeout <= 86400:
+            raise ConfigError("lease_timeout must be between 1 and 86400 seconds")
         if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
             raise ConfigError(f"metrics_port must be a TCP port (1-65535), not "
                               f"{self.metrics_port}")
@@ -116,6 +121,7 @@ class Settings:
             progress_interval=_num(values, "progress_interval", defaults.progress_interval),
             shutdown_timeout=_num(values, "shutdown_timeout", defaults.shutdown_timeout),
             listener_ping=_num(values, "listener_ping", defaults.listener_ping),
+            lease_timeout=_num(values, "lease_timeout", defaults.lease_timeout),
             metrics_port=_port(values, "metrics_port"),
             metrics_host=_str(values, "metrics_host", defaults.metrics_host) or "",
             status_interval=_num(values, "status_interval", defaults.status_interval),

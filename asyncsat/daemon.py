@@ -7,18 +7,21 @@ Signals only set the stop event; the engine then stops claiming, cancels transfe
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from asyncsat import sdnotify
+from asyncsat import __version__, sdnotify
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.embedded import ensure_server
-from asyncsat.db.listener import DaemonLocked, Listener
+from asyncsat.db.listener import Listener
 from asyncsat.db.pool import apply_schema, connect, create_pool
 from asyncsat.db.store import Store
 from asyncsat.engine import Engine, ProgressSink, wait_any
@@ -77,7 +80,6 @@ async def serve(
     """Run the daemon until SIGTERM/SIGINT, a drained queue (`exit_when_idle`) or `until()`.
 
     With `metrics_at` (host, port), Prometheus metrics are served there meanwhile.
-    Raises DaemonLocked when another daemon serves the same database.
     """
     stop = asyncio.Event()
     async with _signals(stop):  # from the start: systemd may stop a daemon still starting
@@ -95,7 +97,8 @@ async def _serve(
     redactor.add_dsn(dsn)
     # an external server may come up later; the embedded one is ours, and up by now
     patient = settings.dsn is not None and until is None and not exit_when_idle
-    pool = await _open_pool(dsn, systemd, stop, patient=patient)
+    pool = await _open_pool(dsn, systemd, stop, patient=patient,
+                            lease_timeout=settings.lease_timeout)
     if pool is None:
         log.info("daemon stopped")
         return
@@ -105,8 +108,10 @@ async def _serve(
         async with pool.acquire() as conn:
             await apply_schema(conn, always=False)
         store = Store(pool)
+        me = await _register(store, settings)
         metrics = Metrics() if metrics_at is not None else Recorder()
-        engine = Engine(store, settings, drivers, redactor, sink=sink, metrics=metrics)
+        engine = Engine(store, settings, drivers, redactor, owner=me, sink=sink,
+                        metrics=metrics)
         metrics.watch_slots(engine.slot_figures)
 
         def reconnected() -> None:
@@ -123,7 +128,8 @@ async def _serve(
                 raise
             log.info("metrics served", url=f"http://{_host(metrics_at[0])}:{metrics_at[1]}"
                      "/metrics")
-        log.info("daemon started", exit_when_idle=exit_when_idle, database=settings.database)
+        log.info("daemon started", exit_when_idle=exit_when_idle, database=settings.database,
+                 daemon_id=me)
         try:
             async with asyncio.TaskGroup() as group:
                 listening = group.create_task(listener.run(), name="listener")
@@ -132,13 +138,19 @@ async def _serve(
                 systemd.send("READY=1")
                 reporting = group.create_task(systemd.report(
                     lambda: _queue_status(store), settings.status_interval), name="status")
+                ended = asyncio.Event()
+                renewing = group.create_task(engine.keep_leases(ended), name="leases")
                 try:
                     await engine.run(stop, exit_when_idle=exit_when_idle, until=until)
                 finally:
                     systemd.send("STOPPING=1")
+                    ended.set()
                     listening.cancel()
                     alive.cancel()
                     reporting.cancel()
+                    renewing.cancel()
+            # the transfers are parked: this daemon's slots are free for the others now
+            await store.try_call(queries.daemon_gone, me)
         except BaseExceptionGroup as group_error:
             # one side task failed and stopped the other: report the first cause
             raise group_error.exceptions[0] from None
@@ -150,12 +162,41 @@ async def _serve(
         await pool.close()
 
 
+async def _register(store: Store, settings: Settings) -> str:
+    """Enter this daemon in the daemon table, after clearing the ones of this host whose
+    process is gone (a crash, a SIGKILL): their downloads are taken over at once instead
+    of after `lease_timeout`."""
+    host = socket.gethostname()
+    for other, pid in await store.call(queries.daemons_on_host, host):
+        if not _alive(pid):
+            left = await store.call(queries.daemon_gone, other)
+            log.info("a daemon of this host is gone: its downloads are taken over",
+                     daemon_id=other, pid=pid, downloads=left)
+    me = uuid.uuid4().hex[:16]
+    await store.call(queries.daemon_register, me, host=host, pid=os.getpid(),
+                     version=__version__, lease_timeout=settings.lease_timeout)
+    return me
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a process of an earlier life of ours (a container restarted)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
 async def _open_pool(
     dsn: str, systemd: sdnotify.Notifier, stop: asyncio.Event, *, patient: bool,
+    lease_timeout: float,
 ) -> Any | None:
     """The pool, once the database answers; None when stopped before.
 
@@ -166,7 +207,7 @@ async def _open_pool(
     delay = 1.0
     while True:
         try:
-            return await create_pool(dsn)
+            return await create_pool(dsn, idle_in_transaction=lease_timeout)
         except DatabaseUnavailable as exc:
             if not patient:
                 raise
@@ -208,4 +249,4 @@ async def wait_for_request(settings: Settings, request_id: int) -> dict[str, int
             await conn.close()
 
 
-__all__ = ["DaemonLocked", "connection", "serve", "wait_for_request"]
+__all__ = ["connection", "serve", "wait_for_request"]

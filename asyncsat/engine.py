@@ -7,6 +7,7 @@ transfer drivers. Signals, LISTEN and the pool are wired up by `daemon.py`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
@@ -22,22 +23,24 @@ from asyncsat.auth.registry import Auths
 from asyncsat.catalogs.registry import Catalogs
 from asyncsat.config import Settings
 from asyncsat.db import queries
+from asyncsat.db.queries import Fence
 from asyncsat.db.store import Store
 from asyncsat.errors import (
     AuthError,
     DatabaseError,
+    LeaseLost,
     OfflineError,
     PermanentError,
     RetryableError,
     TransferError,
     VerificationError,
 )
+from asyncsat.leases import Accounts, Lease, Leases
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Recorder
 from asyncsat.models import Download, Provider, Request
 from asyncsat.resolver import Resolver
 from asyncsat.retry import Policy, budget, decide
-from asyncsat.slots import Lease, ProviderSlots, accounts_for
 from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.registry import Drivers
 from asyncsat.transfer.runner import Attempt, Job, Outcome, transfer
@@ -69,7 +72,7 @@ class Engine:
 
     def __init__(
         self, store: Store, settings: Settings, drivers: Drivers, redactor: Redactor,
-        *, sink: ProgressSink | None = None, metrics: Recorder | None = None,
+        *, owner: str, sink: ProgressSink | None = None, metrics: Recorder | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -79,14 +82,21 @@ class Engine:
         self.metrics = metrics or Recorder()
         self.wake = asyncio.Event()
         self._accounts_stale = True
+        self.owner = owner
+        """This daemon's id: the owner of the rows it claims."""
         self._providers: dict[int, Provider] = {}
-        self._slots: dict[int, ProviderSlots] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._lost: set[int] = set()
+        self.accounts = Accounts(redactor)
+        self.slot_freed = asyncio.Event()
+        self.leases = Leases(store, self.accounts, owner, settings.lease_timeout,
+                             self.slot_freed)
         self.auths = Auths(redactor)
         self.catalogs = Catalogs(drivers)
         self.archive = Archive(store, self.catalogs)
         self.resolver = Resolver(store, settings, self.catalogs, self.auths, redactor,
-                                 self._slots_for, self.wake, metrics=self.metrics)
+                                 self._lease_for, self.leases.release, self.wake,
+                                 metrics=self.metrics)
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -101,6 +111,8 @@ class Engine:
                 task.cancel("cancelled by user")
         if kind == "request" and payload.get("status") == "cancelled":
             self.resolver.cancel(int(payload.get("id", 0)))
+        if kind in (None, "slot"):  # a lease ended, here or in another daemon
+            self.slot_freed.set()
         self.wake.set()
 
     def rescan(self) -> None:
@@ -112,13 +124,31 @@ class Engine:
     def running(self) -> int:
         return len(self._tasks)
 
-    def slots(self, provider_id: int) -> ProviderSlots | None:
-        return self._slots.get(provider_id)
-
     def slot_figures(self) -> list[tuple[str, int, int]]:
-        """(provider, free slots, capacity) per provider, for the metrics."""
-        return [(self._providers[i].name, s.free(), s.capacity)
-                for i, s in self._slots.items() if i in self._providers]
+        """(provider, slots this daemon does not hold, capacity) per provider, for the
+        metrics (other daemons' leases are theirs to report)."""
+        return [(p.name, max(0, self.accounts.capacity(i) - self.leases.held.get(i, 0)),
+                 self.accounts.capacity(i)) for i, p in self._providers.items()]
+
+    async def keep_leases(self, stop: asyncio.Event) -> None:
+        """Renew this daemon's leases every third of `lease_timeout`. A download whose
+        lease another daemon took over meanwhile (this one was paused, or cut from the
+        database) is stopped here: its writes would be refused anyway."""
+        every = max(0.2, self.settings.lease_timeout / 3)
+        while not stop.is_set():
+            await wait_any(stop, timeout=every)
+            if stop.is_set():
+                return
+            owned = await self.store.try_call(queries.heartbeat, self.owner,
+                                              self.settings.lease_timeout)
+            if owned is None:
+                continue  # the database is away: the leases may lapse; writes are fenced
+            for download_id, task in list(self._tasks.items()):
+                if download_id not in owned and not task.done():
+                    log.warning("lease lost: another daemon took the download over",
+                                download_id=download_id)
+                    self._lost.add(download_id)
+                    task.cancel("lease lost")
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -127,9 +157,6 @@ class Engine:
         until: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         """Serve until `stop` is set, the queue is drained (`exit_when_idle`) or `until()`."""
-        released = await self.store.call(queries.release_running)
-        if released:
-            log.info("interrupted downloads queued again", count=released)
         try:
             while not stop.is_set():
                 self.wake.clear()
@@ -163,16 +190,7 @@ class Engine:
         self._accounts_stale = False
         for provider, credentials in await self.store.call(queries.accounts):
             self._providers[provider.id] = provider
-            accounts = accounts_for(provider, credentials)
-            for account in accounts:
-                self.redactor.add_login(account.user, account.secret)
-            slots = self._slots.get(provider.id)
-            capacity = sum(a.limit for a in accounts)
-            if slots is None:
-                self._slots[provider.id] = ProviderSlots(accounts)
-            else:
-                slots.resize(accounts)
-            log.debug("provider slots", provider=provider.name, capacity=capacity)
+            self.accounts.load(provider, credentials)
 
     async def _resolve_requests(self) -> bool:
         """Turn queued requests into downloads. True when more may be waiting."""
@@ -215,14 +233,13 @@ class Engine:
             error = _one_line(self.redactor(f"cannot queue this request: {exc}"))
             return await intake.fail(conn, request, error)
 
-    async def _slots_for(self, provider_id: int) -> ProviderSlots:
-        """The slots of a provider, reading the accounts again for a provider new to us."""
-        if provider_id not in self._slots:
+    async def _lease_for(self, provider_id: int) -> Lease:
+        """A slot of a provider for a listing or a search, waiting for one."""
+        if provider_id not in self._providers:
             await self._refresh_accounts()
-        slots = self._slots.get(provider_id)
-        if slots is None:
+        if provider_id not in self._providers:
             raise DatabaseError(f"provider {provider_id} disappeared")
-        return slots
+        return await self.leases.take(provider_id)
 
     async def _dispatch(self) -> tuple[float | None, float | None]:
         """Claim due downloads into free slots. Seconds until the next queued download is
@@ -235,37 +252,26 @@ class Engine:
                 next_in = wait if next_in is None else min(next_in, wait)
             if offline_wait is not None:
                 later = offline_wait if later is None else min(later, offline_wait)
-            slots = self._slots.get(provider_id)
-            if slots is None:
+            if provider_id not in self._providers:
                 await self._refresh_accounts()
-                slots = self._slots.get(provider_id)
-            if not due or slots is None:
+            if not due or provider_id not in self._providers:
                 continue
-            # the slots first, without waiting: a listing may take one meanwhile, and this
-            # loop must never block on a slot (it also watches for stops and wake-ups)
-            leases: list[Lease] = []
-            wanted = min(due, slots.free())
-            while len(leases) < wanted:
-                lease = await slots.try_acquire()
-                if lease is None:
-                    break
-                leases.append(lease)
-            if not leases:
-                continue
+            # the database hands out the free slots of the provider's accounts, counted
+            # across every daemon, with the rows (this loop never waits for a slot)
             try:
-                claimed = await self.store.call(queries.claim, provider_id, len(leases),
-                                                str(self.settings.default_dest))
+                claimed = await self.store.transaction(functools.partial(
+                    _claim, owner=self.owner, provider_id=provider_id, limit=due,
+                    seconds=self.settings.lease_timeout, dest=str(self.settings.default_dest)))
             except DatabaseError:
                 raise
             except Exception:  # one bad row must not stop every provider
                 log.exception("claim failed", provider_id=provider_id)
                 claimed = []
-            for download, lease in zip(claimed, leases, strict=False):
+            for download, account, lease_id in claimed:
+                lease = self.leases.wrap(lease_id, provider_id, account)
                 task = asyncio.create_task(self._run_one(download, lease),
                                            name=f"download-{download.id}")
                 self._tasks[download.id] = task
-            for lease in leases[len(claimed):]:
-                lease.release()
         return next_in, later
 
     async def _stop_transfers(self) -> None:
@@ -294,8 +300,8 @@ class Engine:
             auth = self.auths.for_account(provider, f"login:{d.login_user}", d.login_user,
                                           d.login_secret)
         else:
-            auth = self.auths.for_account(provider, lease.account.key, lease.account.user,
-                                          lease.account.secret)
+            auth = self.auths.for_account(provider, lease.account, lease.login.user,
+                                          lease.login.secret)
         folder = Path(d.dest or self.settings.default_dest) / d.provider
         attempt = Attempt(start_size=d.bytes_done, size=d.bytes_done)
         events = _RowEvents(self, d)
@@ -322,10 +328,14 @@ class Engine:
                 outcome = await transfer(self.drivers.for_url(source.url), job, events, attempt,
                                          self.settings.chunk_size)
         except asyncio.CancelledError:
+            if d.id in self._lost:  # another daemon has it now: nothing of ours to record
+                raise
             await _to_the_end(self._after_stop(d, attempt, bound))
             raise
+        except LeaseLost:
+            bound.warning("lease lost: the file is left to the daemon that took it over")
         except OfflineError as exc:
-            account = f"login:{d.login_user}" if d.login_user else lease.account.key
+            account = f"login:{d.login_user}" if d.login_user else lease.account
             await _to_the_end(self._after_offline(d, provider, exc, attempt, bound, auth,
                                                      account))
         except TransferError as exc:
@@ -344,13 +354,17 @@ class Engine:
             await _to_the_end(self._record_done(d, outcome, bound))
         finally:
             self.metrics.transfer_ended(d.provider)
-            lease.release()
             self._tasks.pop(d.id, None)
+            self._lost.discard(d.id)
             self.wake.set()
+            await _to_the_end(self.leases.release(lease))
 
     async def _record_done(self, d: Download, outcome: Outcome, bound: Any) -> None:
-        await self.store.call(queries.download_done, d.id, size=outcome.size,
-                              path=str(outcome.path))
+        if not await self.store.call(queries.download_done, d.id, self._fence(d),
+                                     size=outcome.size, path=str(outcome.path)):
+            bound.warning("lease lost after the file was sealed: the daemon that took it over "
+                          "verifies it again", path=str(outcome.path))
+            return
         bound.info("download done", name=outcome.name, path=str(outcome.path),
                    size=outcome.size, resumed_from=outcome.resumed_from,
                    restarted=outcome.restarted)
@@ -358,9 +372,9 @@ class Engine:
 
     async def _after_stop(self, d: Download, attempt: Attempt, bound: Any) -> None:
         if d.claimed_from == "offline":  # stopped while looking at it: offline it stays
-            await self.store.call(queries.download_unclaim_offline, d.id)
+            await self.store.call(queries.download_unclaim_offline, d.id, self._fence(d))
         else:
-            await self.store.call(queries.download_requeue, d.id, error=d.error,
+            await self.store.call(queries.download_requeue, d.id, self._fence(d), error=d.error,
                                   failures=d.failures, bytes_done=attempt.size, delay=0.0)
         status = await self.store.call(queries.download_status, d.id)
         if status is None:  # its provider was removed (`provider remove --force`)
@@ -389,7 +403,7 @@ class Engine:
             error = _one_line(self.redactor(f"{error} (login: {refused})"))
         told = budget(decision, exc, attempt.progressed, policy)
         if decision.action == "retry":
-            await self.store.call(queries.download_requeue, d.id, error=error,
+            await self.store.call(queries.download_requeue, d.id, self._fence(d), error=error,
                                   failures=decision.failures, bytes_done=attempt.size,
                                   delay=decision.delay, mismatch=mismatch)
             bound.warning("download queued", reason="retry", error=error,
@@ -397,8 +411,8 @@ class Engine:
                           bytes_done=attempt.size)
             self.metrics.retried(d.provider, exc)
             return
-        await self.store.call(queries.download_end, d.id, status="failed", error=error,
-                              failures=decision.failures, bytes_done=attempt.size)
+        await self.store.call(queries.download_end, d.id, self._fence(d), status="failed",
+                              error=error, failures=decision.failures, bytes_done=attempt.size)
         bound.error("download failed", error=error, attempts=d.attempts, budget=told)
         self._finished(d, "failed")
 
@@ -409,16 +423,24 @@ class Engine:
         """Archived: wait (no attempt used), ordering it first where the catalog can."""
         delay, note = await self.archive.park(d, provider, exc, auth, account)
         error = _one_line(self.redactor(note))
-        await self.store.call(queries.download_offline, d.id, error=error, delay=delay,
-                              bytes_done=attempt.size)
+        await self.store.call(queries.download_offline, d.id, self._fence(d), error=error,
+                              delay=delay, bytes_done=attempt.size)
         bound.info("download offline", error=error, look_again_in=round(delay, 1))
         self._finished(d, "offline")
+
+    def _fence(self, d: Download) -> Fence:
+        return Fence(self.owner, d.attempts)
 
     def _finished(self, d: Download, status: str) -> None:
         if status != "queued":  # a stop puts it back: not an end
             self.metrics.download_ended(d.provider, status)
         if self.sink is not None:
             self.sink.finished(d.id, status)
+
+
+async def _claim(conn: Any, *, owner: str, provider_id: int, limit: int, seconds: float,
+                 dest: str) -> list[tuple[Download, str, int]]:
+    return await queries.claim(conn, owner, provider_id, limit, seconds, dest)
 
 
 async def _to_the_end(step: Coroutine[Any, Any, None]) -> None:
@@ -461,15 +483,26 @@ class _RowEvents:
         self._name = download.name or ""
         self._last = 0.0
         self._on_disk = download.bytes_done
+        self._fence = engine._fence(download)
 
     async def named(self, name: str, size: int | None, validator: Validator) -> str:
         for candidate in (name, _unique_name(name, self._download.id)):
-            if await self._engine.store.call(
-                    queries.download_named, self._download.id, name=candidate, size=size,
-                    etag=validator.etag, last_modified=validator.last_modified):
+            named = await self._engine.store.call(
+                queries.download_named, self._download.id, self._fence, name=candidate,
+                size=size, etag=validator.etag, last_modified=validator.last_modified)
+            if named is None:
+                raise LeaseLost()
+            if named:
                 self._name = candidate
                 return candidate
         raise PermanentError(f"another download already writes {name!r}")
+
+    async def sealing(self) -> None:
+        """The file is whole and verified: it gets its final name only while the row is
+        still this claim's (a daemon paused past its lease must not rename it)."""
+        if not await self._engine.store.call(queries.download_owned, self._download.id,
+                                             self._fence):
+            raise LeaseLost()
 
     async def progress(self, done: int, total: int | None) -> None:
         # bytes written since the last call; a file that starts again from zero counts anew
@@ -482,4 +515,5 @@ class _RowEvents:
         self._last = now
         if self._engine.sink is not None:
             self._engine.sink.progress(self._download.id, self._name, done, total)
-        await self._engine.store.try_call(queries.download_progress, self._download.id, done)
+        await self._engine.store.try_call(queries.download_progress, self._download.id,
+                                          self._fence, done)

@@ -33,6 +33,11 @@ class DatabaseUnavailable(DatabaseError):
     """The database server cannot be reached, or is starting up: it may answer later."""
 
 
+class LeaseLost(AsyncsatError):
+    """Another daemon took this download over: this one's lease lapsed (it was paused, or
+    cut from the database). Nothing more is written for it here."""
+
+
 class CatalogError(AsyncsatError):
     """A catalog search failed."""
 

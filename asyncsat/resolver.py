@@ -30,12 +30,12 @@ from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.store import Store
 from asyncsat.errors import AsyncsatError, DatabaseError, RetryableError
+from asyncsat.leases import Lease
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Recorder
 from asyncsat.models import Provider, Request
 from asyncsat.naming import SplitUrl, split_login, without_login
 from asyncsat.retry import Policy, decide, follow_settings
-from asyncsat.slots import ProviderSlots
 
 log = structlog.get_logger("asyncsat")
 
@@ -45,15 +45,17 @@ class Resolver:
 
     def __init__(
         self, store: Store, settings: Settings, catalogs: Catalogs, auths: Auths,
-        redactor: Redactor, slots: Callable[[int], Awaitable[ProviderSlots]],
-        wake: asyncio.Event, *, metrics: Recorder | None = None,
+        redactor: Redactor, take: Callable[[int], Awaitable[Lease]],
+        give_back: Callable[[Lease], Awaitable[None]], wake: asyncio.Event, *,
+        metrics: Recorder | None = None,
     ) -> None:
         self._store = store
         self._settings = settings
         self._catalogs = catalogs
         self._auths = auths
         self._redactor = redactor
-        self._slots = slots
+        self._take = take
+        self._give_back = give_back
         self._wake = wake
         self._metrics = metrics or Recorder()
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -174,15 +176,15 @@ class Resolver:
                 limit -= await self._store.call(queries.request_product_count, request.id)
                 if limit <= 0:
                     return []
-        lease = await (await self._slots(provider.id)).acquire()
+        lease = await self._take(provider.id)
         started, ok = time.monotonic(), False
         try:
             if login is not None:
                 auth = self._auths.for_account(provider, f"login:{login.user}", login.user,
                                                login.password)
             else:
-                auth = self._auths.for_account(provider, lease.account.key, lease.account.user,
-                                               lease.account.secret)
+                auth = self._auths.for_account(provider, lease.account, lease.login.user,
+                                               lease.login.secret)
             stream = self._products(catalog, request, provider, auth)
             async with contextlib.aclosing(stream):  # its session ends before the slot does
                 async for ref in stream:
@@ -195,7 +197,7 @@ class Resolver:
             ok = True
         finally:
             self._metrics.catalog_request(provider.name, time.monotonic() - started, ok=ok)
-            lease.release()
+            await self._give_back(lease)
         return found
 
     def _products(self, catalog: Catalog, request: Request, provider: Provider,

@@ -266,3 +266,198 @@ $$;
 
 CREATE OR REPLACE TRIGGER download_done_notify AFTER INSERT OR UPDATE OF status ON download
     FOR EACH ROW EXECUTE FUNCTION asyncsat_notify_done();
+
+-- 0.4: several daemons on one database. Each daemon has a row and a heartbeat; every
+-- request sent for an account (a transfer, a listing, a search) holds a lease on one of the
+-- account's slots, renewed by the heartbeat. An account's cap is its live leases, counted
+-- here across all daemons; a download whose owner stopped renewing is taken over.
+CREATE TABLE IF NOT EXISTS daemon (
+    id            text PRIMARY KEY,
+    host          text NOT NULL,
+    pid           integer NOT NULL,
+    version       text NOT NULL,
+    lease_timeout double precision NOT NULL,
+    started_at    timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at  timestamptz NOT NULL DEFAULT now(),
+    stopped_at    timestamptz
+);
+
+CREATE TABLE IF NOT EXISTS lease (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    daemon_id   text NOT NULL REFERENCES daemon (id) ON DELETE CASCADE,
+    provider_id bigint NOT NULL REFERENCES provider (id) ON DELETE CASCADE,
+    -- `credential:<id>`, `anonymous`
+    account     text NOT NULL,
+    download_id bigint REFERENCES download (id) ON DELETE CASCADE,
+    expires_at  timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS lease_account_idx ON lease (provider_id, account, expires_at);
+CREATE INDEX IF NOT EXISTS lease_daemon_idx ON lease (daemon_id);
+
+-- who works a running download, and until when its lease holds
+ALTER TABLE download ADD COLUMN IF NOT EXISTS owner text;
+ALTER TABLE download ADD COLUMN IF NOT EXISTS lease_expires timestamptz;
+CREATE INDEX IF NOT EXISTS download_running_idx
+    ON download (provider_id, lease_expires) WHERE status = 'running';
+
+-- The accounts of a provider and the connections each allows: its enabled credentials,
+-- else one anonymous account (`max_connections` setting, default 4).
+CREATE OR REPLACE FUNCTION asyncsat_accounts(p_provider bigint)
+RETURNS TABLE (account text, cap integer) LANGUAGE sql STABLE AS $$
+    SELECT 'credential:' || c.id, c.max_connections FROM credential c
+     WHERE c.provider_id = p_provider AND c.enabled
+    UNION ALL
+    SELECT 'anonymous',
+           CASE WHEN jsonb_typeof(p.settings -> 'max_connections') = 'number'
+                 AND (p.settings ->> 'max_connections')::numeric >= 1
+                THEN least(floor((p.settings ->> 'max_connections')::numeric), 10000)::int
+                ELSE 4 END
+      FROM provider p
+     WHERE p.id = p_provider
+       AND NOT EXISTS (SELECT 1 FROM credential c WHERE c.provider_id = p_provider AND c.enabled)
+$$;
+
+-- Take one slot of a provider's accounts (the least loaded with room) for `p_seconds`;
+-- no row when every account is full. Takers of one provider queue on its row, so two
+-- daemons never both take the last slot.
+CREATE OR REPLACE FUNCTION asyncsat_take_lease(
+    p_daemon text, p_provider bigint, p_seconds double precision)
+RETURNS TABLE (lease_id bigint, account text) LANGUAGE plpgsql AS $$
+DECLARE
+    v_account text;
+BEGIN
+    -- a claim waits a moment for another daemon's, never for a stuck one
+    PERFORM set_config('lock_timeout', '5s', true);
+    PERFORM 1 FROM provider WHERE id = p_provider FOR UPDATE;
+    SELECT a.account INTO v_account
+      FROM asyncsat_accounts(p_provider) a,
+           LATERAL (SELECT count(*) AS used FROM lease l WHERE l.provider_id = p_provider
+                     AND l.account = a.account AND l.expires_at > now()) u
+     WHERE u.used < a.cap
+     ORDER BY u.used::float8 / a.cap, a.cap DESC, a.account LIMIT 1;
+    IF v_account IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+        INSERT INTO lease (daemon_id, provider_id, account, expires_at)
+        VALUES (p_daemon, p_provider, v_account, now() + make_interval(secs => p_seconds))
+        RETURNING lease.id, lease.account;
+END;
+$$;
+
+-- Claim due downloads of a provider into its free slots, across all daemons: rows whose
+-- owner stopped renewing its lease first (taken over), then queued rows and offline ones due
+-- for a look, oldest first. Each gets a lease on the least loaded account with room, an
+-- owner, and an attempt. A row inserted without a destination gets the daemon's default,
+-- so that the unique file index sees the folder it is really written to.
+CREATE OR REPLACE FUNCTION asyncsat_claim(
+    p_daemon text, p_provider bigint, p_limit integer, p_seconds double precision,
+    p_default_dest text)
+RETURNS TABLE (download_id bigint, claimed_from text, account text, lease_id bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_accounts text[];
+    v_caps integer[];
+    v_used integer[];
+    v_room integer;
+    v_best integer;
+    v_row record;
+    v_lease bigint;
+BEGIN
+    -- a claim waits a moment for another daemon's, never for a stuck one
+    PERFORM set_config('lock_timeout', '5s', true);
+    PERFORM 1 FROM provider WHERE id = p_provider FOR UPDATE;
+    DELETE FROM lease WHERE provider_id = p_provider AND expires_at <= now();
+    SELECT array_agg(a.account ORDER BY a.account), array_agg(a.cap ORDER BY a.account),
+           array_agg((SELECT count(*)::int FROM lease l WHERE l.provider_id = p_provider
+                        AND l.account = a.account) ORDER BY a.account)
+      INTO v_accounts, v_caps, v_used
+      FROM asyncsat_accounts(p_provider) a;
+    IF v_accounts IS NULL THEN
+        RETURN;
+    END IF;
+    v_room := 0;
+    FOR i IN 1 .. array_length(v_accounts, 1) LOOP
+        v_room := v_room + greatest(0, v_caps[i] - v_used[i]);
+    END LOOP;
+    v_room := least(v_room, p_limit);
+    IF v_room <= 0 THEN
+        RETURN;
+    END IF;
+    FOR v_row IN
+        (SELECT d.id, 'running'::text AS was FROM download d
+          WHERE d.provider_id = p_provider AND d.status = 'running'
+            AND d.lease_expires <= now()
+          ORDER BY d.lease_expires, d.id LIMIT v_room FOR UPDATE SKIP LOCKED)
+    LOOP
+        EXIT WHEN v_room <= 0;
+        v_room := v_room - 1;
+        v_best := NULL;
+        FOR i IN 1 .. array_length(v_accounts, 1) LOOP
+            IF v_used[i] < v_caps[i] AND (v_best IS NULL OR
+                    v_used[i]::float8 / v_caps[i] < v_used[v_best]::float8 / v_caps[v_best]) THEN
+                v_best := i;
+            END IF;
+        END LOOP;
+        v_used[v_best] := v_used[v_best] + 1;
+        INSERT INTO lease (daemon_id, provider_id, account, download_id, expires_at)
+        VALUES (p_daemon, p_provider, v_accounts[v_best], v_row.id,
+                now() + make_interval(secs => p_seconds))
+        RETURNING id INTO v_lease;
+        UPDATE download d SET owner = p_daemon, attempts = d.attempts + 1,
+               lease_expires = now() + make_interval(secs => p_seconds), started_at = now()
+         WHERE d.id = v_row.id;
+        download_id := v_row.id; claimed_from := 'running';
+        account := v_accounts[v_best]; lease_id := v_lease;
+        RETURN NEXT;
+    END LOOP;
+    FOR v_row IN
+        (SELECT d.id, d.status AS was FROM download d
+          WHERE d.provider_id = p_provider AND d.status IN ('queued', 'offline')
+            AND d.not_before <= now()
+          ORDER BY d.not_before, d.id LIMIT v_room FOR UPDATE SKIP LOCKED)
+    LOOP
+        EXIT WHEN v_room <= 0;
+        v_room := v_room - 1;
+        v_best := NULL;
+        FOR i IN 1 .. array_length(v_accounts, 1) LOOP
+            IF v_used[i] < v_caps[i] AND (v_best IS NULL OR
+                    v_used[i]::float8 / v_caps[i] < v_used[v_best]::float8 / v_caps[v_best]) THEN
+                v_best := i;
+            END IF;
+        END LOOP;
+        v_used[v_best] := v_used[v_best] + 1;
+        INSERT INTO lease (daemon_id, provider_id, account, download_id, expires_at)
+        VALUES (p_daemon, p_provider, v_accounts[v_best], v_row.id,
+                now() + make_interval(secs => p_seconds))
+        RETURNING id INTO v_lease;
+        -- (looking at an offline product again uses no attempt: it is given back when
+        -- the product is still offline)
+        UPDATE download d SET status = 'running', attempts = d.attempts + 1, owner = p_daemon,
+               lease_expires = now() + make_interval(secs => p_seconds),
+               started_at = now(), finished_at = NULL, dest = coalesce(d.dest, p_default_dest),
+               -- a row inserted with a name and no dest: another product of the default
+               -- folder may have that name; the transfer then picks `name_<id>`
+               name = CASE WHEN d.dest IS NULL AND EXISTS (
+                   SELECT 1 FROM download o WHERE o.provider_id = d.provider_id
+                   AND o.id <> d.id AND coalesce(o.dest, '') = p_default_dest
+                   AND o.name = d.name) THEN NULL ELSE d.name END
+         WHERE d.id = v_row.id;
+        download_id := v_row.id; claimed_from := v_row.was;
+        account := v_accounts[v_best]; lease_id := v_lease;
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+
+-- A slot freed (a lease ended) wakes the daemons waiting for one.
+CREATE OR REPLACE FUNCTION asyncsat_lease_freed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('asyncsat', json_build_object(
+        'type', 'slot', 'provider_id', OLD.provider_id)::text);
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE TRIGGER lease_freed AFTER DELETE ON lease
+    FOR EACH ROW EXECUTE FUNCTION asyncsat_lease_freed();

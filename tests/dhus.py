@@ -42,7 +42,7 @@ HUB = "Sentinels Scientific Data Hub"  # apihub's long name; each hub has its ow
 EXTENSIONS = {"Sentinel-1": ".SAFE", "Sentinel-2": ".SAFE", "Sentinel-3": ".SEN3",
               "Sentinel-5 Precursor": ".nc"}
 INSTRUMENTS = {"Sentinel-1": "SAR-C SAR", "Sentinel-2": "MSI", "Sentinel-3": "OLCI",
-               "Sentinel-5 Precursor": "TROPOMI"}
+               "Sentinel-5 Precursor": "TROPOMI"}  # in `summary`; S3, S5P: guess
 # Solr field types (sentinel-*.owl, schema.xml): text = words, lower-cased (text_general);
 # string = the exact value. A product's `attributes` add fields of their Python type.
 FIELDS = {"platformname": "text", "producttype": "text", "uuid": "string",

@@ -191,13 +191,14 @@ class FileServer:
                 assert request.transport is not None
                 request.transport.abort()
                 raise asyncio.CancelledError  # end the handler; the client sees a short body
+            if product.rate:  # each chunk leaves when the rate allows it: the last byte
+                # goes out at the end of the transfer, and the answer ends with it
+                ahead = (sent + n) / product.rate - (time.monotonic() - began)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
             await response.write(product.read(pos, pos + n))
             pos, sent = pos + n, sent + n
             self.bytes_sent += n
-            if product.rate:
-                ahead = sent / product.rate - (time.monotonic() - began)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
         await response.write_eof()
 
 
@@ -225,7 +226,9 @@ class PgCluster:
     is a non-superuser that owns the databases the tests use.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        self.durable = durable
+        """Keep fsync and synchronous commits (benchmarks); tests trade them for speed."""
         self.root = Path(tempfile.mkdtemp(prefix="asyncsat-pg-"))
         self.data = self.root / "data"
         self.port = free_port()
@@ -246,8 +249,10 @@ class PgCluster:
 
     def start(self) -> None:
         self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.root / "log"),
-                  "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                  "-c fsync=off -c synchronous_commit=off -c full_page_writes=off", "start")
+                  "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+                  + ("" if self.durable else
+                     " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"),
+                  "start")
 
     def stop(self, mode: str = "fast") -> None:
         self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-w", "-m", mode, "stop")

@@ -1,8 +1,8 @@
-"""LISTEN on a dedicated connection, which also holds the single-daemon lock.
+"""LISTEN on a dedicated connection.
 
 The connection is checked with `SELECT 1` after `ping` seconds of silence. When it is
-lost, the listener reconnects with backoff, listens again, retakes the lock and calls
-`on_reconnect` so that the daemon re-scans: notifications sent meanwhile are not lost.
+lost, the listener reconnects with backoff, listens again and calls `on_reconnect` so that
+the daemon re-scans: notifications sent meanwhile are not lost.
 """
 
 from __future__ import annotations
@@ -15,17 +15,12 @@ from typing import Any
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
-from asyncsat.db import queries
 from asyncsat.db.pool import CONNECTION_ERRORS, connect
-from asyncsat.errors import AsyncsatError, DatabaseError
+from asyncsat.errors import DatabaseError
 
 CHANNEL = "asyncsat"
 _LOST: tuple[type[BaseException], ...] = (DatabaseError, *CONNECTION_ERRORS)
 log = structlog.get_logger("asyncsat.listener")
-
-
-class DaemonLocked(AsyncsatError):
-    """Another asyncsat daemon is running on this database."""
 
 
 class Listener:
@@ -33,23 +28,20 @@ class Listener:
 
     def __init__(
         self, dsn: str, on_notify: Callable[[dict[str, Any]], None],
-        on_reconnect: Callable[[], None], *, ping: float = 10.0, take_lock: bool = True,
+        on_reconnect: Callable[[], None], *, ping: float = 10.0,
     ) -> None:
         self._dsn = dsn
         self._on_notify = on_notify
         self._on_reconnect = on_reconnect
         self._ping = ping
-        self._take_lock = take_lock
         self._conn: Any = None
         self._lost = asyncio.Event()
         self._activity = asyncio.Event()
 
     async def start(self) -> None:
-        """Connect, take the lock and LISTEN; DaemonLocked if another daemon holds the lock."""
-        conn = await connect(self._dsn)
+        """Connect and LISTEN."""
+        conn = await connect(self._dsn, name="asyncsat listener")
         try:
-            if self._take_lock and not await queries.try_daemon_lock(conn):
-                raise DaemonLocked()
             await conn.add_listener(CHANNEL, self._notified)
         except BaseException:
             await conn.close()

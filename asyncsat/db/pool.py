@@ -35,18 +35,24 @@ async def _init_connection(conn: Any) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-async def connect(dsn: str, *, timeout: float = 10.0) -> Any:
-    """One connection with the jsonb codec (used for LISTEN and the CLI)."""
+async def connect(dsn: str, *, timeout: float = 10.0, name: str = "asyncsat") -> Any:
+    """One connection with the jsonb codec (used for LISTEN and the CLI); `name` is its
+    application_name, what `pg_stat_activity` shows of it."""
     try:
-        conn = await asyncpg.connect(dsn, timeout=timeout)
+        conn = await asyncpg.connect(dsn, timeout=timeout,
+                                     server_settings={"application_name": name})
     except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from None
     await _init_connection(conn)
     return conn
 
 
-async def create_pool(dsn: str, *, size: int = 4) -> Any:
+async def create_pool(dsn: str, *, size: int = 4, idle_in_transaction: float = 30.0) -> Any:
     """The pool used for every query of the daemon.
+
+    A daemon paused in the middle of a transaction (SIGSTOP, a frozen VM) would hold its
+    locks and stop every other daemon's claims: the server ends such a session after
+    `idle_in_transaction` seconds (the lease timeout), and its locks with it.
 
     DatabaseUnavailable when the server cannot be reached or is not ready yet (it may be
     later), DatabaseError when it refuses (a bad login, no such database).
@@ -55,6 +61,10 @@ async def create_pool(dsn: str, *, size: int = 4) -> Any:
         return await asyncpg.create_pool(
             dsn, min_size=1, max_size=size, init=_init_connection, timeout=10,
             max_inactive_connection_lifetime=60,
+            server_settings={
+                "application_name": "asyncsat daemon",
+                "idle_in_transaction_session_timeout": str(int(idle_in_transaction * 1000)),
+            },
         )
     except (*CONNECTION_ERRORS, asyncpg.TooManyConnectionsError) as exc:
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from None

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -13,7 +14,22 @@ import asyncpg
 from asyncsat.errors import UsageError
 from asyncsat.models import Checksum, Credential, Download, Provider, Request
 
-DAEMON_LOCK = 0x61737974  # advisory lock held by the one running daemon
+
+@dataclass(frozen=True)
+class Fence:
+    """Who works a claimed row, and in which attempt: every write of the row after its claim
+    matches both, so a daemon that lost its lease (paused past it, cut from the database)
+    can neither complete nor corrupt a row another daemon took over."""
+
+    owner: str
+    attempt: int
+
+
+_FENCED = " AND status = 'running' AND owner = {o} AND attempts = {a}"
+
+
+def _changed(result: str) -> bool:
+    return result.split()[-1] != "0"
 
 _DOWNLOAD_COLUMNS = """
     d.id, d.request_id, d.provider_id, p.name AS provider, d.url, d.name, d.dest, d.size,
@@ -349,24 +365,21 @@ _DOWNLOAD_ADD = (
 
 # -- the daemon's claims and state changes ----------------------------------------------------
 
-async def release_running(db: Any) -> int:
-    """At start-up: rows left running by a dead process go back to the queue."""
-    result: str = await db.execute(
-        "UPDATE download SET status = 'queued', not_before = now() WHERE status = 'running'"
-    )
-    return int(result.split()[-1])
-
-
 async def queued_providers(db: Any) -> list[tuple[int, int, float | None, float | None]]:
     """Per provider: (id, rows due now, seconds until the next queued row is due, seconds
-    until the next offline row is to be looked at again)."""
+    until the next offline row is to be looked at again). Running rows whose daemon stopped
+    renewing their lease are due (taken over); the next lease to lapse counts as a wait."""
     rows = await db.fetch(
-        "SELECT provider_id, count(*) FILTER (WHERE not_before <= now()) AS due,"
-        " extract(epoch FROM min(not_before) FILTER (WHERE not_before > now()"
-        "  AND status = 'queued') - now())::float8 AS wait,"
+        "SELECT provider_id,"
+        " count(*) FILTER (WHERE (status <> 'running' AND not_before <= now())"
+        "  OR (status = 'running' AND lease_expires <= now())) AS due,"
+        " extract(epoch FROM least("
+        "  min(not_before) FILTER (WHERE not_before > now() AND status = 'queued'),"
+        "  min(lease_expires) FILTER (WHERE lease_expires > now() AND status = 'running')"
+        " ) - now())::float8 AS wait,"
         " extract(epoch FROM min(not_before) FILTER (WHERE not_before > now()"
         "  AND status = 'offline') - now())::float8 AS offline_wait"
-        " FROM download WHERE status IN ('queued', 'offline')"
+        " FROM download WHERE status IN ('queued', 'offline', 'running')"
         " GROUP BY provider_id ORDER BY provider_id"
     )
     return [(r["provider_id"], r["due"], r["wait"], r["offline_wait"]) for r in rows]
@@ -381,91 +394,168 @@ async def pending_work(db: Any) -> bool:
     return value
 
 
-async def claim(db: Any, provider_id: int, limit: int, default_dest: str) -> list[Download]:
-    """Mark up to `limit` due rows of a provider running, oldest first.
+async def claim(
+    db: Any, owner: str, provider_id: int, limit: int, lease_seconds: float, default_dest: str,
+) -> list[tuple[Download, str, int]]:
+    """Claim up to `limit` due rows of a provider into its free slots (counted across all
+    daemons, in `asyncsat_claim`): (download, account, lease id) for each, oldest first.
 
-    A row inserted without a destination gets the daemon's default one, so that the
-    unique file index sees the folder it is really written to.
+    Two statements on one connection, in the caller's transaction: the rows are read by
+    the second, which sees what the claim changed (one statement sees its start only).
     """
+    try:
+        async with db.transaction():  # a savepoint: a lock timeout leaves the caller's going
+            claimed = await db.fetch("SELECT * FROM asyncsat_claim($1, $2, $3, $4, $5)",
+                                     owner, provider_id, limit, lease_seconds, default_dest)
+    except asyncpg.LockNotAvailableError:
+        return []  # another daemon holds the provider (paused mid-claim?): next turn
+    if not claimed:
+        return []
+    by_id = {r["download_id"]: r for r in claimed}
     rows = await db.fetch(
-        f"""
-        WITH picked AS (
-            SELECT id, status AS claimed_from FROM download
-            WHERE status IN ('queued', 'offline') AND provider_id = $1 AND not_before <= now()
-            ORDER BY not_before, id LIMIT $2 FOR UPDATE SKIP LOCKED
-        ), claimed AS (
-            -- (looking at an offline product again uses no attempt: download_offline
-            -- gives it back when the product is still offline)
-            UPDATE download d SET status = 'running', attempts = d.attempts + 1,
-                started_at = now(), finished_at = NULL, dest = coalesce(d.dest, $3),
-                -- a row inserted with a name and no dest: another product of the default
-                -- folder may have that name; the transfer then picks `name_<id>`
-                name = CASE WHEN d.dest IS NULL AND EXISTS (
-                    SELECT 1 FROM download o WHERE o.provider_id = d.provider_id
-                    AND o.id <> d.id AND coalesce(o.dest, '') = $3 AND o.name = d.name)
-                    THEN NULL ELSE d.name END
-            FROM picked WHERE d.id = picked.id RETURNING d.*, picked.claimed_from
-        )
-        SELECT {_DOWNLOAD_COLUMNS}, d.claimed_from
-        FROM claimed d JOIN provider p ON p.id = d.provider_id
-        ORDER BY d.id
-        """,
-        provider_id, limit, default_dest,
+        f"SELECT {_DOWNLOAD_COLUMNS} FROM download d JOIN provider p ON p.id = d.provider_id"
+        " WHERE d.id = ANY($1::bigint[]) ORDER BY d.id", list(by_id))
+    out = []
+    for r in rows:
+        c = by_id[r["id"]]
+        download = replace(_download(r), claimed_from=c["claimed_from"])
+        out.append((download, c["account"], c["lease_id"]))
+    return out
+
+
+async def lease_take(db: Any, owner: str, provider_id: int, seconds: float) -> \
+        tuple[int, str] | None:
+    """One slot of a provider's accounts for a request that is not a transfer (a listing,
+    a search): (lease id, account), or None when every slot is taken."""
+    try:
+        row = await db.fetchrow("SELECT * FROM asyncsat_take_lease($1, $2, $3)",
+                                owner, provider_id, seconds)
+    except asyncpg.LockNotAvailableError:
+        return None  # another daemon holds the provider: as if no slot were free now
+    return (row["lease_id"], row["account"]) if row else None
+
+
+async def lease_release(db: Any, lease_id: int) -> None:
+    await db.execute("DELETE FROM lease WHERE id = $1", lease_id)
+
+
+async def daemon_register(db: Any, daemon_id: str, *, host: str, pid: int, version: str,
+                          lease_timeout: float) -> None:
+    await db.execute(
+        "INSERT INTO daemon (id, host, pid, version, lease_timeout) VALUES ($1, $2, $3, $4, $5)",
+        daemon_id, host, pid, version, lease_timeout,
     )
-    return [_download(r) for r in rows]
+
+
+async def daemons_on_host(db: Any, host: str) -> list[tuple[str, int]]:
+    """(id, pid) of the daemons of a host that have not said they stopped."""
+    rows = await db.fetch(
+        "SELECT id, pid FROM daemon WHERE host = $1 AND stopped_at IS NULL", host)
+    return [(r["id"], r["pid"]) for r in rows]
+
+
+async def daemon_gone(db: Any, daemon_id: str) -> int:
+    """A daemon stopped (or died: its process is gone): its leases end now, and its running
+    downloads may be taken over at once. Returns how many it was working."""
+    result: str = await db.execute(
+        "WITH d AS (UPDATE daemon SET stopped_at = coalesce(stopped_at, now()) WHERE id = $1),"
+        " l AS (DELETE FROM lease WHERE daemon_id = $1)"
+        " UPDATE download SET lease_expires = now() WHERE owner = $1 AND status = 'running'",
+        daemon_id,
+    )
+    return int(result.split()[-1])
+
+
+async def heartbeat(db: Any, daemon_id: str, lease_seconds: float) -> set[int]:
+    """Renew a daemon's heartbeat and leases; the ids of the downloads it still owns."""
+    rows = await db.fetch(
+        "WITH d AS (UPDATE daemon SET heartbeat_at = now() WHERE id = $1),"
+        " l AS (UPDATE lease SET expires_at = now() + make_interval(secs => $2)"
+        "  WHERE daemon_id = $1)"
+        " UPDATE download SET lease_expires = now() + make_interval(secs => $2)"
+        " WHERE owner = $1 AND status = 'running' RETURNING id",
+        daemon_id, lease_seconds,
+    )
+    return {r["id"] for r in rows}
+
+
+async def live_daemons(db: Any) -> list[dict[str, Any]]:
+    """The daemons whose heartbeat is younger than their lease timeout, with what each
+    is doing (running downloads)."""
+    rows = await db.fetch(
+        "SELECT d.id, d.host, d.pid, d.version, d.started_at, d.heartbeat_at,"
+        " (SELECT count(*) FROM download w WHERE w.owner = d.id AND w.status = 'running')"
+        "  AS running"
+        " FROM daemon d WHERE d.stopped_at IS NULL"
+        " AND d.heartbeat_at > now() - make_interval(secs => d.lease_timeout)"
+        " ORDER BY d.started_at")
+    return [dict(r) for r in rows]
 
 
 async def download_named(
-    db: Any, download_id: int, *, name: str, size: int | None, etag: str | None,
-    last_modified: str | None,
-) -> bool:
+    db: Any, download_id: int, fence: Fence, *, name: str, size: int | None,
+    etag: str | None, last_modified: str | None,
+) -> bool | None:
     """Record what the server told at the start of a file: name, size and validators.
 
     A size from a catalog or a user stays; one the server announced is replaced.
-    False (nothing written) when another download of the same folder has that name.
+    False (nothing written) when another download of the same folder has that name; None
+    when the row is no longer this claim's.
     """
     try:
-        await db.execute(
+        result: str = await db.execute(
             "UPDATE download SET name = $2, etag = $4, last_modified = $5,"
             " size = CASE WHEN size IS NULL OR size_origin = 'server'"
             "  THEN coalesce($3, size) ELSE size END,"
             " size_origin = CASE WHEN size IS NULL THEN 'server' ELSE size_origin END"
-            " WHERE id = $1",
-            download_id, name, size, etag, last_modified,
+            " WHERE id = $1" + _FENCED.format(o="$6", a="$7"),
+            download_id, name, size, etag, last_modified, fence.owner, fence.attempt,
         )
     except asyncpg.UniqueViolationError:
         return False
-    return True
+    return True if _changed(result) else None
 
 
-async def download_progress(db: Any, download_id: int, bytes_done: int) -> None:
+async def download_progress(db: Any, download_id: int, fence: Fence, bytes_done: int) -> None:
     await db.execute(
-        "UPDATE download SET bytes_done = $2 WHERE id = $1 AND status = 'running'",
-        download_id, bytes_done,
+        "UPDATE download SET bytes_done = $2 WHERE id = $1" + _FENCED.format(o="$3", a="$4"),
+        download_id, bytes_done, fence.owner, fence.attempt,
     )
 
 
-async def download_done(db: Any, download_id: int, *, size: int, path: str) -> None:
-    await db.execute(
+async def download_owned(db: Any, download_id: int, fence: Fence) -> bool:
+    """True while the row is still this claim's (checked before a file gets its name)."""
+    value: bool = await db.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM download WHERE id = $1" + _FENCED.format(o="$2", a="$3")
+        + " AND lease_expires > now())", download_id, fence.owner, fence.attempt)
+    return value
+
+
+async def download_done(db: Any, download_id: int, fence: Fence, *, size: int,
+                        path: str) -> bool:
+    result: str = await db.execute(
         "UPDATE download SET status = 'done', bytes_done = $2, size = $2, path = $3,"
-        " error = NULL, failures = 0, finished_at = now() WHERE id = $1",
-        download_id, size, path,
+        " error = NULL, failures = 0, finished_at = now(), owner = NULL WHERE id = $1"
+        + _FENCED.format(o="$4", a="$5"),
+        download_id, size, path, fence.owner, fence.attempt,
     )
+    return _changed(result)
 
 
 async def download_requeue(
-    db: Any, download_id: int, *, error: str | None, failures: int, bytes_done: int,
-    delay: float, mismatch: str | None = None,
-) -> None:
+    db: Any, download_id: int, fence: Fence, *, error: str | None, failures: int,
+    bytes_done: int, delay: float, mismatch: str | None = None,
+) -> bool:
     """Back to the queue, due after `delay` seconds (a retry, or a clean stop); `mismatch`:
     the wrong bytes this attempt received, remembered to tell a bad copy at the source."""
-    await db.execute(
+    result: str = await db.execute(
         "UPDATE download SET status = 'queued', error = $2, failures = $3, bytes_done = $4,"
         " not_before = now() + make_interval(secs => $5),"
-        " last_mismatch = coalesce($6, last_mismatch)"
-        " WHERE id = $1 AND status = 'running'",
-        download_id, error, failures, bytes_done, delay, mismatch,
+        " last_mismatch = coalesce($6, last_mismatch), owner = NULL"
+        " WHERE id = $1" + _FENCED.format(o="$7", a="$8"),
+        download_id, error, failures, bytes_done, delay, mismatch, fence.owner, fence.attempt,
     )
+    return _changed(result)
 
 
 async def archive_usage(
@@ -501,37 +591,41 @@ async def archive_ordered(db: Any, download_id: int, provider_id: int, account: 
 
 
 async def download_end(
-    db: Any, download_id: int, *, status: str, error: str, failures: int, bytes_done: int
-) -> None:
-    """A final failure: `failed` or `offline`."""
-    await db.execute(
+    db: Any, download_id: int, fence: Fence, *, status: str, error: str, failures: int,
+    bytes_done: int,
+) -> bool:
+    """A final failure: `failed`."""
+    result: str = await db.execute(
         "UPDATE download SET status = $2, error = $3, failures = $4, bytes_done = $5,"
-        " finished_at = now() WHERE id = $1 AND status = 'running'",
-        download_id, status, error, failures, bytes_done,
+        " finished_at = now(), owner = NULL WHERE id = $1" + _FENCED.format(o="$6", a="$7"),
+        download_id, status, error, failures, bytes_done, fence.owner, fence.attempt,
     )
+    return _changed(result)
 
 
 async def download_offline(
-    db: Any, download_id: int, *, error: str, delay: float, bytes_done: int,
-) -> None:
+    db: Any, download_id: int, fence: Fence, *, error: str, delay: float, bytes_done: int,
+) -> bool:
     """The product is offline (archived): look at it again in `delay` seconds. Waiting
     uses no attempt: the one the claim counted is given back."""
-    await db.execute(
+    result: str = await db.execute(
         "UPDATE download SET status = 'offline', error = $2, bytes_done = $3,"
         " attempts = greatest(0, attempts - 1), offline_checks = offline_checks + 1,"
-        " not_before = now() + make_interval(secs => $4)"
-        " WHERE id = $1 AND status = 'running'",
-        download_id, error, bytes_done, delay,
+        " not_before = now() + make_interval(secs => $4), owner = NULL"
+        " WHERE id = $1" + _FENCED.format(o="$5", a="$6"),
+        download_id, error, bytes_done, delay, fence.owner, fence.attempt,
     )
+    return _changed(result)
 
 
-async def download_unclaim_offline(db: Any, download_id: int) -> None:
+async def download_unclaim_offline(db: Any, download_id: int, fence: Fence) -> bool:
     """A look at an offline product was stopped: offline again, due now, no attempt used."""
-    await db.execute(
+    result: str = await db.execute(
         "UPDATE download SET status = 'offline', attempts = greatest(0, attempts - 1),"
-        " not_before = now() WHERE id = $1 AND status = 'running'",
-        download_id,
+        " not_before = now(), owner = NULL WHERE id = $1" + _FENCED.format(o="$2", a="$3"),
+        download_id, fence.owner, fence.attempt,
     )
+    return _changed(result)
 
 
 async def download_status(db: Any, download_id: int) -> str | None:
@@ -634,25 +728,6 @@ async def download_counts(db: Any) -> dict[str, int]:
     rows = await db.fetch("SELECT status, count(*) AS n FROM download GROUP BY status")
     return {row["status"]: row["n"] for row in rows}
 
-
-async def daemon_serving(db: Any) -> bool:
-    """True when a daemon holds the single-daemon lock (tested without keeping it)."""
-    value: bool = await db.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND objid = $1::bigint::oid AND objsubid = 1)",
-        DAEMON_LOCK,
-    )
-    return value
-
-
-async def try_daemon_lock(db: Any) -> bool:
-    """Take the single-daemon lock on this connection (session-level)."""
-    value: bool = await db.fetchval("SELECT pg_try_advisory_lock($1)", DAEMON_LOCK)
-    return value
-
-
-# -- requests as users follow them -------------------------------------------------------------
 
 async def request_rows(db: Any, request_id: int | None = None) -> list[dict[str, Any]]:
     """Requests with the counts of their products by status, and their bytes."""

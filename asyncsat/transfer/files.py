@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class PartFile:
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            self._lock()
             os.ftruncate(self._fd, offset)
             os.lseek(self._fd, offset, os.SEEK_SET)
         except OSError as exc:
@@ -68,6 +70,17 @@ class PartFile:
             self._hasher = new_hasher(self.checksum.algo)
             if offset:
                 await asyncio.to_thread(self._hash_existing, offset)
+
+    def _lock(self) -> None:
+        """One writer per part file, across processes and hosts (a daemon paused past its
+        lease may still hold it: the one that took the download over waits for it)."""
+        assert self._fd is not None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise RetryableError(f"another process is writing {self.path}",
+                                 throttled=True) from None
 
     def _hash_existing(self, length: int) -> None:
         assert self._hasher is not None

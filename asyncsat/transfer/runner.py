@@ -57,6 +57,10 @@ class Events(Protocol):
         """`done` bytes of the file are on disk (called per chunk; throttle in the callee)."""
         ...
 
+    async def sealing(self) -> None:
+        """The file is whole: called before it is verified and renamed; raises to stop."""
+        ...
+
 
 @dataclass
 class Attempt:
@@ -122,6 +126,7 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
             if total is not None and part.size < total:
                 # a bounded 206 or a body cut short: resumable, and progress if it grew
                 raise RetryableError(f"the transfer ended at byte {part.size} of {total}")
+            await events.sealing()
             path = await part.finish(total, name)
         except RetryableError:
             attempt.size = part.size  # the part may have been emptied

@@ -188,15 +188,16 @@ async def test_notify_asyncsat_rescans(server: FileServer, dsn: str, tmp_path: P
         await conn.close()
 
 
-async def test_second_daemon_refuses_to_start(dsn: str, tmp_path: Path,
-                                              daemons: list[DaemonProcess]) -> None:
-    proc = DaemonProcess(dsn, tmp_path / "home")
-    daemons.append(proc)
-    await proc.wait_for(lambda line: line["event"] == "daemon started")
-    second = await asyncio.to_thread(cli, "run", dsn=dsn, home=tmp_path / "home")
-    assert second.returncode == 1
-    assert second.stderr.strip() == \
-        "asyncsat: error: Another asyncsat daemon is running on this database."
+async def test_a_second_daemon_joins_and_check_lists_both(
+        dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    for _ in range(2):
+        proc = DaemonProcess(dsn, tmp_path / "home")
+        daemons.append(proc)
+        await proc.wait_for(lambda line: line["event"] == "daemon started")
+    shown = await asyncio.to_thread(cli, "check", dsn=dsn, home=tmp_path / "home")
+    assert shown.returncode == 0, shown.stderr
+    assert "2 daemons serve it" in shown.stdout
+    assert sum(line.strip().startswith("daemon ") for line in shown.stdout.splitlines()) == 2
 
 
 async def test_exit_when_idle_drains_everything(server: FileServer, dsn: str,

@@ -39,7 +39,7 @@ async def test_get_wait_waits_for_a_running_daemon(server: FileServer, dsn: str,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
-    assert "a daemon is running" in err.decode()
+    assert "a daemon serves this database" in err.decode()
     assert out.decode().splitlines()[-1].startswith("done    ")
     # the daemon did the work, the waiting command only watched
     await daemon.wait_for(lambda line: line["event"] == "download done")

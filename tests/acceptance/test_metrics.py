@@ -15,7 +15,6 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from asyncsat.db.queries import DAEMON_LOCK
 from asyncsat.errors import RetryableError
 from asyncsat.metrics import Metrics
 from tests.conftest import DaemonProcess, cli
@@ -103,9 +102,9 @@ async def test_metrics_move_while_transfers_run(
     assert figure(final, "asyncsat_slots_free", provider="local") == 2
     assert figure(final, "asyncsat_listener_reconnects_total") == 0
 
-    # the LISTEN connection (it holds the daemon lock) is cut: the daemon reconnects
-    await sql(dsn, "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype ="
-              " 'advisory' AND objid = $1::bigint::oid AND objsubid = 1", DAEMON_LOCK)
+    # the LISTEN connection is cut: the daemon reconnects
+    await sql(dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+              " WHERE application_name = 'asyncsat listener'")
     await proc.wait_for(lambda line: line["event"] == "database connection restored")
     assert figure(await scrape(port), "asyncsat_listener_reconnects_total") == 1
     proc.signal(signal.SIGTERM)

@@ -289,10 +289,10 @@ async def test_a_stop_while_the_done_row_is_written_still_logs_done(
     recording = asyncio.Event()
     original = queries.download_done
 
-    async def slow_done(db: Any, download_id: int, **kw: Any) -> None:
+    async def slow_done(db: Any, download_id: int, fence: Any, **kw: Any) -> bool:
         recording.set()
         await asyncio.sleep(0.3)
-        await original(db, download_id, **kw)
+        return await original(db, download_id, fence, **kw)
 
     monkeypatch.setattr(queries, "download_done", slow_done)
     await queue(dsn, server.url("S2B_late.nc"))

@@ -1,8 +1,7 @@
-"""Pure parts: retry decisions, slots, names, payload checks, checksums, redaction."""
+"""Pure parts: retry decisions, names, payload checks, checksums, redaction."""
 
 from __future__ import annotations
 
-import asyncio
 import zipfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from asyncsat.errors import (
     UsageError,
 )
 from asyncsat.logs import Redactor
-from asyncsat.models import Credential, Provider
+from asyncsat.models import Provider
 from asyncsat.naming import (
     implicit_provider_name,
     name_from_content_disposition,
@@ -29,7 +28,6 @@ from asyncsat.naming import (
     split_login,
 )
 from asyncsat.retry import Policy, backoff, decide
-from asyncsat.slots import ProviderSlots, accounts_for
 from asyncsat.transfer import payload
 
 POLICY = Policy(max_attempts=5, backoff_initial=1.0, backoff_max=60.0)
@@ -84,34 +82,6 @@ def test_backoff_is_exponential_with_jitter_and_capped() -> None:
 def test_policy_reads_provider_settings() -> None:
     p = Provider(1, "x", "http", None, {"max_attempts": 9, "backoff_max": 5})
     assert Policy.for_provider(p) == Policy(9, 1.0, 5.0)
-
-
-async def test_slots_follow_credentials_and_never_exceed_an_account() -> None:
-    provider = Provider(1, "hub", "http", None, {})
-    creds = [Credential(1, 1, "a", "s", 2), Credential(2, 1, "b", "t", 1)]
-    slots = ProviderSlots(accounts_for(provider, creds))
-    leases = [await slots.acquire() for _ in range(3)]
-    assert slots.free() == 0
-    assert sorted(lease.account.user or "" for lease in leases) == ["a", "a", "b"]
-    # shrink to one account of one connection: the leases out stay valid, new ones wait
-    slots.resize(accounts_for(provider, creds[1:2]))
-    for lease in leases:
-        lease.release()
-    assert slots.free() == 1
-    lease = await slots.acquire()
-    assert lease.account.user == "b" and slots.free() == 0
-    waiter = asyncio.ensure_future(slots.acquire())
-    await asyncio.sleep(0.01)
-    assert not waiter.done()
-    lease.release()
-    assert (await waiter).account.user == "b"
-
-
-def test_a_provider_without_credentials_is_anonymous_with_four_connections() -> None:
-    [account] = accounts_for(Provider(1, "h", "http", None, {}), [])
-    assert account.user is None and account.limit == 4
-    [account] = accounts_for(Provider(1, "h", "http", None, {"max_connections": 7}), [])
-    assert account.limit == 7
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
@@ -237,22 +207,3 @@ def test_implicit_provider_names_are_valid_provider_names() -> None:
                       ("https://Data.Example.org/z", "data.example.org")]:
         assert implicit_provider_name(url) == name
         assert valid.match(name)
-
-
-async def test_try_acquire_never_waits_and_a_shrink_waits_for_a_lease_back() -> None:
-    from asyncsat.slots import Account
-
-    slots = ProviderSlots([Account("a", "u", "s", 2)])
-    leases = [await slots.try_acquire(), await slots.try_acquire()]
-    assert all(leases) and await slots.try_acquire() is None
-    slots.resize([Account("a", "u", "s", 1)])  # one lease too many is out
-    for lease in leases:
-        assert lease is not None
-        lease.release()
-    again = await slots.try_acquire()
-    assert again is not None and await slots.try_acquire() is None
-    waiting = asyncio.ensure_future(slots.acquire())  # waits, never raises
-    await asyncio.sleep(0.01)
-    assert not waiting.done()
-    again.release()
-    assert (await asyncio.wait_for(waiting, 1)).account.key == "a"

@@ -1,0 +1,108 @@
+"""Account slots as leases in PostgreSQL, shared by every daemon on the database.
+
+Every request sent for an account (a transfer, a listing, a search, the token requests
+they make) holds a lease on one of the account's slots. The leases live in the `lease`
+table: an account's cap is its live leases, counted across all daemons in the statement
+that takes one (`asyncsat_take_lease`, `asyncsat_claim`), and a lease that its daemon
+stops renewing expires after `lease_timeout` seconds, so the slots of a daemon that died
+come back by themselves. This module keeps the accounts' logins (read from the credential
+table; never sent to the lease table) and waits for a free slot when a listing needs one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from asyncsat.db import queries
+from asyncsat.db.store import Store
+from asyncsat.logs import Redactor
+from asyncsat.models import Credential, Provider
+
+ANONYMOUS = "anonymous"
+ANONYMOUS_CONNECTIONS = 4
+
+
+@dataclass(frozen=True)
+class Login:
+    """Who an account logs in as (user None: anonymous)."""
+
+    user: str | None
+    secret: str | None = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One slot of an account, held in the database until released."""
+
+    id: int
+    provider_id: int
+    account: str
+    """`credential:<id>` or `anonymous`."""
+    login: Login
+
+
+class Accounts:
+    """The logins and caps of every provider's accounts, as the credential table has them."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        self._redactor = redactor
+        self._logins: dict[str, Login] = {}
+        self._caps: dict[int, int] = {}
+
+    def load(self, provider: Provider, credentials: list[Credential]) -> None:
+        enabled = [c for c in credentials if c.enabled]
+        for c in enabled:
+            self._redactor.add_login(c.username, c.secret)
+            self._logins[f"credential:{c.id}"] = Login(c.username, c.secret)
+        if enabled:
+            self._caps[provider.id] = sum(c.max_connections for c in enabled)
+        else:
+            cap = provider.settings.get("max_connections", ANONYMOUS_CONNECTIONS)
+            ok = isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1
+            self._caps[provider.id] = cap if ok and isinstance(cap, int) else \
+                ANONYMOUS_CONNECTIONS
+
+    def login(self, account: str) -> Login:
+        """The login of an account (anonymous for one unknown: a credential removed)."""
+        return self._logins.get(account, Login(None, None))
+
+    def capacity(self, provider_id: int) -> int:
+        return self._caps.get(provider_id, 0)
+
+
+class Leases:
+    """Takes and gives back leases for one daemon."""
+
+    def __init__(self, store: Store, accounts: Accounts, owner: str, seconds: float,
+                 freed: asyncio.Event) -> None:
+        self._store = store
+        self._accounts = accounts
+        self.owner = owner
+        self.seconds = seconds
+        self._freed = freed
+        self.held: dict[int, int] = {}
+        """Leases this daemon holds, per provider (for the metrics)."""
+
+    def wrap(self, lease_id: int, provider_id: int, account: str) -> Lease:
+        """A lease the claim statement took (a transfer's)."""
+        self.held[provider_id] = self.held.get(provider_id, 0) + 1
+        return Lease(lease_id, provider_id, account, self._accounts.login(account))
+
+    async def take(self, provider_id: int) -> Lease:
+        """A slot of the provider's accounts, waiting until one is free (a freed lease
+        wakes the wait; a slow poll covers a notification lost with the connection)."""
+        while True:
+            self._freed.clear()
+            taken = await self._store.call(queries.lease_take, self.owner, provider_id,
+                                           self.seconds)
+            if taken is not None:
+                return self.wrap(taken[0], provider_id, taken[1])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), timeout=2.0)
+
+    async def release(self, lease: Lease) -> None:
+        """Give a slot back (if the database is away, the lease expires by itself)."""
+        self.held[lease.provider_id] = max(0, self.held.get(lease.provider_id, 1) - 1)
+        await self._store.try_call(queries.lease_release, lease.id)

@@ -1,0 +1,158 @@
+"""Claims per second and claim latency with many queued downloads and several daemons.
+
+    .venv/bin/python bench/claims.py --rows 1000000 --daemons 1 2 4 8
+
+A throwaway PostgreSQL (Debian's server binaries, fsync on) gets the asyncsat schema and
+`--rows` queued downloads spread over `--providers` providers, each with one credential of
+`--cap` connections. Each simulated daemon (a registered `daemon` row and its own
+connection, as `asyncsat run` has) loops: claim up to its share of the free slots of a
+provider (`asyncsat_claim`, the statement the daemon runs), then finish each claimed row
+(the fenced `done` write) and give its lease back, as a transfer of no length would. The
+claim statement's latency (p50, p99, max), claims per second, and the PostgreSQL CPU per
+claim (user+system time of the server's backends, read from /proc) are printed for each
+daemon count. Nothing is downloaded: this measures the coordination, not the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from asyncsat.db import queries
+from asyncsat.db.pool import apply_schema, connect
+from asyncsat.db.queries import Fence
+from tests.servers import PgCluster
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def backend_cpu(pids: list[int]) -> float:
+    """Seconds of CPU the given server processes used so far."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+async def load(dsn: str, rows: int, providers: int, cap: int) -> list[int]:
+    conn = await connect(dsn)
+    try:
+        await apply_schema(conn, always=True)
+        ids = []
+        for n in range(providers):
+            p = await queries.provider_add(conn, f"p{n}", "http", f"http://h{n}.example/", {})
+            await queries.credential_upsert(conn, p.id, f"u{n}", "pw", cap)
+            ids.append(p.id)
+        per = rows // providers
+        for pid in ids:
+            await conn.execute(
+                "INSERT INTO download (provider_id, url, dest, name)"
+                " SELECT $1, 'http://h.example/' || $1 || '/' || g, '/d', 'f' || g"
+                " FROM generate_series(1, $2) g", pid, per)
+        await conn.execute("ANALYZE")
+        return ids
+    finally:
+        await conn.close()
+
+
+async def daemon(dsn: str, name: str, providers: list[int], stop_at: float,
+                 latencies: list[float], claims: list[int], share: int) -> int:
+    conn = await connect(dsn, name=f"bench {name}")
+    await queries.daemon_register(conn, name, host="bench", pid=os.getpid(), version="bench",
+                                  lease_timeout=30)
+    pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+    turn = 0
+    try:
+        while time.monotonic() < stop_at:
+            provider = providers[turn % len(providers)]
+            turn += 1
+            began = time.perf_counter()
+            async with conn.transaction():
+                got = await queries.claim(conn, name, provider, share, 30.0, "/d")
+            latencies.append(time.perf_counter() - began)
+            claims.append(len(got))
+            for download, _account, lease_id in got:
+                await queries.download_done(conn, download.id,
+                                            Fence(name, download.attempts), size=0,
+                                            path="/d/x")
+                await queries.lease_release(conn, lease_id)
+    finally:
+        await conn.close()
+    return pid
+
+
+async def measure(dsn: str, providers: list[int], daemons: int, seconds: float,
+                  cap: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    claims: list[int] = []
+    stop_at = time.monotonic() + seconds
+    conn = await connect(dsn)
+    try:
+        before_pids = {r["pid"] for r in await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'")}
+        share = max(1, cap * len(providers) // daemons)
+        tasks = [asyncio.create_task(daemon(dsn, f"d{daemons}-{i}", providers, stop_at,
+                                            latencies, claims, share))
+                 for i in range(daemons)]
+        await asyncio.sleep(0.5)
+        pids = [r["pid"] for r in await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'bench d%'")]
+        cpu0 = backend_cpu(pids)
+        began = time.monotonic()
+        await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - began + 0.5
+        cpu = backend_cpu(pids) - cpu0
+        del before_pids
+    finally:
+        await conn.close()
+    claimed = sum(claims)
+    ms = sorted(x * 1000 for x in latencies)
+    return {
+        "daemons": daemons, "claim statements": len(ms), "rows claimed": claimed,
+        "rows/s": claimed / elapsed, "p50 ms": statistics.median(ms),
+        "p99 ms": ms[int(len(ms) * 0.99) - 1] if len(ms) >= 100 else max(ms),
+        "max ms": max(ms), "PG CPU ms/row": 1000 * cpu / max(1, claimed),
+    }
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--providers", type=int, default=4)
+    ap.add_argument("--cap", type=int, default=4, help="connections per credential")
+    ap.add_argument("--daemons", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--seconds", type=float, default=10.0, help="per daemon count")
+    args = ap.parse_args()
+    cluster = PgCluster(durable=True).init()
+    try:
+        cluster.psql("CREATE DATABASE bench OWNER asyncsat")
+        dsn = cluster.dsn("bench")
+        t0 = time.monotonic()
+        providers = await load(dsn, args.rows, args.providers, args.cap)
+        print(f"{args.rows} queued downloads over {args.providers} providers "
+              f"(cap {args.cap} each) loaded in {time.monotonic() - t0:.1f} s", flush=True)
+        cols = ["daemons", "claim statements", "rows claimed", "rows/s", "p50 ms", "p99 ms",
+                "max ms", "PG CPU ms/row"]
+        print("  ".join(f"{c:>16}" for c in cols))
+        for n in args.daemons:
+            r = await measure(dsn, providers, n, args.seconds, args.cap)
+            print("  ".join(f"{r[c]:>16.2f}" if isinstance(r[c], float) else f"{r[c]:>16}"
+                            for c in cols), flush=True)
+    finally:
+        cluster.destroy()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

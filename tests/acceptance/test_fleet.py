@@ -1,0 +1,135 @@
+"""Several daemons on one database: caps counted in SQL, takeover of a dead daemon's
+downloads, and a paused daemon that cannot complete what another took over."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DaemonProcess
+from tests.helpers import FAST, add_provider, queue, rows, sql
+from tests.servers import FileServer
+
+pytestmark = pytest.mark.timeout(120)
+USER, PASSWORD = "fleet", "pw-fleet-31"
+
+
+def config(tmp_path: Path, lease_timeout: float) -> dict[str, str]:
+    """Environment of a daemon with a short lease (and a quick heartbeat)."""
+    path = tmp_path / f"asyncsat-{lease_timeout}.toml"
+    path.write_text(f"lease_timeout = {lease_timeout}\nshutdown_timeout = 3\n")
+    return {"ASYNCSAT_CONFIG": str(path)}
+
+
+async def test_four_daemons_never_exceed_an_accounts_cap(
+        dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    server = await FileServer(users={USER: PASSWORD}).start()
+    try:
+        names = [f"S2_{i:02d}.zip" for i in range(40)]
+        for name in names:
+            server.add(name, os.urandom(150_000), rate=600_000)
+        await add_provider(dsn, "hub", server.base, FAST, credentials=[(USER, PASSWORD, 3)])
+        for i in range(4):
+            proc = DaemonProcess(dsn, tmp_path / f"home{i}", env=config(tmp_path, 10))
+            daemons.append(proc)
+            await proc.wait_for(lambda line: line["event"] == "daemon started")
+        await queue(dsn, *(server.url(n) for n in names), dest=tmp_path / "dest")
+        for _ in range(600):
+            done = [r for r in await rows(dsn) if r["status"] == "done"]
+            if len(done) == 40:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the fleet did not finish the 40 files")
+    finally:
+        await server.stop()
+    assert server.peak[USER] == 3  # the account's cap, used whole and never exceeded
+    assert server.over_limit == 0
+    whole = Counter(r["path"] for r in server.requests if r["range"] is None)
+    assert set(whole.values()) == {1}  # no file transferred whole twice
+    workers = [sum(line.get("event") == "download done" for line in d.lines) for d in daemons]
+    assert sum(workers) == 40 and sum(1 for n in workers if n) >= 2  # the work was shared
+
+
+async def test_a_killed_daemons_download_is_taken_over_and_resumed(
+        dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    server = await FileServer().start()
+    try:
+        data = os.urandom(3_000_000)
+        server.add("S1A_big.zip", data, rate=500_000)
+        await add_provider(dsn, "hub", server.base, FAST)
+        env = config(tmp_path, 3)
+        first = DaemonProcess(dsn, tmp_path / "a", env=env)
+        daemons.append(first)
+        await first.wait_for(lambda line: line["event"] == "daemon started")
+        await queue(dsn, server.url("S1A_big.zip"), dest=tmp_path / "dest")
+        part = tmp_path / "dest" / "hub" / "S1A_big.zip.part"
+        for _ in range(200):
+            if part.exists() and part.stat().st_size > 500_000:
+                break
+            await asyncio.sleep(0.05)
+        # a second daemon, started while the first lives: it takes the download over when
+        # the killed one's lease lapses
+        second = DaemonProcess(dsn, tmp_path / "b", env=env)
+        daemons.append(second)
+        await second.wait_for(lambda line: line["event"] == "daemon started")
+        first.signal(signal.SIGKILL)
+        first.wait()
+        killed_at = asyncio.get_running_loop().time()
+        await second.wait_for(lambda line: line["event"] == "download done", timeout=30)
+        taken_in = asyncio.get_running_loop().time() - killed_at
+    finally:
+        await server.stop()
+    final = tmp_path / "dest" / "hub" / "S1A_big.zip"
+    assert hashlib.md5(final.read_bytes()).digest() == hashlib.md5(data).digest()
+    assert server.requests[-1]["range"] is not None  # resumed from the .part
+    assert taken_in < 3 + 6 + 5  # lease timeout, plus the transfer's rest, plus slack
+
+
+async def test_a_paused_daemon_cannot_complete_what_another_took_over(
+        dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    server = await FileServer().start()
+    try:
+        data = b"CDF\x01" + os.urandom(2_000_000)
+        server.add("S3A_paused.nc", data, rate=400_000)
+        await add_provider(dsn, "hub", server.base, FAST)
+        env = config(tmp_path, 2)
+        first = DaemonProcess(dsn, tmp_path / "a", env=env)
+        daemons.append(first)
+        await first.wait_for(lambda line: line["event"] == "daemon started")
+        await queue(dsn, server.url("S3A_paused.nc"), dest=tmp_path / "dest")
+        await first.wait_for(lambda line: line["event"] == "download running")
+        await asyncio.sleep(0.5)
+        first.signal(signal.SIGSTOP)  # a "zombie": alive, its lease lapses
+        second = DaemonProcess(dsn, tmp_path / "b", env=env)
+        daemons.append(second)
+        # the second takes the download over, but the zombie still holds the .part: it
+        # waits for it rather than writing the same file
+        await second.wait_for(lambda line: line["event"] == "download queued"
+                              and "another process is writing" in line.get("error", ""),
+                              timeout=30)
+        first.signal(signal.SIGCONT)  # the zombie wakes: its writes are refused, it lets go
+        await first.wait_for(lambda line: line["event"].startswith("lease lost"), timeout=20)
+        # from now on both are healthy daemons: either may finish the download
+        for _ in range(400):
+            if (await rows(dsn))[0]["status"] == "done":
+                break
+            await asyncio.sleep(0.1)
+        final = tmp_path / "dest" / "hub" / "S3A_paused.nc"
+        sealed = final.stat().st_mtime_ns
+        await asyncio.sleep(2)
+    finally:
+        await server.stop()
+    [row] = await rows(dsn)
+    assert row["status"] == "done"
+    assert final.read_bytes() == data
+    assert final.stat().st_mtime_ns == sealed  # never rewritten after done
+    done = await sql(dsn, "SELECT attempts FROM download_event WHERE status = 'done'")
+    assert len(done) == 1 and done[0]["attempts"] >= 2  # one completion, not the zombie's
+    assert any(r["range"] for r in server.requests[1:])  # the .part was resumed
