@@ -100,13 +100,42 @@ async def provider_list(args: argparse.Namespace, settings: Settings, redactor: 
         providers = await queries.provider_list(conn)
     if args.json:
         _emit([{"name": p.name, "protocol": p.protocol, "url": p.url, "settings": p.settings,
-                "implicit": p.implicit} for p in providers])
+                "implicit": p.implicit, "paused": p.paused} for p in providers])
         return 0
     if not providers:
         print("no providers")
     for p in providers:
         print(f"{p.name:<24} {p.protocol:<6} {p.url or '-'}" + ("  (implicit)" if p.implicit
-                                                                 else ""))
+                                                                 else "")
+              + ("  (paused)" if p.paused else ""))
+    return 0
+
+
+async def provider_pause(args: argparse.Namespace, settings: Settings,
+                         redactor: Redactor) -> int:
+    """No new transfer of the provider starts; the running ones finish."""
+    return await _pause(args.name, settings, paused=True)
+
+
+async def provider_resume(args: argparse.Namespace, settings: Settings,
+                          redactor: Redactor) -> int:
+    return await _pause(args.name, settings, paused=False)
+
+
+async def _pause(name: str, settings: Settings, *, paused: bool) -> int:
+    async with daemon.connection(settings) as conn, conn.transaction():
+        provider = await queries.provider_get(conn, name)
+        if provider is None:
+            raise UsageError(f"unknown provider {name!r}")
+        was = provider.paused
+        running, waiting = await queries.provider_pause(conn, provider.id, paused)
+    if paused:
+        print(f"provider {name} " + ("is paused already" if was else "paused")
+              + f": no new transfer starts; {running} running transfer(s) finish, "
+              f"{waiting} waiting download(s) wait for asyncsat provider resume {name}")
+    else:
+        print(f"provider {name} " + ("resumed" if was else "was not paused")
+              + f": {waiting} waiting download(s) start as its connections allow")
     return 0
 
 
@@ -344,6 +373,8 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
                 if args.watch and sys.stdout.isatty():
                     print("\x1b[H\x1b[2J", end="")
                 print(f"database: {database}")
+                for line in await _status_notes(conn, args.request):
+                    print(redactor(line))
                 print(redactor(status_table(rows)))
                 if args.limit is not None and len(rows) == args.limit:
                     total = await queries.status_count(conn, args.request, statuses=statuses)
@@ -360,6 +391,12 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
                 return 0
             sys.stdout.flush()
             await asyncio.sleep(1.0)
+
+
+async def _status_notes(conn: Any, request_id: int | None) -> list[str]:
+    """Lines under `database:` about what holds the queue back."""
+    return [f"paused: provider {name} ({n} waiting download(s)): asyncsat provider resume {name}"
+            for name, n in await queries.paused_waiting(conn, request_id)]
 
 
 async def _check_ids(conn: Any, ids: list[int]) -> None:

@@ -79,6 +79,7 @@ class Engine:
         self._providers: dict[int, Provider] = {}
         self._slots: dict[int, ProviderSlots] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._running: dict[int, Download] = {}
         self.auths = Auths(redactor)
         self.catalogs = Catalogs(drivers)
         self.resolver = Resolver(store, settings, self.catalogs, self.auths, redactor,
@@ -157,6 +158,13 @@ class Engine:
     async def _refresh_accounts(self) -> None:
         self._accounts_stale = False
         for provider, credentials in await self.store.call(queries.accounts):
+            known = self._providers.get(provider.id)
+            if provider.paused != (known.paused if known else False):
+                # the claim leaves a paused provider's rows alone; running transfers finish
+                log.info("provider paused" if provider.paused else "provider resumed",
+                         provider=provider.name,
+                         running=sum(1 for d in self._running.values()
+                                     if d.provider_id == provider.id))
             self._providers[provider.id] = provider
             accounts = accounts_for(provider, credentials)
             for account in accounts:
@@ -259,6 +267,7 @@ class Engine:
                 task = asyncio.create_task(self._run_one(download, lease),
                                            name=f"download-{download.id}")
                 self._tasks[download.id] = task
+                self._running[download.id] = download
             for lease in leases[len(claimed):]:
                 lease.release()
         return next_in, later
@@ -342,6 +351,7 @@ class Engine:
             self.metrics.transfer_ended(d.provider)
             lease.release()
             self._tasks.pop(d.id, None)
+            self._running.pop(d.id, None)
             self.wake.set()
 
     async def _record_done(self, d: Download, outcome: Outcome, bound: Any) -> None:

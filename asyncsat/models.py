@@ -24,6 +24,8 @@ class Provider:
     url: str | None
     settings: dict[str, object] = field(default_factory=dict)
     implicit: bool = False
+    paused: bool = False
+    """Paused: no transfer of its downloads starts (the running ones finish)."""
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,10 @@ CREATE TABLE IF NOT EXISTS request_download (
     PRIMARY KEY (request_id, download_id)
 );
 
+-- 0.4: a paused provider starts no transfer (running ones finish); `provider pause NAME`,
+-- or plain `UPDATE provider SET paused = true`: the provider_notify trigger tells the daemon
+ALTER TABLE provider ADD COLUMN IF NOT EXISTS paused boolean NOT NULL DEFAULT false;
+
 -- status history: "what happened to product X" is one query
 CREATE TABLE IF NOT EXISTS download_event (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -44,7 +44,7 @@ def _download(row: Any) -> Download:
 def _provider(row: Any) -> Provider:
     return Provider(
         id=row["id"], name=row["name"], protocol=row["protocol"], url=row["url"],
-        settings=dict(row["settings"] or {}), implicit=row["implicit"],
+        settings=dict(row["settings"] or {}), implicit=row["implicit"], paused=row["paused"],
     )
 
 
@@ -92,6 +92,32 @@ async def provider_ensure_implicit(db: Any, name: str, protocol: str, url: str) 
         name, protocol, url,
     )
     return _provider(row)
+
+
+async def provider_pause(db: Any, provider_id: int, paused: bool) -> tuple[int, int]:
+    """Pause (or resume) a provider: the provider_notify trigger tells a running daemon.
+    (downloads running now, downloads waiting: queued or offline)."""
+    await db.execute("UPDATE provider SET paused = $2 WHERE id = $1", provider_id, paused)
+    row = await db.fetchrow(
+        "SELECT count(*) FILTER (WHERE status = 'running') AS running,"
+        " count(*) FILTER (WHERE status IN ('queued', 'offline')) AS waiting"
+        " FROM download WHERE provider_id = $1",
+        provider_id,
+    )
+    return int(row["running"]), int(row["waiting"])
+
+
+async def paused_waiting(db: Any, request_id: int | None = None) -> list[tuple[str, int]]:
+    """Paused providers with downloads waiting (of one request): (name, downloads)."""
+    rows = await db.fetch(
+        "SELECT p.name, count(d.id) AS n FROM provider p JOIN download d ON d.provider_id = p.id"
+        " WHERE p.paused AND d.status IN ('queued', 'offline')"
+        " AND ($1::bigint IS NULL OR d.id IN"
+        "  (SELECT download_id FROM request_download WHERE request_id = $1))"
+        " GROUP BY p.name ORDER BY p.name",
+        request_id,
+    )
+    return [(r["name"], int(r["n"])) for r in rows]
 
 
 async def credential_upsert(
@@ -354,8 +380,8 @@ async def release_running(db: Any) -> int:
 
 
 async def queued_providers(db: Any) -> list[tuple[int, int, float | None, float | None]]:
-    """Per provider: (id, rows due now, seconds until the next queued row is due, seconds
-    until the next offline row is to be looked at again)."""
+    """Per provider not paused: (id, rows due now, seconds until the next queued row is
+    due, seconds until the next offline row is to be looked at again)."""
     rows = await db.fetch(
         "SELECT provider_id, count(*) FILTER (WHERE not_before <= now()) AS due,"
         " extract(epoch FROM min(not_before) FILTER (WHERE not_before > now()"
@@ -363,16 +389,20 @@ async def queued_providers(db: Any) -> list[tuple[int, int, float | None, float 
         " extract(epoch FROM min(not_before) FILTER (WHERE not_before > now()"
         "  AND status = 'offline') - now())::float8 AS offline_wait"
         " FROM download WHERE status IN ('queued', 'offline')"
+        # a paused provider starts nothing: its rows neither count nor wake the loop
+        "  AND provider_id NOT IN (SELECT id FROM provider WHERE paused)"
         " GROUP BY provider_id ORDER BY provider_id"
     )
     return [(r["provider_id"], r["due"], r["wait"], r["offline_wait"]) for r in rows]
 
 
 async def pending_work(db: Any) -> bool:
-    """True while any request or download waits to be processed."""
+    """True while any request or download waits to be processed (the queued downloads of
+    a paused provider wait for its resume: they are not work to drain)."""
     value: bool = await db.fetchval(
         "SELECT EXISTS (SELECT 1 FROM request WHERE status = 'queued')"
-        " OR EXISTS (SELECT 1 FROM download WHERE status IN ('queued', 'running'))"
+        " OR EXISTS (SELECT 1 FROM download d WHERE d.status = 'running' OR"
+        "  (d.status = 'queued' AND d.provider_id NOT IN (SELECT id FROM provider WHERE paused)))"
     )
     return value
 
@@ -388,6 +418,7 @@ async def claim(db: Any, provider_id: int, limit: int, default_dest: str) -> lis
         WITH picked AS (
             SELECT id, status AS claimed_from FROM download
             WHERE status IN ('queued', 'offline') AND provider_id = $1 AND not_before <= now()
+              AND NOT EXISTS (SELECT 1 FROM provider WHERE id = $1 AND paused)
             ORDER BY not_before, id LIMIT $2 FOR UPDATE SKIP LOCKED
         ), claimed AS (
             -- (looking at an offline product again uses no attempt: download_offline
