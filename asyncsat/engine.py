@@ -363,15 +363,15 @@ class Engine:
         self._finished(d, "done")
 
     async def _after_stop(self, d: Download, attempt: Attempt, bound: Any) -> None:
-        await self.store.call(queries.download_requeue, d.id, error=d.error, failures=d.failures,
-                              bytes_done=attempt.size, delay=0.0)
-        status = await self.store.call(queries.download_status, d.id)
+        on_disk = attempt.on_disk()  # not the last progress write: what the .part holds
+        status = await self.store.call(queries.download_stopped, d.id, error=d.error,
+                                       failures=d.failures, bytes_done=on_disk)
         if status is None:  # its provider was removed (`provider remove --force`)
-            bound.info("download removed", bytes_done=attempt.size)
+            bound.info("download removed", bytes_done=on_disk)
         elif status == "cancelled":
-            bound.info("download cancelled", bytes_done=attempt.size)
+            bound.info("download cancelled", bytes_done=on_disk)
         else:
-            bound.info("download queued", reason="stopped", bytes_done=attempt.size)
+            bound.info("download queued", reason="stopped", bytes_done=on_disk)
         self._finished(d, status or "queued")
 
     async def _after_failure(

@@ -493,6 +493,24 @@ async def download_requeue(
     )
 
 
+async def download_stopped(
+    db: Any, download_id: int, *, error: str | None, failures: int, bytes_done: int,
+) -> str | None:
+    """A transfer was stopped: by the daemon's stop (the row goes back to the queue, due
+    now) or by the user's cancel (it stays cancelled). Either way the bytes on disk are
+    recorded. The row's status after (None: it was removed with its provider)."""
+    value: str | None = await db.fetchval(
+        "UPDATE download SET bytes_done = $4,"
+        " status = CASE WHEN status = 'running' THEN 'queued' ELSE status END,"
+        " error = CASE WHEN status = 'running' THEN $2 ELSE error END,"
+        " failures = CASE WHEN status = 'running' THEN $3 ELSE failures END,"
+        " not_before = CASE WHEN status = 'running' THEN now() ELSE not_before END"
+        " WHERE id = $1 AND status IN ('running', 'cancelled') RETURNING status",
+        download_id, error, failures, bytes_done,
+    )
+    return value if value is not None else await download_status(db, download_id)
+
+
 async def download_end(
     db: Any, download_id: int, *, status: str, error: str, failures: int, bytes_done: int
 ) -> None:
