@@ -369,13 +369,17 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
                                              limit=args.limit, newest_first=True)
             if args.json:
                 _emit([_status_json(r, settings) for r in rows])
+                if any(r["status"] == "running" for r in rows) and \
+                        not await queries.daemon_serving(conn):
+                    print(await _daemon_line(conn, args.request, False), file=sys.stderr)
             else:
                 if args.watch and sys.stdout.isatty():
                     print("\x1b[H\x1b[2J", end="")
                 print(f"database: {database}")
-                for line in await _status_notes(conn, args.request):
+                serving = await queries.daemon_serving(conn)
+                for line in await _status_notes(conn, args.request, serving):
                     print(redactor(line))
-                print(redactor(status_table(rows)))
+                print(redactor(status_table(rows, stalled=not serving)))
                 if args.limit is not None and len(rows) == args.limit:
                     total = await queries.status_count(conn, args.request, statuses=statuses)
                     if total > len(rows):
@@ -393,10 +397,27 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
             await asyncio.sleep(1.0)
 
 
-async def _status_notes(conn: Any, request_id: int | None) -> list[str]:
-    """Lines under `database:` about what holds the queue back."""
-    return [f"paused: provider {name} ({n} waiting download(s)): asyncsat provider resume {name}"
-            for name, n in await queries.paused_waiting(conn, request_id)]
+async def _status_notes(conn: Any, request_id: int | None, serving: bool) -> list[str]:
+    """Lines under `database:`: whether a daemon serves it, and what holds the queue back."""
+    lines = [await _daemon_line(conn, request_id, serving)]
+    lines += [f"paused: provider {name} ({n} waiting download(s)): asyncsat provider resume "
+              f"{name}" for name, n in await queries.paused_waiting(conn, request_id)]
+    return lines
+
+
+async def _daemon_line(conn: Any, request_id: int | None, serving: bool) -> str:
+    """`daemon: ...`: rows marked running with no daemon are stalled, not running."""
+    if serving:
+        return "daemon: serving this database"
+    counts = await queries.download_counts(conn, request_id)
+    line = "daemon: none serves this database"
+    if counts.get("running"):
+        line += (f"; {counts['running']} download(s) marked running are stalled (left by a "
+                 "daemon that did not stop cleanly): asyncsat run resumes them from their "
+                 ".part files")
+    elif counts.get("queued"):
+        line += f"; {counts['queued']} queued download(s) wait for asyncsat run"
+    return line
 
 
 async def _check_ids(conn: Any, ids: list[int]) -> None:
@@ -449,6 +470,7 @@ async def _requests(conn: Any, args: argparse.Namespace, redactor: Redactor) -> 
         else:
             if args.watch and sys.stdout.isatty():
                 print("\x1b[H\x1b[2J", end="")
+            print(await _daemon_line(conn, args.request, await queries.daemon_serving(conn)))
             print(redactor(request_progress_table(rows)))
         if not args.watch:
             return 0

@@ -21,8 +21,9 @@ def human(n: int | None) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def status_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table of downloads, one per line."""
+def status_table(rows: Sequence[dict[str, Any]], *, stalled: bool = False) -> str:
+    """A plain-text table of downloads, one per line. With `stalled` (no daemon serves the
+    database), rows marked running show as `stalled`: nothing moves them."""
     if not rows:
         return "no downloads"
     lines = [f"{'ID':>6}  {'STATUS':<9}  {'PROVIDER':<16}  {'PROGRESS':<22}  {'TRIES':>5}  NAME"]
@@ -31,7 +32,8 @@ def status_table(rows: Sequence[dict[str, Any]]) -> str:
         pct = f"{100 * r['bytes_done'] / size:5.1f}%" if size else "     "
         progress = f"{pct} {human(r['bytes_done'])}/{human(size)}"
         name = r["name"] or r["url"]
-        line = (f"{r['id']:>6}  {r['status']:<9}  {r['provider'][:16]:<16}  {progress:<22}  "
+        shown = "stalled" if stalled and r["status"] == "running" else r["status"]
+        line = (f"{r['id']:>6}  {shown:<9}  {r['provider'][:16]:<16}  {progress:<22}  "
                 f"{r['attempts']:>5}  {name}")
         if r["error"] and r["status"] != "done":
             line += f"  ({r['error']})"

@@ -577,6 +577,18 @@ async def status_count(
     return value
 
 
+async def download_counts(db: Any, request_id: int | None = None) -> dict[str, int]:
+    """How many downloads (of one request) are in each status."""
+    rows = await db.fetch(
+        "SELECT d.status, count(*) AS n FROM download d"
+        " WHERE ($1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
+        "  (SELECT download_id FROM request_download WHERE request_id = $1))"
+        " GROUP BY d.status",
+        request_id,
+    )
+    return {r["status"]: int(r["n"]) for r in rows}
+
+
 async def download_statuses(db: Any, ids: Sequence[int]) -> dict[int, str]:
     """The status of each download (locked until the end of the caller's transaction)."""
     rows = await db.fetch(
