@@ -113,7 +113,7 @@ async def test_provider_and_credential_lists_never_show_a_secret(dsn: str,
                           "url": "https://download.dataspace.copernicus.eu/odata/v1/",
                           "settings": {"max_attempts": 7,
                                        "token_url": "https://identity.example/token"},
-                          "implicit": False}]
+                          "implicit": False, "paused": False}]
     listed = await asyncio.to_thread(cli, "credential", "list", "--json", dsn=dsn, home=tmp_path)
     creds = json.loads(listed.stdout)
     assert creds == [
