@@ -27,11 +27,13 @@ from asyncsat.models import TERMINAL, Provider
 from asyncsat.naming import ftp_path
 from asyncsat.presets import preset
 from asyncsat.render import (
+    DbProgress,
     ProgressBar,
     request_progress_table,
     request_summary,
     requests_lines,
     status_table,
+    totals_line,
 )
 
 
@@ -280,7 +282,14 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
         except DaemonLocked:
             print("a daemon is running: waiting for it to finish the downloads",
                   file=sys.stderr)
-            await daemon.wait_for_request(settings, request_id)
+            display = DbProgress(sys.stderr, every=settings.progress_log_interval)
+
+            async def show() -> None:
+                display.show(request_id, await queries.progress_totals(conn, request_id),
+                             await queries.status_rows(conn, request_id, statuses=["running"]),
+                             await _held_back(conn, request_id))
+
+            await daemon.wait_for_request(settings, request_id, tick=show)
         rows = await queries.status_rows(conn, request_id)
         status, error, _counts = await queries.request_state(conn, request_id)
     if status == "failed":
@@ -336,6 +345,18 @@ def _check_search(provider: Provider, query: Query) -> None:
     else:
         raise UsageError(f"catalog searches of {provider.protocol} providers are not "
                          "supported yet")
+
+
+async def _held_back(conn: Any, request_id: int) -> str | None:
+    """Why a request's downloads do not move, if something holds them back."""
+    if not await queries.daemon_serving(conn):
+        return ("no daemon serves this database any more: the downloads wait for asyncsat run "
+                "(or stop this command and run get --wait again)")
+    paused = await queries.paused_waiting(conn, request_id)
+    if paused:
+        names = ", ".join(name for name, _n in paused)
+        return f"paused provider(s) {names}: their downloads wait for asyncsat provider resume"
+    return None
 
 
 def _status_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -400,6 +421,9 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
 async def _status_notes(conn: Any, request_id: int | None, serving: bool) -> list[str]:
     """Lines under `database:`: whether a daemon serves it, and what holds the queue back."""
     lines = [await _daemon_line(conn, request_id, serving)]
+    totals = totals_line(await queries.progress_totals(conn, request_id)) if serving else None
+    if totals is not None:
+        lines.append(totals)
     lines += [f"paused: provider {name} ({n} waiting download(s)): asyncsat provider resume "
               f"{name}" for name, n in await queries.paused_waiting(conn, request_id)]
     return lines
@@ -409,7 +433,7 @@ async def _daemon_line(conn: Any, request_id: int | None, serving: bool) -> str:
     """`daemon: ...`: rows marked running with no daemon are stalled, not running."""
     if serving:
         return "daemon: serving this database"
-    counts = await queries.download_counts(conn, request_id)
+    counts = await queries.progress_totals(conn, request_id)
     line = "daemon: none serves this database"
     if counts.get("running"):
         line += (f"; {counts['running']} download(s) marked running are stalled (left by a "

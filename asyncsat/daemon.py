@@ -133,8 +133,11 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def wait_for_request(settings: Settings, request_id: int) -> dict[str, int]:
-    """Wait until every download of a request is final (served by a running daemon)."""
+async def wait_for_request(
+    settings: Settings, request_id: int, *, tick: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, int]:
+    """Wait until every download of a request is final (served by a running daemon);
+    `tick()` meanwhile, every `progress_interval` seconds (to show progress)."""
     changed = asyncio.Event()
     conn = await connect(await resolve_dsn(settings))
     try:
@@ -144,8 +147,11 @@ async def wait_for_request(settings: Settings, request_id: int) -> dict[str, int
             status, _error, counts = await queries.request_state(conn, request_id)
             if status != "queued" and not set(counts) - TERMINAL:
                 return counts
+            if tick is not None:
+                await tick()
             # the timeout is a safety net for a lost notification, not the wake-up path
-            await wait_any(changed, timeout=5.0)
+            await wait_any(changed, timeout=5.0 if tick is None else
+                           min(5.0, settings.progress_interval))
     finally:
         with suppress(Exception):
             await conn.close()

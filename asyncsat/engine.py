@@ -32,6 +32,7 @@ from asyncsat.errors import (
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Recorder
 from asyncsat.models import Download, Provider, Request
+from asyncsat.progress import RateMeter, eta
 from asyncsat.resolver import Resolver
 from asyncsat.retry import Policy, budget, decide, follow_settings, offline_delay
 from asyncsat.slots import Lease, ProviderSlots, accounts_for
@@ -298,7 +299,7 @@ class Engine:
                                           lease.account.secret)
         folder = Path(d.dest or self.settings.default_dest) / d.provider
         attempt = Attempt(start_size=d.bytes_done, size=d.bytes_done)
-        events = _RowEvents(self, d)
+        events = _RowEvents(self, d, bound)
         if d.claimed_from == "offline":
             bound.info("offline download looked at", checks=d.offline_checks)
         else:
@@ -426,12 +427,17 @@ def _one_line(text: str, limit: int = 1000) -> str:
 class _RowEvents:
     """Transfer events recorded in the download row (progress throttled)."""
 
-    def __init__(self, engine: Engine, download: Download) -> None:
+    def __init__(self, engine: Engine, download: Download, bound: Any) -> None:
         self._engine = engine
         self._download = download
+        self._bound = bound
         self._name = download.name or ""
         self._last = 0.0
         self._on_disk = download.bytes_done
+        started = time.monotonic()
+        self._meter = RateMeter()
+        self._meter.add(started, download.bytes_done)
+        self._logged = (started, download.bytes_done)
 
     async def named(self, name: str, size: int | None, validator: Validator) -> str:
         for candidate in (name, _unique_name(name, self._download.id)):
@@ -451,6 +457,24 @@ class _RowEvents:
         if now - self._last < self._engine.settings.progress_interval:
             return
         self._last = now
+        rate = self._meter.add(now, done)
         if self._engine.sink is not None:
             self._engine.sink.progress(self._download.id, self._name, done, total)
-        await self._engine.store.try_call(queries.download_progress, self._download.id, done)
+        self._log(now, done, total)
+        await self._engine.store.try_call(queries.download_progress, self._download.id, done,
+                                          rate)
+
+    def _log(self, now: float, done: int, total: int | None) -> None:
+        """A `download progress` line every `progress_log_interval` seconds of a transfer:
+        bytes, the rate since the last line, and the time left at that rate."""
+        every = self._engine.settings.progress_log_interval
+        since, before = self._logged
+        if not every or now - since < every:
+            return
+        self._logged = (now, done)
+        rate = max(0.0, (done - before) / (now - since)) if done >= before else 0.0
+        left = total - done if total is not None else None
+        self._bound.info(
+            "download progress", bytes_done=done, size=total,
+            percent=round(100 * done / total, 1) if total else None, rate=int(rate),
+            eta=None if (t := eta(left, rate)) is None else round(t))

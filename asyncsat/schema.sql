@@ -145,6 +145,9 @@ CREATE TABLE IF NOT EXISTS request_download (
 -- 0.4: a paused provider starts no transfer (running ones finish); `provider pause NAME`,
 -- or plain `UPDATE provider SET paused = true`: the provider_notify trigger tells the daemon
 ALTER TABLE provider ADD COLUMN IF NOT EXISTS paused boolean NOT NULL DEFAULT false;
+-- 0.4: bytes per second of a running transfer over its last seconds, written by the daemon
+-- with bytes_done (`status` and `get --wait` show rates and times left from it)
+ALTER TABLE download ADD COLUMN IF NOT EXISTS rate double precision;
 
 -- status history: "what happened to product X" is one query
 CREATE TABLE IF NOT EXISTS download_event (

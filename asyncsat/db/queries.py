@@ -424,7 +424,7 @@ async def claim(db: Any, provider_id: int, limit: int, default_dest: str) -> lis
             -- (looking at an offline product again uses no attempt: download_offline
             -- gives it back when the product is still offline)
             UPDATE download d SET status = 'running', attempts = d.attempts + 1,
-                started_at = now(), finished_at = NULL, dest = coalesce(d.dest, $3),
+                started_at = now(), finished_at = NULL, dest = coalesce(d.dest, $3), rate = NULL,
                 -- a row inserted with a name and no dest: another product of the default
                 -- folder may have that name; the transfer then picks `name_<id>`
                 name = CASE WHEN d.dest IS NULL AND EXISTS (
@@ -465,10 +465,13 @@ async def download_named(
     return True
 
 
-async def download_progress(db: Any, download_id: int, bytes_done: int) -> None:
+async def download_progress(
+    db: Any, download_id: int, bytes_done: int, rate: float | None
+) -> None:
+    """Bytes on disk and bytes per second of a running transfer."""
     await db.execute(
-        "UPDATE download SET bytes_done = $2 WHERE id = $1 AND status = 'running'",
-        download_id, bytes_done,
+        "UPDATE download SET bytes_done = $2, rate = $3 WHERE id = $1 AND status = 'running'",
+        download_id, bytes_done, rate,
     )
 
 
@@ -543,6 +546,15 @@ async def download_status(db: Any, download_id: int) -> str | None:
 
 # -- user commands ----------------------------------------------------------------------------
 
+STALLED_AFTER = 15
+"""Seconds without a progress write after which a running transfer's rate counts as 0."""
+# the rate of a running transfer (NULL: not measured yet); none for the others
+_LIVE_RATE = (
+    "CASE WHEN d.status = 'running' THEN CASE WHEN d.updated_at > now()"
+    f" - interval '{STALLED_AFTER} seconds' THEN d.rate ELSE 0 END END"
+)
+
+
 async def status_rows(
     db: Any, request_id: int | None = None, *, statuses: Sequence[str] | None = None,
     limit: int | None = None, newest_first: bool = False,
@@ -552,7 +564,7 @@ async def status_rows(
     rows = await db.fetch(
         "SELECT d.id, d.request_id, p.name AS provider, d.name, d.url, d.status, d.bytes_done,"
         " d.size, d.attempts, d.error, d.path, d.dest, d.checksum_algo, d.checksum_value,"
-        " d.created_at, d.updated_at, d.finished_at"
+        f" d.created_at, d.updated_at, d.finished_at, {_LIVE_RATE} AS rate"
         " FROM download d JOIN provider p ON p.id = d.provider_id"
         " WHERE ($1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
         "  (SELECT download_id FROM request_download WHERE request_id = $1))"
@@ -577,16 +589,31 @@ async def status_count(
     return value
 
 
-async def download_counts(db: Any, request_id: int | None = None) -> dict[str, int]:
-    """How many downloads (of one request) are in each status."""
-    rows = await db.fetch(
-        "SELECT d.status, count(*) AS n FROM download d"
+async def progress_totals(db: Any, request_id: int | None = None) -> dict[str, Any]:
+    """The downloads (of one request) as a whole: count per status, `bytes_done` and `size`
+    (sums; `unsized` downloads have no size yet), `left` (bytes still to fetch by the
+    queued and running ones of known size) and `rate` (bytes/s of the running ones)."""
+    row = await db.fetchrow(
+        "SELECT count(*) FILTER (WHERE d.status = 'queued') AS queued,"
+        " count(*) FILTER (WHERE d.status = 'running') AS running,"
+        " count(*) FILTER (WHERE d.status = 'offline') AS offline,"
+        " count(*) FILTER (WHERE d.status = 'done') AS done,"
+        " count(*) FILTER (WHERE d.status = 'failed') AS failed,"
+        " count(*) FILTER (WHERE d.status = 'cancelled') AS cancelled,"
+        " coalesce(sum(d.bytes_done), 0)::bigint AS bytes_done,"
+        " coalesce(sum(d.size), 0)::bigint AS size,"
+        " count(*) FILTER (WHERE d.size IS NULL) AS unsized,"
+        " coalesce(sum(greatest(d.size - d.bytes_done, 0))"
+        "  FILTER (WHERE d.status IN ('queued', 'running')), 0)::bigint AS left,"
+        " count(*) FILTER (WHERE d.status IN ('queued', 'running') AND d.size IS NULL)"
+        "  AS left_unsized,"
+        f" coalesce(sum({_LIVE_RATE}), 0)::float8 AS rate"
+        " FROM download d"
         " WHERE ($1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
-        "  (SELECT download_id FROM request_download WHERE request_id = $1))"
-        " GROUP BY d.status",
+        "  (SELECT download_id FROM request_download WHERE request_id = $1))",
         request_id,
     )
-    return {r["status"]: int(r["n"]) for r in rows}
+    return dict(row)
 
 
 async def download_statuses(db: Any, ids: Sequence[int]) -> dict[int, str]:
