@@ -27,8 +27,10 @@ from asyncsat.models import TERMINAL, Provider
 from asyncsat.naming import ftp_path
 from asyncsat.presets import preset
 from asyncsat.render import (
+    PLACED,
     DbProgress,
     ProgressBar,
+    asked_line,
     request_progress_table,
     request_summary,
     requests_lines,
@@ -261,13 +263,15 @@ async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) 
                 conn, provider_id=provider.id if provider else None, urls=[u.url for u in urls],
                 search=None, dest=str(dest), checksum=str(checksum) if checksum else None,
                 status="resolved")
-            ids = await intake.queue_urls(conn, request_id, urls, provider=provider,
-                                          dest=str(dest), checksum=checksum)
-    print(f"request {request_id}: {len(ids)} download(s) queued: "
-          + ", ".join(str(i) for i in ids), file=sys.stderr)
+            asked = await intake.queue_urls(conn, request_id, urls, provider=provider,
+                                            dest=str(dest), checksum=checksum)
+    placed = intake.deliver(asked.links)  # after the commit: the rows are what they say
+    print(redactor(asked_line(request_id, asked, placed, dest)), file=sys.stderr)
+    failed = any(how not in PLACED for _link, how in placed)
     if not args.wait:
-        return 0
-    return await _wait(settings, redactor, request_id)
+        return 1 if failed else 0
+    result = await _wait(settings, redactor, request_id)
+    return 1 if failed else result
 
 
 async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
@@ -292,6 +296,7 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
             await daemon.wait_for_request(settings, request_id, tick=show)
         rows = await queries.status_rows(conn, request_id)
         status, error, _counts = await queries.request_state(conn, request_id)
+        wanted = await queries.request_dest(conn, request_id)
     if status == "failed":
         print(f"request {request_id} failed: {redactor(error or 'no reason given')}",
               file=sys.stderr)
@@ -302,11 +307,24 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
     failed = 0
     for r in rows:
         if r["status"] == "done":
-            print(f"done    {r['path']}")
+            path, there = _done_path(r, wanted)
+            print(f"done    {path}" + ("" if there else f" (not put into {wanted}: see the "
+                                                         "daemon's log)"))
+            failed += not there
         else:
             failed += 1
             print(f"{r['status']:<7} {r['url']}: {r['error'] or 'not finished'}")
     return 0 if rows and not failed else 1
+
+
+def _done_path(row: dict[str, Any], wanted: str | None) -> tuple[str, bool]:
+    """Where a request finds a done product: its download's file, or (asked into another
+    folder) the link or copy made there. (path, whether it is where the request wants it)."""
+    if wanted is None or row["dest"] is None or Path(wanted) == Path(row["dest"]) or \
+            not row["name"]:
+        return row["path"], True
+    target = Path(wanted) / row["provider"] / row["name"]
+    return (str(target), True) if target.exists() else (row["path"], False)
 
 
 async def search(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
@@ -451,7 +469,8 @@ async def _check_ids(conn: Any, ids: list[int]) -> None:
 
 
 _NOTHING_TO_RETRY = {
-    "done": "is done", "queued": "is queued already", "running": "is running",
+    "done": "is done and its file is in place", "queued": "is queued already",
+    "running": "is running",
 }
 _NOTHING_TO_CANCEL = {
     "done": "is done", "failed": "has failed", "cancelled": "is cancelled already",
@@ -478,9 +497,20 @@ async def retry(args: argparse.Namespace, settings: Settings, redactor: Redactor
                   "no failed download: nothing to retry")
             return 0
         await _check_ids(conn, args.ids)
-        changed, left = await _change(conn, args.ids, queries.retry)
+        gone: dict[int, str] = {}
+
+        async def retry_or_fetch_again(conn: Any, ids: list[int]) -> None:
+            await queries.retry(conn, ids)
+            # a done download whose file is gone (deleted, moved away) is fetched again
+            for i, path in (await queries.download_files(conn, ids)).items():
+                if not Path(path).exists():
+                    await queries.download_refetch(conn, i, None)
+                    gone[i] = path
+
+        changed, left = await _change(conn, args.ids, retry_or_fetch_again)
     print(f"{len(changed)} download(s) queued again" +
-          (": " + ", ".join(str(i) for i in changed) if changed else ""))
+          (": " + ", ".join(f"{i} (done, but its file {gone[i]} was gone)" if i in gone
+                            else str(i) for i in changed) if changed else ""))
     for i, status in left.items():
         print(f"download {i} {_NOTHING_TO_RETRY.get(status, 'is ' + status)}: nothing to retry")
     return 0

@@ -33,7 +33,7 @@ from asyncsat.logs import Redactor
 from asyncsat.metrics import Recorder
 from asyncsat.models import Download, Provider, Request
 from asyncsat.progress import RateMeter, eta
-from asyncsat.resolver import Resolver
+from asyncsat.resolver import Resolver, settled
 from asyncsat.retry import Policy, budget, decide, follow_settings, offline_delay
 from asyncsat.slots import Lease, ProviderSlots, accounts_for
 from asyncsat.transfer.base import Source, Validator
@@ -182,23 +182,29 @@ class Engine:
         """Turn queued requests into downloads. True when more may be waiting."""
 
         by_catalog: list[Request] = []
+        resolved: list[tuple[int, intake.Asked]] = []
 
         async def batch(conn: Any) -> int:
             by_catalog.clear()
+            resolved.clear()
             requests = await queries.request_lock_queued(conn, REQUEST_BATCH,
                                                          self.resolver.busy)
             for request in requests:
                 if intake.needs_catalog(request):
                     by_catalog.append(request)  # over the network, outside this transaction
                     continue
-                status, error, count = await self._resolve_one(conn, request)
+                status, error, asked = await self._resolve_one(conn, request)
                 if status == "failed":
                     log.error("request failed", request_id=request.id, error=error)
                 else:
-                    log.info("request resolved", request_id=request.id, downloads=count)
+                    log.info("request resolved", request_id=request.id,
+                             downloads=len(asked.ids), **asked.counts())
+                    resolved.append((request.id, asked))
             return len(requests)
 
         n = await self.store.transaction(batch)
+        for request_id, asked in resolved:
+            await settled(asked, request_id)
         for request in by_catalog:
             self.resolver.start(request)
         if n:
@@ -206,7 +212,8 @@ class Engine:
             await self._refresh_accounts()
         return n >= REQUEST_BATCH
 
-    async def _resolve_one(self, conn: Any, request: Request) -> tuple[str, str | None, int]:
+    async def _resolve_one(self, conn: Any, request: Request) -> \
+            tuple[str, str | None, intake.Asked]:
         """Resolve one request in a savepoint: a request that breaks a statement (or trips a
         bug) fails alone, with its reason, instead of taking the daemon down at every start."""
         try:
@@ -361,7 +368,23 @@ class Engine:
         bound.info("download done", name=outcome.name, path=str(outcome.path),
                    size=outcome.size, resumed_from=outcome.resumed_from,
                    restarted=outcome.restarted)
+        await self._place_copies(d, outcome, bound)
         self._finished(d, "done")
+
+    async def _place_copies(self, d: Download, outcome: Outcome, bound: Any) -> None:
+        """Put the file into the folders other requests asked for (a product is fetched
+        once, into the folder of the request that queued it)."""
+        owed = await self.store.call(queries.copies_owed, d.id)
+        if not owed:
+            return
+        links = [intake.Link(d.id, outcome.path, Path(dest) / d.provider / outcome.name)
+                 for _request_id, dest in owed]
+        for (request_id, _dest), (link, how) in zip(
+                owed, await asyncio.to_thread(intake.deliver, links), strict=True):
+            report = bound.info if how in ("linked", "copied", "there") else bound.error
+            report("download put in place", path=str(link.target), how=how,
+                   for_request=request_id)
+        await self.store.call(queries.copies_made, d.id)
 
     async def _after_stop(self, d: Download, attempt: Attempt, bound: Any) -> None:
         on_disk = attempt.on_disk()  # not the last progress write: what the .part holds

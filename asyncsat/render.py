@@ -5,10 +5,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
 from asyncsat.naming import without_login
 from asyncsat.progress import duration, eta
+
+if TYPE_CHECKING:
+    from asyncsat.intake import Asked, Link
 
 
 def human(n: int | None) -> str:
@@ -119,6 +123,39 @@ def _transfer_line(r: dict[str, Any]) -> str:
     speed = f"{human(int(rate))}/s" if rate is not None else "-"
     return (f"  {(r['name'] or r['url'])[:40]:<40} {pct} {human(done)}/{human(size)} "
             f"{speed} ETA {left}")
+
+
+PLACED = ("linked", "copied", "there")
+"""How a done product was put into a folder (else: why it was not)."""
+
+
+def asked_line(request_id: int, asked: Asked, placed: Sequence[tuple[Link, str]],
+               dest: Path) -> str:
+    """What `get` did, in one line: queued, done already, fetched again, put in place."""
+    def ids(items: Sequence[int]) -> str:
+        return ", ".join(str(i) for i in items)
+
+    parts = []
+    if asked.queued:
+        parts.append(f"{len(asked.queued)} download(s) queued: {ids(asked.queued)}")
+    there = [i for i, _path in asked.done] + [link.download_id for link, how in placed
+                                               if how == "there"]
+    if there:
+        parts.append(f"{len(there)} done already, the file in {dest}: {ids(there)}")
+    for how in ("linked", "copied"):
+        done = [link.download_id for link, h in placed if h == how]
+        if done:
+            parts.append(f"{len(done)} done already, {how} into {dest}: {ids(done)}")
+    for link, how in placed:
+        if how not in PLACED:
+            parts.append(f"download {link.download_id} is done but was {how}")
+    if asked.refetched:
+        parts.append(f"{len(asked.refetched)} done before but the file is gone, queued again: "
+                     + ", ".join(f"{i} ({path})" for i, path in asked.refetched))
+    if asked.owed:
+        parts.append(f"{len(asked.owed)} fetched into another folder by an earlier request, "
+                     f"put into {dest} once done: {ids(asked.owed)}")
+    return f"request {request_id}: " + "; ".join(parts)
 
 
 def requests_lines(rows: Sequence[dict[str, Any]]) -> str:

@@ -141,6 +141,10 @@ CREATE TABLE IF NOT EXISTS request_download (
     download_id bigint NOT NULL REFERENCES download (id) ON DELETE CASCADE,
     PRIMARY KEY (request_id, download_id)
 );
+-- 0.4: the folder a request wants a product in when its download fetches it into another
+-- one (a product is fetched once): the daemon hard-links (else copies) the file there once
+-- it is done, then clears it
+ALTER TABLE request_download ADD COLUMN IF NOT EXISTS dest text;
 
 -- 0.4: a paused provider starts no transfer (running ones finish); `provider pause NAME`,
 -- or plain `UPDATE provider SET paused = true`: the provider_notify trigger tells the daemon

@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 
 from asyncsat.errors import UsageError
-from asyncsat.models import Checksum, Credential, Download, Provider, Request
+from asyncsat.models import Added, Checksum, Credential, Download, Provider, Request
 
 DAEMON_LOCK = 0x61737974  # advisory lock held by the one running daemon
 
@@ -311,7 +311,7 @@ async def download_add(
     size: int | None, checksum: Checksum | None, login_user: str | None,
     login_secret: str | None, size_origin: str = "catalog", product_id: str | None = None,
     offline_in: float | None = None, revive: bool = True,
-) -> int:
+) -> Added:
     """Queue a product once, known by its catalog id (else its URL); count it in the request.
 
     Asking again for a failed or cancelled product queues it again (`revive`; a standing
@@ -319,27 +319,79 @@ async def download_add(
     ones change) takes the new one. `offline_in`: the catalog reports it offline, to be
     looked at again in that many seconds. A `name` another product of the folder already
     has (daily folders reusing a file name) is left for the transfer to choose (`name_<id>`).
+    What to do about a done product whose file is gone, or one asked into another folder,
+    is the caller's to decide (it looks at files): the row as it stands is returned.
     """
     args = (request_id, provider_id, url, name, dest, size,
             checksum.algo if checksum else None, checksum.value if checksum else None,
             login_user, login_secret, size_origin, product_id,
             "offline" if offline_in is not None else "queued", offline_in or 0.0, revive)
     if name is None:
-        download_id: int = await db.fetchval(_DOWNLOAD_ADD, *args)
+        row = await db.fetchrow(_DOWNLOAD_ADD, *args)
     else:
         try:
             async with db.transaction():  # a savepoint: the caller's transaction goes on
-                download_id = await db.fetchval(_DOWNLOAD_ADD, *args)
+                row = await db.fetchrow(_DOWNLOAD_ADD, *args)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != "download_file_unique":
                 raise
-            download_id = await db.fetchval(_DOWNLOAD_ADD, *args[:3], None, *args[4:])
-    await db.execute(
+            row = await db.fetchrow(_DOWNLOAD_ADD, *args[:3], None, *args[4:])
+    linked = await db.fetchval(
         "INSERT INTO request_download (request_id, download_id) VALUES ($1, $2)"
-        " ON CONFLICT DO NOTHING",
-        request_id, download_id,
+        " ON CONFLICT DO NOTHING RETURNING download_id",
+        request_id, row["id"],
     )
-    return download_id
+    return Added(id=row["id"], status=row["status"], dest=row["dest"], name=row["name"],
+                 path=row["path"], first_ask=linked is not None)
+
+
+async def download_refetch(db: Any, download_id: int, dest: str | None) -> str | None:
+    """A done product whose file is gone is fetched again from zero, into `dest` (None: its
+    own folder). Another download of that folder may own its name: the transfer then names
+    it. The row's status after (`queued`; else it was not done)."""
+    args = (download_id, dest)
+    try:
+        async with db.transaction():  # a savepoint: the caller's transaction goes on
+            value: str | None = await db.fetchval(_REFETCH, *args, True)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != "download_file_unique":
+            raise
+        value = await db.fetchval(_REFETCH, *args, False)
+    return value
+
+
+_REFETCH = (
+    "UPDATE download SET status = 'queued', dest = coalesce($2, dest), path = NULL,"
+    " name = CASE WHEN $3 THEN name END, bytes_done = 0, failures = 0, error = NULL,"
+    " etag = NULL, last_modified = NULL, rate = NULL, not_before = now(), finished_at = NULL"
+    " WHERE id = $1 AND status = 'done' RETURNING status"
+)
+
+
+async def copy_owed(db: Any, request_id: int, download_id: int, dest: str) -> None:
+    """The request wants the product in `dest`, not the folder its download fetches into:
+    the daemon puts it there (a hard link, else a copy) once it is done."""
+    await db.execute(
+        "UPDATE request_download SET dest = $3 WHERE request_id = $1 AND download_id = $2",
+        request_id, download_id, dest,
+    )
+
+
+async def copies_owed(db: Any, download_id: int) -> list[tuple[int, str]]:
+    """(request, folder) of the copies owed for a download that is done now."""
+    rows = await db.fetch(
+        "SELECT request_id, dest FROM request_download WHERE download_id = $1"
+        " AND dest IS NOT NULL ORDER BY request_id",
+        download_id,
+    )
+    return [(r["request_id"], r["dest"]) for r in rows]
+
+
+async def copies_made(db: Any, download_id: int) -> None:
+    await db.execute(
+        "UPDATE request_download SET dest = NULL WHERE download_id = $1 AND dest IS NOT NULL",
+        download_id,
+    )
 
 
 _REVIVED = "($15 AND download.status IN ('failed', 'cancelled'))"
@@ -365,7 +417,7 @@ _DOWNLOAD_ADD = (
     "   ELSE coalesce(download.checksum_value, EXCLUDED.checksum_value) END,"
     "  login_user = coalesce(EXCLUDED.login_user, download.login_user),"
     "  login_secret = coalesce(EXCLUDED.login_secret, download.login_secret)"
-    " RETURNING id"
+    " RETURNING id, status, dest, name, path"
 )
 
 
@@ -621,6 +673,20 @@ async def download_statuses(db: Any, ids: Sequence[int]) -> dict[int, str]:
     rows = await db.fetch(
         "SELECT id, status FROM download WHERE id = ANY($1::bigint[]) FOR UPDATE", list(ids))
     return {r["id"]: r["status"] for r in rows}
+
+
+async def request_dest(db: Any, request_id: int) -> str | None:
+    value: str | None = await db.fetchval("SELECT dest FROM request WHERE id = $1", request_id)
+    return value
+
+
+async def download_files(db: Any, ids: Sequence[int]) -> dict[int, str]:
+    """The final path of each done download among `ids` (locked until the end of the
+    caller's transaction)."""
+    rows = await db.fetch(
+        "SELECT id, path FROM download WHERE id = ANY($1::bigint[]) AND status = 'done'"
+        " AND path IS NOT NULL FOR UPDATE", list(ids))
+    return {r["id"]: r["path"] for r in rows}
 
 
 async def request_exists(db: Any, request_id: int) -> bool:

@@ -266,7 +266,7 @@ async def test_no_ops_say_why_and_status_filters(server: FileServer, dsn: str,
     assert retried.returncode == 0, retried.stderr
     assert retried.stdout.splitlines() == [
         "2 download(s) queued again: 3, 4",
-        "download 2 is done: nothing to retry",
+        "download 2 is done and its file is in place: nothing to retry",
     ]
     again = await asyncio.to_thread(cli, "retry", str(c), dsn=dsn, home=tmp_path)
     assert again.stdout.splitlines() == [
