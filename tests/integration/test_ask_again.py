@@ -14,7 +14,8 @@ from asyncsat.config import Settings
 from asyncsat.db import queries
 from tests.conftest import cli
 from tests.ftpserver import FtpServer
-from tests.helpers import FAST, add_provider, drain, rows, sql
+from tests.helpers import FAST, add_provider, drain, queue, rows, sql
+from tests.servers import FileServer
 
 
 async def _search(db: Any, provider_id: int, dest: Path, follow: bool = False) -> int:
@@ -94,3 +95,17 @@ async def test_a_glob_asked_again_fetches_only_the_files_that_are_gone(
         assert {r["status"] for r in await rows(dsn)} == {"done"}
         [req] = await sql(dsn, "SELECT count(*) AS n FROM request_download WHERE request_id = 2")
         assert req["n"] == 3
+
+
+async def test_a_psql_request_for_a_done_product_whose_file_is_gone(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    data = os.urandom(50_000)
+    server.add("psql.nc", data)
+    await queue(dsn, server.url("psql.nc"))
+    await drain(settings)
+    [row] = await rows(dsn)
+    Path(row["path"]).unlink()
+    await queue(dsn, server.url("psql.nc"))
+    await drain(settings)
+    assert Path(row["path"]).read_bytes() == data
+    assert sum(1 for r in server.requests if r["path"] == "/files/psql.nc") == 2
