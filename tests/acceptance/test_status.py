@@ -170,3 +170,44 @@ async def test_status_shows_rate_eta_and_totals_of_running_transfers(
     # 1  running  local  45.0% 2.3 MB/5.0 MB  1.0 MB/s  0:00:03  1  one.nc
     assert row[1] == "running" and row[8] == "MB/s" and row[9].startswith("0:00:0")
     assert 0.5 < float(row[7]) < 1.6
+
+
+async def test_get_wait_says_when_the_daemon_goes_away_and_goes_on_with_the_next(
+        server, dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    home = tmp_path / "home"
+    first = DaemonProcess(dsn, home)
+    daemons.append(first)
+    await first.wait_for(lambda line: line["event"] == "daemon started")
+    data = os.urandom(3_000_000)
+    server.add("crash.bin", data, rate=1_000_000)
+    waiting = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(home), "get",
+        server.url("crash.bin"), "--dest", str(tmp_path / "d"), "--wait",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert waiting.stderr is not None
+    seen: list[str] = []
+
+    async def read_until(start: str) -> None:
+        assert waiting.stderr is not None
+        while not any(line.startswith(start) for line in seen):
+            line = (await asyncio.wait_for(waiting.stderr.readline(), 10)).decode()
+            assert line, f"get --wait ended: {seen}"
+            seen.append(line)
+
+    try:
+        await read_until("a daemon is running")  # else get --wait works in the foreground
+        await first.wait_for(lambda line: line["event"] == "download running")
+        first.signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait)
+        await read_until("no daemon serves this database any more")
+        second = DaemonProcess(dsn, home)
+        daemons.append(second)
+        out, _err = await asyncio.wait_for(waiting.communicate(), 30)
+    finally:
+        if waiting.returncode is None:
+            waiting.kill()
+            await waiting.wait()
+    assert waiting.returncode == 0
+    final = tmp_path / "d" / f"127.0.0.1_{server.port}" / "crash.bin"
+    assert out.decode().splitlines()[-1] == f"done    {final}"
+    assert final.read_bytes() == data
