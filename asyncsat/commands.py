@@ -385,7 +385,8 @@ def _status_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return {
         "id": row["id"], "request_id": row["request_id"], "provider": row["provider"],
         "name": row["name"], "url": row["url"], "status": row["status"],
-        "bytes_done": row["bytes_done"], "size": row["size"], "attempts": row["attempts"],
+        "bytes_done": row["bytes_done"], "size": row["size"], "rate": row["rate"],
+        "attempts": row["attempts"],
         "error": row["error"], "path": path,
         "checksum": f"{row['checksum_algo']}:{row['checksum_value']}"
         if row["checksum_algo"] else None,

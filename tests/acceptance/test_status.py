@@ -170,6 +170,9 @@ async def test_status_shows_rate_eta_and_totals_of_running_transfers(
     # 1  running  local  45.0% 2.3 MB/5.0 MB  1.0 MB/s  0:00:03  1  one.nc
     assert row[1] == "running" and row[8] == "MB/s" and row[9].startswith("0:00:0")
     assert 0.5 < float(row[7]) < 1.6
+    [as_json] = json.loads((await asyncio.to_thread(cli, "status", "--json", dsn=dsn,
+                                                    home=home)).stdout)
+    assert as_json["status"] == "running" and 500_000 < as_json["rate"] < 1_600_000
 
 
 async def test_get_wait_says_when_the_daemon_goes_away_and_goes_on_with_the_next(
