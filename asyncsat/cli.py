@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     padd.add_argument("--url")
     padd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     prov.add_parser("list", help="list providers").add_argument("--json", action="store_true")
+    prov.add_parser("pause", help="start no new transfer of this provider (running ones "
+                    "finish)").add_argument("name")
+    prov.add_parser("resume", help="let a paused provider's downloads start again"
+                    ).add_argument("name")
     prem = prov.add_parser("remove", help="remove a provider, its credentials and its "
                            "download rows (files are kept)")
     prem.add_argument("name")

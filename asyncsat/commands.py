@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,15 @@ from asyncsat.models import TERMINAL, Provider
 from asyncsat.naming import ftp_path
 from asyncsat.presets import preset
 from asyncsat.render import (
+    PLACED,
+    DbProgress,
     ProgressBar,
+    asked_line,
     request_progress_table,
     request_summary,
     requests_lines,
     status_table,
+    totals_line,
 )
 
 
@@ -99,13 +104,42 @@ async def provider_list(args: argparse.Namespace, settings: Settings, redactor: 
         providers = await queries.provider_list(conn)
     if args.json:
         _emit([{"name": p.name, "protocol": p.protocol, "url": p.url, "settings": p.settings,
-                "implicit": p.implicit} for p in providers])
+                "implicit": p.implicit, "paused": p.paused} for p in providers])
         return 0
     if not providers:
         print("no providers")
     for p in providers:
         print(f"{p.name:<24} {p.protocol:<6} {p.url or '-'}" + ("  (implicit)" if p.implicit
-                                                                 else ""))
+                                                                 else "")
+              + ("  (paused)" if p.paused else ""))
+    return 0
+
+
+async def provider_pause(args: argparse.Namespace, settings: Settings,
+                         redactor: Redactor) -> int:
+    """No new transfer of the provider starts; the running ones finish."""
+    return await _pause(args.name, settings, paused=True)
+
+
+async def provider_resume(args: argparse.Namespace, settings: Settings,
+                          redactor: Redactor) -> int:
+    return await _pause(args.name, settings, paused=False)
+
+
+async def _pause(name: str, settings: Settings, *, paused: bool) -> int:
+    async with daemon.connection(settings) as conn, conn.transaction():
+        provider = await queries.provider_get(conn, name)
+        if provider is None:
+            raise UsageError(f"unknown provider {name!r}")
+        was = provider.paused
+        running, waiting = await queries.provider_pause(conn, provider.id, paused)
+    if paused:
+        print(f"provider {name} " + ("is paused already" if was else "paused")
+              + f": no new transfer starts; {running} running transfer(s) finish, "
+              f"{waiting} waiting download(s) wait for asyncsat provider resume {name}")
+    else:
+        print(f"provider {name} " + ("resumed" if was else "was not paused")
+              + f": {waiting} waiting download(s) start as its connections allow")
     return 0
 
 
@@ -229,13 +263,15 @@ async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) 
                 conn, provider_id=provider.id if provider else None, urls=[u.url for u in urls],
                 search=None, dest=str(dest), checksum=str(checksum) if checksum else None,
                 status="resolved")
-            ids = await intake.queue_urls(conn, request_id, urls, provider=provider,
-                                          dest=str(dest), checksum=checksum)
-    print(f"request {request_id}: {len(ids)} download(s) queued: "
-          + ", ".join(str(i) for i in ids), file=sys.stderr)
+            asked = await intake.queue_urls(conn, request_id, urls, provider=provider,
+                                            dest=str(dest), checksum=checksum)
+    placed = intake.deliver(asked.links)  # after the commit: the rows are what they say
+    print(redactor(asked_line(request_id, asked, placed, dest)), file=sys.stderr)
+    failed = any(how not in PLACED for _link, how in placed)
     if not args.wait:
-        return 0
-    return await _wait(settings, redactor, request_id)
+        return 1 if failed else 0
+    result = await _wait(settings, redactor, request_id)
+    return 1 if failed else result
 
 
 async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
@@ -245,15 +281,23 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
             status, _e, counts = await queries.request_state(conn, request_id)
             return status != "queued" and not set(counts) - TERMINAL
 
-        live = await queries.live_daemons(conn)
+        live = await _live(conn)
         if live:  # they share the work; this command waits for them to finish it
             print(f"{_daemons(live)} serve{'s' if len(live) == 1 else ''} this database: "
                   "waiting for the downloads to finish", file=sys.stderr)
-            await daemon.wait_for_request(settings, request_id)
+            display = DbProgress(sys.stderr, every=settings.progress_log_interval)
+
+            async def show() -> None:
+                display.show(request_id, await queries.progress_totals(conn, request_id),
+                             await queries.status_rows(conn, request_id, statuses=["running"]),
+                             await _held_back(conn, request_id))
+
+            await daemon.wait_for_request(settings, request_id, tick=show)
         else:
             await daemon.serve(settings, redactor, until=request_final, sink=ProgressBar())
         rows = await queries.status_rows(conn, request_id)
         status, error, _counts = await queries.request_state(conn, request_id)
+        wanted = await queries.request_dest(conn, request_id)
     if status == "failed":
         print(f"request {request_id} failed: {redactor(error or 'no reason given')}",
               file=sys.stderr)
@@ -264,11 +308,24 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
     failed = 0
     for r in rows:
         if r["status"] == "done":
-            print(f"done    {r['path']}")
+            path, there = _done_path(r, wanted)
+            print(f"done    {path}" + ("" if there else f" (not put into {wanted}: see the "
+                                                         "daemon's log)"))
+            failed += not there
         else:
             failed += 1
             print(f"{r['status']:<7} {r['url']}: {r['error'] or 'not finished'}")
     return 0 if rows and not failed else 1
+
+
+def _done_path(row: dict[str, Any], wanted: str | None) -> tuple[str, bool]:
+    """Where a request finds a done product: its download's file, or (asked into another
+    folder) the link or copy made there. (path, whether it is where the request wants it)."""
+    if wanted is None or row["dest"] is None or Path(wanted) == Path(row["dest"]) or \
+            not row["name"]:
+        return row["path"], True
+    target = Path(wanted) / row["provider"] / row["name"]
+    return (str(target), True) if target.exists() else (row["path"], False)
 
 
 async def search(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
@@ -317,6 +374,18 @@ def _check_search(provider: Provider, query: Query) -> None:
                          "supported yet")
 
 
+async def _held_back(conn: Any, request_id: int) -> str | None:
+    """Why a request's downloads do not move, if something holds them back."""
+    if not await _serving(conn):
+        return ("no daemon serves this database any more: the downloads wait for asyncsat run "
+                "(or stop this command and run get --wait again)")
+    paused = await queries.paused_waiting(conn, request_id)
+    if paused:
+        names = ", ".join(name for name, _n in paused)
+        return f"paused provider(s) {names}: their downloads wait for asyncsat provider resume"
+    return None
+
+
 def _status_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
     path = row["path"]
     if path is None and row["name"]:
@@ -325,7 +394,8 @@ def _status_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return {
         "id": row["id"], "request_id": row["request_id"], "provider": row["provider"],
         "name": row["name"], "url": row["url"], "status": row["status"],
-        "bytes_done": row["bytes_done"], "size": row["size"], "attempts": row["attempts"],
+        "bytes_done": row["bytes_done"], "size": row["size"], "rate": row["rate"],
+        "attempts": row["attempts"],
         "error": row["error"], "path": path,
         "checksum": f"{row['checksum_algo']}:{row['checksum_value']}"
         if row["checksum_algo"] else None,
@@ -350,12 +420,17 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
                                              limit=args.limit, newest_first=True)
             if args.json:
                 _emit([_status_json(r, settings) for r in rows])
+                if any(r["status"] == "running" for r in rows) and \
+                        not await _serving(conn):
+                    print(await _daemon_line(conn, args.request, False), file=sys.stderr)
             else:
                 if args.watch and sys.stdout.isatty():
                     print("\x1b[H\x1b[2J", end="")
                 print(f"database: {database}")
-                print(_daemons_line(await queries.live_daemons(conn), rows))
-                print(redactor(status_table(rows)))
+                serving = await _serving(conn)
+                for line in await _status_notes(conn, args.request, serving):
+                    print(redactor(line))
+                print(redactor(status_table(rows, stalled=not serving)))
                 if args.limit is not None and len(rows) == args.limit:
                     total = await queries.status_count(conn, args.request, statuses=statuses)
                     if total > len(rows):
@@ -373,6 +448,35 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
             await asyncio.sleep(1.0)
 
 
+async def _status_notes(conn: Any, request_id: int | None, serving: bool) -> list[str]:
+    """Lines under `database:`: whether a daemon serves it, and what holds the queue back."""
+    lines = [await _daemon_line(conn, request_id, serving)]
+    totals = totals_line(await queries.progress_totals(conn, request_id)) if serving else None
+    if totals is not None:
+        lines.append(totals)
+    lines += [f"paused: provider {name} ({n} waiting download(s)): asyncsat provider resume "
+              f"{name}" for name, n in await queries.paused_waiting(conn, request_id)]
+    return lines
+
+
+async def _daemon_line(conn: Any, request_id: int | None, serving: bool) -> str:
+    """`daemon: ...`: rows marked running with no daemon are stalled, not running."""
+    if serving:
+        live = await _live(conn)
+        return "daemon: serving this database (" + "; ".join(
+            f"{d['id'][:8]} on {d['host']} pid {d['pid']}: {d['running']} running"
+            for d in live) + ")"
+    counts = await queries.progress_totals(conn, request_id)
+    line = "daemon: none serves this database"
+    if counts.get("running"):
+        line += (f"; {counts['running']} download(s) marked running are stalled (left by a "
+                 "daemon that did not stop cleanly): asyncsat run resumes them from their "
+                 ".part files")
+    elif counts.get("queued"):
+        line += f"; {counts['queued']} queued download(s) wait for asyncsat run"
+    return line
+
+
 async def _check_ids(conn: Any, ids: list[int]) -> None:
     missing = await queries.downloads_missing(conn, ids)
     if missing:
@@ -380,7 +484,8 @@ async def _check_ids(conn: Any, ids: list[int]) -> None:
 
 
 _NOTHING_TO_RETRY = {
-    "done": "is done", "queued": "is queued already", "running": "is running",
+    "done": "is done and its file is in place", "queued": "is queued already",
+    "running": "is running",
 }
 _NOTHING_TO_CANCEL = {
     "done": "is done", "failed": "has failed", "cancelled": "is cancelled already",
@@ -407,9 +512,20 @@ async def retry(args: argparse.Namespace, settings: Settings, redactor: Redactor
                   "no failed download: nothing to retry")
             return 0
         await _check_ids(conn, args.ids)
-        changed, left = await _change(conn, args.ids, queries.retry)
+        gone: dict[int, str] = {}
+
+        async def retry_or_fetch_again(conn: Any, ids: list[int]) -> None:
+            await queries.retry(conn, ids)
+            # a done download whose file is gone (deleted, moved away) is fetched again
+            for i, path in (await queries.download_files(conn, ids)).items():
+                if not Path(path).exists():
+                    await queries.download_refetch(conn, i, None)
+                    gone[i] = path
+
+        changed, left = await _change(conn, args.ids, retry_or_fetch_again)
     print(f"{len(changed)} download(s) queued again" +
-          (": " + ", ".join(str(i) for i in changed) if changed else ""))
+          (": " + ", ".join(f"{i} (done, but its file {gone[i]} was gone)" if i in gone
+                            else str(i) for i in changed) if changed else ""))
     for i, status in left.items():
         print(f"download {i} {_NOTHING_TO_RETRY.get(status, 'is ' + status)}: nothing to retry")
     return 0
@@ -423,6 +539,7 @@ async def _requests(conn: Any, args: argparse.Namespace, redactor: Redactor) -> 
         else:
             if args.watch and sys.stdout.isatty():
                 print("\x1b[H\x1b[2J", end="")
+            print(await _daemon_line(conn, args.request, await _serving(conn)))
             print(redactor(request_progress_table(rows)))
         if not args.watch:
             return 0
@@ -459,16 +576,17 @@ async def cancel(args: argparse.Namespace, settings: Settings, redactor: Redacto
     return 0
 
 
-def _daemons_line(live: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
-    """Who serves the database: the live daemons and what each is doing, or a warning when
-    none does (rows shown `running` are then frozen)."""
-    if not live:
-        stale = sum(r["status"] == "running" for r in rows)
-        return "daemons: none serves this database" + (
-            f" ({stale} download(s) shown running are stopped: start `asyncsat run`)"
-            if stale else "")
-    return "daemons: " + "; ".join(
-        f"{d['id'][:8]} on {d['host']} pid {d['pid']}: {d['running']} running" for d in live)
+async def _live(conn: Any) -> list[dict[str, Any]]:
+    """The daemons whose heartbeat is fresh, but those of this host whose process is gone
+    (killed since their last heartbeat: no need to wait for their lease to lapse)."""
+    here = socket.gethostname()
+    return [d for d in await queries.live_daemons(conn)
+            if d["host"] != here or daemon.process_alive(d["pid"])]
+
+
+async def _serving(conn: Any) -> bool:
+    """True while a daemon serves the database."""
+    return bool(await _live(conn))
 
 
 def _daemons(live: list[dict[str, Any]]) -> str:
@@ -479,7 +597,7 @@ def _daemons(live: list[dict[str, Any]]) -> str:
 async def check(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     """A health check for systemd, Docker and monitoring."""
     async with daemon.connection(settings) as conn:
-        live = await queries.live_daemons(conn)
+        live = await _live(conn)
     if not live:
         raise AsyncsatError("no daemon serves this database")
     print(f"ok: the database answers and {_daemons(live)} serve{'s' if len(live) == 1 else ''}"
@@ -534,7 +652,7 @@ async def db_stop(args: argparse.Namespace, settings: Settings, redactor: Redact
         return 0
     conn = await connect(dsn)
     try:
-        serving = await queries.live_daemons(conn)
+        serving = await _live(conn)
     finally:
         await conn.close()
     if serving:

@@ -43,6 +43,9 @@ class Settings:
     """Bytes read from the network and written to disk at a time."""
     progress_interval: float = 1.0
     """Seconds between two progress updates of a running download in the database."""
+    progress_log_interval: float = 30.0
+    """Seconds between two `download progress` log lines of a running transfer (0: none);
+    also how often `get --wait` prints its progress when it is not on a terminal."""
     shutdown_timeout: float = 8.0
     """Seconds granted to running transfers to stop cleanly on SIGTERM."""
     listener_ping: float = 10.0
@@ -80,6 +83,10 @@ class Settings:
         if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
             raise ConfigError(f"metrics_port must be a TCP port (1-65535), not "
                               f"{self.metrics_port}")
+        if self.progress_interval <= 0:
+            raise ConfigError("progress_interval must be more than 0 seconds")
+        if self.progress_log_interval < 0:
+            raise ConfigError("progress_log_interval must be 0 (no progress lines) or more")
         if not self.metrics_host.strip():
             raise ConfigError("metrics_host must be an address")
         if self.status_interval <= 0:
@@ -119,6 +126,8 @@ class Settings:
             log_level=_str(values, "log_level", defaults.log_level) or "info",
             chunk_size=int(_num(values, "chunk_size", defaults.chunk_size)),
             progress_interval=_num(values, "progress_interval", defaults.progress_interval),
+            progress_log_interval=_num(values, "progress_log_interval",
+                                       defaults.progress_log_interval),
             shutdown_timeout=_num(values, "shutdown_timeout", defaults.shutdown_timeout),
             listener_ping=_num(values, "listener_ping", defaults.listener_ping),
             lease_timeout=_num(values, "lease_timeout", defaults.lease_timeout),

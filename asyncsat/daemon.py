@@ -168,7 +168,7 @@ async def _register(store: Store, settings: Settings) -> str:
     of after `lease_timeout`."""
     host = socket.gethostname()
     for other, pid in await store.call(queries.daemons_on_host, host):
-        if not _alive(pid):
+        if not process_alive(pid):
             left = await store.call(queries.daemon_gone, other)
             log.info("a daemon of this host is gone: its downloads are taken over",
                      daemon_id=other, pid=pid, downloads=left)
@@ -178,7 +178,8 @@ async def _register(store: Store, settings: Settings) -> str:
     return me
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host runs (for a daemon row of this host)."""
     if pid == os.getpid():
         return False  # a process of an earlier life of ours (a container restarted)
     try:
@@ -231,8 +232,11 @@ async def _queue_status(store: Store) -> str | None:
     return ", ".join(figures)
 
 
-async def wait_for_request(settings: Settings, request_id: int) -> dict[str, int]:
-    """Wait until every download of a request is final (served by a running daemon)."""
+async def wait_for_request(
+    settings: Settings, request_id: int, *, tick: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, int]:
+    """Wait until every download of a request is final (served by a running daemon);
+    `tick()` meanwhile, every `progress_interval` seconds (to show progress)."""
     changed = asyncio.Event()
     conn = await connect(await resolve_dsn(settings))
     try:
@@ -242,8 +246,11 @@ async def wait_for_request(settings: Settings, request_id: int) -> dict[str, int
             status, _error, counts = await queries.request_state(conn, request_id)
             if status != "queued" and not set(counts) - TERMINAL:
                 return counts
+            if tick is not None:
+                await tick()
             # the timeout is a safety net for a lost notification, not the wake-up path
-            await wait_any(changed, timeout=5.0)
+            await wait_any(changed, timeout=5.0 if tick is None else
+                           min(5.0, settings.progress_interval))
     finally:
         with suppress(Exception):
             await conn.close()

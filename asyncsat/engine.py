@@ -39,7 +39,8 @@ from asyncsat.leases import Accounts, Lease, Leases
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Recorder
 from asyncsat.models import Download, Provider, Request
-from asyncsat.resolver import Resolver
+from asyncsat.progress import RateMeter, eta
+from asyncsat.resolver import Resolver, settled
 from asyncsat.retry import Policy, budget, decide
 from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.registry import Drivers
@@ -87,6 +88,7 @@ class Engine:
         self._providers: dict[int, Provider] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._lost: set[int] = set()
+        self._running: dict[int, Download] = {}
         self.accounts = Accounts(redactor)
         self.slot_freed = asyncio.Event()
         self.leases = Leases(store, self.accounts, owner, settings.lease_timeout,
@@ -189,6 +191,13 @@ class Engine:
     async def _refresh_accounts(self) -> None:
         self._accounts_stale = False
         for provider, credentials in await self.store.call(queries.accounts):
+            known = self._providers.get(provider.id)
+            if provider.paused != (known.paused if known else False):
+                # the claim leaves a paused provider's rows alone; running transfers finish
+                log.info("provider paused" if provider.paused else "provider resumed",
+                         provider=provider.name,
+                         running=sum(1 for d in self._running.values()
+                                     if d.provider_id == provider.id))
             self._providers[provider.id] = provider
             self.accounts.load(provider, credentials)
 
@@ -196,23 +205,29 @@ class Engine:
         """Turn queued requests into downloads. True when more may be waiting."""
 
         by_catalog: list[Request] = []
+        resolved: list[tuple[int, intake.Asked]] = []
 
         async def batch(conn: Any) -> int:
             by_catalog.clear()
+            resolved.clear()
             requests = await queries.request_lock_queued(conn, REQUEST_BATCH,
                                                          self.resolver.busy)
             for request in requests:
                 if intake.needs_catalog(request):
                     by_catalog.append(request)  # over the network, outside this transaction
                     continue
-                status, error, count = await self._resolve_one(conn, request)
+                status, error, asked = await self._resolve_one(conn, request)
                 if status == "failed":
                     log.error("request failed", request_id=request.id, error=error)
                 else:
-                    log.info("request resolved", request_id=request.id, downloads=count)
+                    log.info("request resolved", request_id=request.id,
+                             downloads=len(asked.ids), **asked.counts())
+                    resolved.append((request.id, asked))
             return len(requests)
 
         n = await self.store.transaction(batch)
+        for request_id, asked in resolved:
+            await settled(asked, request_id)
         for request in by_catalog:
             self.resolver.start(request)
         if n:
@@ -220,7 +235,8 @@ class Engine:
             await self._refresh_accounts()
         return n >= REQUEST_BATCH
 
-    async def _resolve_one(self, conn: Any, request: Request) -> tuple[str, str | None, int]:
+    async def _resolve_one(self, conn: Any, request: Request) -> \
+            tuple[str, str | None, intake.Asked]:
         """Resolve one request in a savepoint: a request that breaks a statement (or trips a
         bug) fails alone, with its reason, instead of taking the daemon down at every start."""
         try:
@@ -272,6 +288,7 @@ class Engine:
                 task = asyncio.create_task(self._run_one(download, lease),
                                            name=f"download-{download.id}")
                 self._tasks[download.id] = task
+                self._running[download.id] = download
         return next_in, later
 
     async def _stop_transfers(self) -> None:
@@ -304,7 +321,7 @@ class Engine:
                                           lease.login.secret)
         folder = Path(d.dest or self.settings.default_dest) / d.provider
         attempt = Attempt(start_size=d.bytes_done, size=d.bytes_done)
-        events = _RowEvents(self, d)
+        events = _RowEvents(self, d, bound)
         if d.claimed_from == "offline":
             bound.info("offline download looked at", checks=d.offline_checks)
         else:
@@ -356,6 +373,7 @@ class Engine:
             self.metrics.transfer_ended(d.provider)
             self._tasks.pop(d.id, None)
             self._lost.discard(d.id)
+            self._running.pop(d.id, None)
             self.wake.set()
             await _to_the_end(self.leases.release(lease))
 
@@ -368,23 +386,41 @@ class Engine:
         bound.info("download done", name=outcome.name, path=str(outcome.path),
                    size=outcome.size, resumed_from=outcome.resumed_from,
                    restarted=outcome.restarted)
+        await self._place_copies(d, outcome, bound)
         self._finished(d, "done")
 
+    async def _place_copies(self, d: Download, outcome: Outcome, bound: Any) -> None:
+        """Put the file into the folders other requests asked for (a product is fetched
+        once, into the folder of the request that queued it)."""
+        owed = await self.store.call(queries.copies_owed, d.id)
+        if not owed:
+            return
+        links = [intake.Link(d.id, outcome.path, Path(dest) / d.provider / outcome.name)
+                 for _request_id, dest in owed]
+        for (request_id, _dest), (link, how) in zip(
+                owed, await asyncio.to_thread(intake.deliver, links), strict=True):
+            report = bound.info if how in ("linked", "copied", "there") else bound.error
+            report("download put in place", path=str(link.target), how=how,
+                   for_request=request_id)
+        await self.store.call(queries.copies_made, d.id)
+
     async def _after_stop(self, d: Download, attempt: Attempt, bound: Any) -> None:
+        on_disk = attempt.on_disk()  # not the last progress write: what the .part holds
         if d.claimed_from == "offline":  # stopped while looking at it: offline it stays
             await self.store.call(queries.download_unclaim_offline, d.id, self._fence(d))
+            status = await self.store.call(queries.download_status, d.id)
         else:
-            await self.store.call(queries.download_requeue, d.id, self._fence(d), error=d.error,
-                                  failures=d.failures, bytes_done=attempt.size, delay=0.0)
-        status = await self.store.call(queries.download_status, d.id)
+            status = await self.store.call(queries.download_stopped, d.id, self._fence(d),
+                                           error=d.error, failures=d.failures,
+                                           bytes_done=on_disk)
         if status is None:  # its provider was removed (`provider remove --force`)
-            bound.info("download removed", bytes_done=attempt.size)
+            bound.info("download removed", bytes_done=on_disk)
         elif status == "cancelled":
-            bound.info("download cancelled", bytes_done=attempt.size)
+            bound.info("download cancelled", bytes_done=on_disk)
         elif status == "offline":
             bound.info("download offline", reason="stopped")
         else:
-            bound.info("download queued", reason="stopped", bytes_done=attempt.size)
+            bound.info("download queued", reason="stopped", bytes_done=on_disk)
         self._finished(d, status or "queued")
 
     async def _after_failure(
@@ -477,13 +513,18 @@ def _one_line(text: str, limit: int = 1000) -> str:
 class _RowEvents:
     """Transfer events recorded in the download row (progress throttled)."""
 
-    def __init__(self, engine: Engine, download: Download) -> None:
+    def __init__(self, engine: Engine, download: Download, bound: Any) -> None:
         self._engine = engine
         self._download = download
+        self._bound = bound
         self._name = download.name or ""
         self._last = 0.0
         self._on_disk = download.bytes_done
         self._fence = engine._fence(download)
+        started = time.monotonic()
+        self._meter = RateMeter()
+        self._meter.add(started, download.bytes_done)
+        self._logged = (started, download.bytes_done)
 
     async def named(self, name: str, size: int | None, validator: Validator) -> str:
         for candidate in (name, _unique_name(name, self._download.id)):
@@ -513,7 +554,24 @@ class _RowEvents:
         if now - self._last < self._engine.settings.progress_interval:
             return
         self._last = now
+        rate = self._meter.add(now, done)
         if self._engine.sink is not None:
             self._engine.sink.progress(self._download.id, self._name, done, total)
+        self._log(now, done, total)
         await self._engine.store.try_call(queries.download_progress, self._download.id,
-                                          self._fence, done)
+                                          self._fence, done, rate)
+
+    def _log(self, now: float, done: int, total: int | None) -> None:
+        """A `download progress` line every `progress_log_interval` seconds of a transfer:
+        bytes, the rate since the last line, and the time left at that rate."""
+        every = self._engine.settings.progress_log_interval
+        since, before = self._logged
+        if not every or now - since < every:
+            return
+        self._logged = (now, done)
+        rate = max(0.0, (done - before) / (now - since)) if done >= before else 0.0
+        left = total - done if total is not None else None
+        self._bound.info(
+            "download progress", bytes_done=done, size=total,
+            percent=round(100 * done / total, 1) if total else None, rate=int(rate),
+            eta=None if (t := eta(left, rate)) is None else round(t))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -12,7 +13,7 @@ from asyncsat.catalogs.base import ProductRef
 from asyncsat.catalogs.templates import has_glob
 from asyncsat.db import queries
 from asyncsat.errors import UsageError
-from asyncsat.models import Checksum, Provider, Request
+from asyncsat.models import Added, Checksum, Provider, Request
 from asyncsat.naming import (
     SplitUrl,
     ftp_path,
@@ -21,6 +22,7 @@ from asyncsat.naming import (
     split_login,
     without_login,
 )
+from asyncsat.transfer.files import place
 
 
 def match_provider(url: str, providers: Sequence[Provider]) -> Provider | None:
@@ -44,45 +46,128 @@ def parse_urls(urls: Sequence[str]) -> list[SplitUrl]:
     return [split_login(u) for u in urls]
 
 
+@dataclass(frozen=True)
+class Link:
+    """A done product to put into the folder a request asked for (after its transaction)."""
+
+    download_id: int
+    source: Path
+    target: Path
+
+
+@dataclass
+class Asked:
+    """What became of the products a request asked for (inside its transaction).
+
+    The rule: a product is fetched once. One not done yet is left to its transfer
+    (`queued`; failed and cancelled ones are queued again, but by a standing request's later
+    runs). One done whose file is where the request wants it is `done`. One done whose file
+    is gone (deleted, moved away downstream) is fetched again (`refetched`), into the folder
+    asked for; a standing request's later runs leave it (`gone`). Asked into another folder
+    than the one its download uses, a done product is hard-linked (else copied) there after
+    the transaction (`links`); one not done yet is put there by the daemon once done (`owed`).
+    """
+
+    ids: list[int] = field(default_factory=list)
+    queued: list[int] = field(default_factory=list)
+    done: list[tuple[int, str]] = field(default_factory=list)
+    refetched: list[tuple[int, str]] = field(default_factory=list)
+    links: list[Link] = field(default_factory=list)
+    owed: list[int] = field(default_factory=list)
+    gone: list[int] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """How many products went each way (for a log line)."""
+        return {k: len(v) for k, v in (("queued", self.queued), ("done", self.done),
+                                       ("refetched", self.refetched), ("linked", self.links),
+                                       ("owed", self.owed), ("gone", self.gone)) if v}
+
+
+async def _settle(conn: Any, request_id: int, added: Added, provider: Provider, dest: str,
+                  revive: bool, asked: Asked) -> None:
+    """Apply the rule of `Asked` to one product (its file looked at on disk)."""
+    asked.ids.append(added.id)
+    if not added.first_ask:  # a standing request found its own product again
+        if added.status == "done":
+            asked.done.append((added.id, added.path or ""))
+        else:
+            asked.queued.append(added.id)
+        return
+    folder = Path(dest)
+    elsewhere = added.dest is not None and Path(added.dest) != folder
+    if added.status != "done":
+        if elsewhere:
+            await queries.copy_owed(conn, request_id, added.id, dest)
+            asked.owed.append(added.id)
+        else:
+            asked.queued.append(added.id)
+        return
+    target = folder / provider.name / added.name if added.name else None
+    if target is not None and target.exists():
+        asked.done.append((added.id, str(target)))
+    elif target is not None and added.path and Path(added.path).exists():
+        asked.links.append(Link(added.id, Path(added.path), target))
+    elif not revive:
+        asked.gone.append(added.id)
+    else:
+        await queries.download_refetch(conn, added.id, dest if elsewhere else None)
+        asked.refetched.append((added.id, added.path or str(target or folder)))
+
+
+def deliver(links: Sequence[Link]) -> list[tuple[Link, str]]:
+    """Put each done product into the folder asked for: (link, `linked`, `copied`, `there`,
+    or why not). Blocking: a copy across file systems may take long."""
+    results = []
+    for link in links:
+        try:
+            how = place(link.source, link.target)
+        except OSError as exc:
+            how = f"not put there: {exc.strerror or exc}"
+        results.append((link, how))
+    return results
+
+
 async def queue_urls(
     conn: Any, request_id: int, urls: Sequence[SplitUrl], *, provider: Provider | None,
     dest: str, checksum: Checksum | None,
-) -> list[int]:
+) -> Asked:
     """Insert one download per URL for a request (inside the caller's transaction)."""
     providers = await queries.provider_list(conn)
-    ids = []
+    asked = Asked()
     for u in urls:
         owner = provider or await provider_for(conn, u.url, providers)
-        ids.append(await queries.download_add(
+        added = await queries.download_add(
             conn, request_id=request_id, provider_id=owner.id, url=u.url, name=None, dest=dest,
             size=None, checksum=checksum, login_user=u.user, login_secret=u.password,
-        ))
-    return ids
+        )
+        await _settle(conn, request_id, added, owner, dest, True, asked)
+    return asked
 
 
 async def queue_products(
     conn: Any, request_id: int, provider: Provider, products: Sequence[ProductRef], *,
     dest: str, login: SplitUrl | None = None, revive: bool = True,
     offline_in: float = 60.0,
-) -> list[int]:
+) -> Asked:
     """Insert one download per product a catalog found (inside the caller's transaction).
 
     A catalog name is sanitised; one that another download of the folder already has (daily
     folders that reuse a file name) is left for the transfer to choose (`name_<id>`). A
     product the catalog reports offline waits `offline_in` seconds before it is looked at.
     """
-    ids = []
+    asked = Asked()
     for p in products:
         name = (sanitize(p.name) if p.name else "") or None
-        ids.append(await queries.download_add(
+        added = await queries.download_add(
             conn, request_id=request_id, provider_id=provider.id, url=p.url, name=name,
             dest=dest, size=p.size, checksum=p.checksum,
             login_user=login.user if login else None,
             login_secret=login.password if login else None,
             size_origin="catalog" if p.size_binding else "server", product_id=p.id,
             offline_in=None if p.online else offline_in, revive=revive,
-        ))
-    return ids
+        )
+        await _settle(conn, request_id, added, provider, dest, revive, asked)
+    return asked
 
 
 async def provider_for(conn: Any, url: str, providers: Sequence[Provider] | None = None) -> \
@@ -112,8 +197,10 @@ async def _implicit(conn: Any, url: str) -> Provider:
     )
 
 
-async def resolve(conn: Any, request: Request, default_dest: Path) -> tuple[str, str | None, int]:
-    """Resolve a queued request row (inserted by psql or the CLI): (status, error, downloads)."""
+async def resolve(conn: Any, request: Request, default_dest: Path) -> \
+        tuple[str, str | None, Asked]:
+    """Resolve a queued request row (inserted by psql or the CLI): (status, error, what
+    became of its products)."""
     if request.search is not None and not request.urls:
         return await fail(conn, request, "catalog searches are not supported yet")
     try:
@@ -128,15 +215,15 @@ async def resolve(conn: Any, request: Request, default_dest: Path) -> tuple[str,
         provider = next((p for p in await queries.provider_list(conn)
                          if p.id == request.provider_id), None)
     dest = request.dest or str(default_dest)
-    ids = await queue_urls(conn, request.id, urls, provider=provider, dest=dest,
-                           checksum=checksum)
+    asked = await queue_urls(conn, request.id, urls, provider=provider, dest=dest,
+                             checksum=checksum)
     await queries.request_finish(conn, request.id, "resolved", None, [u.url for u in urls])
-    return "resolved", None, len(ids)
+    return "resolved", None, asked
 
 
-async def fail(conn: Any, request: Request, error: str) -> tuple[str, str | None, int]:
+async def fail(conn: Any, request: Request, error: str) -> tuple[str, str | None, Asked]:
     """Mark a request failed; logins are taken out of the URLs it keeps."""
     urls = [without_login(u) if isinstance(u, str) else u for u in request.urls or []]
     await queries.request_finish(conn, request.id, "failed", error,
                                  urls if request.urls else None)
-    return "failed", error, 0
+    return "failed", error, Asked()

@@ -24,6 +24,8 @@ class Provider:
     url: str | None
     settings: dict[str, object] = field(default_factory=dict)
     implicit: bool = False
+    paused: bool = False
+    """Paused: no transfer of its downloads starts (the running ones finish)."""
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,19 @@ class Request:
     watermark: datetime | None = None
     """The newest publication (or sensing) time a standing request has seen."""
     status: str = "queued"
+
+
+@dataclass(frozen=True)
+class Added:
+    """A product asked for by a request, as its download row stands after the ask."""
+
+    id: int
+    status: str
+    dest: str | None
+    """The folder the row fetches into (NULL: the daemon's default)."""
+    name: str | None
+    path: str | None
+    """Its final file, once done."""
+    first_ask: bool
+    """The request had not asked for this product before (a standing request's later runs
+    find their own products again)."""

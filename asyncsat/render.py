@@ -5,9 +5,14 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
 from asyncsat.naming import without_login
+from asyncsat.progress import duration, eta
+
+if TYPE_CHECKING:
+    from asyncsat.intake import Asked, Link
 
 
 def human(n: int | None) -> str:
@@ -21,24 +26,138 @@ def human(n: int | None) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def status_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table of downloads, one per line."""
+def status_table(rows: Sequence[dict[str, Any]], *, stalled: bool = False) -> str:
+    """A plain-text table of downloads, one per line. With `stalled` (no daemon serves the
+    database), rows marked running show as `stalled`: nothing moves them."""
     if not rows:
         return "no downloads"
-    lines = [f"{'ID':>6}  {'STATUS':<9}  {'PROVIDER':<16}  {'PROGRESS':<22}  {'TRIES':>5}  NAME"]
+    lines = [f"{'ID':>6}  {'STATUS':<9}  {'PROVIDER':<16}  {'PROGRESS':<22}  {'RATE':>10}  "
+             f"{'ETA':>8}  {'TRIES':>5}  NAME"]
     for r in rows:
         size = r["size"]
         pct = f"{100 * r['bytes_done'] / size:5.1f}%" if size else "     "
         progress = f"{pct} {human(r['bytes_done'])}/{human(size)}"
         name = r["name"] or r["url"]
-        line = (f"{r['id']:>6}  {r['status']:<9}  {r['provider'][:16]:<16}  {progress:<22}  "
-                f"{r['attempts']:>5}  {name}")
+        shown = "stalled" if stalled and r["status"] == "running" else r["status"]
+        rate = r.get("rate")
+        speed, left = "", ""
+        if r["status"] == "running" and not stalled:
+            speed = f"{human(int(rate))}/s" if rate is not None else "-"
+            left = duration(eta(size - r["bytes_done"] if size else None, rate))
+        line = (f"{r['id']:>6}  {shown:<9}  {r['provider'][:16]:<16}  {progress:<22}  "
+                f"{speed:>10}  {left:>8}  {r['attempts']:>5}  {name}")
         if r["error"] and r["status"] != "done":
             line += f"  ({r['error']})"
         if r["status"] == "offline" and r.get("not_before") is not None:
             line += f"  [looked at again at {r['not_before']:%Y-%m-%d %H:%M:%S %Z}]"
         lines.append(line)
     return "\n".join(lines)
+
+
+def totals_line(t: dict[str, Any]) -> str | None:
+    """`progress: ...` over the downloads still to fetch (None when there are none): how
+    many run and at what rate, how many wait, the bytes left and the time left."""
+    if not t["running"] and not t["queued"]:
+        return None
+    line = f"progress: {t['running']} running at {human(int(t['rate']))}/s, {t['queued']} queued"
+    if t["offline"]:
+        line += f", {t['offline']} offline"
+    line += f"; {human(t['left'])} left"
+    if t["left_unsized"]:
+        line += f" (and {t['left_unsized']} of unknown size)"
+    return line + f"; ETA {duration(eta(t['left'], t['rate']))}"
+
+
+def request_line(request_id: int, t: dict[str, Any]) -> str:
+    """One request as `get --wait` follows it: downloads by status, bytes, rate, time left."""
+    total = sum(t[k] for k in ("queued", "running", "offline", "done", "failed", "cancelled"))
+    line = f"request {request_id}: {t['done']} of {total} done"
+    for key in ("running", "queued", "offline", "failed", "cancelled"):
+        if t[key]:
+            line += f", {t[key]} {key}"
+    size = human(t["size"]) if not t["unsized"] else "?"
+    line += f"; {human(t['bytes_done'])}/{size}; {human(int(t['rate']))}/s"
+    return line + f"; ETA {duration(eta(t['left'], t['rate']))}"
+
+
+class DbProgress:
+    """`get --wait` while a daemon does the work: the request's progress as the database
+    holds it. On a terminal, one line per running transfer and one for the request, redrawn
+    in place; elsewhere the request's line every `every` seconds (0: never). A note (no
+    daemon, a paused provider) is printed once each time it changes."""
+
+    def __init__(self, stream: TextIO | None = None, *, every: float = 30.0) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every = every
+        self._drawn = 0
+        self._printed = time.monotonic()
+        self._note: str | None = None
+
+    def show(self, request_id: int, totals: dict[str, Any], running: Sequence[dict[str, Any]],
+             note: str | None = None) -> None:
+        if note != self._note:
+            self._note = note
+            if note is not None:
+                self._write([note], redraw=False)
+        summary = request_line(request_id, totals)
+        if self.tty:
+            self._write([_transfer_line(r) for r in running] + [summary], redraw=True)
+        elif self.every and time.monotonic() - self._printed >= self.every:
+            self._printed = time.monotonic()
+            self._write([summary], redraw=False)
+
+    def _write(self, lines: list[str], *, redraw: bool) -> None:
+        if self.tty and self._drawn:
+            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")  # back over the last drawing
+        self._drawn = 0
+        text = "".join(line[:ProgressBar.WIDTH] + "\n" for line in lines)
+        self.stream.write(text)
+        if redraw:
+            self._drawn = len(lines)
+        self.stream.flush()
+
+
+def _transfer_line(r: dict[str, Any]) -> str:
+    size, done, rate = r["size"], r["bytes_done"], r.get("rate")
+    pct = f"{100 * done / size:5.1f}%" if size else "  ?  "
+    left = duration(eta(size - done if size else None, rate))
+    speed = f"{human(int(rate))}/s" if rate is not None else "-"
+    return (f"  {(r['name'] or r['url'])[:40]:<40} {pct} {human(done)}/{human(size)} "
+            f"{speed} ETA {left}")
+
+
+PLACED = ("linked", "copied", "there")
+"""How a done product was put into a folder (else: why it was not)."""
+
+
+def asked_line(request_id: int, asked: Asked, placed: Sequence[tuple[Link, str]],
+               dest: Path) -> str:
+    """What `get` did, in one line: queued, done already, fetched again, put in place."""
+    def ids(items: Sequence[int]) -> str:
+        return ", ".join(str(i) for i in items)
+
+    parts = []
+    if asked.queued:
+        parts.append(f"{len(asked.queued)} download(s) queued: {ids(asked.queued)}")
+    there = [i for i, _path in asked.done] + [link.download_id for link, how in placed
+                                               if how == "there"]
+    if there:
+        parts.append(f"{len(there)} done already, the file in {dest}: {ids(there)}")
+    for how in ("linked", "copied"):
+        done = [link.download_id for link, h in placed if h == how]
+        if done:
+            parts.append(f"{len(done)} done already, {how} into {dest}: {ids(done)}")
+    for link, how in placed:
+        if how not in PLACED:
+            parts.append(f"download {link.download_id} is done but was {how}")
+    if asked.refetched:
+        parts.append(f"{len(asked.refetched)} done before but the file is gone, queued again: "
+                     + ", ".join(f"{i} ({path})" for i, path in asked.refetched))
+    if asked.owed:
+        parts.append(f"{len(asked.owed)} fetched into another folder by an earlier request, "
+                     f"put into {dest} once done: {ids(asked.owed)}")
+    return f"request {request_id}: " + "; ".join(parts)
 
 
 def requests_lines(rows: Sequence[dict[str, Any]]) -> str:
@@ -105,8 +224,9 @@ class ProgressBar:
         fraction = done / total if total else 0.0
         bar = "#" * int(20 * fraction) + "-" * (20 - int(20 * fraction))
         pct = f"{100 * fraction:5.1f}%" if total else "  ?  "
-        line = (f"[{bar}] {pct} {human(done)}/{human(total)} {human(int(self._rate))}/s  "
-                f"{len(self._files) - len(self._finished)} running, "
+        left = duration(eta(total - done if total else None, self._rate))
+        line = (f"[{bar}] {pct} {human(done)}/{human(total)} {human(int(self._rate))}/s "
+                f"ETA {left}  {len(self._files) - len(self._finished)} running, "
                 f"{len(self._finished)} finished")
         self.stream.write("\r" + line[: self.WIDTH] + "\x1b[K\r")
         self.stream.flush()

@@ -30,6 +30,7 @@ from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.store import Store
 from asyncsat.errors import AsyncsatError, DatabaseError, RetryableError
+from asyncsat.intake import Asked
 from asyncsat.leases import Lease
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Recorder
@@ -87,11 +88,12 @@ class Resolver:
         bound = log.bind(request_id=request.id)
         try:
             provider, products, login = await self._find(request)
-            count = await self._store.transaction(
+            asked = await self._store.transaction(
                 lambda conn: self._queue(conn, request, provider, products, login))
-            if count is not None:
+            if asked is not None:
                 bound.info("request followed" if request.follow else "request resolved",
-                           downloads=count, provider=provider.name)
+                           downloads=len(asked.ids), provider=provider.name, **asked.counts())
+                await settled(asked, request.id)
         except asyncio.CancelledError:
             raise
         except _Gone:
@@ -217,15 +219,15 @@ class Resolver:
         return await self._store.transaction(lambda conn: intake.provider_for(conn, url))
 
     async def _queue(self, conn: Any, request: Request, provider: Provider,
-                     products: list[ProductRef], login: SplitUrl | None) -> int | None:
+                     products: list[ProductRef], login: SplitUrl | None) -> Asked | None:
         if await queries.request_lock(conn, request.id) is None:
             return None  # cancelled or resolved meanwhile
         dest = request.dest or str(self._settings.default_dest)
         follow = follow_settings(provider)
         # a standing request's later runs do not revive products that failed for good
-        ids = await intake.queue_products(conn, request.id, provider, products, dest=dest,
-                                          login=login, revive=request.status == "queued",
-                                          offline_in=follow.offline_interval)
+        asked = await intake.queue_products(conn, request.id, provider, products, dest=dest,
+                                            login=login, revive=request.status == "queued",
+                                            offline_in=follow.offline_interval)
         limit = Query.from_json(request.search).limit if request.search else None
         full = limit is not None and \
             await queries.request_product_count(conn, request.id) >= limit
@@ -234,10 +236,10 @@ class Resolver:
             await queries.request_follow_next(
                 conn, request.id, watermark=max(seen) if seen else None,
                 interval=follow.interval)
-            return len(ids)
+            return asked
         urls = [split_login(u).url for u in request.urls] if request.urls else None
         await queries.request_finish(conn, request.id, "resolved", None, urls)
-        return len(ids)
+        return asked
 
     async def _fail(self, conn: Any, request: Request, error: str) -> None:
         locked = await queries.request_lock(conn, request.id)
@@ -252,6 +254,21 @@ class Resolver:
             return
         await intake.fail(conn, request, error)
         log.error("request failed", request_id=request.id, error=error)
+
+
+async def settled(asked: Asked, request_id: int) -> None:
+    """After a request's transaction: log the done products fetched again (their files were
+    gone), and put the done ones it wants elsewhere into its folder (in a thread: a copy
+    across file systems takes time)."""
+    for download_id, path in asked.refetched:
+        log.info("download queued", reason="file gone", download_id=download_id,
+                 request_id=request_id, path=path)
+    if not asked.links:
+        return
+    for link, how in await asyncio.to_thread(intake.deliver, asked.links):
+        report = log.info if how in ("linked", "copied", "there") else log.error
+        report("download put in place", download_id=link.download_id, request_id=request_id,
+               path=str(link.target), source=str(link.source), how=how)
 
 
 class _Gone(Exception):

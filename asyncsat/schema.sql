@@ -160,6 +160,17 @@ CREATE TABLE IF NOT EXISTS request_download (
     download_id bigint NOT NULL REFERENCES download (id) ON DELETE CASCADE,
     PRIMARY KEY (request_id, download_id)
 );
+-- 0.4: the folder a request wants a product in when its download fetches it into another
+-- one (a product is fetched once): the daemon hard-links (else copies) the file there once
+-- it is done, then clears it
+ALTER TABLE request_download ADD COLUMN IF NOT EXISTS dest text;
+
+-- 0.4: a paused provider starts no transfer (running ones finish); `provider pause NAME`,
+-- or plain `UPDATE provider SET paused = true`: the provider_notify trigger tells the daemon
+ALTER TABLE provider ADD COLUMN IF NOT EXISTS paused boolean NOT NULL DEFAULT false;
+-- 0.4: bytes per second of a running transfer over its last seconds, written by the daemon
+-- with bytes_done (`status` and `get --wait` show rates and times left from it)
+ALTER TABLE download ADD COLUMN IF NOT EXISTS rate double precision;
 
 -- status history: "what happened to product X" is one query
 CREATE TABLE IF NOT EXISTS download_event (
@@ -367,6 +378,9 @@ BEGIN
     -- a claim waits a moment for another daemon's, never for a stuck one
     PERFORM set_config('lock_timeout', '5s', true);
     PERFORM 1 FROM provider WHERE id = p_provider FOR UPDATE;
+    IF EXISTS (SELECT 1 FROM provider WHERE id = p_provider AND paused) THEN
+        RETURN;  -- a paused provider starts no transfer; running ones finish
+    END IF;
     DELETE FROM lease WHERE provider_id = p_provider AND expires_at <= now();
     SELECT array_agg(a.account ORDER BY a.account), array_agg(a.cap ORDER BY a.account),
            array_agg((SELECT count(*)::int FROM lease l WHERE l.provider_id = p_provider
@@ -434,7 +448,7 @@ BEGIN
         -- (looking at an offline product again uses no attempt: it is given back when
         -- the product is still offline)
         UPDATE download d SET status = 'running', attempts = d.attempts + 1, owner = p_daemon,
-               lease_expires = now() + make_interval(secs => p_seconds),
+               lease_expires = now() + make_interval(secs => p_seconds), rate = NULL,
                started_at = now(), finished_at = NULL, dest = coalesce(d.dest, p_default_dest),
                -- a row inserted with a name and no dest: another product of the default
                -- folder may have that name; the transfer then picks `name_<id>`

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from asyncsat.errors import UsageError
-from asyncsat.models import Checksum, Credential, Download, Provider, Request
+from asyncsat.models import Added, Checksum, Credential, Download, Provider, Request
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _download(row: Any) -> Download:
 def _provider(row: Any) -> Provider:
     return Provider(
         id=row["id"], name=row["name"], protocol=row["protocol"], url=row["url"],
-        settings=dict(row["settings"] or {}), implicit=row["implicit"],
+        settings=dict(row["settings"] or {}), implicit=row["implicit"], paused=row["paused"],
     )
 
 
@@ -109,6 +109,32 @@ async def provider_ensure_implicit(db: Any, name: str, protocol: str, url: str) 
         name, protocol, url,
     )
     return _provider(row)
+
+
+async def provider_pause(db: Any, provider_id: int, paused: bool) -> tuple[int, int]:
+    """Pause (or resume) a provider: the provider_notify trigger tells a running daemon.
+    (downloads running now, downloads waiting: queued or offline)."""
+    await db.execute("UPDATE provider SET paused = $2 WHERE id = $1", provider_id, paused)
+    row = await db.fetchrow(
+        "SELECT count(*) FILTER (WHERE status = 'running') AS running,"
+        " count(*) FILTER (WHERE status IN ('queued', 'offline')) AS waiting"
+        " FROM download WHERE provider_id = $1",
+        provider_id,
+    )
+    return int(row["running"]), int(row["waiting"])
+
+
+async def paused_waiting(db: Any, request_id: int | None = None) -> list[tuple[str, int]]:
+    """Paused providers with downloads waiting (of one request): (name, downloads)."""
+    rows = await db.fetch(
+        "SELECT p.name, count(d.id) AS n FROM provider p JOIN download d ON d.provider_id = p.id"
+        " WHERE p.paused AND d.status IN ('queued', 'offline')"
+        " AND ($1::bigint IS NULL OR d.id IN"
+        "  (SELECT download_id FROM request_download WHERE request_id = $1))"
+        " GROUP BY p.name ORDER BY p.name",
+        request_id,
+    )
+    return [(r["name"], int(r["n"])) for r in rows]
 
 
 async def credential_upsert(
@@ -303,7 +329,7 @@ async def download_add(
     size: int | None, checksum: Checksum | None, login_user: str | None,
     login_secret: str | None, size_origin: str = "catalog", product_id: str | None = None,
     offline_in: float | None = None, revive: bool = True,
-) -> int:
+) -> Added:
     """Queue a product once, known by its catalog id (else its URL); count it in the request.
 
     Asking again for a failed or cancelled product queues it again (`revive`; a standing
@@ -311,27 +337,79 @@ async def download_add(
     ones change) takes the new one. `offline_in`: the catalog reports it offline, to be
     looked at again in that many seconds. A `name` another product of the folder already
     has (daily folders reusing a file name) is left for the transfer to choose (`name_<id>`).
+    What to do about a done product whose file is gone, or one asked into another folder,
+    is the caller's to decide (it looks at files): the row as it stands is returned.
     """
     args = (request_id, provider_id, url, name, dest, size,
             checksum.algo if checksum else None, checksum.value if checksum else None,
             login_user, login_secret, size_origin, product_id,
             "offline" if offline_in is not None else "queued", offline_in or 0.0, revive)
     if name is None:
-        download_id: int = await db.fetchval(_DOWNLOAD_ADD, *args)
+        row = await db.fetchrow(_DOWNLOAD_ADD, *args)
     else:
         try:
             async with db.transaction():  # a savepoint: the caller's transaction goes on
-                download_id = await db.fetchval(_DOWNLOAD_ADD, *args)
+                row = await db.fetchrow(_DOWNLOAD_ADD, *args)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name != "download_file_unique":
                 raise
-            download_id = await db.fetchval(_DOWNLOAD_ADD, *args[:3], None, *args[4:])
-    await db.execute(
+            row = await db.fetchrow(_DOWNLOAD_ADD, *args[:3], None, *args[4:])
+    linked = await db.fetchval(
         "INSERT INTO request_download (request_id, download_id) VALUES ($1, $2)"
-        " ON CONFLICT DO NOTHING",
-        request_id, download_id,
+        " ON CONFLICT DO NOTHING RETURNING download_id",
+        request_id, row["id"],
     )
-    return download_id
+    return Added(id=row["id"], status=row["status"], dest=row["dest"], name=row["name"],
+                 path=row["path"], first_ask=linked is not None)
+
+
+async def download_refetch(db: Any, download_id: int, dest: str | None) -> str | None:
+    """A done product whose file is gone is fetched again from zero, into `dest` (None: its
+    own folder). Another download of that folder may own its name: the transfer then names
+    it. The row's status after (`queued`; else it was not done)."""
+    args = (download_id, dest)
+    try:
+        async with db.transaction():  # a savepoint: the caller's transaction goes on
+            value: str | None = await db.fetchval(_REFETCH, *args, True)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != "download_file_unique":
+            raise
+        value = await db.fetchval(_REFETCH, *args, False)
+    return value
+
+
+_REFETCH = (
+    "UPDATE download SET status = 'queued', dest = coalesce($2, dest), path = NULL,"
+    " name = CASE WHEN $3 THEN name END, bytes_done = 0, failures = 0, error = NULL,"
+    " etag = NULL, last_modified = NULL, rate = NULL, not_before = now(), finished_at = NULL"
+    " WHERE id = $1 AND status = 'done' RETURNING status"
+)
+
+
+async def copy_owed(db: Any, request_id: int, download_id: int, dest: str) -> None:
+    """The request wants the product in `dest`, not the folder its download fetches into:
+    the daemon puts it there (a hard link, else a copy) once it is done."""
+    await db.execute(
+        "UPDATE request_download SET dest = $3 WHERE request_id = $1 AND download_id = $2",
+        request_id, download_id, dest,
+    )
+
+
+async def copies_owed(db: Any, download_id: int) -> list[tuple[int, str]]:
+    """(request, folder) of the copies owed for a download that is done now."""
+    rows = await db.fetch(
+        "SELECT request_id, dest FROM request_download WHERE download_id = $1"
+        " AND dest IS NOT NULL ORDER BY request_id",
+        download_id,
+    )
+    return [(r["request_id"], r["dest"]) for r in rows]
+
+
+async def copies_made(db: Any, download_id: int) -> None:
+    await db.execute(
+        "UPDATE request_download SET dest = NULL WHERE download_id = $1 AND dest IS NOT NULL",
+        download_id,
+    )
 
 
 _REVIVED = "($15 AND download.status IN ('failed', 'cancelled'))"
@@ -359,16 +437,17 @@ _DOWNLOAD_ADD = (
     "   ELSE coalesce(download.checksum_value, EXCLUDED.checksum_value) END,"
     "  login_user = coalesce(EXCLUDED.login_user, download.login_user),"
     "  login_secret = coalesce(EXCLUDED.login_secret, download.login_secret)"
-    " RETURNING id"
+    " RETURNING id, status, dest, name, path"
 )
 
 
 # -- the daemon's claims and state changes ----------------------------------------------------
 
 async def queued_providers(db: Any) -> list[tuple[int, int, float | None, float | None]]:
-    """Per provider: (id, rows due now, seconds until the next queued row is due, seconds
-    until the next offline row is to be looked at again). Running rows whose daemon stopped
-    renewing their lease are due (taken over); the next lease to lapse counts as a wait."""
+    """Per provider not paused: (id, rows due now, seconds until the next queued row is
+    due, seconds until the next offline row is to be looked at again). Running rows whose
+    daemon stopped renewing their lease are due (taken over); the next lease to lapse counts
+    as a wait."""
     rows = await db.fetch(
         "SELECT provider_id,"
         " count(*) FILTER (WHERE (status <> 'running' AND not_before <= now())"
@@ -380,16 +459,20 @@ async def queued_providers(db: Any) -> list[tuple[int, int, float | None, float 
         " extract(epoch FROM min(not_before) FILTER (WHERE not_before > now()"
         "  AND status = 'offline') - now())::float8 AS offline_wait"
         " FROM download WHERE status IN ('queued', 'offline', 'running')"
+        # a paused provider starts nothing: its rows neither count nor wake the loop
+        "  AND provider_id NOT IN (SELECT id FROM provider WHERE paused)"
         " GROUP BY provider_id ORDER BY provider_id"
     )
     return [(r["provider_id"], r["due"], r["wait"], r["offline_wait"]) for r in rows]
 
 
 async def pending_work(db: Any) -> bool:
-    """True while any request or download waits to be processed."""
+    """True while any request or download waits to be processed (the queued downloads of
+    a paused provider wait for its resume: they are not work to drain)."""
     value: bool = await db.fetchval(
         "SELECT EXISTS (SELECT 1 FROM request WHERE status = 'queued')"
-        " OR EXISTS (SELECT 1 FROM download WHERE status IN ('queued', 'running'))"
+        " OR EXISTS (SELECT 1 FROM download d WHERE d.status = 'running' OR"
+        "  (d.status = 'queued' AND d.provider_id NOT IN (SELECT id FROM provider WHERE paused)))"
     )
     return value
 
@@ -516,10 +599,14 @@ async def download_named(
     return True if _changed(result) else None
 
 
-async def download_progress(db: Any, download_id: int, fence: Fence, bytes_done: int) -> None:
+async def download_progress(
+    db: Any, download_id: int, fence: Fence, bytes_done: int, rate: float | None
+) -> None:
+    """Bytes on disk and bytes per second of a running transfer."""
     await db.execute(
-        "UPDATE download SET bytes_done = $2 WHERE id = $1" + _FENCED.format(o="$3", a="$4"),
-        download_id, bytes_done, fence.owner, fence.attempt,
+        "UPDATE download SET bytes_done = $2, rate = $3 WHERE id = $1"
+        + _FENCED.format(o="$4", a="$5"),
+        download_id, bytes_done, rate, fence.owner, fence.attempt,
     )
 
 
@@ -590,6 +677,26 @@ async def archive_ordered(db: Any, download_id: int, provider_id: int, account: 
     )
 
 
+async def download_stopped(
+    db: Any, download_id: int, fence: Fence, *, error: str | None, failures: int,
+    bytes_done: int,
+) -> str | None:
+    """A transfer was stopped: by the daemon's stop (the row goes back to the queue, due
+    now) or by the user's cancel (it stays cancelled). Either way the bytes on disk are
+    recorded. The row's status after (None: it was removed with its provider)."""
+    value: str | None = await db.fetchval(
+        "UPDATE download SET bytes_done = $4, owner = NULL,"
+        " status = CASE WHEN status = 'running' THEN 'queued' ELSE status END,"
+        " error = CASE WHEN status = 'running' THEN $2 ELSE error END,"
+        " failures = CASE WHEN status = 'running' THEN $3 ELSE failures END,"
+        " not_before = CASE WHEN status = 'running' THEN now() ELSE not_before END"
+        " WHERE id = $1 AND status IN ('running', 'cancelled') AND owner = $5"
+        " AND attempts = $6 RETURNING status",
+        download_id, error, failures, bytes_done, fence.owner, fence.attempt,
+    )
+    return value if value is not None else await download_status(db, download_id)
+
+
 async def download_end(
     db: Any, download_id: int, fence: Fence, *, status: str, error: str, failures: int,
     bytes_done: int,
@@ -635,6 +742,15 @@ async def download_status(db: Any, download_id: int) -> str | None:
 
 # -- user commands ----------------------------------------------------------------------------
 
+STALLED_AFTER = 15
+"""Seconds without a progress write after which a running transfer's rate counts as 0."""
+# the rate of a running transfer (NULL: not measured yet); none for the others
+_LIVE_RATE = (
+    "CASE WHEN d.status = 'running' THEN CASE WHEN d.updated_at > now()"
+    f" - interval '{STALLED_AFTER} seconds' THEN d.rate ELSE 0 END END"
+)
+
+
 async def status_rows(
     db: Any, request_id: int | None = None, *, statuses: Sequence[str] | None = None,
     limit: int | None = None, newest_first: bool = False,
@@ -644,7 +760,7 @@ async def status_rows(
     rows = await db.fetch(
         "SELECT d.id, d.request_id, p.name AS provider, d.name, d.url, d.status, d.bytes_done,"
         " d.size, d.attempts, d.error, d.path, d.dest, d.checksum_algo, d.checksum_value,"
-        " d.created_at, d.updated_at, d.finished_at, d.not_before"
+        f" d.created_at, d.updated_at, d.finished_at, d.not_before, {_LIVE_RATE} AS rate"
         " FROM download d JOIN provider p ON p.id = d.provider_id"
         " WHERE ($1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
         "  (SELECT download_id FROM request_download WHERE request_id = $1))"
@@ -669,11 +785,52 @@ async def status_count(
     return value
 
 
+async def progress_totals(db: Any, request_id: int | None = None) -> dict[str, Any]:
+    """The downloads (of one request) as a whole: count per status, `bytes_done` and `size`
+    (sums; `unsized` downloads have no size yet), `left` (bytes still to fetch by the
+    queued and running ones of known size) and `rate` (bytes/s of the running ones)."""
+    row = await db.fetchrow(
+        "SELECT count(*) FILTER (WHERE d.status = 'queued') AS queued,"
+        " count(*) FILTER (WHERE d.status = 'running') AS running,"
+        " count(*) FILTER (WHERE d.status = 'offline') AS offline,"
+        " count(*) FILTER (WHERE d.status = 'done') AS done,"
+        " count(*) FILTER (WHERE d.status = 'failed') AS failed,"
+        " count(*) FILTER (WHERE d.status = 'cancelled') AS cancelled,"
+        " coalesce(sum(d.bytes_done), 0)::bigint AS bytes_done,"
+        " coalesce(sum(d.size), 0)::bigint AS size,"
+        " count(*) FILTER (WHERE d.size IS NULL) AS unsized,"
+        " coalesce(sum(greatest(d.size - d.bytes_done, 0))"
+        "  FILTER (WHERE d.status IN ('queued', 'running')), 0)::bigint AS left,"
+        " count(*) FILTER (WHERE d.status IN ('queued', 'running') AND d.size IS NULL)"
+        "  AS left_unsized,"
+        f" coalesce(sum({_LIVE_RATE}), 0)::float8 AS rate"
+        " FROM download d"
+        " WHERE ($1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
+        "  (SELECT download_id FROM request_download WHERE request_id = $1))",
+        request_id,
+    )
+    return dict(row)
+
+
 async def download_statuses(db: Any, ids: Sequence[int]) -> dict[int, str]:
     """The status of each download (locked until the end of the caller's transaction)."""
     rows = await db.fetch(
         "SELECT id, status FROM download WHERE id = ANY($1::bigint[]) FOR UPDATE", list(ids))
     return {r["id"]: r["status"] for r in rows}
+
+
+async def request_dest(db: Any, request_id: int) -> str | None:
+    value: str | None = await db.fetchval("SELECT dest FROM request WHERE id = $1", request_id)
+    return value
+
+
+async def download_files(db: Any, ids: Sequence[int]) -> dict[int, str]:
+    """The final path of each done download among `ids` (locked until the end of the
+    caller's transaction)."""
+    rows = await db.fetch(
+        "SELECT id, path FROM download WHERE id = ANY($1::bigint[]) AND status = 'done'"
+        " AND path IS NOT NULL FOR UPDATE", list(ids))
+    return {r["id"]: r["path"] for r in rows}
 
 
 async def request_exists(db: Any, request_id: int) -> bool:

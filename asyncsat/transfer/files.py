@@ -6,6 +6,7 @@ import asyncio
 import errno
 import fcntl
 import os
+import shutil
 from pathlib import Path
 
 from asyncsat.checksums import Hasher, new_hasher
@@ -177,6 +178,47 @@ class PartFile:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+_NO_LINKS = (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP)
+
+
+def place(source: Path, target: Path) -> str:
+    """Put a done product's file at `target` as well: a hard link (the same file, no space
+    used), else (another file system) a copy written under a temporary name, fsynced and
+    linked into place. Nothing is ever overwritten. Returns `linked`, `copied`, or `there`
+    when a file already has that name. Blocking (a copy may take long): run it in a thread.
+    """
+    if target.exists():
+        return "there"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+        return "linked"
+    except FileExistsError:
+        return "there"
+    except OSError as exc:
+        if exc.errno != errno.EXDEV and exc.errno not in _NO_LINKS:
+            raise
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.copy")
+    try:
+        shutil.copyfile(source, temporary)
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temporary, target)  # unlike a rename, never replaces a file
+        except FileExistsError:
+            return "there"
+        except OSError as exc:  # a file system without hard links
+            if exc.errno not in _NO_LINKS or target.exists():
+                raise
+            os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return "copied"
 
 
 def _local_error(path: Path, exc: OSError) -> TransferError:

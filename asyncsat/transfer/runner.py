@@ -68,10 +68,21 @@ class Attempt:
 
     start_size: int = 0
     size: int = 0
+    part: Path | None = None
+    """The `.part` file, once its name is known: its size on disk is the true byte count."""
 
     @property
     def progressed(self) -> bool:
         return self.size > self.start_size
+
+    def on_disk(self) -> int:
+        """Bytes of the `.part` file now (a stop may cut a chunk half-counted), else `size`."""
+        if self.part is not None:
+            try:
+                return self.part.stat().st_size
+            except OSError:
+                pass
+        return self.size
 
 
 async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
@@ -79,6 +90,7 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
     """Fetch `job` into `job.folder`, resuming from its `.part` file when there is one."""
     name = sanitize(job.name) if job.name else ""
     part = PartFile(job.folder, name, job.checksum) if name else None
+    attempt.part = part.path if part is not None else None
     offset = part.recover() if part is not None else 0
     attempt.start_size = attempt.size = offset
     validator = job.validator if offset else Validator()
@@ -101,6 +113,7 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                 sanitize(job.fallback_name)
             name = await events.named(proposed, total, opened.validator)
             part = PartFile(job.folder, name, job.checksum)
+            attempt.part = part.path
         else:
             chosen = await events.named(name, total, opened.validator)
             if chosen != name:  # another product has that name: the next attempt uses this

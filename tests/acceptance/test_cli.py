@@ -44,6 +44,8 @@ async def _count(dsn: str) -> int:
     ["provider", "add", "x", "--protocol", "http", "--set", "bogus_key=1"],
     ["provider", "add", "x", "--protocol", "odata", "--url", "https://HUB.example/odata/v1"],
     ["status", "--request", "999"],
+    ["provider", "pause", "nosuch"],
+    ["provider", "resume", "nosuch"],
     ["retry", "12345"],
     ["retry"],
     ["cancel", "abc"],
@@ -111,7 +113,7 @@ async def test_provider_and_credential_lists_never_show_a_secret(dsn: str,
                           "url": "https://download.dataspace.copernicus.eu/odata/v1/",
                           "settings": {"max_attempts": 7,
                                        "token_url": "https://identity.example/token"},
-                          "implicit": False}]
+                          "implicit": False, "paused": False}]
     listed = await asyncio.to_thread(cli, "credential", "list", "--json", dsn=dsn, home=tmp_path)
     creds = json.loads(listed.stdout)
     assert creds == [
@@ -264,7 +266,7 @@ async def test_no_ops_say_why_and_status_filters(server: FileServer, dsn: str,
     assert retried.returncode == 0, retried.stderr
     assert retried.stdout.splitlines() == [
         "2 download(s) queued again: 3, 4",
-        "download 2 is done: nothing to retry",
+        "download 2 is done and its file is in place: nothing to retry",
     ]
     again = await asyncio.to_thread(cli, "retry", str(c), dsn=dsn, home=tmp_path)
     assert again.stdout.splitlines() == [
@@ -288,3 +290,41 @@ async def test_no_ops_say_why_and_status_filters(server: FileServer, dsn: str,
     assert "c.bin" in lines[-2] and lines[-1] == "... 3 older download(s) not shown (--limit)"
     bad = await asyncio.to_thread(cli, "status", "--status", "finished", dsn=dsn, home=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+async def test_provider_pause_and_resume(server: FileServer, dsn: str, tmp_path: Path) -> None:
+    server.add("p.bin", os.urandom(500))
+    added = await asyncio.to_thread(cli, "provider", "add", "local", "--protocol", "http",
+                                    "--url", server.base, dsn=dsn, home=tmp_path)
+    assert added.returncode == 0, added.stderr
+    paused = await asyncio.to_thread(cli, "provider", "pause", "local", dsn=dsn, home=tmp_path)
+    assert (paused.returncode, paused.stdout) == (0, (
+        "provider local paused: no new transfer starts; 0 running transfer(s) finish, "
+        "0 waiting download(s) wait for asyncsat provider resume local\n"))
+    again = await asyncio.to_thread(cli, "provider", "pause", "local", dsn=dsn, home=tmp_path)
+    assert again.stdout.startswith("provider local is paused already: ")
+    listed = await asyncio.to_thread(cli, "provider", "list", "--json", dsn=dsn, home=tmp_path)
+    assert [(p["name"], p["paused"]) for p in json.loads(listed.stdout)] == [("local", True)]
+    table = await asyncio.to_thread(cli, "provider", "list", dsn=dsn, home=tmp_path)
+    assert table.stdout.rstrip().endswith("(paused)")
+
+    queued = await asyncio.to_thread(cli, "get", server.url("p.bin"), "--dest",
+                                     str(tmp_path / "d"), dsn=dsn, home=tmp_path)
+    assert queued.returncode == 0, queued.stderr
+    # the queue is "drained" with the paused provider's download left waiting
+    run = await asyncio.to_thread(cli, "run", "--exit-when-idle", dsn=dsn, home=tmp_path)
+    assert run.returncode == 0, run.stderr
+    status = await asyncio.to_thread(cli, "status", dsn=dsn, home=tmp_path)
+    assert "paused: provider local (1 waiting download(s)): asyncsat provider resume local" \
+        in status.stdout.splitlines()
+    assert server.requests == []
+
+    resumed = await asyncio.to_thread(cli, "provider", "resume", "local", dsn=dsn,
+                                      home=tmp_path)
+    assert resumed.stdout == ("provider local resumed: 1 waiting download(s) start as its "
+                              "connections allow\n")
+    run = await asyncio.to_thread(cli, "run", "--exit-when-idle", dsn=dsn, home=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "d" / "local" / "p.bin").exists()
+    assert "paused" not in (await asyncio.to_thread(cli, "status", dsn=dsn,
+                                                    home=tmp_path)).stdout

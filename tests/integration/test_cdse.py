@@ -454,15 +454,17 @@ async def test_a_product_found_again_keeps_its_retry_time(dsn: str, emu: CdseEmu
     rid = await search(dsn, pid, Query("SENTINEL-2"))
     conn = await connect(dsn)
     try:
-        first = await queries.download_add(
+        added = await queries.download_add(
             conn, request_id=rid, provider_id=pid, url="https://h/a", name="a.zip", dest="/d",
             size=None, checksum=None, login_user=None, login_secret=None, product_id="p-1")
+        first = added.id
         await conn.execute("UPDATE download SET not_before = now() + interval '1 hour'"
                            " WHERE id = $1", first)
-        again = await queries.download_add(
+        added_again = await queries.download_add(
             conn, request_id=rid, provider_id=pid, url="https://h/a-signed?x=1", name="a.zip",
             dest="/d", size=None, checksum=None, login_user=None, login_secret=None,
             product_id="p-1", revive=False)
+        again = added_again.id
         row = await conn.fetchrow("SELECT url, not_before > now() + interval '50 minutes'"
                                   " AS later FROM download WHERE id = $1", first)
     finally:
