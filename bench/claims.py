@@ -59,7 +59,8 @@ async def load(dsn: str, rows: int, providers: int, cap: int) -> list[int]:
         for pid in ids:
             await conn.execute(
                 "INSERT INTO download (provider_id, url, dest, name)"
-                " SELECT $1, 'http://h.example/' || $1 || '/' || g, '/d', 'f' || g"
+                " SELECT $1::bigint, 'http://h.example/' || $1::bigint || '/' || g, '/d',"
+                " 'f' || g"
                 " FROM generate_series(1, $2) g", pid, per)
         await conn.execute("ANALYZE")
         return ids
