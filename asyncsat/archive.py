@@ -10,9 +10,11 @@ module decides, and records them.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
@@ -62,6 +64,12 @@ def quota_of(provider: Provider) -> Quota | None:
     return parse_quota(value) if value is not None else None
 
 
+async def _reserve(conn: Any, *, download_id: int, provider_id: int, account: str,
+                   window: float, count: int) -> int | None:
+    return await queries.archive_reserve(conn, download_id, provider_id, account,
+                                         window=window, count=count)
+
+
 class Archive:
     """Decides how long an offline product waits, and orders it when it may."""
 
@@ -92,16 +100,29 @@ class Archive:
             return max(delay, frees_in or 0.0), (
                 f"{exc.message}: waiting for the archive quota ({used} orders of {quota} "
                 "sent by this account)")
+        # the order is reserved first, so that concurrent looks never overrun the quota
+        reserved = await self._store.transaction(functools.partial(
+            _reserve, download_id=d.id, provider_id=provider.id, account=account,
+            window=window, count=quota.count if quota is not None else 1 << 30))
+        if reserved is None:
+            return max(delay, frees_in or window), (
+                f"{exc.message}: waiting for the archive quota (of {quota})")
         try:
             eta = await self._catalogs.for_provider(provider).order(d, auth)
         except OfflineError as refused:
             if refused.quota:
-                return await self._refused(d, provider, account, refused, delay, window)
+                await self._store.call(queries.archive_settle, reserved, d.id, sent=False,
+                                       refused=True)
+                log.warning("archive order refused for the quota", download_id=d.id,
+                            provider=provider.name, wait=window)
+                return max(delay, window), f"{refused.message}: the archive quota is used up"
+            await self._store.call(queries.archive_settle, reserved, d.id, sent=False)
             raise
         except TransferError as failed:
+            await self._store.call(queries.archive_settle, reserved, d.id, sent=False)
             log.warning("archive order failed", download_id=d.id, error=failed.message)
             return delay, f"{exc.message}; the order failed: {failed.message}"
-        await self._store.call(queries.archive_ordered, d.id, provider.id, account)
+        await self._store.call(queries.archive_settle, reserved, d.id, sent=True)
         log.info("archive order sent", download_id=d.id, provider=provider.name,
                  available_in=eta)
         return (max(delay, eta) if eta else delay), f"{exc.message}: ordered from the archive"

@@ -579,9 +579,10 @@ async def cancel(args: argparse.Namespace, settings: Settings, redactor: Redacto
 async def _live(conn: Any) -> list[dict[str, Any]]:
     """The daemons whose heartbeat is fresh, but those of this host whose process is gone
     (killed since their last heartbeat: no need to wait for their lease to lapse)."""
-    here = socket.gethostname()
+    here, space = socket.gethostname(), daemon.machine()
     return [d for d in await queries.live_daemons(conn)
-            if d["host"] != here or daemon.process_alive(d["pid"])]
+            if d["host"] != here or d["machine"] != space or not space
+            or daemon.process_alive(d["pid"])]
 
 
 async def _serving(conn: Any) -> bool:

@@ -13,6 +13,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -166,16 +167,27 @@ async def _register(store: Store, settings: Settings) -> str:
     """Enter this daemon in the daemon table, after clearing the ones of this host whose
     process is gone (a crash, a SIGKILL): their downloads are taken over at once instead
     of after `lease_timeout`."""
-    host = socket.gethostname()
-    for other, pid in await store.call(queries.daemons_on_host, host):
+    host, here = socket.gethostname(), machine()
+    for other, pid in await store.call(queries.daemons_on_host, host, here):
         if not process_alive(pid):
             left = await store.call(queries.daemon_gone, other)
             log.info("a daemon of this host is gone: its downloads are taken over",
                      daemon_id=other, pid=pid, downloads=left)
     me = uuid.uuid4().hex[:16]
     await store.call(queries.daemon_register, me, host=host, pid=os.getpid(),
-                     version=__version__, lease_timeout=settings.lease_timeout)
+                     version=__version__, lease_timeout=settings.lease_timeout, machine=here)
     return me
+
+
+def machine() -> str:
+    """This boot of this machine and this pid namespace: where a pid names one process
+    (containers sharing a host name have their own namespaces)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        space = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return f"{boot}/{space}"
 
 
 def process_alive(pid: int) -> bool:

@@ -88,6 +88,8 @@ class Engine:
         self._providers: dict[int, Provider] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._lost: set[int] = set()
+        self._ended: set[int] = set()
+        """Transfers whose outcome is recorded (their row is no longer `running`)."""
         self._running: dict[int, Download] = {}
         self.accounts = Accounts(redactor)
         self.slot_freed = asyncio.Event()
@@ -141,12 +143,16 @@ class Engine:
             await wait_any(stop, timeout=every)
             if stop.is_set():
                 return
+            # only the transfers claimed before this heartbeat: a claim committed while it
+            # runs is not in its answer
+            working = {i for i in self._tasks if i not in self._ended}
             owned = await self.store.try_call(queries.heartbeat, self.owner,
                                               self.settings.lease_timeout)
             if owned is None:
                 continue  # the database is away: the leases may lapse; writes are fenced
-            for download_id, task in list(self._tasks.items()):
-                if download_id not in owned and not task.done():
+            for download_id in working - owned - self._ended:
+                task = self._tasks.get(download_id)
+                if task is not None and not task.done():
                     log.warning("lease lost: another daemon took the download over",
                                 download_id=download_id)
                     self._lost.add(download_id)
@@ -345,8 +351,8 @@ class Engine:
                 outcome = await transfer(self.drivers.for_url(source.url), job, events, attempt,
                                          self.settings.chunk_size)
         except asyncio.CancelledError:
-            if d.id in self._lost:  # another daemon has it now: nothing of ours to record
-                raise
+            # (a lost lease too: the fenced write does nothing if another daemon has the row,
+            # and puts it back in the queue if nobody took it)
             await _to_the_end(self._after_stop(d, attempt, bound))
             raise
         except LeaseLost:
@@ -373,6 +379,7 @@ class Engine:
             self.metrics.transfer_ended(d.provider)
             self._tasks.pop(d.id, None)
             self._lost.discard(d.id)
+            self._ended.discard(d.id)
             self._running.pop(d.id, None)
             self.wake.set()
             await _to_the_end(self.leases.release(lease))
@@ -413,7 +420,10 @@ class Engine:
             status = await self.store.call(queries.download_stopped, d.id, self._fence(d),
                                            error=d.error, failures=d.failures,
                                            bytes_done=on_disk)
-        if status is None:  # its provider was removed (`provider remove --force`)
+        if d.id in self._lost:
+            bound.warning("lease lost: another daemon took the download over",
+                          now=status or "removed")
+        elif status is None:  # its provider was removed (`provider remove --force`)
             bound.info("download removed", bytes_done=on_disk)
         elif status == "cancelled":
             bound.info("download cancelled", bytes_done=on_disk)
@@ -468,6 +478,7 @@ class Engine:
         return Fence(self.owner, d.attempts)
 
     def _finished(self, d: Download, status: str) -> None:
+        self._ended.add(d.id)
         if status != "queued":  # a stop puts it back: not an end
             self.metrics.download_ended(d.provider, status)
         if self.sink is not None:

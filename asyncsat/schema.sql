@@ -191,10 +191,23 @@ BEGIN
 END;
 $$;
 
+-- a heartbeat renewing a download's lease is no change of the row (its progress, and so a
+-- stalled transfer, must not look fresh)
+CREATE OR REPLACE FUNCTION asyncsat_touch_download() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.lease_expires IS DISTINCT FROM OLD.lease_expires AND NEW.status = OLD.status
+            AND NEW.bytes_done = OLD.bytes_done THEN
+        RETURN NEW;
+    END IF;
+    NEW.updated_at := now();
+    RETURN NEW;
+END;
+$$;
+
 CREATE OR REPLACE TRIGGER request_touch BEFORE UPDATE ON request
     FOR EACH ROW EXECUTE FUNCTION asyncsat_touch();
 CREATE OR REPLACE TRIGGER download_touch BEFORE UPDATE ON download
-    FOR EACH ROW EXECUTE FUNCTION asyncsat_touch();
+    FOR EACH ROW EXECUTE FUNCTION asyncsat_touch_download();
 CREATE OR REPLACE TRIGGER credential_touch BEFORE UPDATE ON credential
     FOR EACH ROW EXECUTE FUNCTION asyncsat_touch();
 
@@ -288,6 +301,8 @@ CREATE TABLE IF NOT EXISTS daemon (
     pid           integer NOT NULL,
     version       text NOT NULL,
     lease_timeout double precision NOT NULL,
+    -- boot id and pid namespace: a pid means something only within the same ones
+    machine       text NOT NULL DEFAULT '',
     started_at    timestamptz NOT NULL DEFAULT now(),
     heartbeat_at  timestamptz NOT NULL DEFAULT now(),
     stopped_at    timestamptz
@@ -308,6 +323,8 @@ CREATE INDEX IF NOT EXISTS lease_daemon_idx ON lease (daemon_id);
 -- who works a running download, and until when its lease holds
 ALTER TABLE download ADD COLUMN IF NOT EXISTS owner text;
 ALTER TABLE download ADD COLUMN IF NOT EXISTS lease_expires timestamptz;
+-- rows left running by a daemon of an earlier release: taken over at once
+UPDATE download SET lease_expires = now() WHERE status = 'running' AND lease_expires IS NULL;
 CREATE INDEX IF NOT EXISTS download_running_idx
     ON download (provider_id, lease_expires) WHERE status = 'running';
 
@@ -339,7 +356,8 @@ DECLARE
 BEGIN
     -- a claim waits a moment for another daemon's, never for a stuck one
     PERFORM set_config('lock_timeout', '5s', true);
-    PERFORM 1 FROM provider WHERE id = p_provider FOR UPDATE;
+    -- (NO KEY: inserts of download and lease rows, which share the provider's key, go on)
+    PERFORM 1 FROM provider WHERE id = p_provider FOR NO KEY UPDATE;
     SELECT a.account INTO v_account
       FROM asyncsat_accounts(p_provider) a,
            LATERAL (SELECT count(*) AS used FROM lease l WHERE l.provider_id = p_provider
@@ -377,7 +395,8 @@ DECLARE
 BEGIN
     -- a claim waits a moment for another daemon's, never for a stuck one
     PERFORM set_config('lock_timeout', '5s', true);
-    PERFORM 1 FROM provider WHERE id = p_provider FOR UPDATE;
+    -- (NO KEY: inserts of download and lease rows, which share the provider's key, go on)
+    PERFORM 1 FROM provider WHERE id = p_provider FOR NO KEY UPDATE;
     IF EXISTS (SELECT 1 FROM provider WHERE id = p_provider AND paused) THEN
         RETURN;  -- a paused provider starts no transfer; running ones finish
     END IF;
@@ -401,7 +420,7 @@ BEGIN
     FOR v_row IN
         (SELECT d.id, 'running'::text AS was FROM download d
           WHERE d.provider_id = p_provider AND d.status = 'running'
-            AND d.lease_expires <= now()
+            AND d.lease_expires <= now() AND d.owner IS DISTINCT FROM p_daemon
           ORDER BY d.lease_expires, d.id LIMIT v_room FOR UPDATE SKIP LOCKED)
     LOOP
         EXIT WHEN v_room <= 0;

@@ -523,17 +523,20 @@ async def lease_release(db: Any, lease_id: int) -> None:
 
 
 async def daemon_register(db: Any, daemon_id: str, *, host: str, pid: int, version: str,
-                          lease_timeout: float) -> None:
+                          lease_timeout: float, machine: str = "") -> None:
     await db.execute(
-        "INSERT INTO daemon (id, host, pid, version, lease_timeout) VALUES ($1, $2, $3, $4, $5)",
-        daemon_id, host, pid, version, lease_timeout,
+        "INSERT INTO daemon (id, host, pid, version, lease_timeout, machine)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        daemon_id, host, pid, version, lease_timeout, machine,
     )
 
 
-async def daemons_on_host(db: Any, host: str) -> list[tuple[str, int]]:
-    """(id, pid) of the daemons of a host that have not said they stopped."""
+async def daemons_on_host(db: Any, host: str, machine: str) -> list[tuple[str, int]]:
+    """(id, pid) of the daemons of this host and pid namespace (`machine`) that have not
+    said they stopped: only there does a pid say whether the daemon lives."""
     rows = await db.fetch(
-        "SELECT id, pid FROM daemon WHERE host = $1 AND stopped_at IS NULL", host)
+        "SELECT id, pid FROM daemon WHERE host = $1 AND machine = $2 AND stopped_at IS NULL",
+        host, machine)
     return [(r["id"], r["pid"]) for r in rows]
 
 
@@ -553,10 +556,11 @@ async def heartbeat(db: Any, daemon_id: str, lease_seconds: float) -> set[int]:
     """Renew a daemon's heartbeat and leases; the ids of the downloads it still owns."""
     rows = await db.fetch(
         "WITH d AS (UPDATE daemon SET heartbeat_at = now() WHERE id = $1),"
+        # a lease that lapsed stays lapsed: its slot may be another daemon's by now
         " l AS (UPDATE lease SET expires_at = now() + make_interval(secs => $2)"
-        "  WHERE daemon_id = $1)"
+        "  WHERE daemon_id = $1 AND expires_at > now())"
         " UPDATE download SET lease_expires = now() + make_interval(secs => $2)"
-        " WHERE owner = $1 AND status = 'running' RETURNING id",
+        " WHERE owner = $1 AND status = 'running' AND lease_expires > now() RETURNING id",
         daemon_id, lease_seconds,
     )
     return {r["id"] for r in rows}
@@ -566,7 +570,7 @@ async def live_daemons(db: Any) -> list[dict[str, Any]]:
     """The daemons whose heartbeat is younger than their lease timeout, with what each
     is doing (running downloads)."""
     rows = await db.fetch(
-        "SELECT d.id, d.host, d.pid, d.version, d.started_at, d.heartbeat_at,"
+        "SELECT d.id, d.host, d.pid, d.version, d.machine, d.started_at, d.heartbeat_at,"
         " (SELECT count(*) FROM download w WHERE w.owner = d.id AND w.status = 'running')"
         "  AS running"
         " FROM daemon d WHERE d.stopped_at IS NULL"
@@ -662,6 +666,37 @@ async def archive_usage(
         provider_id, account, window,
     )
     return row["used"], row["frees_in"], row["refused_in"]
+
+
+async def archive_reserve(db: Any, download_id: int, provider_id: int, account: str, *,
+                          window: float, count: int) -> int | None:
+    """Reserve one of an account's archive orders (inside the caller's transaction): the id
+    of the order row, or None when `count` orders were sent within `window` seconds. The
+    account's reservations queue on a lock, so that two daemons (or two transfers of one)
+    never both take the last order of a quota."""
+    await db.execute("SELECT pg_advisory_xact_lock(hashtext('asyncsat archive '"
+                     " || $1::bigint || ' ' || $2::text))", provider_id, account)
+    value: int | None = await db.fetchval(
+        "INSERT INTO archive_order (provider_id, account, download_id)"
+        " SELECT $1, $2, $3 WHERE (SELECT count(*) FROM archive_order"
+        "  WHERE provider_id = $1 AND account = $2 AND NOT refused"
+        "  AND ordered_at > now() - make_interval(secs => $4)) < $5"
+        " RETURNING id",
+        provider_id, account, download_id, window, count,
+    )
+    return value
+
+
+async def archive_settle(db: Any, order_id: int, download_id: int, *, sent: bool,
+                         refused: bool = False) -> None:
+    """A reserved order was sent (the product's `ordered_at` is set), refused for the
+    quota (kept, marked: the account waits), or failed otherwise (given back)."""
+    if sent:
+        await db.execute("UPDATE download SET ordered_at = now() WHERE id = $1", download_id)
+    elif refused:
+        await db.execute("UPDATE archive_order SET refused = true WHERE id = $1", order_id)
+    else:
+        await db.execute("DELETE FROM archive_order WHERE id = $1", order_id)
 
 
 async def archive_ordered(db: Any, download_id: int, provider_id: int, account: str, *,

@@ -61,6 +61,9 @@ class PartFile:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
             self._lock()
+            if offset > os.fstat(self._fd).st_size:  # changed since it was measured
+                self.close()
+                raise RetryableError(f"{self.path} changed while it was being resumed")
             os.ftruncate(self._fd, offset)
             os.lseek(self._fd, offset, os.SEEK_SET)
         except OSError as exc:
