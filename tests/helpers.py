@@ -66,3 +66,26 @@ async def add_provider(dsn: str, name: str, url: str, settings: dict[str, object
             await queries.credential_upsert(conn, p.id, user, secret, n)
     finally:
         await conn.close()
+
+
+async def search_request(dsn: str, provider_id: int, query: Any, *, follow: bool = False,
+                         dest: Path | None = None) -> int:
+    """Insert a search request the way `asyncsat search` does; returns its id."""
+    conn = await connect(dsn)
+    try:
+        return await queries.request_insert(
+            conn, provider_id=provider_id, urls=None, search=query.to_json(),
+            dest=str(dest) if dest else None, checksum=None, status="queued", follow=follow)
+    finally:
+        await conn.close()
+
+
+async def request_summary_of(dsn: str, request_id: int) -> dict[str, Any]:
+    """A request as `status --requests --json` shows it."""
+    from asyncsat.render import request_summary
+
+    conn = await connect(dsn)
+    try:
+        return request_summary((await queries.request_rows(conn, request_id))[0])
+    finally:
+        await conn.close()

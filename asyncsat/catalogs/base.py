@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from asyncsat.auth.base import Auth
-from asyncsat.errors import UsageError
-from asyncsat.models import Checksum, Download
+from asyncsat.errors import CatalogError, UsageError
+from asyncsat.models import Checksum, Download, Provider
 from asyncsat.transfer.base import Source
 
 
@@ -141,6 +141,21 @@ def _filters(raw: object) -> tuple[Filter, ...]:
         return tuple(Filter.parse(f) for f in raw)
     raise UsageError('search filters must be a list such as ["cloudCover<=20"] or an object '
                      'such as {"productType": "S2MSI1C"}')
+
+
+def root_url(provider: Provider) -> str:
+    """The provider's URL with its trailing slash (CatalogError when it has none)."""
+    if not provider.url:
+        raise CatalogError(f"provider {provider.name} has no URL to search")
+    return provider.url if provider.url.endswith("/") else provider.url + "/"
+
+
+def page_size(provider: Provider, default: int, most: int | None = None) -> int:
+    """The `page_size` setting (a positive integer), else `default`; at most `most`."""
+    value = provider.settings.get("page_size")
+    size = value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+        else default
+    return min(size, most) if most is not None else size
 
 
 def parse_time(value: object, what: str) -> datetime | None:

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from asyncsat.auth.base import Auth
-from asyncsat.catalogs.base import Filter, ProductRef, Query
+from asyncsat.catalogs.base import Filter, ProductRef, Query, page_size, root_url
 from asyncsat.catalogs.client import JsonClient
 from asyncsat.errors import (
     CatalogError,
@@ -43,15 +43,11 @@ class DhusCatalog:
     """Searches and prepares the products of one DHuS hub."""
 
     def __init__(self, client: JsonClient, provider: Provider) -> None:
-        if not provider.url:
-            raise CatalogError(f"provider {provider.name} has no URL to search")
         self._client = client
         self._provider = provider
-        self._root = provider.url if provider.url.endswith("/") else provider.url + "/"
-        page = provider.settings.get("page_size")
+        self._root = root_url(provider)
         self._policy = Policy.for_provider(provider)
-        self._rows = min(MAX_ROWS, page) if isinstance(page, int) and \
-            not isinstance(page, bool) and page > 0 else MAX_ROWS
+        self._rows = page_size(provider, MAX_ROWS, MAX_ROWS)
 
     async def search(self, query: Query, auth: Auth, since: datetime | None = None) -> \
             AsyncGenerator[ProductRef, None]:

@@ -19,7 +19,7 @@ import structlog
 
 from asyncsat.auth.base import ANONYMOUS, Auth
 from asyncsat.auth.m2m import EXPIRED, envelope_error
-from asyncsat.catalogs.base import ProductRef, Query
+from asyncsat.catalogs.base import ProductRef, Query, page_size, root_url
 from asyncsat.catalogs.client import JsonClient
 from asyncsat.errors import CatalogError, OfflineError, PermanentError, UsageError
 from asyncsat.models import Download, Provider
@@ -37,15 +37,11 @@ class M2MCatalog:
     """Searches and prepares the scenes of one M2M service."""
 
     def __init__(self, client: JsonClient, provider: Provider) -> None:
-        if not provider.url:
-            raise CatalogError(f"provider {provider.name} has no URL to search")
         self._client = client
         self._provider = provider
-        self._root = provider.url if provider.url.endswith("/") else provider.url + "/"
+        self._root = root_url(provider)
         settings = provider.settings
-        page = settings.get("page_size")
-        self._page = page if isinstance(page, int) and not isinstance(page, bool) and \
-            page > 0 else DEFAULT_PAGE_SIZE
+        self._page = page_size(provider, DEFAULT_PAGE_SIZE)
         product = settings.get("product")
         self._product = product if isinstance(product, str) and product else DEFAULT_PRODUCT
         self._policy = Policy.for_provider(provider)

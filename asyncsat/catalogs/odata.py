@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 
 from asyncsat.auth.base import ANONYMOUS, Auth
-from asyncsat.catalogs.base import Filter, ProductRef, Query
+from asyncsat.catalogs.base import Filter, ProductRef, Query, page_size, root_url
 from asyncsat.catalogs.client import JsonClient, same_origin
 from asyncsat.errors import CatalogError, OfflineError, UsageError
 from asyncsat.models import Checksum, Download, Provider
@@ -46,15 +46,13 @@ class ODataCatalog:
     """Searches and prepares the products of one OData provider."""
 
     def __init__(self, client: JsonClient, provider: Provider) -> None:
-        if not provider.url:
-            raise CatalogError(f"provider {provider.name} has no URL to search")
         self._client = client
         self._provider = provider
-        self._base = provider.url if provider.url.endswith("/") else provider.url + "/"
+        self._base = root_url(provider)
         settings = provider.settings
         download = settings.get("download_url") or self._base
         self._download = str(download) if str(download).endswith("/") else f"{download}/"
-        self._page = _positive(settings.get("page_size"), DEFAULT_PAGE_SIZE)
+        self._page = page_size(provider, DEFAULT_PAGE_SIZE)
         self._policy = Policy.for_provider(provider)
         self._max_skip = _positive(settings.get("max_skip"), DEFAULT_MAX_SKIP, zero=True)
 

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import structlog
 
 from asyncsat.auth.base import ANONYMOUS, Auth
-from asyncsat.catalogs.base import Filter, ProductRef, Query
+from asyncsat.catalogs.base import Filter, ProductRef, Query, page_size, root_url
 from asyncsat.catalogs.client import JsonClient, same_origin
 from asyncsat.errors import CatalogError, PermanentError, UsageError
 from asyncsat.models import Checksum, Download, Provider
@@ -43,15 +43,11 @@ class StacCatalog:
     """Searches one STAC API; assets are fetched from their hrefs."""
 
     def __init__(self, client: JsonClient, provider: Provider) -> None:
-        if not provider.url:
-            raise CatalogError(f"provider {provider.name} has no URL to search")
         self._client = client
         self._provider = provider
-        self._root = provider.url if provider.url.endswith("/") else provider.url + "/"
+        self._root = root_url(provider)
         settings = provider.settings
-        page = settings.get("page_size")
-        self._page = page if isinstance(page, int) and not isinstance(page, bool) and \
-            page > 0 else DEFAULT_PAGE_SIZE
+        self._page = page_size(provider, DEFAULT_PAGE_SIZE)
         assets = settings.get("assets")
         self._assets = [str(a) for a in assets] if isinstance(assets, list) else None
         self._policy = Policy.for_provider(provider)

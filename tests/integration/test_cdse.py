@@ -24,9 +24,10 @@ from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.pool import connect
 from asyncsat.logs import Redactor
-from asyncsat.render import request_summary
 from tests.cdse import CdseEmulator, EmuProduct
 from tests.helpers import FAST, drain, rows, sql
+from tests.helpers import request_summary_of as summary
+from tests.helpers import search_request as search
 
 USER, PASSWORD = "ana@example.eu", "s3cret-Pa55"
 T0 = datetime(2024, 3, 1, 10, 0, tzinfo=UTC)
@@ -62,22 +63,6 @@ async def cdse_provider(dsn: str, emu: CdseEmulator, *, connections: int = 4,
         await conn.close()
 
 
-async def search(dsn: str, provider_id: int, query: Query, *, follow: bool = False) -> int:
-    conn = await connect(dsn)
-    try:
-        return await queries.request_insert(
-            conn, provider_id=provider_id, urls=None, search=query.to_json(), dest=None,
-            checksum=None, status="queued", follow=follow)
-    finally:
-        await conn.close()
-
-
-async def summary(dsn: str, request_id: int) -> dict[str, Any]:
-    conn = await connect(dsn)
-    try:
-        return request_summary((await queries.request_rows(conn, request_id))[0])
-    finally:
-        await conn.close()
 
 
 def files(settings: Settings) -> set[str]:

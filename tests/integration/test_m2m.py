@@ -16,8 +16,9 @@ from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.pool import connect
 from asyncsat.logs import Redactor
-from asyncsat.render import request_summary
 from tests.helpers import FAST, drain, rows, sql
+from tests.helpers import request_summary_of as summary
+from tests.helpers import search_request as search
 from tests.m2m import M2MEmulator, M2MScene
 
 USER, TOKEN = "landsat-fan", "app-token-Zq9x!RtY2w"
@@ -42,22 +43,6 @@ async def m2m_provider(dsn: str, emu: M2MEmulator, token: str = TOKEN,
         await conn.close()
 
 
-async def search(dsn: str, provider_id: int, query: Query) -> int:
-    conn = await connect(dsn)
-    try:
-        return await queries.request_insert(
-            conn, provider_id=provider_id, urls=None, search=query.to_json(), dest=None,
-            checksum=None, status="queued")
-    finally:
-        await conn.close()
-
-
-async def summary(dsn: str, request_id: int) -> dict[str, Any]:
-    conn = await connect(dsn)
-    try:
-        return request_summary((await queries.request_rows(conn, request_id))[0])
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

@@ -22,8 +22,9 @@ from asyncsat.db import queries
 from asyncsat.db.pool import connect
 from asyncsat.errors import UsageError
 from asyncsat.logs import Redactor
-from asyncsat.render import request_summary
 from tests.helpers import FAST, drain, rows
+from tests.helpers import request_summary_of as summary
+from tests.helpers import search_request as search
 from tests.servers import FileServer
 from tests.stac_server import (
     StacServer,
@@ -59,22 +60,6 @@ async def stac_provider(dsn: str, url: str, *, name: str = "stac",
         await conn.close()
 
 
-async def search(dsn: str, provider_id: int, query: Query, follow: bool = False) -> int:
-    conn = await connect(dsn)
-    try:
-        return await queries.request_insert(
-            conn, provider_id=provider_id, urls=None, search=query.to_json(), dest=None,
-            checksum=None, status="queued", follow=follow)
-    finally:
-        await conn.close()
-
-
-async def summary(dsn: str, request_id: int) -> dict[str, Any]:
-    conn = await connect(dsn)
-    try:
-        return request_summary((await queries.request_rows(conn, request_id))[0])
-    finally:
-        await conn.close()
 
 
 def item(server: FileServer, item_id: str, *, when: str = "2024-03-01T10:00:00Z",
