@@ -39,6 +39,7 @@ from asyncsat.naming import SplitUrl, split_login, without_login
 from asyncsat.retry import Policy, decide, follow_settings
 
 log = structlog.get_logger("asyncsat")
+STUCK_PAUSE = 60.0
 
 
 class Resolver:
@@ -60,11 +61,15 @@ class Resolver:
         self._wake = wake
         self._metrics = metrics or Recorder()
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._stuck: dict[int, float] = {}
 
     @property
     def busy(self) -> list[int]:
-        """Ids of the requests being resolved now."""
-        return list(self._tasks)
+        """Ids of the requests being resolved now, and of those whose failure could not be
+        recorded lately (left alone for a minute rather than tried in a loop)."""
+        now = time.monotonic()
+        self._stuck = {i: t for i, t in self._stuck.items() if t > now}
+        return [*self._tasks, *self._stuck]
 
     def start(self, request: Request) -> None:
         if request.id not in self._tasks:
@@ -107,7 +112,11 @@ class Resolver:
             if not isinstance(exc, AsyncsatError):
                 bound.exception("internal error while resolving a request")
             error = " ".join(self._redactor(str(exc) or type(exc).__name__).split())[:1000]
-            await self._store.transaction(lambda conn: self._fail(conn, request, error))
+            try:
+                await self._store.transaction(lambda conn: self._fail(conn, request, error))
+            except Exception:
+                bound.exception("the request's failure could not be recorded: left for a minute")
+                self._stuck[request.id] = time.monotonic() + STUCK_PAUSE
         finally:
             self._tasks.pop(request.id, None)
             self._wake.set()
