@@ -444,26 +444,38 @@ _DOWNLOAD_ADD = (
 # -- the daemon's claims and state changes ----------------------------------------------------
 
 async def queued_providers(db: Any) -> list[tuple[int, int, float | None, float | None]]:
-    """Per provider not paused: (id, rows due now, seconds until the next queued row is
-    due, seconds until the next offline row is to be looked at again). Running rows whose
-    daemon stopped renewing their lease are due (taken over); the next lease to lapse counts
-    as a wait."""
+    """Per provider not paused and with work: (id, rows due now (counted up to 1000),
+    seconds until the next queued row is due, seconds until the next offline row is to be
+    looked at again). Running rows whose daemon stopped renewing their lease are due (taken
+    over); the next lease to lapse counts as a wait.
+
+    Each figure is an index probe per provider (`download_due_idx`, `download_running_idx`),
+    never a scan of the queue: the dispatcher asks at every turn, with a million rows too.
+    """
     rows = await db.fetch(
-        "SELECT provider_id,"
-        " count(*) FILTER (WHERE (status <> 'running' AND not_before <= now())"
-        "  OR (status = 'running' AND lease_expires <= now())) AS due,"
+        "SELECT p.id AS provider_id,"
+        " (SELECT count(*) FROM (SELECT 1 FROM download d WHERE d.provider_id = p.id"
+        "   AND d.status IN ('queued', 'offline') AND d.not_before <= now()"
+        "   ORDER BY d.not_before LIMIT 1000) x)"
+        " + (SELECT count(*) FROM (SELECT 1 FROM download d WHERE d.provider_id = p.id"
+        "   AND d.status = 'running' AND d.lease_expires <= now()"
+        "   ORDER BY d.lease_expires LIMIT 1000) y) AS due,"
         " extract(epoch FROM least("
-        "  min(not_before) FILTER (WHERE not_before > now() AND status = 'queued'),"
-        "  min(lease_expires) FILTER (WHERE lease_expires > now() AND status = 'running')"
-        " ) - now())::float8 AS wait,"
-        " extract(epoch FROM min(not_before) FILTER (WHERE not_before > now()"
-        "  AND status = 'offline') - now())::float8 AS offline_wait"
-        " FROM download WHERE status IN ('queued', 'offline', 'running')"
+        "  (SELECT d.not_before FROM download d WHERE d.provider_id = p.id"
+        "    AND d.status IN ('queued', 'offline') AND d.status = 'queued'"
+        "    AND d.not_before > now() ORDER BY d.not_before LIMIT 1),"
+        "  (SELECT d.lease_expires FROM download d WHERE d.provider_id = p.id"
+        "    AND d.status = 'running' AND d.lease_expires > now()"
+        "    ORDER BY d.lease_expires LIMIT 1)) - now())::float8 AS wait,"
+        " extract(epoch FROM (SELECT d.not_before FROM download d WHERE d.provider_id = p.id"
+        "    AND d.status IN ('queued', 'offline') AND d.status = 'offline'"
+        "    AND d.not_before > now() ORDER BY d.not_before LIMIT 1) - now())::float8"
+        "  AS offline_wait"
         # a paused provider starts nothing: its rows neither count nor wake the loop
-        "  AND provider_id NOT IN (SELECT id FROM provider WHERE paused)"
-        " GROUP BY provider_id ORDER BY provider_id"
+        " FROM provider p WHERE NOT p.paused ORDER BY p.id"
     )
-    return [(r["provider_id"], r["due"], r["wait"], r["offline_wait"]) for r in rows]
+    return [(r["provider_id"], r["due"], r["wait"], r["offline_wait"]) for r in rows
+            if r["due"] or r["wait"] is not None or r["offline_wait"] is not None]
 
 
 async def pending_work(db: Any) -> bool:
