@@ -7,7 +7,6 @@ transfer drivers. Signals, LISTEN and the pool are wired up by `daemon.py`.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
@@ -281,9 +280,9 @@ class Engine:
             # the database hands out the free slots of the provider's accounts, counted
             # across every daemon, with the rows (this loop never waits for a slot)
             try:
-                claimed = await self.store.transaction(functools.partial(
-                    _claim, owner=self.owner, provider_id=provider_id, limit=due,
-                    seconds=self.settings.lease_timeout, dest=str(self.settings.default_dest)))
+                claimed = await self.store.call(
+                    queries.claim, self.owner, provider_id, due, self.settings.lease_timeout,
+                    str(self.settings.default_dest))
             except DatabaseError:
                 raise
             except Exception:  # one bad row must not stop every provider
@@ -483,11 +482,6 @@ class Engine:
             self.metrics.download_ended(d.provider, status)
         if self.sink is not None:
             self.sink.finished(d.id, status)
-
-
-async def _claim(conn: Any, *, owner: str, provider_id: int, limit: int, seconds: float,
-                 dest: str) -> list[tuple[Download, str, int]]:
-    return await queries.claim(conn, owner, provider_id, limit, seconds, dest)
 
 
 async def _to_the_end(step: Coroutine[Any, Any, None]) -> None:

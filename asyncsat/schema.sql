@@ -378,12 +378,30 @@ $$;
 -- owner stopped renewing its lease first (taken over), then queued rows and offline ones due
 -- for a look, oldest first. Each gets a lease on the least loaded account with room, an
 -- owner, and an attempt. A row inserted without a destination gets the daemon's default,
--- so that the unique file index sees the folder it is really written to.
+-- so that the unique file index sees the folder it is really written to. The claimed rows
+-- come back whole (as they are after the claim): a claim is one round trip.
+-- (0.4 returned the first four columns only; a changed result type needs a new function)
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'asyncsat_claim'
+               AND pg_get_function_result(oid) NOT LIKE '%last_mismatch%') THEN
+        DROP FUNCTION asyncsat_claim(text, bigint, integer, double precision, text);
+    END IF;
+END;
+$$;
+
 CREATE OR REPLACE FUNCTION asyncsat_claim(
     p_daemon text, p_provider bigint, p_limit integer, p_seconds double precision,
     p_default_dest text)
-RETURNS TABLE (download_id bigint, claimed_from text, account text, lease_id bigint)
+RETURNS TABLE (download_id bigint, claimed_from text, account text, lease_id bigint,
+               request_id bigint, provider_id bigint, provider text, url text, name text,
+               dest text, size bigint, checksum_algo text, checksum_value text, status text,
+               bytes_done bigint, attempts integer, failures integer, error text, path text,
+               etag text, last_modified text, login_user text, login_secret text,
+               size_origin text, product_id text, offline_checks integer,
+               ordered_at timestamptz, last_mismatch text)
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
     v_accounts text[];
     v_caps integer[];
@@ -391,6 +409,10 @@ DECLARE
     v_room integer;
     v_best integer;
     v_row record;
+    v_ids bigint[] := '{}';
+    v_was text[] := '{}';
+    v_took text[] := '{}';
+    v_leases bigint[] := '{}';
     v_lease bigint;
 BEGIN
     -- a claim waits a moment for another daemon's, never for a stuck one
@@ -418,40 +440,20 @@ BEGIN
         RETURN;
     END IF;
     FOR v_row IN
-        (SELECT d.id, 'running'::text AS was FROM download d
-          WHERE d.provider_id = p_provider AND d.status = 'running'
-            AND d.lease_expires <= now() AND d.owner IS DISTINCT FROM p_daemon
-          ORDER BY d.lease_expires, d.id LIMIT v_room FOR UPDATE SKIP LOCKED)
+        WITH taken_over AS (
+            SELECT d.id, 'running'::text AS was, 0 AS rank, d.lease_expires AS due
+              FROM download d
+             WHERE d.provider_id = p_provider AND d.status = 'running'
+               AND d.lease_expires <= now() AND d.owner IS DISTINCT FROM p_daemon
+             ORDER BY d.lease_expires, d.id LIMIT v_room FOR UPDATE SKIP LOCKED),
+        due AS (
+            SELECT d.id, d.status AS was, 1 AS rank, d.not_before AS due FROM download d
+             WHERE d.provider_id = p_provider AND d.status IN ('queued', 'offline')
+               AND d.not_before <= now()
+             ORDER BY d.not_before, d.id LIMIT v_room FOR UPDATE SKIP LOCKED)
+        SELECT * FROM taken_over UNION ALL SELECT * FROM due
+         ORDER BY rank, due, id LIMIT v_room
     LOOP
-        EXIT WHEN v_room <= 0;
-        v_room := v_room - 1;
-        v_best := NULL;
-        FOR i IN 1 .. array_length(v_accounts, 1) LOOP
-            IF v_used[i] < v_caps[i] AND (v_best IS NULL OR
-                    v_used[i]::float8 / v_caps[i] < v_used[v_best]::float8 / v_caps[v_best]) THEN
-                v_best := i;
-            END IF;
-        END LOOP;
-        v_used[v_best] := v_used[v_best] + 1;
-        INSERT INTO lease (daemon_id, provider_id, account, download_id, expires_at)
-        VALUES (p_daemon, p_provider, v_accounts[v_best], v_row.id,
-                now() + make_interval(secs => p_seconds))
-        RETURNING id INTO v_lease;
-        UPDATE download d SET owner = p_daemon, attempts = d.attempts + 1,
-               lease_expires = now() + make_interval(secs => p_seconds), started_at = now()
-         WHERE d.id = v_row.id;
-        download_id := v_row.id; claimed_from := 'running';
-        account := v_accounts[v_best]; lease_id := v_lease;
-        RETURN NEXT;
-    END LOOP;
-    FOR v_row IN
-        (SELECT d.id, d.status AS was FROM download d
-          WHERE d.provider_id = p_provider AND d.status IN ('queued', 'offline')
-            AND d.not_before <= now()
-          ORDER BY d.not_before, d.id LIMIT v_room FOR UPDATE SKIP LOCKED)
-    LOOP
-        EXIT WHEN v_room <= 0;
-        v_room := v_room - 1;
         v_best := NULL;
         FOR i IN 1 .. array_length(v_accounts, 1) LOOP
             IF v_used[i] < v_caps[i] AND (v_best IS NULL OR
@@ -465,7 +467,7 @@ BEGIN
                 now() + make_interval(secs => p_seconds))
         RETURNING id INTO v_lease;
         -- (looking at an offline product again uses no attempt: it is given back when
-        -- the product is still offline)
+        -- the product is still offline; a row taken over keeps its folder and name)
         UPDATE download d SET status = 'running', attempts = d.attempts + 1, owner = p_daemon,
                lease_expires = now() + make_interval(secs => p_seconds), rate = NULL,
                started_at = now(), finished_at = NULL, dest = coalesce(d.dest, p_default_dest),
@@ -476,10 +478,22 @@ BEGIN
                    AND o.id <> d.id AND coalesce(o.dest, '') = p_default_dest
                    AND o.name = d.name) THEN NULL ELSE d.name END
          WHERE d.id = v_row.id;
-        download_id := v_row.id; claimed_from := v_row.was;
-        account := v_accounts[v_best]; lease_id := v_lease;
-        RETURN NEXT;
+        v_ids := v_ids || v_row.id;
+        v_was := v_was || v_row.was;
+        v_took := v_took || v_accounts[v_best];
+        v_leases := v_leases || v_lease;
     END LOOP;
+    RETURN QUERY
+        SELECT c.id, c.was, c.account, c.lease, d.request_id, d.provider_id, p.name, d.url,
+               d.name, d.dest, d.size, d.checksum_algo, d.checksum_value, d.status,
+               d.bytes_done, d.attempts, d.failures, d.error, d.path, d.etag, d.last_modified,
+               d.login_user, d.login_secret, d.size_origin, d.product_id, d.offline_checks,
+               d.ordered_at, d.last_mismatch
+          FROM unnest(v_ids, v_was, v_took, v_leases) WITH ORDINALITY
+                   AS c(id, was, account, lease, n)
+          JOIN download d ON d.id = c.id
+          JOIN provider p ON p.id = d.provider_id
+         ORDER BY c.n;
 END;
 $$;
 

@@ -403,12 +403,16 @@ class Bench:
 
         asyncsat queues a product once per (provider, URL): asking again for a URL it has
         done answers "done" with the old path, without downloading. Each run therefore gets
-        a provider of its own (named in `get --provider`). On a server with a login (FTP),
+        a provider of its own (named in `get --provider`), and the previous run's provider
+        is removed first (a URL belongs to one provider). On a server with a login (FTP),
         the provider gets that login as its credential, limited to N connections.
         """
+        setup_log = self.logs / "asyncsat-setup.log"
+        if self.providers:  # one URL, one provider: the last run's goes, with its rows
+            last = f"bench-{server.protocol}-{os.getpid()}-{self.providers}"
+            measure(self.asyncsat("provider", "remove", last, "--force"), setup_log, 60)
         self.providers += 1
         name = f"bench-{server.protocol}-{os.getpid()}-{self.providers}"
-        setup_log = self.logs / "asyncsat-setup.log"
         m = measure(self.asyncsat("provider", "add", name, "--protocol", server.protocol,
                                   "--url", server.base, "--set",
                                   f"max_connections={self.args.connections}"),

@@ -47,6 +47,13 @@ async def connect(dsn: str, *, timeout: float = 10.0, name: str = "asyncsat") ->
     return conn
 
 
+async def _keep(conn: Any) -> None:
+    """A connection going back to the pool keeps its session: the daemon leaves nothing in
+    one (no LISTEN, no session setting, advisory locks only for a transaction), and asyncpg
+    has already rolled back a transaction left open. asyncpg's default reset would send a
+    query (unlisten, reset all, unlock all) at every release: a round trip per statement."""
+
+
 async def create_pool(dsn: str, *, size: int = 4, idle_in_transaction: float = 30.0) -> Any:
     """The pool used for every query of the daemon.
 
@@ -59,7 +66,7 @@ async def create_pool(dsn: str, *, size: int = 4, idle_in_transaction: float = 3
     """
     try:
         return await asyncpg.create_pool(
-            dsn, min_size=1, max_size=size, init=_init_connection, timeout=10,
+            dsn, min_size=1, max_size=size, init=_init_connection, reset=_keep, timeout=10,
             max_inactive_connection_lifetime=60,
             server_settings={
                 "application_name": "asyncsat daemon",

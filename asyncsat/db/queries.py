@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -39,13 +39,13 @@ _DOWNLOAD_COLUMNS = """
 """
 
 
-def _download(row: Any) -> Download:
+def _download(row: Any, *, id_column: str = "id") -> Download:
     checksum = (
         Checksum(row["checksum_algo"], row["checksum_value"])
         if row["checksum_algo"] and row["checksum_value"] else None
     )
     return Download(
-        id=row["id"], request_id=row["request_id"], provider_id=row["provider_id"],
+        id=row[id_column], request_id=row["request_id"], provider_id=row["provider_id"],
         provider=row["provider"], url=row["url"], name=row["name"], dest=row["dest"],
         size=row["size"], checksum=checksum, status=row["status"], bytes_done=row["bytes_done"],
         attempts=row["attempts"], failures=row["failures"], error=row["error"],
@@ -494,28 +494,14 @@ async def claim(
 ) -> list[tuple[Download, str, int]]:
     """Claim up to `limit` due rows of a provider into its free slots (counted across all
     daemons, in `asyncsat_claim`): (download, account, lease id) for each, oldest first.
-
-    Two statements on one connection, in the caller's transaction: the rows are read by
-    the second, which sees what the claim changed (one statement sees its start only).
-    """
+    One statement, which returns the rows as the claim left them."""
     try:
-        async with db.transaction():  # a savepoint: a lock timeout leaves the caller's going
-            claimed = await db.fetch("SELECT * FROM asyncsat_claim($1, $2, $3, $4, $5)",
-                                     owner, provider_id, limit, lease_seconds, default_dest)
+        claimed = await db.fetch("SELECT * FROM asyncsat_claim($1, $2, $3, $4, $5)",
+                                 owner, provider_id, limit, lease_seconds, default_dest)
     except asyncpg.LockNotAvailableError:
         return []  # another daemon holds the provider (paused mid-claim?): next turn
-    if not claimed:
-        return []
-    by_id = {r["download_id"]: r for r in claimed}
-    rows = await db.fetch(
-        f"SELECT {_DOWNLOAD_COLUMNS} FROM download d JOIN provider p ON p.id = d.provider_id"
-        " WHERE d.id = ANY($1::bigint[]) ORDER BY d.id", list(by_id))
-    out = []
-    for r in rows:
-        c = by_id[r["id"]]
-        download = replace(_download(r), claimed_from=c["claimed_from"])
-        out.append((download, c["account"], c["lease_id"]))
-    return out
+    return [(_download(r, id_column="download_id"), r["account"], r["lease_id"])
+            for r in claimed]
 
 
 async def lease_take(db: Any, owner: str, provider_id: int, seconds: float) -> \

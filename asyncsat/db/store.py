@@ -31,6 +31,10 @@ class Store:
     async def call(
         self, fn: Callable[Concatenate[Any, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
     ) -> T:
+        try:  # the common case, without building a retry loop for every statement
+            return await fn(self.pool, *args, **kwargs)
+        except CONNECTION_ERRORS as exc:
+            _log_first(exc)
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(CONNECTION_ERRORS),
             wait=wait_exponential(multiplier=0.2, max=5) + wait_random(0, 0.2),
@@ -60,6 +64,11 @@ class Store:
         except CONNECTION_ERRORS as exc:
             log.debug("database unavailable, update skipped", error=str(exc))
             return None
+
+
+def _log_first(exc: BaseException) -> None:
+    log.warning("database unavailable, retrying", error=f"{type(exc).__name__}: {exc}",
+                attempt=1)
 
 
 def _log_retry(state: Any) -> None:

@@ -63,3 +63,32 @@ async def test_upgrade_from_0_1_matches_a_fresh_schema(pg: PgCluster) -> None:
     finally:
         await fresh.close()
         await old.close()
+
+
+async def test_upgrade_from_0_4_replaces_the_claim_function(pg: PgCluster) -> None:
+    """0.4's claim returned four columns; the new one returns the claimed rows whole (its
+    result type changed, so the upgrade drops and creates it, in the schema's transaction)."""
+    fresh, old = await _database(pg), await _database(pg)
+    try:
+        await apply_schema(fresh, always=True)
+        await old.execute(OLD.with_name("schema_0_4.sql").read_text())
+        provider = await old.fetchval(
+            "INSERT INTO provider (name, protocol, url) VALUES ('p', 'http', 'http://h/')"
+            " RETURNING id")
+        await old.execute("INSERT INTO download (provider_id, url, size) VALUES ($1, $2, 10)",
+                          provider, "http://h/a.nc")
+        await apply_schema(old, always=True)
+        await apply_schema(old, always=True)
+        assert [tuple(r) for r in await old.fetch(SHAPE)] == \
+            [tuple(r) for r in await fresh.fetch(SHAPE)]
+        result = "SELECT pg_get_function_result('asyncsat_claim'::regproc)"
+        assert await old.fetchval(result) == await fresh.fetchval(result)
+        await old.execute("INSERT INTO daemon (id, host, pid, version, lease_timeout)"
+                          " VALUES ('d1', 'h', 1, 'test', 30)")
+        [row] = await old.fetch("SELECT * FROM asyncsat_claim('d1', $1, 5, 30, '/data')",
+                                provider)
+        assert (row["url"], row["status"], row["dest"], row["attempts"], row["provider"]) == \
+            ("http://h/a.nc", "running", "/data", 1, "p")
+    finally:
+        await fresh.close()
+        await old.close()
