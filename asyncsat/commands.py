@@ -278,8 +278,7 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
     async with daemon.connection(settings) as conn:
 
         async def request_final() -> bool:
-            status, _e, counts = await queries.request_state(conn, request_id)
-            return status != "queued" and not set(counts) - TERMINAL
+            return await queries.request_settled(conn, request_id, sorted(TERMINAL))
 
         live = await _live(conn)
         if live:  # they share the work; this command waits for them to finish it

@@ -98,8 +98,12 @@ class Engine:
         self.catalogs = Catalogs(drivers)
         self.archive = Archive(store, self.catalogs)
         self.resolver = Resolver(store, settings, self.catalogs, self.auths, redactor,
-                                 self._lease_for, self.leases.release, self.wake,
+                                 self._lease_for, self.leases.release, self.requests_changed,
                                  metrics=self.metrics)
+        self._requests_due = True
+        """Requests may wait to be resolved: looked at only then, not at every turn (a turn
+        follows every transfer's end)."""
+        self._follow_in: float | None = None
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -114,6 +118,8 @@ class Engine:
                 task.cancel("cancelled by user")
         if kind == "request" and payload.get("status") == "cancelled":
             self.resolver.cancel(int(payload.get("id", 0)))
+        if kind in (None, "request"):
+            self._requests_due = True
         if kind in (None, "slot"):  # a lease ended, here or in another daemon
             self.slot_freed.set()
         self.wake.set()
@@ -121,6 +127,12 @@ class Engine:
     def rescan(self) -> None:
         """After a lost database connection: everything may have changed."""
         self._accounts_stale = True
+        self._requests_due = True
+        self.wake.set()
+
+    def requests_changed(self) -> None:
+        """A request's search ended here: look at the requests again."""
+        self._requests_due = True
         self.wake.set()
 
     @property
@@ -169,7 +181,14 @@ class Engine:
                 self.wake.clear()
                 if self._accounts_stale:
                     await self._refresh_accounts()
-                more_requests = await self._resolve_requests()
+                more_requests = False
+                if self._requests_due:
+                    self._requests_due = False
+                    more_requests = await self._resolve_requests()
+                    self._follow_in = await self.store.call(queries.next_request_due,
+                                                            self.resolver.busy)
+                    if self._follow_in is not None:  # measured from now, the wait's start
+                        self._follow_in += time.monotonic()
                 next_in, later = await self._dispatch()
                 if until is not None and await until():
                     return
@@ -179,12 +198,16 @@ class Engine:
                     log.info("queue drained")
                     return
                 if more_requests:
+                    self._requests_due = True
                     continue
-                follow_in = await self.store.call(queries.next_request_due,
-                                                  self.resolver.busy)
-                timeout = min((t for t in (next_in, later, follow_in) if t is not None),
-                              default=None)
+                follow_in = None if self._follow_in is None else \
+                    max(0.0, self._follow_in - time.monotonic())
+                unstuck_in = self.resolver.unstuck_in()
+                timeout = min((t for t in (next_in, later, follow_in, unstuck_in)
+                               if t is not None), default=None)
                 await wait_any(self.wake, stop, timeout=timeout)
+                if not self.wake.is_set():  # a timer: a standing request may be due
+                    self._requests_due = True
         finally:
             await self._stop_transfers()
             await self.catalogs.aclose()
@@ -373,7 +396,7 @@ class Engine:
             await _to_the_end(self._after_failure(d, provider, error, attempt, bound))
         else:
             # the file is at its final path: record it even if a stop arrives meanwhile
-            await _to_the_end(self._record_done(d, outcome, bound))
+            await _to_the_end(self._record_done(d, outcome, bound, lease))
         finally:
             self.metrics.transfer_ended(d.provider)
             self._tasks.pop(d.id, None)
@@ -383,24 +406,28 @@ class Engine:
             self.wake.set()
             await _to_the_end(self.leases.release(lease))
 
-    async def _record_done(self, d: Download, outcome: Outcome, bound: Any) -> None:
-        if not await self.store.call(queries.download_done, d.id, self._fence(d),
-                                     size=outcome.size, path=str(outcome.path)):
+    async def _record_done(self, d: Download, outcome: Outcome, bound: Any,
+                           lease: Lease) -> None:
+        # the lease goes back in the same statement (a round trip less per file)
+        owed = await self.store.call(queries.download_done, d.id, self._fence(d),
+                                     size=outcome.size, path=str(outcome.path),
+                                     lease_id=lease.id)
+        self.leases.given_back(lease)
+        if owed is None:
             bound.warning("lease lost after the file was sealed: the daemon that took it over "
                           "verifies it again", path=str(outcome.path))
             return
         bound.info("download done", name=outcome.name, path=str(outcome.path),
                    size=outcome.size, resumed_from=outcome.resumed_from,
                    restarted=outcome.restarted)
-        await self._place_copies(d, outcome, bound)
+        if owed:
+            await self._place_copies(d, outcome, bound, owed)
         self._finished(d, "done")
 
-    async def _place_copies(self, d: Download, outcome: Outcome, bound: Any) -> None:
+    async def _place_copies(self, d: Download, outcome: Outcome, bound: Any,
+                            owed: list[tuple[int, str]]) -> None:
         """Put the file into the folders other requests asked for (a product is fetched
         once, into the folder of the request that queued it)."""
-        owed = await self.store.call(queries.copies_owed, d.id)
-        if not owed:
-            return
         links = [intake.Link(d.id, outcome.path, Path(dest) / d.provider / outcome.name)
                  for _request_id, dest in owed]
         for (request_id, _dest), (link, how) in zip(

@@ -84,10 +84,12 @@ class Leases:
         self._freed = freed
         self.held: dict[int, int] = {}
         """Leases this daemon holds, per provider (for the metrics)."""
+        self._live: set[int] = set()
 
     def wrap(self, lease_id: int, provider_id: int, account: str) -> Lease:
         """A lease the claim statement took (a transfer's)."""
         self.held[provider_id] = self.held.get(provider_id, 0) + 1
+        self._live.add(lease_id)
         return Lease(lease_id, provider_id, account, self._accounts.login(account))
 
     async def take(self, provider_id: int) -> Lease:
@@ -102,7 +104,16 @@ class Leases:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._freed.wait(), timeout=2.0)
 
+    def given_back(self, lease: Lease) -> bool:
+        """Count a lease as given back (a statement that recorded an outcome deleted it
+        too); False when it already was."""
+        if lease.id not in self._live:
+            return False
+        self._live.discard(lease.id)
+        self.held[lease.provider_id] = max(0, self.held.get(lease.provider_id, 1) - 1)
+        return True
+
     async def release(self, lease: Lease) -> None:
         """Give a slot back (if the database is away, the lease expires by itself)."""
-        self.held[lease.provider_id] = max(0, self.held.get(lease.provider_id, 1) - 1)
-        await self._store.try_call(queries.lease_release, lease.id)
+        if self.given_back(lease):
+            await self._store.try_call(queries.lease_release, lease.id)

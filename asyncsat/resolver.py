@@ -48,7 +48,7 @@ class Resolver:
     def __init__(
         self, store: Store, settings: Settings, catalogs: Catalogs, auths: Auths,
         redactor: Redactor, take: Callable[[int], Awaitable[Lease]],
-        give_back: Callable[[Lease], Awaitable[None]], wake: asyncio.Event, *,
+        give_back: Callable[[Lease], Awaitable[None]], ended: Callable[[], None], *,
         metrics: Recorder | None = None,
     ) -> None:
         self._store = store
@@ -58,7 +58,8 @@ class Resolver:
         self._redactor = redactor
         self._take = take
         self._give_back = give_back
-        self._wake = wake
+        self._ended = ended
+        """Called when a search ends (the daemon then looks at the requests again)."""
         self._metrics = metrics or Recorder()
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._stuck: dict[int, float] = {}
@@ -70,6 +71,12 @@ class Resolver:
         now = time.monotonic()
         self._stuck = {i: t for i, t in self._stuck.items() if t > now}
         return [*self._tasks, *self._stuck]
+
+    def unstuck_in(self) -> float | None:
+        """Seconds until a request left alone is to be tried again (None: none is)."""
+        if not self._stuck:
+            return None
+        return max(0.0, min(self._stuck.values()) - time.monotonic())
 
     def start(self, request: Request) -> None:
         if request.id not in self._tasks:
@@ -119,7 +126,7 @@ class Resolver:
                 self._stuck[request.id] = time.monotonic() + STUCK_PAUSE
         finally:
             self._tasks.pop(request.id, None)
-            self._wake.set()
+            self._ended()
 
     async def _find(self, request: Request) -> tuple[Provider, list[ProductRef], SplitUrl | None]:
         """Ask the catalog, retrying transient faults; the account slot is held meanwhile."""

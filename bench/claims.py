@@ -7,7 +7,7 @@ A throwaway PostgreSQL (Debian's server binaries, fsync on) gets the asyncsat sc
 `--cap` connections. Each simulated daemon (a registered `daemon` row and its own
 connection, as `asyncsat run` has) loops: claim up to its share of the free slots of a
 provider (`asyncsat_claim`, the statement the daemon runs), then finish each claimed row
-(the fenced `done` write) and give its lease back, as a transfer of no length would. The
+(the fenced `done` write, which gives its lease back), as a transfer of no length would. The
 claim statement's latency (p50, p99, max), claims per second, and the PostgreSQL CPU per
 claim (user+system time of the server's backends, read from /proc) are printed for each
 daemon count. Nothing is downloaded: this measures the coordination, not the network.
@@ -80,15 +80,13 @@ async def daemon(dsn: str, name: str, providers: list[int], stop_at: float,
             provider = providers[turn % len(providers)]
             turn += 1
             began = time.perf_counter()
-            async with conn.transaction():
-                got = await queries.claim(conn, name, provider, share, 30.0, "/d")
+            got = await queries.claim(conn, name, provider, share, 30.0, "/d")
             latencies.append(time.perf_counter() - began)
             claims.append(len(got))
             for download, _account, lease_id in got:
                 await queries.download_done(conn, download.id,
                                             Fence(name, download.attempts), size=0,
-                                            path="/d/x")
-                await queries.lease_release(conn, lease_id)
+                                            path="/d/x", lease_id=lease_id)
     finally:
         await conn.close()
     return pid

@@ -395,16 +395,6 @@ async def copy_owed(db: Any, request_id: int, download_id: int, dest: str) -> No
     )
 
 
-async def copies_owed(db: Any, download_id: int) -> list[tuple[int, str]]:
-    """(request, folder) of the copies owed for a download that is done now."""
-    rows = await db.fetch(
-        "SELECT request_id, dest FROM request_download WHERE download_id = $1"
-        " AND dest IS NOT NULL ORDER BY request_id",
-        download_id,
-    )
-    return [(r["request_id"], r["dest"]) for r in rows]
-
-
 async def copies_made(db: Any, download_id: int) -> None:
     await db.execute(
         "UPDATE request_download SET dest = NULL WHERE download_id = $1 AND dest IS NOT NULL",
@@ -620,15 +610,26 @@ async def download_owned(db: Any, download_id: int, fence: Fence) -> bool:
     return value
 
 
-async def download_done(db: Any, download_id: int, fence: Fence, *, size: int,
-                        path: str) -> bool:
-    result: str = await db.execute(
-        "UPDATE download SET status = 'done', bytes_done = $2, size = $2, path = $3,"
-        " error = NULL, failures = 0, finished_at = now(), owner = NULL WHERE id = $1"
-        + _FENCED.format(o="$4", a="$5"),
-        download_id, size, path, fence.owner, fence.attempt,
+async def download_done(db: Any, download_id: int, fence: Fence, *, size: int, path: str,
+                        lease_id: int) -> list[tuple[int, str]] | None:
+    """Record a download done and give its lease back, in one statement: the copies owed
+    to other requests' folders, (request, folder) each; None when the row is no longer
+    this claim's (the lease goes all the same)."""
+    row = await db.fetchrow(
+        "WITH done AS (UPDATE download SET status = 'done', bytes_done = $2, size = $2,"
+        "  path = $3, error = NULL, failures = 0, finished_at = now(), owner = NULL"
+        "  WHERE id = $1" + _FENCED.format(o="$4", a="$5") + " RETURNING id),"
+        " freed AS (DELETE FROM lease WHERE id = $6)"
+        " SELECT EXISTS (SELECT 1 FROM done) AS done,"
+        "  array(SELECT request_id FROM request_download WHERE download_id = $1"
+        "   AND dest IS NOT NULL ORDER BY request_id) AS requests,"
+        "  array(SELECT dest FROM request_download WHERE download_id = $1"
+        "   AND dest IS NOT NULL ORDER BY request_id) AS folders",
+        download_id, size, path, fence.owner, fence.attempt, lease_id,
     )
-    return _changed(result)
+    if not row["done"]:
+        return None
+    return list(zip(row["requests"], row["folders"], strict=True))
 
 
 async def download_requeue(
@@ -881,6 +882,18 @@ async def request_state(db: Any, request_id: int) -> tuple[str, str | None, dict
         request_id,
     )
     return req["status"], req["error"], {r["status"]: r["n"] for r in rows}
+
+
+async def request_settled(db: Any, request_id: int, terminal: Sequence[str]) -> bool:
+    """The request is resolved and each of its downloads is in a `terminal` status (asked
+    at every turn of a `get --wait` that does the work: the newest rows, queued last and
+    the last to end, are looked at first, so the answer is found in a row or two)."""
+    value: bool = await db.fetchval(
+        "SELECT r.status <> 'queued' AND NOT EXISTS (SELECT 1 FROM request_download rd"
+        " JOIN download d ON d.id = rd.download_id WHERE rd.request_id = r.id"
+        " AND d.status <> ALL($2::text[]) ORDER BY rd.download_id DESC LIMIT 1)"
+        " FROM request r WHERE r.id = $1", request_id, list(terminal))
+    return value
 
 
 async def downloads_missing(db: Any, ids: Sequence[int]) -> list[int]:

@@ -289,7 +289,7 @@ async def test_a_stop_while_the_done_row_is_written_still_logs_done(
     recording = asyncio.Event()
     original = queries.download_done
 
-    async def slow_done(db: Any, download_id: int, fence: Any, **kw: Any) -> bool:
+    async def slow_done(db: Any, download_id: int, fence: Any, **kw: Any) -> Any:
         recording.set()
         await asyncio.sleep(0.3)
         return await original(db, download_id, fence, **kw)
