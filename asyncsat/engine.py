@@ -550,10 +550,12 @@ class _RowEvents:
         self._download = download
         self._bound = bound
         self._name = download.name or ""
-        self._last = 0.0
         self._on_disk = download.bytes_done
         self._fence = engine._fence(download)
         started = time.monotonic()
+        self._last = started
+        """The first progress write comes `progress_interval` after the start: a file that
+        ends sooner costs no write (its end records its bytes)."""
         self._meter = RateMeter()
         self._meter.add(started, download.bytes_done)
         self._logged = (started, download.bytes_done)

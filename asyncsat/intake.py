@@ -133,14 +133,14 @@ async def queue_urls(
 ) -> Asked:
     """Insert one download per URL for a request (inside the caller's transaction)."""
     providers = await queries.provider_list(conn)
+    owners = [provider or await provider_for(conn, u.url, providers) for u in urls]
+    added = await queries.download_add_many(conn, request_id, dest, [
+        queries.NewDownload(owner.id, u.url, checksum=checksum, login_user=u.user,
+                            login_secret=u.password, size_origin="catalog")
+        for u, owner in zip(urls, owners, strict=True)])
     asked = Asked()
-    for u in urls:
-        owner = provider or await provider_for(conn, u.url, providers)
-        added = await queries.download_add(
-            conn, request_id=request_id, provider_id=owner.id, url=u.url, name=None, dest=dest,
-            size=None, checksum=checksum, login_user=u.user, login_secret=u.password,
-        )
-        await _settle(conn, request_id, added, owner, dest, True, asked)
+    for one, owner in zip(added, owners, strict=True):
+        await _settle(conn, request_id, one, owner, dest, True, asked)
     return asked
 
 
@@ -155,18 +155,17 @@ async def queue_products(
     folders that reuse a file name) is left for the transfer to choose (`name_<id>`). A
     product the catalog reports offline waits `offline_in` seconds before it is looked at.
     """
-    asked = Asked()
-    for p in products:
-        name = (sanitize(p.name) if p.name else "") or None
-        added = await queries.download_add(
-            conn, request_id=request_id, provider_id=provider.id, url=p.url, name=name,
-            dest=dest, size=p.size, checksum=p.checksum,
-            login_user=login.user if login else None,
+    added = await queries.download_add_many(conn, request_id, dest, [
+        queries.NewDownload(
+            provider.id, p.url, name=(sanitize(p.name) if p.name else "") or None,
+            size=p.size, checksum=p.checksum, login_user=login.user if login else None,
             login_secret=login.password if login else None,
             size_origin="catalog" if p.size_binding else "server", product_id=p.id,
-            offline_in=None if p.online else offline_in, revive=revive,
-        )
-        await _settle(conn, request_id, added, provider, dest, revive, asked)
+            offline_in=None if p.online else offline_in)
+        for p in products], revive=revive)
+    asked = Asked()
+    for one in added:
+        await _settle(conn, request_id, one, provider, dest, revive, asked)
     return asked
 
 

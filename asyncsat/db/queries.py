@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
@@ -402,33 +402,135 @@ async def copies_made(db: Any, download_id: int) -> None:
     )
 
 
-_REVIVED = "($15 AND download.status IN ('failed', 'cancelled'))"
+def _on_conflict(revive: str) -> str:
+    """What asking again for a product that has a row does to it (`revive`: the parameter
+    that says whether a failed or cancelled one is queued again)."""
+    revived = f"({revive} AND download.status IN ('failed', 'cancelled'))"
+    return (
+        " ON CONFLICT (provider_id, md5(coalesce('id:' || product_id, url))) DO UPDATE SET"
+        f"  status = CASE WHEN {revived} THEN EXCLUDED.status ELSE download.status END,"
+        f"  failures = CASE WHEN {revived} THEN 0 ELSE download.failures END,"
+        f"  last_mismatch = CASE WHEN {revived} THEN NULL ELSE download.last_mismatch END,"
+        # a product found again keeps its retry time (a Retry-After is not cut short)
+        f"  not_before = CASE WHEN {revived} THEN EXCLUDED.not_before"
+        "   ELSE download.not_before END,"
+        # a catalog product keeps its identity when its URL changes (pre-signed URLs expire)
+        "  url = CASE WHEN download.product_id IS NOT NULL THEN EXCLUDED.url"
+        "   ELSE download.url END,"
+        # a failed product asked for again takes the new checksum (the old one may be a typo)
+        f"  checksum_algo = CASE WHEN {revived}"
+        "   AND EXCLUDED.checksum_algo IS NOT NULL THEN EXCLUDED.checksum_algo"
+        "   ELSE coalesce(download.checksum_algo, EXCLUDED.checksum_algo) END,"
+        f"  checksum_value = CASE WHEN {revived}"
+        "   AND EXCLUDED.checksum_value IS NOT NULL THEN EXCLUDED.checksum_value"
+        "   ELSE coalesce(download.checksum_value, EXCLUDED.checksum_value) END,"
+        "  login_user = coalesce(EXCLUDED.login_user, download.login_user),"
+        "  login_secret = coalesce(EXCLUDED.login_secret, download.login_secret)"
+    )
+
+
 _DOWNLOAD_ADD = (
     "INSERT INTO download (request_id, provider_id, url, name, dest, size, checksum_algo,"
     " checksum_value, login_user, login_secret, size_origin, product_id, status, not_before,"
     " offline_checks)"
     " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
     "  now() + make_interval(secs => $14), ($13 = 'offline')::int)"
-    " ON CONFLICT (provider_id, md5(coalesce('id:' || product_id, url))) DO UPDATE SET"
-    f"  status = CASE WHEN {_REVIVED} THEN EXCLUDED.status ELSE download.status END,"
-    f"  failures = CASE WHEN {_REVIVED} THEN 0 ELSE download.failures END,"
-    f"  last_mismatch = CASE WHEN {_REVIVED} THEN NULL ELSE download.last_mismatch END,"
-    # a product found again keeps its retry time (a Retry-After is not cut short)
-    f"  not_before = CASE WHEN {_REVIVED} THEN EXCLUDED.not_before"
-    "   ELSE download.not_before END,"
-    # a catalog product keeps its identity when its URL changes (pre-signed URLs expire)
-    "  url = CASE WHEN download.product_id IS NOT NULL THEN EXCLUDED.url ELSE download.url END,"
-    # a failed product asked for again takes the new checksum (the old one may be a typo)
-    f"  checksum_algo = CASE WHEN {_REVIVED}"
-    "   AND EXCLUDED.checksum_algo IS NOT NULL THEN EXCLUDED.checksum_algo"
-    "   ELSE coalesce(download.checksum_algo, EXCLUDED.checksum_algo) END,"
-    f"  checksum_value = CASE WHEN {_REVIVED}"
-    "   AND EXCLUDED.checksum_value IS NOT NULL THEN EXCLUDED.checksum_value"
-    "   ELSE coalesce(download.checksum_value, EXCLUDED.checksum_value) END,"
-    "  login_user = coalesce(EXCLUDED.login_user, download.login_user),"
-    "  login_secret = coalesce(EXCLUDED.login_secret, download.login_secret)"
-    " RETURNING id, status, dest, name, path"
+    + _on_conflict("$15") + " RETURNING id, status, dest, name, path"
 )
+
+# Many products of one request in one statement. A name that another product of the folder
+# has (or an earlier one of the same batch) is left for the transfer to choose, as
+# `download_add` does after a unique violation; the rows come back in the order asked.
+_DOWNLOAD_ADD_MANY = (
+    "WITH new AS (SELECT * FROM unnest($4::bigint[], $5::text[], $6::text[], $7::bigint[],"
+    "  $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],"
+    "  $14::float8[]) WITH ORDINALITY AS n(provider_id, url, name, size, checksum_algo,"
+    "  checksum_value, login_user, login_secret, size_origin, product_id, offline_in, ord)),"
+    " ready AS (SELECT n.*, md5(coalesce('id:' || n.product_id, n.url)) AS key,"
+    "  CASE WHEN n.name IS NOT NULL AND row_number() OVER (PARTITION BY n.provider_id, n.name"
+    "   ORDER BY n.ord) = 1 AND NOT EXISTS (SELECT 1 FROM download o"
+    "   WHERE o.provider_id = n.provider_id AND coalesce(o.dest, '') = $2 AND o.name = n.name"
+    "   AND md5(coalesce('id:' || o.product_id, o.url))"
+    "    <> md5(coalesce('id:' || n.product_id, n.url)))"
+    "  THEN n.name END AS free_name FROM new n),"
+    " added AS (INSERT INTO download (request_id, provider_id, url, name, dest, size,"
+    "  checksum_algo, checksum_value, login_user, login_secret, size_origin, product_id,"
+    "  status, not_before, offline_checks)"
+    "  SELECT $1, provider_id, url, free_name, $2, size, checksum_algo, checksum_value,"
+    "   login_user, login_secret, size_origin, product_id,"
+    "   CASE WHEN offline_in IS NULL THEN 'queued' ELSE 'offline' END,"
+    "   now() + make_interval(secs => coalesce(offline_in, 0)), (offline_in IS NOT NULL)::int"
+    "  FROM ready ORDER BY ord"
+    + _on_conflict("$3") +
+    "  RETURNING id, status, dest, name, path, provider_id,"
+    "   md5(coalesce('id:' || product_id, url)) AS key),"
+    " linked AS (INSERT INTO request_download (request_id, download_id)"
+    "  SELECT $1, id FROM added ON CONFLICT DO NOTHING RETURNING download_id)"
+    " SELECT a.id, a.status, a.dest, a.name, a.path, l.download_id IS NOT NULL AS first_ask"
+    " FROM ready r JOIN added a ON a.provider_id = r.provider_id AND a.key = r.key"
+    " LEFT JOIN linked l ON l.download_id = a.id ORDER BY r.ord"
+)
+
+
+@dataclass(frozen=True)
+class NewDownload:
+    """A product a request asks for (see `download_add`)."""
+
+    provider_id: int
+    url: str
+    name: str | None = None
+    size: int | None = None
+    checksum: Checksum | None = None
+    login_user: str | None = None
+    login_secret: str | None = field(default=None, repr=False)
+    size_origin: str = "catalog"
+    product_id: str | None = None
+    offline_in: float | None = None
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.provider_id,
+                f"id:{self.product_id}" if self.product_id is not None else self.url)
+
+
+async def download_add_many(db: Any, request_id: int, dest: str, new: Sequence[NewDownload],
+                            *, revive: bool = True) -> list[Added]:
+    """`download_add` for many products of one request (inside the caller's transaction),
+    in one statement: the row of each, in order. A product asked twice is one row (the
+    second ask is not a first)."""
+    firsts: dict[tuple[int, str], int] = {}
+    for i, n in enumerate(new):
+        firsts.setdefault(n.key, i)
+    unique = [new[i] for i in firsts.values()]
+    rows: list[Any] | None = None
+    if unique:
+        c = [n.checksum for n in unique]
+        try:
+            async with db.transaction():  # a savepoint: the caller's transaction goes on
+                rows = await db.fetch(
+                    _DOWNLOAD_ADD_MANY, request_id, dest, revive,
+                    [n.provider_id for n in unique], [n.url for n in unique],
+                    [n.name for n in unique], [n.size for n in unique],
+                    [x.algo if x else None for x in c], [x.value if x else None for x in c],
+                    [n.login_user for n in unique], [n.login_secret for n in unique],
+                    [n.size_origin for n in unique], [n.product_id for n in unique],
+                    [n.offline_in for n in unique])
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != "download_file_unique":
+                raise
+            # another request took a name meanwhile: one product at a time, as it decides
+    if rows is not None:
+        found = [Added(id=r["id"], status=r["status"], dest=r["dest"], name=r["name"],
+                       path=r["path"], first_ask=r["first_ask"]) for r in rows]
+    else:
+        found = [await download_add(
+            db, request_id=request_id, provider_id=n.provider_id, url=n.url, name=n.name,
+            dest=dest, size=n.size, checksum=n.checksum, login_user=n.login_user,
+            login_secret=n.login_secret, size_origin=n.size_origin, product_id=n.product_id,
+            offline_in=n.offline_in, revive=revive) for n in unique]
+    by_key = dict(zip(firsts, found, strict=True))
+    return [by_key[n.key] if firsts[n.key] == i else replace(by_key[n.key], first_ask=False)
+            for i, n in enumerate(new)]
 
 
 # -- the daemon's claims and state changes ----------------------------------------------------
