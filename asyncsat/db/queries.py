@@ -834,15 +834,31 @@ async def status_rows(
             sorted(set(statuses)), limit, before,
         )
         return [dict(r) for r in rows]
+    where, args = _status_where(request_id, statuses, before)
     rows = await db.fetch(
         f"SELECT {_STATUS_COLUMNS} FROM download d JOIN provider p ON p.id = d.provider_id"
-        f" WHERE {_OF_REQUEST}"
-        " AND ($2::text[] IS NULL OR d.status = ANY($2::text[]))"
-        f" AND d.id < {_BEFORE.format('$4')}"
-        f" ORDER BY {order} LIMIT $3",
-        request_id, list(statuses) if statuses else None, limit, before,
-    )
+        f" WHERE {where} ORDER BY {order} LIMIT ${len(args) + 1}", *args, limit)
     return [dict(r) for r in rows]
+
+
+def _status_where(request_id: int | None, statuses: Sequence[str] | None,
+                  before: int | None) -> tuple[str, list[Any]]:
+    """The filter of `status` and its parameters. Only the filters given are in the text:
+    a generic plan (a statement run again and again, `status --watch`) of `$n IS NULL OR
+    ...` could use no index for them."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if request_id is not None:
+        args.append(request_id)
+        clauses.append(f"(d.request_id = ${len(args)} OR d.id IN (SELECT download_id"
+                       f" FROM request_download WHERE request_id = ${len(args)}))")
+    if statuses:
+        args.append(list(statuses))
+        clauses.append(f"d.status = ANY(${len(args)}::text[])")
+    if before is not None:
+        args.append(before)
+        clauses.append(f"d.id < ${len(args)}")
+    return " AND ".join(clauses) or "true", args
 
 
 async def status_count(
@@ -850,12 +866,8 @@ async def status_count(
     before: int | None = None,
 ) -> int:
     """How many downloads `status_rows` would list without a limit."""
-    value: int = await db.fetchval(
-        f"SELECT count(*) FROM download d WHERE {_OF_REQUEST}"
-        " AND ($2::text[] IS NULL OR d.status = ANY($2::text[]))"
-        f" AND d.id < {_BEFORE.format('$3')}",
-        request_id, list(statuses) if statuses else None, before,
-    )
+    where, args = _status_where(request_id, statuses, before)
+    value: int = await db.fetchval(f"SELECT count(*) FROM download d WHERE {where}", *args)
     return value
 
 
