@@ -20,6 +20,7 @@ from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor, configure
 from asyncsat.models import PROTOCOLS, Status
 from asyncsat.presets import PRESETS
+from asyncsat.render import STATUS_PAGE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="list requests (searches, URL lists) with their progress")
     status.add_argument("--status", action="append", choices=get_args(Status),
                         help="only downloads in this status (repeatable)")
-    status.add_argument("--limit", type=_positive, help="only the N newest downloads")
+    status.add_argument("--limit", type=_positive,
+                        help="only the N newest downloads (a page: without --json, "
+                        f"{STATUS_PAGE} unless given)")
+    status.add_argument("--before", type=_ids, metavar="ID",
+                        help="only downloads older than download ID (the next page)")
 
     retry = sub.add_parser("retry", help="queue failed downloads again")
     retry.add_argument("ids", nargs="*", type=_ids, default=[], metavar="ID")

@@ -28,6 +28,7 @@ from asyncsat.naming import ftp_path
 from asyncsat.presets import preset
 from asyncsat.render import (
     PLACED,
+    STATUS_PAGE,
     DbProgress,
     ProgressBar,
     asked_line,
@@ -404,6 +405,10 @@ def _status_json(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
     }
 
 
+JSON_CHUNK = 10_000
+"""Rows read per statement while `status --json` prints every download."""
+
+
 async def status(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     statuses = args.status or None
     database = settings.database
@@ -415,42 +420,94 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
         if args.requests:
             return await _requests(conn, args, redactor)
         while True:
-            rows = await queries.status_rows(conn, args.request, statuses=statuses,
-                                             limit=args.limit, newest_first=True)
             if args.json:
-                _emit([_status_json(r, settings) for r in rows])
-                if any(r["status"] == "running" for r in rows) and \
-                        not await _serving(conn):
+                running = await _status_json_rows(conn, args, statuses, settings)
+                if running and not await _serving(conn):
                     print(await _daemon_line(conn, args.request, False), file=sys.stderr)
             else:
-                if args.watch and sys.stdout.isatty():
-                    print("\x1b[H\x1b[2J", end="")
-                print(f"database: {database}")
-                serving = await _serving(conn)
-                for line in await _status_notes(conn, args.request, serving):
-                    print(redactor(line))
-                print(redactor(status_table(rows, stalled=not serving)))
-                if args.limit is not None and len(rows) == args.limit:
-                    total = await queries.status_count(conn, args.request, statuses=statuses)
-                    if total > len(rows):
-                        print(f"... {total - len(rows)} older download(s) not shown "
-                              "(--limit)")
-                if statuses is None and args.limit is None:
-                    summaries = [request_summary(r)
-                                 for r in await queries.request_rows(conn, args.request)]
-                    pending = requests_lines(summaries)
-                    if pending:  # requests still listed, searched, followed, or failed
-                        print(redactor(pending))
+                await _status_text(conn, args, statuses, database, redactor)
             if not args.watch:
                 return 0
             sys.stdout.flush()
             await asyncio.sleep(1.0)
 
 
+async def _status_json_rows(conn: Any, args: argparse.Namespace, statuses: list[str] | None,
+                            settings: Settings) -> bool:
+    """Print `status --json` (the contract: one array; every download unless --limit),
+    newest first; True when a row is running. Without --limit the rows are read a chunk
+    at a time by keyset from one snapshot, and printed as they come: a million rows take
+    neither a million rows of memory nor an inconsistent view."""
+    if args.limit is not None:
+        rows = await queries.status_rows(conn, args.request, statuses=statuses,
+                                         limit=args.limit, newest_first=True,
+                                         before=args.before)
+        _emit([_status_json(r, settings) for r in rows])
+        return any(r["status"] == "running" for r in rows)
+    running, before, first = False, args.before, True
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        while True:
+            rows = await queries.status_rows(conn, args.request, statuses=statuses,
+                                             limit=JSON_CHUNK, newest_first=True,
+                                             before=before)
+            for r in rows:
+                print("[" if first else ", ", end="")
+                print(json.dumps(_status_json(r, settings), default=str), end="")
+                first = False
+            running = running or any(r["status"] == "running" for r in rows)
+            if len(rows) < JSON_CHUNK:
+                break
+            before = rows[-1]["id"]
+    print("[]" if first else "]")
+    return running
+
+
+async def _status_text(conn: Any, args: argparse.Namespace, statuses: list[str] | None,
+                       database: str, redactor: Redactor) -> None:
+    """`status` for a person: the newest page of downloads (--limit, else STATUS_PAGE), the
+    count of older ones and the command that shows them, the unfinished requests."""
+    page = args.limit if args.limit is not None else STATUS_PAGE
+    rows = await queries.status_rows(conn, args.request, statuses=statuses, limit=page,
+                                     newest_first=True, before=args.before)
+    if args.watch and sys.stdout.isatty():
+        print("\x1b[H\x1b[2J", end="")
+    print(f"database: {database}")
+    serving = await _serving(conn)
+    for line in await _status_notes(conn, args.request, serving):
+        print(redactor(line))
+    print(redactor(status_table(rows, stalled=not serving)))
+    if len(rows) == page:
+        older = await queries.status_count(conn, args.request, statuses=statuses,
+                                           before=rows[-1]["id"])
+        if older:
+            why = "--limit" if args.limit is not None else f"{page} per page"
+            print(f"... {older} older download(s) not shown ({why}); next page: "
+                  + _next_page(args, rows[-1]["id"]))
+    if statuses is None and args.limit is None and args.before is None:
+        summaries = [request_summary(r) for r in
+                     await queries.request_rows(conn, args.request, unfinished=True)]
+        pending = requests_lines(summaries)
+        if pending:  # requests still listed, searched, followed, or failed
+            print(redactor(pending))
+
+
+def _next_page(args: argparse.Namespace, last: int) -> str:
+    """The `status` command that shows the page after the one whose last row is `last`."""
+    words = ["asyncsat", "status"]
+    if args.request is not None:
+        words += ["--request", str(args.request)]
+    for s in args.status or []:
+        words += ["--status", s]
+    if args.limit is not None:
+        words += ["--limit", str(args.limit)]
+    return " ".join([*words, "--before", str(last)])
+
+
 async def _status_notes(conn: Any, request_id: int | None, serving: bool) -> list[str]:
     """Lines under `database:`: whether a daemon serves it, and what holds the queue back."""
     lines = [await _daemon_line(conn, request_id, serving)]
-    totals = totals_line(await queries.progress_totals(conn, request_id)) if serving else None
+    totals = totals_line(await queries.progress_totals(conn, request_id, unfinished=True)) \
+        if serving else None
     if totals is not None:
         lines.append(totals)
     lines += [f"paused: provider {name} ({n} waiting download(s)): asyncsat provider resume "
@@ -465,7 +522,7 @@ async def _daemon_line(conn: Any, request_id: int | None, serving: bool) -> str:
         return "daemon: serving this database (" + "; ".join(
             f"{d['id'][:8]} on {d['host']} pid {d['pid']}: {d['running']} running"
             for d in live) + ")"
-    counts = await queries.progress_totals(conn, request_id)
+    counts = await queries.progress_totals(conn, request_id, unfinished=True)
     line = "daemon: none serves this database"
     if counts.get("running"):
         line += (f"; {counts['running']} download(s) marked running are stalled (left by a "

@@ -26,6 +26,11 @@ def human(n: int | None) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+STATUS_PAGE = 100
+"""Downloads `status` shows without --limit (and without --json): the newest, then the
+command for the next page. A million lines is no answer to a person."""
+
+
 def status_table(rows: Sequence[dict[str, Any]], *, stalled: bool = False) -> str:
     """A plain-text table of downloads, one per line. With `stalled` (no daemon serves the
     database), rows marked running show as `stalled`: nothing moves them."""

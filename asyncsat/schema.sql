@@ -164,6 +164,14 @@ CREATE TABLE IF NOT EXISTS request_download (
 -- one (a product is fetched once): the daemon hard-links (else copies) the file there once
 -- it is done, then clears it
 ALTER TABLE request_download ADD COLUMN IF NOT EXISTS dest text;
+-- 0.5: the requests of a download (the key leads by request): the copies owed when it is
+-- done, the requests `status` lists as unfinished, and the cascade when downloads are
+-- deleted were each a scan of every link (36 ms a lookup with 1,000,000 links)
+CREATE INDEX IF NOT EXISTS request_download_download_idx ON request_download (download_id);
+-- 0.5: `status --status S` pages (newest first, by keyset) and counts the downloads of a
+-- status as an index range, however few they are and however old (proven by EXPLAIN in
+-- tests/integration/test_plans.py)
+CREATE INDEX IF NOT EXISTS download_status_idx ON download (status, id);
 
 -- 0.4: a paused provider starts no transfer (running ones finish); `provider pause NAME`,
 -- or plain `UPDATE provider SET paused = true`: the provider_notify trigger tells the daemon

@@ -887,44 +887,91 @@ _LIVE_RATE = (
 )
 
 
+_STATUS_COLUMNS = (
+    "d.id, d.request_id, p.name AS provider, d.name, d.url, d.status, d.bytes_done,"
+    " d.size, d.attempts, d.error, d.path, d.dest, d.checksum_algo, d.checksum_value,"
+    f" d.created_at, d.updated_at, d.finished_at, d.not_before, {_LIVE_RATE} AS rate"
+)
+_OF_REQUEST = (
+    "($1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
+    "  (SELECT download_id FROM request_download WHERE request_id = $1))"
+)
+# the keyset of the pages of `status` (never an OFFSET, which reads every row it skips);
+# a bound, never `$n IS NULL OR ...`, so that a generic plan keeps it an index condition
+_BEFORE = "coalesce({}::bigint, 9223372036854775807)"
+
+
 async def status_rows(
     db: Any, request_id: int | None = None, *, statuses: Sequence[str] | None = None,
-    limit: int | None = None, newest_first: bool = False,
+    limit: int | None = None, newest_first: bool = False, before: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Downloads (of one request), oldest first (or newest first), optionally by status."""
+    """Downloads (of one request), oldest first (or newest first), optionally by status;
+    `before`: only those with a smaller id (the next page, newest first).
+
+    A page is an index range, however deep: the primary key backwards; by status, one
+    range of `download_status_idx` per status, each cut at `limit` before they are merged.
+    """
     order = "d.id DESC" if newest_first else "d.id"
+    if statuses and request_id is None and newest_first:
+        rows = await db.fetch(
+            f"SELECT {_STATUS_COLUMNS} FROM (SELECT x.id FROM unnest($1::text[]) AS u (status)"
+            "  CROSS JOIN LATERAL (SELECT x.id FROM download x WHERE x.status = u.status"
+            f"   AND x.id < {_BEFORE.format('$3')} ORDER BY x.id DESC LIMIT $2) x"
+            "  ORDER BY x.id DESC LIMIT $2) s"
+            " JOIN download d ON d.id = s.id JOIN provider p ON p.id = d.provider_id"
+            " ORDER BY d.id DESC",
+            sorted(set(statuses)), limit, before,
+        )
+        return [dict(r) for r in rows]
+    where, args = _status_where(request_id, statuses, before)
     rows = await db.fetch(
-        "SELECT d.id, d.request_id, p.name AS provider, d.name, d.url, d.status, d.bytes_done,"
-        " d.size, d.attempts, d.error, d.path, d.dest, d.checksum_algo, d.checksum_value,"
-        f" d.created_at, d.updated_at, d.finished_at, d.not_before, {_LIVE_RATE} AS rate"
-        " FROM download d JOIN provider p ON p.id = d.provider_id"
-        " WHERE ($1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
-        "  (SELECT download_id FROM request_download WHERE request_id = $1))"
-        " AND ($2::text[] IS NULL OR d.status = ANY($2::text[]))"
-        f" ORDER BY {order} LIMIT $3",
-        request_id, list(statuses) if statuses else None, limit,
-    )
+        f"SELECT {_STATUS_COLUMNS} FROM download d JOIN provider p ON p.id = d.provider_id"
+        f" WHERE {where} ORDER BY {order} LIMIT ${len(args) + 1}", *args, limit)
     return [dict(r) for r in rows]
 
 
+def _status_where(request_id: int | None, statuses: Sequence[str] | None,
+                  before: int | None) -> tuple[str, list[Any]]:
+    """The filter of `status` and its parameters. Only the filters given are in the text:
+    a generic plan (a statement run again and again, `status --watch`) of `$n IS NULL OR
+    ...` could use no index for them."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if request_id is not None:
+        args.append(request_id)
+        clauses.append(f"(d.request_id = ${len(args)} OR d.id IN (SELECT download_id"
+                       f" FROM request_download WHERE request_id = ${len(args)}))")
+    if statuses:
+        args.append(list(statuses))
+        clauses.append(f"d.status = ANY(${len(args)}::text[])")
+    if before is not None:
+        args.append(before)
+        clauses.append(f"d.id < ${len(args)}")
+    return " AND ".join(clauses) or "true", args
+
+
 async def status_count(
-    db: Any, request_id: int | None = None, *, statuses: Sequence[str] | None = None
+    db: Any, request_id: int | None = None, *, statuses: Sequence[str] | None = None,
+    before: int | None = None,
 ) -> int:
     """How many downloads `status_rows` would list without a limit."""
-    value: int = await db.fetchval(
-        "SELECT count(*) FROM download d"
-        " WHERE ($1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
-        "  (SELECT download_id FROM request_download WHERE request_id = $1))"
-        " AND ($2::text[] IS NULL OR d.status = ANY($2::text[]))",
-        request_id, list(statuses) if statuses else None,
-    )
+    where, args = _status_where(request_id, statuses, before)
+    value: int = await db.fetchval(f"SELECT count(*) FROM download d WHERE {where}", *args)
     return value
 
 
-async def progress_totals(db: Any, request_id: int | None = None) -> dict[str, Any]:
+async def progress_totals(
+    db: Any, request_id: int | None = None, *, unfinished: bool = False
+) -> dict[str, Any]:
     """The downloads (of one request) as a whole: count per status, `bytes_done` and `size`
     (sums; `unsized` downloads have no size yet), `left` (bytes still to fetch by the
-    queued and running ones of known size) and `rate` (bytes/s of the running ones)."""
+    queued and running ones of known size) and `rate` (bytes/s of the running ones).
+
+    `unfinished`: only the downloads still to fetch (queued, running, offline) are read,
+    through `download_status_idx` however many are finished; the counts of done, failed
+    and cancelled ones, and the sums, are then those of the unfinished ones (0 and
+    partial): what `status` shows, not what `get --wait` follows.
+    """
     row = await db.fetchrow(
         "SELECT count(*) FILTER (WHERE d.status = 'queued') AS queued,"
         " count(*) FILTER (WHERE d.status = 'running') AS running,"
@@ -940,9 +987,8 @@ async def progress_totals(db: Any, request_id: int | None = None) -> dict[str, A
         " count(*) FILTER (WHERE d.status IN ('queued', 'running') AND d.size IS NULL)"
         "  AS left_unsized,"
         f" coalesce(sum({_LIVE_RATE}), 0)::float8 AS rate"
-        " FROM download d"
-        " WHERE ($1::bigint IS NULL OR d.request_id = $1 OR d.id IN"
-        "  (SELECT download_id FROM request_download WHERE request_id = $1))",
+        f" FROM download d WHERE {_OF_REQUEST}"
+        + (" AND d.status IN ('queued', 'running', 'offline')" if unfinished else ""),
         request_id,
     )
     return dict(row)
@@ -1034,8 +1080,16 @@ async def download_counts(db: Any) -> dict[str, int]:
     return {row["status"]: row["n"] for row in rows}
 
 
-async def request_rows(db: Any, request_id: int | None = None) -> list[dict[str, Any]]:
-    """Requests with the counts of their products by status, and their bytes."""
+async def request_rows(
+    db: Any, request_id: int | None = None, *, unfinished: bool = False
+) -> list[dict[str, Any]]:
+    """Requests with the counts of their products by status, and their bytes.
+
+    `unfinished`: only those `status` lists under its downloads (still to be listed or
+    searched, standing, failed, or with a product not finished or failed), found from the
+    unfinished downloads (`download_status_idx`, `request_download_download_idx`): the
+    requests whose products are all done are not read at all.
+    """
     rows = await db.fetch(
         "SELECT r.id, r.status, r.error, r.follow, r.search, r.urls, r.dest, r.created_at,"
         " r.next_run, r.watermark, r.runs, p.name AS provider,"
@@ -1047,14 +1101,19 @@ async def request_rows(db: Any, request_id: int | None = None) -> list[dict[str,
         " count(d.id) FILTER (WHERE d.status IN ('queued', 'running')) AS pending,"
         " coalesce(sum(d.bytes_done), 0)::bigint AS bytes_done,"
         " sum(d.size)::bigint AS size,"
-        " (SELECT d2.error FROM request_download rd2 JOIN download d2 ON d2.id = rd2.download_id"
-        "  WHERE rd2.request_id = r.id AND d2.status = 'failed' ORDER BY d2.id LIMIT 1)"
-        "  AS product_error"
+        # the first failed product's error: one probe per request (not one per product)
+        " (SELECT d2.error FROM download d2"
+        "  WHERE d2.id = min(d.id) FILTER (WHERE d.status = 'failed')) AS product_error"
         " FROM request r LEFT JOIN provider p ON p.id = r.provider_id"
         " LEFT JOIN request_download rd ON rd.request_id = r.id"
         " LEFT JOIN download d ON d.id = rd.download_id"
-        " WHERE $1::bigint IS NULL OR r.id = $1"
-        " GROUP BY r.id, p.name ORDER BY r.id",
+        " WHERE ($1::bigint IS NULL OR r.id = $1)"
+        + (" AND (r.status IN ('queued', 'following', 'failed') OR r.id IN"
+           "  (SELECT l.request_id FROM download u"
+           "   JOIN request_download l ON l.download_id = u.id"
+           "   WHERE u.status IN ('queued', 'running', 'offline', 'failed')))"
+           if unfinished else "")
+        + " GROUP BY r.id, p.name ORDER BY r.id",
         request_id,
     )
     return [dict(r) for r in rows]

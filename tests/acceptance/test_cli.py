@@ -287,7 +287,9 @@ async def test_no_ops_say_why_and_status_filters(server: FileServer, dsn: str,
     assert await asyncio.to_thread(ids, "--status", "done", "--limit", "1") == [2]
     table = await asyncio.to_thread(cli, "status", "--limit", "1", dsn=dsn, home=tmp_path)
     lines = table.stdout.splitlines()
-    assert "c.bin" in lines[-2] and lines[-1] == "... 3 older download(s) not shown (--limit)"
+    assert "c.bin" in lines[-2] and lines[-1] == (
+        "... 3 older download(s) not shown (--limit); next page: asyncsat status --limit 1 "
+        "--before 4")
     bad = await asyncio.to_thread(cli, "status", "--status", "finished", dsn=dsn, home=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 

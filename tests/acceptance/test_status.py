@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import DaemonProcess, cli
-from tests.helpers import add_provider, queue
+from tests.helpers import add_provider, queue, sql
 
 
 async def _wait_part(path: Path, at_least: int, timeout: float = 20) -> None:
@@ -215,3 +215,64 @@ async def test_get_wait_says_when_the_daemon_goes_away_and_goes_on_with_the_next
     final = tmp_path / "d" / f"127.0.0.1_{server.port}" / "crash.bin"
     assert out.decode().splitlines()[-1] == f"done    {final}"
     assert final.read_bytes() == data
+
+
+async def test_status_pages_by_keyset_cover_every_row_once_while_rows_change(
+        dsn: str, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    await add_provider(dsn, "local", "http://127.0.0.1:9/files/")
+    await sql(dsn, "INSERT INTO download (provider_id, url, name, status)"
+              " SELECT p.id, 'http://127.0.0.1:9/files/f' || g, 'f' || g,"
+              "  CASE WHEN g % 3 = 0 THEN 'failed' ELSE 'done' END"
+              " FROM provider p, generate_series(1, 250) g WHERE p.name = 'local'")
+
+    def page(*args: str) -> list[dict[str, object]]:
+        out = cli("status", "--json", *args, dsn=dsn, home=home)
+        assert out.returncode == 0, out.stderr
+        rows: list[dict[str, object]] = json.loads(out.stdout)
+        return rows
+
+    # --json pages of 40, newest first; between two pages rows change status (and one is
+    # added): a page never repeats nor skips a row that was there when paging began
+    seen: list[int] = []
+    before: list[str] = []
+    while True:
+        rows = await asyncio.to_thread(page, "--limit", "40", *before)
+        if not rows:
+            break
+        ids = [int(str(r["id"])) for r in rows]
+        assert ids == sorted(ids, reverse=True) and len(ids) <= 40
+        seen += ids
+        before = ["--before", str(ids[-1])]
+        await sql(dsn, "UPDATE download SET status = 'queued' WHERE id IN (SELECT id FROM"
+                  " download WHERE status <> 'queued' ORDER BY random() LIMIT 30)")
+        await sql(dsn, "INSERT INTO download (provider_id, url) SELECT id,"
+                  " 'http://127.0.0.1:9/files/new' || $1::int FROM provider", len(seen))
+    assert seen == list(range(250, 0, -1))
+
+    # by status: the failed ones now, over pages of 7, are exactly what one query shows
+    failed = [r["id"] for r in await asyncio.to_thread(page, "--status", "failed")]
+    assert failed and all(r["status"] == "failed"
+                          for r in await asyncio.to_thread(page, "--status", "failed"))
+    paged: list[object] = []
+    before = []
+    while rows := await asyncio.to_thread(page, "--status", "failed", "--limit", "7", *before):
+        paged += [r["id"] for r in rows]
+        before = ["--before", str(rows[-1]["id"])]
+    assert paged == failed
+
+    # the text view shows a page and the command for the next; that command shows the next
+    everything = [r["id"] for r in await asyncio.to_thread(page)]
+    assert len(everything) > 100  # --json without --limit: every download (the contract)
+    shown = await asyncio.to_thread(cli, "status", dsn=dsn, home=home)
+    lines = shown.stdout.splitlines()
+    table = [int(line.split()[0]) for line in lines if line[:6].strip().isdigit()]
+    assert table == everything[:100]
+    footer = f"... {len(everything) - 100} older download(s) not shown (100 per page); " \
+             f"next page: asyncsat status --before {everything[99]}"
+    assert lines[-1] == footer
+    command = footer.split("next page: asyncsat ")[1].split()
+    shown = await asyncio.to_thread(cli, *command, dsn=dsn, home=home)
+    table = [int(line.split()[0]) for line in shown.stdout.splitlines()
+             if line[:6].strip().isdigit()]
+    assert table == everything[100:200]
