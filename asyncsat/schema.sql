@@ -333,8 +333,21 @@ ALTER TABLE download ADD COLUMN IF NOT EXISTS owner text;
 ALTER TABLE download ADD COLUMN IF NOT EXISTS lease_expires timestamptz;
 -- rows left running by a daemon of an earlier release: taken over at once
 UPDATE download SET lease_expires = now() WHERE status = 'running' AND lease_expires IS NULL;
+-- (ordered as the claim takes rows over: by lease expiry, then id; 0.4 had no id in it)
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_indexes WHERE indexname = 'download_running_idx'
+               AND indexdef NOT LIKE '%lease_expires, id)%') THEN
+        DROP INDEX download_running_idx;
+    END IF;
+END;
+$$;
 CREATE INDEX IF NOT EXISTS download_running_idx
-    ON download (provider_id, lease_expires) WHERE status = 'running';
+    ON download (provider_id, lease_expires, id) WHERE status = 'running';
+-- when the next queued row is due, and the next offline one to be looked at: a probe each
+-- (in download_due_idx, the rows of the other status would be read past one by one)
+CREATE INDEX IF NOT EXISTS download_wait_idx
+    ON download (provider_id, status, not_before) WHERE status IN ('queued', 'offline');
 
 -- The accounts of a provider and the connections each allows: its enabled credentials,
 -- else one anonymous account (`max_connections` setting, default 4).

@@ -541,7 +541,8 @@ async def queued_providers(db: Any) -> list[tuple[int, int, float | None, float 
     looked at again). Running rows whose daemon stopped renewing their lease are due (taken
     over); the next lease to lapse counts as a wait.
 
-    Each figure is an index probe per provider (`download_due_idx`, `download_running_idx`),
+    Each figure is an index probe per provider (`download_due_idx`, `download_wait_idx`,
+    `download_running_idx`),
     never a scan of the queue: the dispatcher asks at every turn, with a million rows too.
     """
     rows = await db.fetch(
