@@ -47,6 +47,8 @@ from asyncsat.transfer.runner import Attempt, Job, Outcome, transfer
 
 log = structlog.get_logger("asyncsat")
 REQUEST_BATCH = 50
+UNTIL_EVERY = 1.0
+"""Seconds between two looks at what `get --wait` waits for, while transfers run here."""
 
 
 class ProgressSink(Protocol):
@@ -104,6 +106,7 @@ class Engine:
         """Requests may wait to be resolved: looked at only then, not at every turn (a turn
         follows every transfer's end)."""
         self._follow_in: float | None = None
+        self._until_at = 0.0
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -190,7 +193,7 @@ class Engine:
                     if self._follow_in is not None:  # measured from now, the wait's start
                         self._follow_in += time.monotonic()
                 next_in, later = await self._dispatch()
-                if until is not None and await until():
+                if until is not None and await self._until(until):
                     return
                 # offline products and standing requests do not keep an idle run going
                 if exit_when_idle and not self._tasks and next_in is None and \
@@ -212,6 +215,15 @@ class Engine:
             await self._stop_transfers()
             await self.catalogs.aclose()
             await self.auths.aclose()
+
+    async def _until(self, until: Callable[[], Awaitable[bool]]) -> bool:
+        """Ask `until()` when no transfer runs here (the work may be done), else once a
+        second: not at every turn (a turn follows every transfer's end)."""
+        now = time.monotonic()
+        if self._tasks and now < self._until_at:
+            return False
+        self._until_at = now + UNTIL_EVERY
+        return await until()
 
     async def _drained(self) -> bool:
         return not await self.store.call(queries.pending_work)

@@ -430,10 +430,6 @@ DECLARE
     v_room integer;
     v_best integer;
     v_row record;
-    v_ids bigint[] := '{}';
-    v_was text[] := '{}';
-    v_took text[] := '{}';
-    v_leases bigint[] := '{}';
     v_lease bigint;
 BEGIN
     -- a claim waits a moment for another daemon's, never for a stuck one
@@ -489,6 +485,7 @@ BEGIN
         RETURNING id INTO v_lease;
         -- (looking at an offline product again uses no attempt: it is given back when
         -- the product is still offline; a row taken over keeps its folder and name)
+        RETURN QUERY
         UPDATE download d SET status = 'running', attempts = d.attempts + 1, owner = p_daemon,
                lease_expires = now() + make_interval(secs => p_seconds), rate = NULL,
                started_at = now(), finished_at = NULL, dest = coalesce(d.dest, p_default_dest),
@@ -498,23 +495,14 @@ BEGIN
                    SELECT 1 FROM download o WHERE o.provider_id = d.provider_id
                    AND o.id <> d.id AND coalesce(o.dest, '') = p_default_dest
                    AND o.name = d.name) THEN NULL ELSE d.name END
-         WHERE d.id = v_row.id;
-        v_ids := v_ids || v_row.id;
-        v_was := v_was || v_row.was;
-        v_took := v_took || v_accounts[v_best];
-        v_leases := v_leases || v_lease;
+          FROM provider p
+         WHERE d.id = v_row.id AND p.id = d.provider_id
+        RETURNING d.id, v_row.was, v_accounts[v_best], v_lease, d.request_id, d.provider_id,
+                  p.name, d.url, d.name, d.dest, d.size, d.checksum_algo, d.checksum_value,
+                  d.status, d.bytes_done, d.attempts, d.failures, d.error, d.path, d.etag,
+                  d.last_modified, d.login_user, d.login_secret, d.size_origin, d.product_id,
+                  d.offline_checks, d.ordered_at, d.last_mismatch;
     END LOOP;
-    RETURN QUERY
-        SELECT c.id, c.was, c.account, c.lease, d.request_id, d.provider_id, p.name, d.url,
-               d.name, d.dest, d.size, d.checksum_algo, d.checksum_value, d.status,
-               d.bytes_done, d.attempts, d.failures, d.error, d.path, d.etag, d.last_modified,
-               d.login_user, d.login_secret, d.size_origin, d.product_id, d.offline_checks,
-               d.ordered_at, d.last_mismatch
-          FROM unnest(v_ids, v_was, v_took, v_leases) WITH ORDINALITY
-                   AS c(id, was, account, lease, n)
-          JOIN download d ON d.id = c.id
-          JOIN provider p ON p.id = d.provider_id
-         ORDER BY c.n;
 END;
 $$;
 
