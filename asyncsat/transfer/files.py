@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -67,6 +68,8 @@ class PartFile:
         self._fd: int | None = None
         self._hasher: Hasher | None = None
         self.size = 0
+        self._head: bytes | None = None
+        """The file's first bytes, as written by this attempt (None: it resumed)."""
 
     def recover(self) -> int:
         """Bytes of the part file already on disk (0 when there is none).
@@ -93,6 +96,7 @@ class PartFile:
             self.close()
             raise
         self.size = offset
+        self._head = b"" if offset == 0 else None
         if self.checksum is not None:
             self._hasher = new_hasher(self.checksum.algo)
             if offset:
@@ -151,6 +155,7 @@ class PartFile:
         except OSError as exc:
             raise _local_error(self.path, exc) from None
         self.size = 0
+        self._head = None  # (the attempt ends: the next one writes from zero)
 
     async def write(self, chunk: bytes) -> None:
         """Append one chunk, and hash it (a large one in a worker thread, see `_THREADED`;
@@ -169,6 +174,8 @@ class PartFile:
                 view = view[written:]
         except OSError as exc:
             raise _local_error(self.path, exc) from None
+        if self._head is not None and len(self._head) < payload.HEAD:
+            self._head += chunk[:payload.HEAD - len(self._head)]
         self.size += len(chunk)
         if self._hasher is not None:
             self._hasher.update(chunk)
@@ -205,7 +212,7 @@ class PartFile:
     def _seal(self, name: str) -> None:
         assert self._fd is not None
         try:
-            payload.check(self.path, name)
+            payload.check(self.path, name, self._head)
         except Exception:
             self.close()
             self.path.unlink(missing_ok=True)
@@ -213,11 +220,54 @@ class PartFile:
         os.fsync(self._fd)
         self.close()
         os.replace(self.path, self.final)
-        dir_fd = os.open(self.final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _FOLDERS.sync(self.final.parent)
+
+
+class _FolderSync:
+    """fsync of folders, shared: a rename is durable once an fsync of its folder that
+    started after it has ended, so the renames made while one runs share the next one
+    (group commit). Transfers that end together in one folder (many small files) pay for
+    one fsync instead of one each. Called from worker threads."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._issued: dict[Path, int] = {}
+        """Per folder: renames announced so far."""
+        self._synced: dict[Path, int] = {}
+        """Per folder: renames an ended fsync covers."""
+        self._running: set[Path] = set()
+
+    def sync(self, folder: Path) -> None:
+        """Return once the renames made in `folder` before this call are durable."""
+        with self._changed:
+            ticket = self._issued[folder] = self._issued.get(folder, 0) + 1
+            while self._synced.get(folder, 0) < ticket:
+                if folder in self._running:
+                    self._changed.wait()
+                    continue
+                self._running.add(folder)
+                covers = self._issued[folder]
+                try:
+                    self._changed.release()
+                    try:
+                        _fsync_folder(folder)
+                    finally:
+                        self._changed.acquire()
+                    self._synced[folder] = max(self._synced.get(folder, 0), covers)
+                finally:
+                    self._running.discard(folder)
+                    self._changed.notify_all()
+
+
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+_FOLDERS = _FolderSync()
 
 
 _NO_LINKS = (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP)

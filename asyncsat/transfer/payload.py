@@ -21,15 +21,21 @@ _XML_ERROR_ROOT = re.compile(rb"^(?:<\?xml[^>]*\?>\s*)?(?:<!--.*?-->\s*)*<(?:[\w
 _XML_MESSAGE = re.compile(rb"<(?:[\w.-]+:)?message[^>]*>([^<]+)<", re.I)
 
 
-def check(path: Path, name: str) -> None:
+HEAD = 512
+"""Bytes of a file's start that the checks look at."""
+
+
+def check(path: Path, name: str, head: bytes | None = None) -> None:
     """Raise PayloadError unless the file at `path` can be the product `name`. Blocking.
 
     The content decides: an HTML page is never a product, a zip must have a readable
     central directory, and a text document in place of a binary product is an error
-    document. The name only says whether a binary product is expected.
+    document. The name only says whether a binary product is expected. `head`: the file's
+    first `HEAD` bytes (or all of a shorter one) when the caller has them, else read.
     """
-    with path.open("rb") as f:
-        head = f.read(512)
+    if head is None:
+        with path.open("rb") as f:
+            head = f.read(HEAD)
     suffix = Path(name).suffix.lower()
     if not head and suffix in _BINARY:
         raise PayloadError(f"the server sent an empty file instead of a {suffix} product")
