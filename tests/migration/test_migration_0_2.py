@@ -126,3 +126,23 @@ async def test_a_0_2_database_is_upgraded_and_its_running_download_resumed(
     token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     for text in (run.stdout, run.stderr, status.stdout, status.stderr):
         assert PASSWORD not in text and token not in text
+
+
+async def test_a_0_2_database_not_upgraded_yet_says_to_run_init(
+        pg: PgCluster, tmp_path: Path) -> None:
+    """An operator who upgraded asyncsat but forgot `asyncsat init` is told to run it."""
+    dsn, old = await new_database(pg)
+    try:
+        await old.execute(OLD.read_text())
+    finally:
+        await old.close()
+    home = tmp_path / "home"
+    for args in (("run", "--exit-when-idle"), ("status",)):
+        told = await asyncio.to_thread(cli, *args, dsn=dsn, home=home, timeout=30)
+        assert told.returncode == 1, told.stderr
+        assert "`asyncsat init` upgrades it" in told.stderr, told.stderr
+        assert told.stderr.count("\n") == 1
+    init = await asyncio.to_thread(cli, "init", dsn=dsn, home=home)
+    assert init.returncode == 0, init.stderr
+    status = await asyncio.to_thread(cli, "status", dsn=dsn, home=home)
+    assert status.returncode == 0, status.stderr
