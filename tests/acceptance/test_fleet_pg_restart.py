@@ -98,12 +98,12 @@ async def test_three_daemons_survive_a_postgresql_restart(
             return min(parts()) >= 100_000
 
         await _until(in_flight, 10, "the big files to be in flight")
+        stopping_at = time.monotonic()
         await asyncio.to_thread(cluster.stop, mode)
         at_stop = parts()
         assert max(at_stop) < BIG  # really in flight
         await asyncio.sleep(outage)
         await asyncio.to_thread(cluster.start)
-        restarted_at = time.monotonic()
         for proc in daemons:  # each one's LISTEN connection is back
             await proc.wait_for(lambda line: line["event"] == "database connection restored",
                                 timeout=20)
@@ -146,11 +146,11 @@ async def test_three_daemons_survive_a_postgresql_restart(
             d.kill()
         await asyncio.to_thread(cluster.destroy)
 
-    _check(server, daemons, folder, big + small + later, big, mode, restarted_at)
+    _check(server, daemons, folder, big + small + later, big, mode, stopping_at)
 
 
 def _check(server: FileServer, daemons: list[DaemonProcess], folder: Path, names: list[str],
-           big: list[str], mode: str, restarted_at: float) -> None:
+           big: list[str], mode: str, stopping_at: float) -> None:
     """What an operator expects after the restart."""
     # every file whole, with the server's bytes, under its final name only
     for name in names:
@@ -172,11 +172,11 @@ def _check(server: FileServer, daemons: list[DaemonProcess], folder: Path, names
         # the transfers rode through the restart: no file was asked for twice
         assert not resumed, resumed
     else:
-        # the leases lapsed: each big file was taken over after the restart and resumed
-        # from its .part (Range from where it was, never from 0)
-        after = [r for r in resumed if cast(float, r["t"]) > restarted_at]
-        assert {str(r["path"]).rsplit("/", 1)[-1] for r in after} >= set(big), resumed
-        for r in after:
+        # the leases lapsed: each big file was taken over after the restart (no claim
+        # before: the database was down) and resumed from its .part (never from 0)
+        assert all(cast(float, r["t"]) > stopping_at for r in resumed), resumed
+        assert {str(r["path"]).rsplit("/", 1)[-1] for r in resumed} >= set(big), resumed
+        for r in resumed:
             start = int(str(r["range"]).removeprefix("bytes=").split("-")[0])
             assert 0 < start < BIG
     # no secret in any log line
