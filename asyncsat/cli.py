@@ -194,8 +194,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # the contract: one clear line, exit code 1, never a traceback
-        _fail(redactor, f"{type(exc).__name__}: {exc}")
+        hint = _OLD_SCHEMA_HINT if getattr(exc, "sqlstate", None) in _OLD_SCHEMA else ""
+        _fail(redactor, f"{type(exc).__name__}: {exc}{hint}")
         return 1
+
+
+# undefined table, column, function: what a database of an earlier release lacks when
+# `asyncsat init` was not run after the upgrade
+_OLD_SCHEMA = frozenset({"42P01", "42703", "42883"})
+_OLD_SCHEMA_HINT = (" (the database may have the schema of an earlier asyncsat release:"
+                    " `asyncsat init` upgrades it)")
 
 
 def _fail(redactor: Redactor, message: str) -> None:

@@ -34,7 +34,7 @@ from asyncsat.errors import (
     TransferError,
     VerificationError,
 )
-from asyncsat.leases import Accounts, Lease, Leases
+from asyncsat.leases import Accounts, Lease, Leases, Renewal
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Recorder
 from asyncsat.models import Download, Provider, Request
@@ -152,25 +152,46 @@ class Engine:
         """Renew this daemon's leases every third of `lease_timeout`. A download whose
         lease another daemon took over meanwhile (this one was paused, or cut from the
         database) is stopped here: its writes would be refused anyway."""
-        every = max(0.2, self.settings.lease_timeout / 3)
+        renewal = Renewal(self.settings.lease_timeout, time.monotonic())
         while not stop.is_set():
-            await wait_any(stop, timeout=every)
+            await wait_any(stop, timeout=renewal.wait(time.monotonic()))
             if stop.is_set():
                 return
             # only the transfers claimed before this heartbeat: a claim committed while it
             # runs is not in its answer
             working = {i for i in self._tasks if i not in self._ended}
-            owned = await self.store.try_call(queries.heartbeat, self.owner,
-                                              self.settings.lease_timeout)
-            if owned is None:
-                continue  # the database is away: the leases may lapse; writes are fenced
+            sent = time.monotonic()
+            try:
+                async with asyncio.timeout(renewal.wait(sent)):
+                    owned = await self.store.try_call(queries.heartbeat, self.owner,
+                                                      self.settings.lease_timeout)
+            except TimeoutError:
+                owned = None
+            if owned is None:  # the database is away: writes are fenced, but connections
+                # are not; they end before the leases lapse and another daemon opens its own
+                if renewal.lapsing(time.monotonic()):
+                    self._let_go(working)
+                continue
+            renewal.renewed(sent)
             for download_id in working - owned - self._ended:
                 task = self._tasks.get(download_id)
-                if task is not None and not task.done():
+                # (one let go meanwhile is stopping already)
+                if task is not None and not task.done() and not task.cancelling():
                     log.warning("lease lost: another daemon took the download over",
                                 download_id=download_id)
                     self._lost.add(download_id)
                     task.cancel("lease lost")
+
+    def _let_go(self, working: set[int]) -> None:
+        """Stop the transfers whose leases are about to lapse unrenewed (each puts its row
+        back in the queue, its `.part` kept, once the database answers again)."""
+        tasks = [t for i in working - self._ended
+                 if (t := self._tasks.get(i)) is not None and not t.done()]
+        if tasks:
+            log.warning("database unreachable: transfers stopped before their leases lapse",
+                        count=len(tasks))
+        for task in tasks:
+            task.cancel("lease lapsing")
 
     # -- the loop -----------------------------------------------------------------------------
 

@@ -117,3 +117,47 @@ class Leases:
         """Give a slot back (if the database is away, the lease expires by itself)."""
         if self.given_back(lease):
             await self._store.try_call(queries.lease_release, lease.id)
+
+
+class Renewal:
+    """When a daemon cut from the database must let its transfers go.
+
+    A lease lapses `seconds` after its last renewal, counted by the database from a moment
+    after the renewal was sent; another daemon may then take its download over and open a
+    connection of its own. A daemon that cannot renew (the database is restarting, or out
+    of reach) stops its transfers `margin` before that moment, so that the two connections
+    never run together and the account's cap holds; the rows are resumed from their `.part`
+    by whichever daemon claims them next. Times are `time.monotonic()` seconds.
+    """
+
+    def __init__(self, seconds: float, now: float) -> None:
+        self.seconds = seconds
+        self.every = max(0.2, seconds / 3)
+        """Seconds between two heartbeats."""
+        self.margin = min(2.0, seconds / 4)
+        self._renewed = now
+        self._let_go = False
+
+    @property
+    def deadline(self) -> float:
+        """The last moment the leases surely hold (less the margin) without a renewal."""
+        return self._renewed + self.seconds - self.margin
+
+    def wait(self, now: float) -> float:
+        """Seconds until the next heartbeat; also how long that heartbeat may take (it may
+        not outlast the deadline)."""
+        if self._let_go:
+            return self.every
+        return max(0.05, min(self.every, self.deadline - now))
+
+    def renewed(self, sent: float) -> None:
+        """A heartbeat sent at `sent` went through."""
+        self._renewed = sent
+        self._let_go = False
+
+    def lapsing(self, now: float) -> bool:
+        """True once when the deadline has passed without a renewal."""
+        if self._let_go or now < self.deadline:
+            return False
+        self._let_go = True
+        return True

@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 
-from asyncsat.db.pool import apply_schema, connect
+from asyncsat.db.pool import apply_schema
+from tests.migration.shape import new_database, shape
 from tests.servers import PgCluster
 
 OLD = Path(__file__).with_name("schema_0_1.sql")
-_n = itertools.count()
-
-SHAPE = """
-SELECT 'column' AS kind, table_name || '.' || column_name || ' ' || data_type
-       || ' ' || is_nullable || ' ' || coalesce(column_default, '') AS what
-  FROM information_schema.columns WHERE table_schema = 'public'
-UNION ALL
-SELECT 'index', indexdef FROM pg_indexes WHERE schemaname = 'public'
-UNION ALL
-SELECT 'constraint', conrelid::regclass || ' ' || pg_get_constraintdef(oid)
-  FROM pg_constraint WHERE connamespace = 'public'::regnamespace
-UNION ALL
-SELECT 'trigger', tgrelid::regclass || ' ' || tgname FROM pg_trigger WHERE NOT tgisinternal
-ORDER BY 1, 2
-"""
-
-
-async def _database(pg: PgCluster) -> Any:
-    name = f"m_{next(_n)}"
-    pg.psql(f"CREATE DATABASE {name} OWNER asyncsat")
-    return await connect(pg.dsn(name))
 
 
 async def test_upgrade_from_0_1_matches_a_fresh_schema(pg: PgCluster) -> None:
-    fresh, old = await _database(pg), await _database(pg)
+    (_, fresh), (_, old) = await new_database(pg), await new_database(pg)
     try:
         await apply_schema(fresh, always=True)
         await old.execute(OLD.read_text())
@@ -47,8 +25,7 @@ async def test_upgrade_from_0_1_matches_a_fresh_schema(pg: PgCluster) -> None:
                           provider, "http://h/a.nc")
         await apply_schema(old, always=True)
         await apply_schema(old, always=True)  # and again: idempotent
-        assert [tuple(r) for r in await old.fetch(SHAPE)] == \
-            [tuple(r) for r in await fresh.fetch(SHAPE)]
+        assert await shape(old) == await shape(fresh)
         # rows survive (0.1 sizes came from servers: not binding), and the new index keeps
         # URLs unique
         row = await old.fetchrow("SELECT size, size_origin FROM download")
@@ -68,7 +45,7 @@ async def test_upgrade_from_0_1_matches_a_fresh_schema(pg: PgCluster) -> None:
 async def test_upgrade_from_0_4_replaces_the_claim_function(pg: PgCluster) -> None:
     """0.4's claim returned four columns; the new one returns the claimed rows whole (its
     result type changed, so the upgrade drops and creates it, in the schema's transaction)."""
-    fresh, old = await _database(pg), await _database(pg)
+    (_, fresh), (_, old) = await new_database(pg), await new_database(pg)
     try:
         await apply_schema(fresh, always=True)
         await old.execute(OLD.with_name("schema_0_4.sql").read_text())
@@ -79,8 +56,7 @@ async def test_upgrade_from_0_4_replaces_the_claim_function(pg: PgCluster) -> No
                           provider, "http://h/a.nc")
         await apply_schema(old, always=True)
         await apply_schema(old, always=True)
-        assert [tuple(r) for r in await old.fetch(SHAPE)] == \
-            [tuple(r) for r in await fresh.fetch(SHAPE)]
+        assert await shape(old) == await shape(fresh)
         result = "SELECT pg_get_function_result('asyncsat_claim'::regproc)"
         assert await old.fetchval(result) == await fresh.fetchval(result)
         await old.execute("INSERT INTO daemon (id, host, pid, version, lease_timeout)"
