@@ -227,7 +227,9 @@ class Engine:
                 follow_in = None if self._follow_in is None else \
                     max(0.0, self._follow_in - time.monotonic())
                 unstuck_in = self.resolver.unstuck_in()
-                timeout = min((t for t in (next_in, later, follow_in, unstuck_in)
+                until_in = max(0.0, self._until_at - time.monotonic()) \
+                    if until is not None and self._tasks else None  # (a look put off)
+                timeout = min((t for t in (next_in, later, follow_in, unstuck_in, until_in)
                                if t is not None), default=None)
                 await wait_any(self.wake, stop, timeout=timeout)
                 if not self.wake.is_set():  # a timer: a standing request may be due
@@ -382,7 +384,7 @@ class Engine:
                                           lease.login.secret)
         folder = Path(d.dest or self.settings.default_dest) / d.provider
         attempt = Attempt(start_size=d.bytes_done, size=d.bytes_done)
-        events = _RowEvents(self, d, bound)
+        events = _RowEvents(self, d, bound, lease)
         if d.claimed_from == "offline":
             bound.info("offline download looked at", checks=d.offline_checks)
         else:
@@ -578,10 +580,11 @@ def _one_line(text: str, limit: int = 1000) -> str:
 class _RowEvents:
     """Transfer events recorded in the download row (progress throttled)."""
 
-    def __init__(self, engine: Engine, download: Download, bound: Any) -> None:
+    def __init__(self, engine: Engine, download: Download, bound: Any, lease: Lease) -> None:
         self._engine = engine
         self._download = download
         self._bound = bound
+        self._lease = lease
         self._name = download.name or ""
         self._on_disk = download.bytes_done
         self._fence = engine._fence(download)
@@ -606,10 +609,14 @@ class _RowEvents:
         raise PermanentError(f"another download already writes {name!r}")
 
     async def sealing(self) -> None:
-        """The file is whole and verified: it gets its final name only while the row is
-        still this claim's (a daemon paused past its lease must not rename it)."""
-        if not await self._engine.store.call(queries.download_owned, self._download.id,
-                                             self._fence):
+        """The body is in and its connection given back: the account's slot goes back now
+        (the next file starts while this one is flushed and renamed). The file gets its
+        final name only while the row is still this claim's (a daemon paused past its lease
+        must not rename it)."""
+        owned = await self._engine.store.call(queries.download_sealing, self._download.id,
+                                              self._fence, self._lease.id)
+        self._engine.leases.given_back(self._lease)
+        if not owned:
             raise LeaseLost()
 
     async def progress(self, done: int, total: int | None) -> None:

@@ -705,11 +705,13 @@ async def download_progress(
     )
 
 
-async def download_owned(db: Any, download_id: int, fence: Fence) -> bool:
-    """True while the row is still this claim's (checked before a file gets its name)."""
+async def download_sealing(db: Any, download_id: int, fence: Fence, lease_id: int) -> bool:
+    """A transfer's body is in: give its account slot back, and say whether the row is still
+    this claim's (checked before the file gets its name), in one statement."""
     value: bool = await db.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM download WHERE id = $1" + _FENCED.format(o="$2", a="$3")
-        + " AND lease_expires > now())", download_id, fence.owner, fence.attempt)
+        "WITH freed AS (DELETE FROM lease WHERE id = $4)"
+        " SELECT EXISTS (SELECT 1 FROM download WHERE id = $1" + _FENCED.format(o="$2", a="$3")
+        + " AND lease_expires > now())", download_id, fence.owner, fence.attempt, lease_id)
     return value
 
 

@@ -58,7 +58,8 @@ class Events(Protocol):
         ...
 
     async def sealing(self) -> None:
-        """The file is whole: called before it is verified and renamed; raises to stop."""
+        """The body is in and its connection given back: called before the file is
+        verified, flushed and renamed; raises to stop."""
         ...
 
 
@@ -99,52 +100,60 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
     # from the start (or another version) is caught here, not in a corrupt product
     overlap = min(offset, OVERLAP) if offset and not job.size else 0
     ask = offset - overlap
-    async with driver.open(job.source, ask, validator) as stream:
-        opened = stream.opened
-        try:
-            total = _expected_size(job, opened)
-        except _SizeChanged:
-            if part is not None:  # what is on disk belongs to another version
+    try:
+        async with driver.open(job.source, ask, validator) as stream:
+            opened = stream.opened
+            try:
+                total = _expected_size(job, opened)
+            except _SizeChanged:
+                if part is not None:  # what is on disk belongs to another version
+                    await part.open(0)
+                    part.close()
+                raise
+            if part is None:
+                proposed = opened.name or name_from_url(job.source.url) or \
+                    sanitize(job.fallback_name)
+                name = await events.named(proposed, total, opened.validator)
+                part = PartFile(job.folder, name, job.checksum)
+                attempt.part = part.path
+            else:
+                chosen = await events.named(name, total, opened.validator)
+                if chosen != name:  # another product has that name: the next attempt takes it
+                    raise RetryableError(f"the file is to be named {chosen!r}, not {name!r}")
+            if opened.offset not in (0, ask):
                 await part.open(0)
                 part.close()
-            raise
-        if part is None:
-            proposed = opened.name or name_from_url(job.source.url) or \
-                sanitize(job.fallback_name)
-            name = await events.named(proposed, total, opened.validator)
-            part = PartFile(job.folder, name, job.checksum)
-            attempt.part = part.path
-        else:
-            chosen = await events.named(name, total, opened.validator)
-            if chosen != name:  # another product has that name: the next attempt uses this
-                raise RetryableError(f"the file is to be named {chosen!r}, not {name!r}")
-        if opened.offset not in (0, ask):
-            await part.open(0)
-            part.close()
-            raise RetryableError(f"the server resumed at byte {opened.offset}, not {ask}")
-        chunks = stream.chunks(chunk_size)
-        start = opened.offset
-        if overlap and opened.offset == ask:
-            chunks = _after_overlap(chunks, part.read(ask, overlap), part)
-            start = offset
-        await part.open(start)
-        # progress is measured against what was on disk before this attempt, so that a
-        # restart from zero that dies at the same byte every time is not progress
-        attempt.size = start
+                raise RetryableError(f"the server resumed at byte {opened.offset}, not {ask}")
+            chunks = stream.chunks(chunk_size)
+            start = opened.offset
+            if overlap and opened.offset == ask:
+                chunks = _after_overlap(chunks, part.read(ask, overlap), part)
+                start = offset
+            await part.open(start)
+            # progress is measured against what was on disk before this attempt, so that a
+            # restart from zero that dies at the same byte every time is not progress
+            attempt.size = start
+            try:
+                async for chunk in chunks:
+                    await part.write(chunk)
+                    attempt.size = part.size
+                    await events.progress(part.size, total)
+                if total is not None and part.size < total:
+                    # a bounded 206 or a body cut short: resumable, and progress if it grew
+                    raise RetryableError(f"the transfer ended at byte {part.size} of {total}")
+            except RetryableError:
+                attempt.size = part.size  # the part may have been emptied
+                raise
+        # the body is in and its connection given back: the account's slot goes too, and the
+        # next file starts while this one is checked, flushed to disk and renamed
         try:
-            async for chunk in chunks:
-                await part.write(chunk)
-                attempt.size = part.size
-                await events.progress(part.size, total)
-            if total is not None and part.size < total:
-                # a bounded 206 or a body cut short: resumable, and progress if it grew
-                raise RetryableError(f"the transfer ended at byte {part.size} of {total}")
             await events.sealing()
             path = await part.finish(total, name)
         except RetryableError:
-            attempt.size = part.size  # the part may have been emptied
+            attempt.size = part.size
             raise
-        finally:
+    finally:
+        if part is not None:
             part.close()
     return Outcome(path=path, name=name, size=part.size, resumed_from=start,
                    restarted=offset > 0 and start == 0)
