@@ -572,12 +572,16 @@ async def queued_providers(db: Any) -> list[tuple[int, int, float | None, float 
 
 
 async def pending_work(db: Any) -> bool:
-    """True while any request or download waits to be processed (the queued downloads of
-    a paused provider wait for its resume: they are not work to drain)."""
+    """True while any request or download waits to be processed. The queued downloads of
+    a paused provider wait for its resume, and so do its running ones that no daemon works
+    any more (their lease lapsed; the claim takes them over only once it resumes): neither
+    is work to drain."""
     value: bool = await db.fetchval(
         "SELECT EXISTS (SELECT 1 FROM request WHERE status = 'queued')"
-        " OR EXISTS (SELECT 1 FROM download d WHERE d.status = 'running' OR"
-        "  (d.status = 'queued' AND d.provider_id NOT IN (SELECT id FROM provider WHERE paused)))"
+        " OR EXISTS (SELECT 1 FROM download d WHERE"
+        "  (d.status = 'running' AND d.lease_expires > now())"
+        "  OR (d.status IN ('queued', 'running')"
+        "   AND d.provider_id NOT IN (SELECT id FROM provider WHERE paused)))"
     )
     return value
 
@@ -806,7 +810,9 @@ async def archive_settle(db: Any, order_id: int, download_id: int, *, sent: bool
 async def archive_ordered(db: Any, download_id: int, provider_id: int, account: str, *,
                           refused: bool = False) -> None:
     """An order was sent to the archive for this product, by this account (`refused`: and
-    the provider refused it for its quota)."""
+    the provider refused it for its quota). Not fenced: the order was sent, whoever owns the
+    row now, and counts against the account's quota; the row's next owner must know it was
+    ordered rather than order it again."""
     await db.execute(
         "WITH o AS (INSERT INTO archive_order (provider_id, account, download_id, refused)"
         " VALUES ($2, $3, $1, $4))"

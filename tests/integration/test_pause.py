@@ -88,3 +88,24 @@ async def test_pause_lets_the_running_transfer_finish(
     await sql(dsn, "UPDATE provider SET paused = false WHERE name = 'local'")
     await drain(settings, timeout=15)
     assert (await _statuses(dsn))["second.bin"] == "done"
+
+
+async def test_a_drain_ends_beside_a_paused_providers_orphaned_transfer(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    """A daemon died while the provider was paused: its running row waits for the resume
+    (the claim takes it over only then), so `run --exit-when-idle` must not wait for it;
+    another provider's work is drained meanwhile."""
+    server.add("b.bin", os.urandom(50_000))
+    await add_provider(dsn, "paused", "http://127.0.0.1:9/archive/")
+    await add_provider(dsn, "live", server.base)
+    await sql(dsn, "UPDATE provider SET paused = true WHERE name = 'paused'")
+    await sql(dsn, "INSERT INTO daemon (id, host, pid, version, lease_timeout)"
+                   " VALUES ('gone', 'elsewhere', 1, 'test', 30)")
+    await sql(dsn, "INSERT INTO download (provider_id, url, name, status, owner, attempts,"
+                   " lease_expires) SELECT id, 'http://127.0.0.1:9/archive/a.bin', 'a.bin',"
+                   " 'running', 'gone', 1, now() - interval '1 minute'"
+                   " FROM provider WHERE name = 'paused'")
+    await queue(dsn, server.url("b.bin"))
+    await asyncio.wait_for(drain(settings), 15)
+    assert await _statuses(dsn) == {"a.bin": "running", "b.bin": "done"}
+    assert [r["path"].rsplit("/", 1)[-1] for r in server.requests] == ["b.bin"]
