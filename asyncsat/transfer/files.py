@@ -214,8 +214,10 @@ class PartFile:
             self.path.unlink(missing_ok=True)
             raise
         os.fsync(self._fd)
-        self.close()
+        # renamed while still locked: a daemon that took the download over cannot open the
+        # .part between the two and write into what becomes the final file
         os.replace(self.path, self.final)
+        self.close()
         _FOLDERS.sync(self.final.parent)
 
 
