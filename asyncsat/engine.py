@@ -107,6 +107,7 @@ class Engine:
         follows every transfer's end)."""
         self._follow_in: float | None = None
         self._until_at = 0.0
+        self._stopping = False
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -347,29 +348,37 @@ class Engine:
                 log.exception("claim failed", provider_id=provider_id)
                 claimed = []
             for download, account, lease_id in claimed:
-                lease = self.leases.wrap(lease_id, provider_id, account)
-                task = asyncio.create_task(self._run_one(download, lease),
-                                           name=f"download-{download.id}")
-                self._tasks[download.id] = task
-                self._running[download.id] = download
+                self._start(download, self.leases.wrap(lease_id, provider_id, account,
+                                                       download.id))
         return next_in, later
+
+    def _start(self, download: Download, lease: Lease) -> None:
+        task = asyncio.create_task(self._run_one(download, lease),
+                                   name=f"download-{download.id}")
+        self._tasks[download.id] = task
+        self._running[download.id] = download
 
     async def _stop_transfers(self) -> None:
         """Cancel running transfers; each puts its row back in the queue, resumable."""
+        self._stopping = True  # a slot is no longer handed on to the next download
         await self.resolver.stop()
-        tasks = list(self._tasks.values())
-        if not tasks:
-            return
-        log.info("stopping transfers", count=len(tasks))
-        # a task claimed just now may not have run its first step yet: cancelled then, it
-        # would never reach the handler that puts its row back; one turn of the loop lets
-        # every task start (they were scheduled before this one resumes)
-        await asyncio.sleep(0)
-        for task in tasks:
-            task.cancel()
-        _done, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
-        if pending:
-            log.warning("transfers did not stop in time", count=len(pending))
+        if self._tasks:
+            log.info("stopping transfers", count=len(self._tasks))
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        # (a hand-over answered while the others stop starts one more: stopped in turn)
+        while self._tasks and time.monotonic() < deadline:
+            tasks = list(self._tasks.values())
+            # a task claimed just now may not have run its first step yet: cancelled then,
+            # it would never reach the handler that puts its row back; one turn of the loop
+            # lets every task start (they were scheduled before this one resumes)
+            await asyncio.sleep(0)
+            for task in tasks:
+                task.cancel()
+            _done, pending = await asyncio.wait(tasks,
+                                                timeout=max(0.0, deadline - time.monotonic()))
+            if pending:
+                log.warning("transfers did not stop in time", count=len(pending))
+                return
 
     # -- one transfer -------------------------------------------------------------------------
 
@@ -438,8 +447,9 @@ class Engine:
             self._lost.discard(d.id)
             self._ended.discard(d.id)
             self._running.pop(d.id, None)
-            self.wake.set()
-            await _to_the_end(self.leases.release(lease))
+            if not events.handed_over:  # (else the slot is busy again: nothing to claim)
+                self.wake.set()
+            await _to_the_end(self.leases.release(lease, d.id))
 
     async def _record_done(self, d: Download, outcome: Outcome, bound: Any,
                            lease: Lease) -> None:
@@ -447,7 +457,7 @@ class Engine:
         owed = await self.store.call(queries.download_done, d.id, self._fence(d),
                                      size=outcome.size, path=str(outcome.path),
                                      lease_id=lease.id)
-        self.leases.given_back(lease)
+        self.leases.given_back(lease, d.id)
         if owed is None:
             bound.warning("lease lost after the file was sealed: the daemon that took it over "
                           "verifies it again", path=str(outcome.path))
@@ -585,6 +595,8 @@ class _RowEvents:
         self._download = download
         self._bound = bound
         self._lease = lease
+        self.handed_over = False
+        """The slot went on to the next download (`sealing`)."""
         self._name = download.name or ""
         self._on_disk = download.bytes_done
         self._fence = engine._fence(download)
@@ -613,9 +625,17 @@ class _RowEvents:
         (the next file starts while this one is flushed and renamed). The file gets its
         final name only while the row is still this claim's (a daemon paused past its lease
         must not rename it)."""
-        owned = await self._engine.store.call(queries.download_sealing, self._download.id,
-                                              self._fence, self._lease.id)
-        self._engine.leases.given_back(self._lease)
+        engine, d = self._engine, self._download
+        owned, following = await engine.store.call(
+            queries.download_sealing, d.id, self._fence, self._lease.id,
+            lease_seconds=engine.settings.lease_timeout,
+            default_dest=str(engine.settings.default_dest), hand_over=not engine._stopping)
+        if following is None:
+            engine.leases.given_back(self._lease, d.id)
+        else:  # the slot goes on to the provider's next download, started now
+            engine.leases.handed_over(self._lease, following[0].id)
+            engine._start(following[0], self._lease)
+            self.handed_over = True
         if not owned:
             raise LeaseLost()
 

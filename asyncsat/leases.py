@@ -84,13 +84,19 @@ class Leases:
         self._freed = freed
         self.held: dict[int, int] = {}
         """Leases this daemon holds, per provider (for the metrics)."""
-        self._live: set[int] = set()
+        self._holders: dict[int, int | None] = {}
+        """Per live lease: the download it is for (None: a listing or a search)."""
 
-    def wrap(self, lease_id: int, provider_id: int, account: str) -> Lease:
-        """A lease the claim statement took (a transfer's)."""
+    def wrap(self, lease_id: int, provider_id: int, account: str,
+             download_id: int | None = None) -> Lease:
+        """A lease the claim statement took (a transfer's: for `download_id`)."""
         self.held[provider_id] = self.held.get(provider_id, 0) + 1
-        self._live.add(lease_id)
+        self._holders[lease_id] = download_id
         return Lease(lease_id, provider_id, account, self._accounts.login(account))
+
+    def handed_over(self, lease: Lease, download_id: int) -> None:
+        """The lease went on to the next download (`asyncsat_hand_over`)."""
+        self._holders[lease.id] = download_id
 
     async def take(self, provider_id: int) -> Lease:
         """A slot of the provider's accounts, waiting until one is free (a freed lease
@@ -104,19 +110,20 @@ class Leases:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._freed.wait(), timeout=2.0)
 
-    def given_back(self, lease: Lease) -> bool:
+    def given_back(self, lease: Lease, download_id: int | None = None) -> bool:
         """Count a lease as given back (a statement that recorded an outcome deleted it
-        too); False when it already was."""
-        if lease.id not in self._live:
+        too); False when it already was, or went on to another download."""
+        if lease.id not in self._holders or self._holders[lease.id] != download_id:
             return False
-        self._live.discard(lease.id)
+        del self._holders[lease.id]
         self.held[lease.provider_id] = max(0, self.held.get(lease.provider_id, 1) - 1)
         return True
 
-    async def release(self, lease: Lease) -> None:
-        """Give a slot back (if the database is away, the lease expires by itself)."""
-        if self.given_back(lease):
-            await self._store.try_call(queries.lease_release, lease.id)
+    async def release(self, lease: Lease, download_id: int | None = None) -> None:
+        """Give a slot back (if the database is away, the lease expires by itself); a
+        transfer's lease only while it is still that download's."""
+        if self.given_back(lease, download_id):
+            await self._store.try_call(queries.lease_release, lease.id, download_id)
 
 
 class Renewal:

@@ -395,34 +395,87 @@ BEGIN
 END;
 $$;
 
--- Claim due downloads of a provider into its free slots, across all daemons: rows whose
--- owner stopped renewing its lease first (taken over), then queued rows and offline ones due
--- for a look, oldest first. Each gets a lease on the least loaded account with room, an
--- owner, and an attempt. A row inserted without a destination gets the daemon's default,
--- so that the unique file index sees the folder it is really written to. The claimed rows
--- come back whole (as they are after the claim): a claim is one round trip.
--- (0.4 returned the first four columns only; a changed result type needs a new function)
+-- What a claim returns: the claimed row as the claim left it (a claim is one round trip),
+-- how it was found (`running`: taken over; `queued`; `offline`), its account and lease.
 DO $$
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_type WHERE typname = 'asyncsat_claimed') THEN
+        CREATE TYPE asyncsat_claimed AS (
+            download_id bigint, claimed_from text, account text, lease_id bigint,
+            request_id bigint, provider_id bigint, provider text, url text, name text,
+            dest text, size bigint, checksum_algo text, checksum_value text, status text,
+            bytes_done bigint, attempts integer, failures integer, error text, path text,
+            etag text, last_modified text, login_user text, login_secret text,
+            size_origin text, product_id text, offline_checks integer,
+            ordered_at timestamptz, last_mismatch text);
+    END IF;
+    -- (0.4's claim returned four columns: a changed result type needs a new function)
     IF EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'asyncsat_claim'
-               AND pg_get_function_result(oid) NOT LIKE '%last_mismatch%') THEN
+               AND pg_get_function_result(oid) <> 'SETOF asyncsat_claimed') THEN
         DROP FUNCTION asyncsat_claim(text, bigint, integer, double precision, text);
     END IF;
 END;
 $$;
 
+-- The next rows of a provider to claim, locked for this transaction: rows whose owner
+-- stopped renewing its lease first (taken over), then queued rows and offline ones due for
+-- a look, oldest first; each in index order (download_running_idx, download_due_idx).
+CREATE OR REPLACE FUNCTION asyncsat_due(p_daemon text, p_provider bigint, p_limit integer)
+RETURNS TABLE (id bigint, was text) LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY
+        WITH taken_over AS (
+            SELECT d.id, 'running'::text AS was, 0 AS rank, d.lease_expires AS due
+              FROM download d
+             WHERE d.provider_id = p_provider AND d.status = 'running'
+               AND d.lease_expires <= now() AND d.owner IS DISTINCT FROM p_daemon
+             ORDER BY d.lease_expires, d.id LIMIT p_limit FOR UPDATE SKIP LOCKED),
+        due AS (
+            SELECT d.id, d.status AS was, 1 AS rank, d.not_before AS due FROM download d
+             WHERE d.provider_id = p_provider AND d.status IN ('queued', 'offline')
+               AND d.not_before <= now()
+             ORDER BY d.not_before, d.id LIMIT p_limit FOR UPDATE SKIP LOCKED)
+        SELECT x.id, x.was FROM (SELECT * FROM taken_over UNION ALL SELECT * FROM due) x
+         ORDER BY x.rank, x.due, x.id LIMIT p_limit;
+END;
+$$;
+
+-- One row (locked by asyncsat_due) becomes this daemon's, in a slot it holds (a lease):
+-- running, one more attempt, an owner and a lease expiry. A row inserted without a
+-- destination gets the daemon's default, so that the unique file index sees the folder it
+-- is really written to. (Looking at an offline product again uses no attempt: it is given
+-- back when the product is still offline; a row taken over keeps its folder and name.)
+CREATE OR REPLACE FUNCTION asyncsat_take(
+    p_daemon text, p_lease bigint, p_account text, p_row bigint, p_was text,
+    p_seconds double precision, p_default_dest text)
+RETURNS SETOF asyncsat_claimed LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY
+        UPDATE download d SET status = 'running', attempts = d.attempts + 1, owner = p_daemon,
+               lease_expires = now() + make_interval(secs => p_seconds), rate = NULL,
+               started_at = now(), finished_at = NULL, dest = coalesce(d.dest, p_default_dest),
+               -- a row inserted with a name and no dest: another product of the default
+               -- folder may have that name; the transfer then picks `name_<id>`
+               name = CASE WHEN d.dest IS NULL AND EXISTS (
+                   SELECT 1 FROM download o WHERE o.provider_id = d.provider_id
+                   AND o.id <> d.id AND coalesce(o.dest, '') = p_default_dest
+                   AND o.name = d.name) THEN NULL ELSE d.name END
+          FROM provider p
+         WHERE d.id = p_row AND p.id = d.provider_id
+        RETURNING d.id, p_was, p_account, p_lease, d.request_id, d.provider_id, p.name, d.url,
+                  d.name, d.dest, d.size, d.checksum_algo, d.checksum_value, d.status,
+                  d.bytes_done, d.attempts, d.failures, d.error, d.path, d.etag,
+                  d.last_modified, d.login_user, d.login_secret, d.size_origin, d.product_id,
+                  d.offline_checks, d.ordered_at, d.last_mismatch;
+END;
+$$;
+
+-- Claim due downloads of a provider into its free slots, across all daemons (asyncsat_due
+-- picks them): each gets a lease on the least loaded account with room.
 CREATE OR REPLACE FUNCTION asyncsat_claim(
     p_daemon text, p_provider bigint, p_limit integer, p_seconds double precision,
     p_default_dest text)
-RETURNS TABLE (download_id bigint, claimed_from text, account text, lease_id bigint,
-               request_id bigint, provider_id bigint, provider text, url text, name text,
-               dest text, size bigint, checksum_algo text, checksum_value text, status text,
-               bytes_done bigint, attempts integer, failures integer, error text, path text,
-               etag text, last_modified text, login_user text, login_secret text,
-               size_origin text, product_id text, offline_checks integer,
-               ordered_at timestamptz, last_mismatch text)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
+RETURNS SETOF asyncsat_claimed LANGUAGE plpgsql AS $$
 DECLARE
     v_accounts text[];
     v_caps integer[];
@@ -456,21 +509,7 @@ BEGIN
     IF v_room <= 0 THEN
         RETURN;
     END IF;
-    FOR v_row IN
-        WITH taken_over AS (
-            SELECT d.id, 'running'::text AS was, 0 AS rank, d.lease_expires AS due
-              FROM download d
-             WHERE d.provider_id = p_provider AND d.status = 'running'
-               AND d.lease_expires <= now() AND d.owner IS DISTINCT FROM p_daemon
-             ORDER BY d.lease_expires, d.id LIMIT v_room FOR UPDATE SKIP LOCKED),
-        due AS (
-            SELECT d.id, d.status AS was, 1 AS rank, d.not_before AS due FROM download d
-             WHERE d.provider_id = p_provider AND d.status IN ('queued', 'offline')
-               AND d.not_before <= now()
-             ORDER BY d.not_before, d.id LIMIT v_room FOR UPDATE SKIP LOCKED)
-        SELECT * FROM taken_over UNION ALL SELECT * FROM due
-         ORDER BY rank, due, id LIMIT v_room
-    LOOP
+    FOR v_row IN SELECT * FROM asyncsat_due(p_daemon, p_provider, v_room) LOOP
         v_best := NULL;
         FOR i IN 1 .. array_length(v_accounts, 1) LOOP
             IF v_used[i] < v_caps[i] AND (v_best IS NULL OR
@@ -483,26 +522,64 @@ BEGIN
         VALUES (p_daemon, p_provider, v_accounts[v_best], v_row.id,
                 now() + make_interval(secs => p_seconds))
         RETURNING id INTO v_lease;
-        -- (looking at an offline product again uses no attempt: it is given back when
-        -- the product is still offline; a row taken over keeps its folder and name)
-        RETURN QUERY
-        UPDATE download d SET status = 'running', attempts = d.attempts + 1, owner = p_daemon,
-               lease_expires = now() + make_interval(secs => p_seconds), rate = NULL,
-               started_at = now(), finished_at = NULL, dest = coalesce(d.dest, p_default_dest),
-               -- a row inserted with a name and no dest: another product of the default
-               -- folder may have that name; the transfer then picks `name_<id>`
-               name = CASE WHEN d.dest IS NULL AND EXISTS (
-                   SELECT 1 FROM download o WHERE o.provider_id = d.provider_id
-                   AND o.id <> d.id AND coalesce(o.dest, '') = p_default_dest
-                   AND o.name = d.name) THEN NULL ELSE d.name END
-          FROM provider p
-         WHERE d.id = v_row.id AND p.id = d.provider_id
-        RETURNING d.id, v_row.was, v_accounts[v_best], v_lease, d.request_id, d.provider_id,
-                  p.name, d.url, d.name, d.dest, d.size, d.checksum_algo, d.checksum_value,
-                  d.status, d.bytes_done, d.attempts, d.failures, d.error, d.path, d.etag,
-                  d.last_modified, d.login_user, d.login_secret, d.size_origin, d.product_id,
-                  d.offline_checks, d.ordered_at, d.last_mismatch;
+        RETURN QUERY SELECT * FROM asyncsat_take(p_daemon, v_lease, v_accounts[v_best],
+                                                 v_row.id, v_row.was, p_seconds,
+                                                 p_default_dest);
     END LOOP;
+END;
+$$;
+
+-- A transfer's body is in and its connection given back: its slot goes straight to the
+-- provider's next due row, claimed here (one statement instead of a release, a wake-up of
+-- every daemon and a claim). Unless `p_next` is false, the lease lapsed, the provider is
+-- paused, its account is gone or over its cap (max_connections lowered), or this daemon
+-- holds its share of the account already (the account's cap divided among the live
+-- daemons: the others get the slots it lets go); the lease then ends.
+CREATE OR REPLACE FUNCTION asyncsat_hand_over(
+    p_daemon text, p_lease bigint, p_seconds double precision, p_default_dest text,
+    p_next boolean)
+RETURNS SETOF asyncsat_claimed LANGUAGE plpgsql AS $$
+DECLARE
+    v_lease record;
+    v_cap integer;
+    v_used integer;
+    v_mine integer;
+    v_daemons integer;
+    v_row record;
+BEGIN
+    IF p_next THEN
+        SELECT * INTO v_lease FROM lease
+         WHERE id = p_lease AND daemon_id = p_daemon AND expires_at > now();
+        IF FOUND THEN
+            -- (no lock on the provider, unlike a claim: the slot is already counted, and
+            -- the claims of the other slots do not wait behind this one's commit)
+            PERFORM 1 FROM provider WHERE id = v_lease.provider_id AND NOT paused;
+        END IF;
+        IF FOUND THEN
+            SELECT a.cap INTO v_cap FROM asyncsat_accounts(v_lease.provider_id) a
+             WHERE a.account = v_lease.account;
+            SELECT count(*), count(*) FILTER (WHERE l.daemon_id = p_daemon)
+              INTO v_used, v_mine FROM lease l
+             WHERE l.provider_id = v_lease.provider_id AND l.account = v_lease.account
+               AND l.expires_at > now();
+            SELECT count(*) INTO v_daemons FROM daemon
+             WHERE stopped_at IS NULL
+               AND heartbeat_at > now() - make_interval(secs => lease_timeout);
+            IF v_used <= v_cap AND v_mine <= ceil(v_cap::float8 / greatest(v_daemons, 1)) THEN
+                SELECT * INTO v_row FROM asyncsat_due(p_daemon, v_lease.provider_id, 1);
+                IF FOUND THEN
+                    UPDATE lease SET download_id = v_row.id,
+                           expires_at = now() + make_interval(secs => p_seconds)
+                     WHERE id = p_lease;
+                    RETURN QUERY SELECT * FROM asyncsat_take(
+                        p_daemon, p_lease, v_lease.account, v_row.id, v_row.was, p_seconds,
+                        p_default_dest);
+                    RETURN;
+                END IF;
+            END IF;
+        END IF;
+    END IF;
+    DELETE FROM lease WHERE id = p_lease;
 END;
 $$;
 

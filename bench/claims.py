@@ -6,17 +6,20 @@ A throwaway PostgreSQL (Debian's server binaries, fsync on) gets the asyncsat sc
 `--rows` queued downloads spread over `--providers` providers, each with one credential of
 `--cap` connections. Each simulated daemon (a registered `daemon` row and its own
 connection, as `asyncsat run` has) loops: claim up to its share of the free slots of a
-provider (`asyncsat_claim`, the statement the daemon runs), then finish each claimed row
-(the fenced `done` write, which gives its lease back), as a transfer of no length would. The
-claim statement's latency (p50, p99, max), claims per second, and the PostgreSQL CPU per
-claim (user+system time of the server's backends, read from /proc) are printed for each
-daemon count. Nothing is downloaded: this measures the coordination, not the network.
+provider (`asyncsat_claim`), then run each slot as a transfer of no length would: its body
+is in (`download_sealing`, which hands the slot over to the provider's next due row in the
+same statement, `asyncsat_hand_over`), its row done (fenced), and on with the next row of
+the slot. The latency of claims and of hand-overs (p50, p99, max), rows per second, and the
+PostgreSQL CPU per row (user+system time of the server's backends, read from /proc) are
+printed for each daemon count. Nothing is downloaded: this measures the coordination, not
+the network.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import statistics
 import sys
@@ -69,7 +72,11 @@ async def load(dsn: str, rows: int, providers: int, cap: int) -> list[int]:
 
 
 async def daemon(dsn: str, name: str, providers: list[int], stop_at: float,
-                 latencies: list[float], claims: list[int], share: int) -> int:
+                 latencies: list[float], claims: list[int], handovers: list[float],
+                 share: int) -> int:
+    """One simulated daemon: claim a provider's free slots, then run each slot as the
+    daemon does: the body is in (`download_sealing`: the slot handed over to the next due
+    row, claimed in the same statement), the row done; on with the next row of the slot."""
     conn = await connect(dsn, name=f"bench {name}")
     await queries.daemon_register(conn, name, host="bench", pid=os.getpid(), version="bench",
                                   lease_timeout=30)
@@ -83,11 +90,22 @@ async def daemon(dsn: str, name: str, providers: list[int], stop_at: float,
             got = await queries.claim(conn, name, provider, share, 30.0, "/d")
             latencies.append(time.perf_counter() - began)
             claims.append(len(got))
-            for download, _account, lease_id in got:
-                await queries.download_done(conn, download.id,
-                                            Fence(name, download.attempts), size=0,
-                                            path="/d/x", lease_id=lease_id)
+            slots = collections.deque(got)
+            while slots and time.monotonic() < stop_at:
+                download, _account, lease_id = slots.popleft()
+                fence = Fence(name, download.attempts)
+                began = time.perf_counter()
+                _owned, following = await queries.download_sealing(
+                    conn, download.id, fence, lease_id, lease_seconds=30.0, default_dest="/d",
+                    hand_over=True)
+                handovers.append(time.perf_counter() - began)
+                await queries.download_done(conn, download.id, fence, size=0, path="/d/x",
+                                            lease_id=lease_id)
+                claims.append(1)
+                if following is not None:
+                    slots.append(following)
     finally:
+        await queries.daemon_gone(conn, name)
         await conn.close()
     return pid
 
@@ -95,6 +113,7 @@ async def daemon(dsn: str, name: str, providers: list[int], stop_at: float,
 async def measure(dsn: str, providers: list[int], daemons: int, seconds: float,
                   cap: int) -> dict[str, Any]:
     latencies: list[float] = []
+    handovers: list[float] = []
     claims: list[int] = []
     stop_at = time.monotonic() + seconds
     conn = await connect(dsn)
@@ -103,7 +122,7 @@ async def measure(dsn: str, providers: list[int], daemons: int, seconds: float,
             "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'")}
         share = max(1, cap * len(providers) // daemons)
         tasks = [asyncio.create_task(daemon(dsn, f"d{daemons}-{i}", providers, stop_at,
-                                            latencies, claims, share))
+                                            latencies, claims, handovers, share))
                  for i in range(daemons)]
         await asyncio.sleep(0.5)
         pids = [r["pid"] for r in await conn.fetch(
@@ -118,12 +137,18 @@ async def measure(dsn: str, providers: list[int], daemons: int, seconds: float,
         await conn.close()
     claimed = sum(claims)
     ms = sorted(x * 1000 for x in latencies)
+    hand = sorted(x * 1000 for x in handovers) or [0.0]
     return {
         "daemons": daemons, "claim statements": len(ms), "rows claimed": claimed,
         "rows/s": claimed / elapsed, "p50 ms": statistics.median(ms),
-        "p99 ms": ms[int(len(ms) * 0.99) - 1] if len(ms) >= 100 else max(ms),
-        "max ms": max(ms), "PG CPU ms/row": 1000 * cpu / max(1, claimed),
+        "p99 ms": _p99(ms), "max ms": max(ms), "hand-overs": len(handovers),
+        "hand-over p50": statistics.median(hand), "hand-over p99": _p99(hand),
+        "PG CPU ms/row": 1000 * cpu / max(1, claimed),
     }
+
+
+def _p99(ms: list[float]) -> float:
+    return ms[int(len(ms) * 0.99) - 1] if len(ms) >= 100 else max(ms)
 
 
 async def main() -> None:
@@ -143,11 +168,11 @@ async def main() -> None:
         print(f"{args.rows} queued downloads over {args.providers} providers "
               f"(cap {args.cap} each) loaded in {time.monotonic() - t0:.1f} s", flush=True)
         cols = ["daemons", "claim statements", "rows claimed", "rows/s", "p50 ms", "p99 ms",
-                "max ms", "PG CPU ms/row"]
-        print("  ".join(f"{c:>16}" for c in cols))
+                "max ms", "hand-overs", "hand-over p50", "hand-over p99", "PG CPU ms/row"]
+        print("  ".join(f"{c:>14}" for c in cols))
         for n in args.daemons:
             r = await measure(dsn, providers, n, args.seconds, args.cap)
-            print("  ".join(f"{r[c]:>16.2f}" if isinstance(r[c], float) else f"{r[c]:>16}"
+            print("  ".join(f"{r[c]:>14.2f}" if isinstance(r[c], float) else f"{r[c]:>14}"
                             for c in cols), flush=True)
     finally:
         cluster.destroy()

@@ -613,8 +613,10 @@ async def lease_take(db: Any, owner: str, provider_id: int, seconds: float) -> \
     return (row["lease_id"], row["account"]) if row else None
 
 
-async def lease_release(db: Any, lease_id: int) -> None:
-    await db.execute("DELETE FROM lease WHERE id = $1", lease_id)
+async def lease_release(db: Any, lease_id: int, download_id: int | None = None) -> None:
+    """End a lease (a transfer's: only while it is still that download's, not handed on)."""
+    await db.execute("DELETE FROM lease WHERE id = $1 AND download_id IS NOT DISTINCT FROM $2",
+                     lease_id, download_id)
 
 
 async def daemon_register(db: Any, daemon_id: str, *, host: str, pid: int, version: str,
@@ -709,14 +711,24 @@ async def download_progress(
     )
 
 
-async def download_sealing(db: Any, download_id: int, fence: Fence, lease_id: int) -> bool:
-    """A transfer's body is in: give its account slot back, and say whether the row is still
-    this claim's (checked before the file gets its name), in one statement."""
-    value: bool = await db.fetchval(
-        "WITH freed AS (DELETE FROM lease WHERE id = $4)"
-        " SELECT EXISTS (SELECT 1 FROM download WHERE id = $1" + _FENCED.format(o="$2", a="$3")
-        + " AND lease_expires > now())", download_id, fence.owner, fence.attempt, lease_id)
-    return value
+async def download_sealing(
+    db: Any, download_id: int, fence: Fence, lease_id: int, *, lease_seconds: float,
+    default_dest: str, hand_over: bool,
+) -> tuple[bool, tuple[Download, str, int] | None]:
+    """A transfer's body is in: whether the row is still this claim's (checked before the
+    file gets its name), and its account slot handed over to the provider's next due row
+    (`asyncsat_hand_over`; `hand_over` false, or the row lost: the slot is given back). One
+    statement: (owned, the next claim as `claim` gives it, or None)."""
+    row = await db.fetchrow(
+        "SELECT o.owned, n.* FROM (SELECT EXISTS (SELECT 1 FROM download WHERE id = $1"
+        + _FENCED.format(o="$2", a="$3") + " AND lease_expires > now()) AS owned) o"
+        " LEFT JOIN LATERAL asyncsat_hand_over($2, $4, $5, $6, $7 AND o.owned) n ON true",
+        download_id, fence.owner, fence.attempt, lease_id, lease_seconds, default_dest,
+        hand_over)
+    following = None
+    if row["download_id"] is not None:
+        following = (_download(row, id_column="download_id"), row["account"], row["lease_id"])
+    return row["owned"], following
 
 
 async def download_done(db: Any, download_id: int, fence: Fence, *, size: int, path: str,
@@ -728,7 +740,7 @@ async def download_done(db: Any, download_id: int, fence: Fence, *, size: int, p
         "WITH done AS (UPDATE download SET status = 'done', bytes_done = $2, size = $2,"
         "  path = $3, error = NULL, failures = 0, finished_at = now(), owner = NULL"
         "  WHERE id = $1" + _FENCED.format(o="$4", a="$5") + " RETURNING id),"
-        " freed AS (DELETE FROM lease WHERE id = $6)"
+        " freed AS (DELETE FROM lease WHERE id = $6 AND download_id = $1)"
         " SELECT EXISTS (SELECT 1 FROM done) AS done,"
         "  array(SELECT request_id FROM request_download WHERE download_id = $1"
         "   AND dest IS NOT NULL ORDER BY request_id) AS requests,"
