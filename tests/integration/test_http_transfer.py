@@ -14,7 +14,7 @@ import pytest
 from asyncsat import daemon
 from asyncsat.config import Settings
 from asyncsat.logs import Redactor
-from tests.helpers import add_provider, drain, queue, rows
+from tests.helpers import add_provider, drain, queue, rows, sql
 from tests.servers import FileServer
 
 
@@ -255,6 +255,44 @@ async def test_credential_change_resizes_slots_without_restart(dsn: str,
     finally:
         await server.stop()
     assert server.peak["carol"] == 3 and server.over_limit == 0
+    assert all(r["status"] == "done" for r in await rows(dsn))
+
+
+async def test_a_lowered_cap_holds_as_soon_as_running_transfers_end(
+        dsn: str, settings: Settings) -> None:
+    """A slot is handed over to the next file only within the account's cap: lowered with
+    SQL, the cap holds from the end of the transfers that were running."""
+    import asyncio
+
+    from asyncsat import daemon
+    from asyncsat.logs import Redactor
+
+    server = await FileServer(users={"dave": "pw-d"}).start()
+    try:
+        await add_provider(dsn, "hub", server.base, credentials=[("dave", "pw-d", 3)])
+        names = [f"r{i}.bin" for i in range(9)]
+        for n in names:
+            server.add(n, os.urandom(200_000), rate=500_000)
+        await queue(dsn, *(server.url(n) for n in names))
+        serving = asyncio.create_task(
+            daemon.serve(settings, Redactor(), exit_when_idle=True))
+        for _ in range(100):
+            if server.active["dave"] == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert server.active["dave"] == 3
+        await sql(dsn, "UPDATE credential SET max_connections = 1")
+        lowered = len(server.requests)
+        await asyncio.sleep(0.6)  # the three running transfers end (0.4 s each)
+        seen = []
+        while not serving.done():
+            seen.append(server.active["dave"])
+            await asyncio.sleep(0.01)
+        await serving
+    finally:
+        await server.stop()
+    assert len(server.requests) > lowered + 2  # files were fetched after the change...
+    assert max(seen) == 1  # ...one at a time
     assert all(r["status"] == "done" for r in await rows(dsn))
 
 
