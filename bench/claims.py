@@ -73,77 +73,69 @@ async def load(dsn: str, rows: int, providers: int, cap: int) -> list[int]:
 
 async def daemon(dsn: str, name: str, providers: list[int], stop_at: float,
                  latencies: list[float], claims: list[int], handovers: list[float],
-                 share: int) -> int:
+                 share: int, hand_over: bool) -> tuple[int, Any]:
     """One simulated daemon: claim a provider's free slots, then run each slot as the
-    daemon does: the body is in (`download_sealing`: the slot handed over to the next due
-    row, claimed in the same statement), the row done; on with the next row of the slot."""
+    daemon does: the body is in (`download_sealing`: with `hand_over`, the slot goes to the
+    next due row, claimed in the same statement; else it is given back, for the next
+    claim), the row done; on with the next row of the slot. Returns its backend's pid and
+    its connection, still open (its CPU is read before it ends)."""
     conn = await connect(dsn, name=f"bench {name}")
     await queries.daemon_register(conn, name, host="bench", pid=os.getpid(), version="bench",
                                   lease_timeout=30)
     pid: int = await conn.fetchval("SELECT pg_backend_pid()")
     turn = 0
-    try:
-        while time.monotonic() < stop_at:
-            provider = providers[turn % len(providers)]
-            turn += 1
-            began = time.perf_counter()
-            got = await queries.claim(conn, name, provider, share, 30.0, "/d")
+    first = True  # (a session's first claim compiles the functions and plans: left out)
+    while time.monotonic() < stop_at:
+        provider = providers[turn % len(providers)]
+        turn += 1
+        began = time.perf_counter()
+        got = await queries.claim(conn, name, provider, share, 30.0, "/d")
+        if not first:
             latencies.append(time.perf_counter() - began)
-            claims.append(len(got))
-            slots = collections.deque(got)
-            while slots and time.monotonic() < stop_at:
-                download, _account, lease_id = slots.popleft()
-                fence = Fence(name, download.attempts)
-                began = time.perf_counter()
-                _owned, following = await queries.download_sealing(
-                    conn, download.id, fence, lease_id, lease_seconds=30.0, default_dest="/d",
-                    hand_over=True)
+        first = False
+        slots = collections.deque(got)
+        while slots and time.monotonic() < stop_at:
+            download, _account, lease_id = slots.popleft()
+            fence = Fence(name, download.attempts)
+            began = time.perf_counter()
+            _owned, following = await queries.download_sealing(
+                conn, download.id, fence, lease_id, lease_seconds=30.0, default_dest="/d",
+                hand_over=hand_over)
+            if hand_over:
                 handovers.append(time.perf_counter() - began)
-                await queries.download_done(conn, download.id, fence, size=0, path="/d/x",
-                                            lease_id=lease_id)
-                claims.append(1)
-                if following is not None:
-                    slots.append(following)
-    finally:
-        await queries.daemon_gone(conn, name)
-        await conn.close()
-    return pid
+            await queries.download_done(conn, download.id, fence, size=0, path="/d/x",
+                                        lease_id=lease_id)
+            claims.append(1)
+            if following is not None:
+                slots.append(following)
+    return pid, conn
 
 
 async def measure(dsn: str, providers: list[int], daemons: int, seconds: float,
-                  cap: int) -> dict[str, Any]:
+                  cap: int, hand_over: bool) -> dict[str, Any]:
     latencies: list[float] = []
     handovers: list[float] = []
     claims: list[int] = []
     stop_at = time.monotonic() + seconds
-    conn = await connect(dsn)
-    try:
-        before_pids = {r["pid"] for r in await conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'")}
-        share = max(1, cap * len(providers) // daemons)
-        tasks = [asyncio.create_task(daemon(dsn, f"d{daemons}-{i}", providers, stop_at,
-                                            latencies, claims, handovers, share))
-                 for i in range(daemons)]
-        await asyncio.sleep(0.5)
-        pids = [r["pid"] for r in await conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'bench d%'")]
-        cpu0 = backend_cpu(pids)
-        began = time.monotonic()
-        await asyncio.gather(*tasks)
-        elapsed = time.monotonic() - began + 0.5
-        cpu = backend_cpu(pids) - cpu0
-        del before_pids
-    finally:
+    share = max(1, cap * len(providers) // daemons)
+    names = [f"d{daemons}-{i}-{int(hand_over)}" for i in range(daemons)]
+    began = time.monotonic()
+    ran = await asyncio.gather(*(daemon(dsn, n, providers, stop_at, latencies, claims,
+                                        handovers, share, hand_over) for n in names))
+    elapsed = time.monotonic() - began
+    cpu = backend_cpu([pid for pid, _conn in ran])
+    for name, (_pid, conn) in zip(names, ran, strict=True):
+        await queries.daemon_gone(conn, name)
         await conn.close()
-    claimed = sum(claims)
-    ms = sorted(x * 1000 for x in latencies)
+    rows = sum(claims)
+    ms = sorted(x * 1000 for x in latencies) or [0.0]
     hand = sorted(x * 1000 for x in handovers) or [0.0]
     return {
-        "daemons": daemons, "claim statements": len(ms), "rows claimed": claimed,
-        "rows/s": claimed / elapsed, "p50 ms": statistics.median(ms),
-        "p99 ms": _p99(ms), "max ms": max(ms), "hand-overs": len(handovers),
+        "daemons": daemons, "rows": rows, "rows/s": rows / elapsed,
+        "claims": len(latencies), "claim p50": statistics.median(ms), "claim p99": _p99(ms),
+        "claim max": max(ms), "hand-overs": len(handovers),
         "hand-over p50": statistics.median(hand), "hand-over p99": _p99(hand),
-        "PG CPU ms/row": 1000 * cpu / max(1, claimed),
+        "PG CPU ms/row": 1000 * cpu / max(1, rows),
     }
 
 
@@ -167,13 +159,16 @@ async def main() -> None:
         providers = await load(dsn, args.rows, args.providers, args.cap)
         print(f"{args.rows} queued downloads over {args.providers} providers "
               f"(cap {args.cap} each) loaded in {time.monotonic() - t0:.1f} s", flush=True)
-        cols = ["daemons", "claim statements", "rows claimed", "rows/s", "p50 ms", "p99 ms",
-                "max ms", "hand-overs", "hand-over p50", "hand-over p99", "PG CPU ms/row"]
-        print("  ".join(f"{c:>14}" for c in cols))
-        for n in args.daemons:
-            r = await measure(dsn, providers, n, args.seconds, args.cap)
-            print("  ".join(f"{r[c]:>14.2f}" if isinstance(r[c], float) else f"{r[c]:>14}"
-                            for c in cols), flush=True)
+        cols = ["daemons", "rows", "rows/s", "claims", "claim p50", "claim p99", "claim max",
+                "hand-overs", "hand-over p50", "hand-over p99", "PG CPU ms/row"]
+        for hand_over in (True, False):
+            print("\n" + ("slots handed over to the next row (as the daemon runs)" if hand_over
+                          else "every slot given back and claimed again"), flush=True)
+            print("  ".join(f"{c:>13}" for c in cols))
+            for n in args.daemons:
+                r = await measure(dsn, providers, n, args.seconds, args.cap, hand_over)
+                print("  ".join(f"{r[c]:>13.2f}" if isinstance(r[c], float) else
+                                f"{r[c]:>13}" for c in cols), flush=True)
     finally:
         cluster.destroy()
 
