@@ -491,7 +491,7 @@ class Engine:
             status = await self.store.call(queries.download_stopped, d.id, self._fence(d),
                                            error=d.error, failures=d.failures,
                                            bytes_done=on_disk)
-        if d.id in self._lost:
+        if d.id in self._lost or status == "running":  # (running: another daemon's now)
             bound.warning("lease lost: another daemon took the download over",
                           now=status or "removed")
         elif status is None:  # its provider was removed (`provider remove --force`)
@@ -502,7 +502,7 @@ class Engine:
             bound.info("download offline", reason="stopped")
         else:
             bound.info("download queued", reason="stopped", bytes_done=on_disk)
-        self._finished(d, status or "queued")
+        self._finished(d, "queued" if status in (None, "running") else status)
 
     async def _after_failure(
         self, d: Download, provider: Provider, exc: TransferError, attempt: Attempt, bound: Any,
