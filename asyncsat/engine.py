@@ -47,6 +47,8 @@ from asyncsat.transfer.runner import Attempt, Job, Outcome, transfer
 
 log = structlog.get_logger("asyncsat")
 REQUEST_BATCH = 50
+REQUESTS_RECHECK = 60.0
+"""Seconds after which the requests are looked at even if nothing said one waits."""
 UNTIL_EVERY = 1.0
 """Seconds between two looks at what `get --wait` waits for, while transfers run here."""
 
@@ -108,6 +110,11 @@ class Engine:
         self._follow_in: float | None = None
         self._until_at = 0.0
         self._stopping = False
+        self._orphans: set[int] = set()
+        """Rows owned with no transfer at the last heartbeat (`_put_back_orphans`)."""
+        self._requests_at = 0.0
+        """When the requests are looked at again at the latest (a safety net: a request
+        whose resolving transaction another daemon rolled back sends no NOTIFY)."""
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -174,6 +181,7 @@ class Engine:
                     self._let_go(working)
                 continue
             renewal.renewed(sent)
+            await self._put_back_orphans(owned)
             for download_id in working - owned - self._ended:
                 task = self._tasks.get(download_id)
                 # (one let go meanwhile is stopping already)
@@ -182,6 +190,22 @@ class Engine:
                                 download_id=download_id)
                     self._lost.add(download_id)
                     task.cancel("lease lost")
+
+    async def _put_back_orphans(self, owned: set[int]) -> None:
+        """Rows this daemon owns in the database that no transfer of it works, at two
+        heartbeats in a row (one may be claimed just now), go back to the queue: a claim or
+        a hand-over whose answer never reached its transfer (a lost connection, a cancel)
+        must not keep a row `running` and an account slot for as long as the daemon runs."""
+        orphans = owned - set(self._tasks)
+        again = orphans & self._orphans
+        self._orphans = orphans - again
+        if again:
+            put_back = await self.store.try_call(queries.orphans_requeue, self.owner,
+                                                 sorted(again))
+            if put_back:
+                log.warning("downloads owned with no transfer put back in the queue",
+                            download_ids=put_back)
+                self.wake.set()
 
     def _let_go(self, working: set[int]) -> None:
         """Stop the transfers whose leases are about to lapse unrenewed (each puts its row
@@ -207,13 +231,20 @@ class Engine:
                 if self._accounts_stale:
                     await self._refresh_accounts()
                 more_requests = False
+                now = time.monotonic()
+                if (self._follow_in is not None and now >= self._follow_in) or \
+                        now >= self._requests_at or self.resolver.unstuck_in() == 0.0:
+                    self._requests_due = True  # (timers, whatever woke the loop)
                 if self._requests_due:
                     self._requests_due = False
+                    self._requests_at = now + REQUESTS_RECHECK
                     more_requests = await self._resolve_requests()
                     self._follow_in = await self.store.call(queries.next_request_due,
                                                             self.resolver.busy)
                     if self._follow_in is not None:  # measured from now, the wait's start
-                        self._follow_in += time.monotonic()
+                        # (one due but not taken, being searched by another daemon, is
+                        # looked at again a second later, not in a busy loop)
+                        self._follow_in = time.monotonic() + max(self._follow_in, 1.0)
                 next_in, later = await self._dispatch()
                 if until is not None and await self._until(until):
                     return
@@ -230,11 +261,10 @@ class Engine:
                 unstuck_in = self.resolver.unstuck_in()
                 until_in = max(0.0, self._until_at - time.monotonic()) \
                     if until is not None and self._tasks else None  # (a look put off)
-                timeout = min((t for t in (next_in, later, follow_in, unstuck_in, until_in)
-                               if t is not None), default=None)
+                recheck_in = max(0.0, self._requests_at - time.monotonic())
+                timeout = min((t for t in (next_in, later, follow_in, unstuck_in, until_in,
+                                           recheck_in) if t is not None), default=None)
                 await wait_any(self.wake, stop, timeout=timeout)
-                if not self.wake.is_set():  # a timer: a standing request may be due
-                    self._requests_due = True
         finally:
             await self._stop_transfers()
             await self.catalogs.aclose()
@@ -447,7 +477,9 @@ class Engine:
             self._lost.discard(d.id)
             self._ended.discard(d.id)
             self._running.pop(d.id, None)
-            if not events.handed_over:  # (else the slot is busy again: nothing to claim)
+            # (a slot handed over is busy again: nothing to claim; the last transfer's end
+            # may be what an idle run waits for)
+            if not events.handed_over or not self._tasks:
                 self.wake.set()
             await _to_the_end(self.leases.release(lease, d.id))
 
@@ -626,16 +658,29 @@ class _RowEvents:
         final name only while the row is still this claim's (a daemon paused past its lease
         must not rename it)."""
         engine, d = self._engine, self._download
-        owned, following = await engine.store.call(
+        # run to its end even if this transfer is cancelled meanwhile: a slot handed over
+        # must reach the next transfer (started, then stopped in turn if the daemon stops)
+        step = asyncio.ensure_future(engine.store.call(
             queries.download_sealing, d.id, self._fence, self._lease.id,
             lease_seconds=engine.settings.lease_timeout,
-            default_dest=str(engine.settings.default_dest), hand_over=not engine._stopping)
+            default_dest=str(engine.settings.default_dest), hand_over=not engine._stopping))
+        cancelled = False
+        while not step.done():
+            try:
+                await asyncio.shield(step)
+            except asyncio.CancelledError:
+                cancelled = True
+            except Exception:
+                break
+        owned, following = step.result()
         if following is None:
             engine.leases.given_back(self._lease, d.id)
         else:  # the slot goes on to the provider's next download, started now
             engine.leases.handed_over(self._lease, following[0].id)
             engine._start(following[0], self._lease)
             self.handed_over = True
+        if cancelled:
+            raise asyncio.CancelledError
         if not owned:
             raise LeaseLost()
 

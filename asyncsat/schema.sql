@@ -366,6 +366,23 @@ RETURNS TABLE (account text, cap integer) LANGUAGE sql STABLE AS $$
        AND NOT EXISTS (SELECT 1 FROM credential c WHERE c.provider_id = p_provider AND c.enabled)
 $$;
 
+-- Daemons waiting for a slot of a provider for a listing or a search (asyncsat_take_lease
+-- found none): while one waits, a transfer's slot is given back rather than handed on to
+-- the next file, and claims leave it the slots that free. A row is refreshed at every try
+-- (every 2 s at most); one older than 10 s is a waiter that gave up or died.
+CREATE TABLE IF NOT EXISTS lease_wait (
+    daemon_id   text NOT NULL REFERENCES daemon (id) ON DELETE CASCADE,
+    provider_id bigint NOT NULL REFERENCES provider (id) ON DELETE CASCADE,
+    wanted_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (provider_id, daemon_id)
+);
+
+CREATE OR REPLACE FUNCTION asyncsat_waiting(p_provider bigint) RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT count(*)::int FROM lease_wait
+     WHERE provider_id = p_provider AND wanted_at > now() - interval '10 seconds'
+$$;
+
 -- Take one slot of a provider's accounts (the least loaded with room) for `p_seconds`;
 -- no row when every account is full. Takers of one provider queue on its row, so two
 -- daemons never both take the last slot.
@@ -386,8 +403,11 @@ BEGIN
      WHERE u.used < a.cap
      ORDER BY u.used::float8 / a.cap, a.cap DESC, a.account LIMIT 1;
     IF v_account IS NULL THEN
+        INSERT INTO lease_wait (daemon_id, provider_id) VALUES (p_daemon, p_provider)
+            ON CONFLICT (provider_id, daemon_id) DO UPDATE SET wanted_at = now();
         RETURN;
     END IF;
+    DELETE FROM lease_wait WHERE provider_id = p_provider AND daemon_id = p_daemon;
     RETURN QUERY
         INSERT INTO lease (daemon_id, provider_id, account, expires_at)
         VALUES (p_daemon, p_provider, v_account, now() + make_interval(secs => p_seconds))
@@ -409,6 +429,8 @@ BEGIN
             size_origin text, product_id text, offline_checks integer,
             ordered_at timestamptz, last_mismatch text);
     END IF;
+    -- (an earlier hand-over took no current download)
+    DROP FUNCTION IF EXISTS asyncsat_hand_over(text, bigint, double precision, text, boolean);
     -- (0.4's claim returned four columns: a changed result type needs a new function)
     IF EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'asyncsat_claim'
                AND pg_get_function_result(oid) <> 'SETOF asyncsat_claimed') THEN
@@ -505,7 +527,8 @@ BEGIN
     FOR i IN 1 .. array_length(v_accounts, 1) LOOP
         v_room := v_room + greatest(0, v_caps[i] - v_used[i]);
     END LOOP;
-    v_room := least(v_room, p_limit);
+    -- (the slots a listing or a search waits for are left to it)
+    v_room := least(v_room - asyncsat_waiting(p_provider), p_limit);
     IF v_room <= 0 THEN
         RETURN;
     END IF;
@@ -531,13 +554,15 @@ $$;
 
 -- A transfer's body is in and its connection given back: its slot goes straight to the
 -- provider's next due row, claimed here (one statement instead of a release, a wake-up of
--- every daemon and a claim). Unless `p_next` is false, the lease lapsed, the provider is
--- paused, its account is gone or over its cap (max_connections lowered), or this daemon
--- holds its share of the account already (the account's cap divided among the live
--- daemons: the others get the slots it lets go); the lease then ends.
+-- every daemon and a claim). Unless `p_next` is false, the lease lapsed or is no longer
+-- `p_current`'s (a repeated call hands nothing over twice), the provider is paused, its
+-- account is gone or over its cap (max_connections lowered), a listing or a search waits
+-- for a slot of the provider, or this daemon holds its share of the account already (the
+-- account's cap divided among the live daemons: the others get the slots it lets go); the
+-- lease then ends.
 CREATE OR REPLACE FUNCTION asyncsat_hand_over(
-    p_daemon text, p_lease bigint, p_seconds double precision, p_default_dest text,
-    p_next boolean)
+    p_daemon text, p_lease bigint, p_current bigint, p_seconds double precision,
+    p_default_dest text, p_next boolean)
 RETURNS SETOF asyncsat_claimed LANGUAGE plpgsql AS $$
 DECLARE
     v_lease record;
@@ -547,15 +572,19 @@ DECLARE
     v_daemons integer;
     v_row record;
 BEGIN
+    PERFORM set_config('lock_timeout', '5s', true);
+    -- (locked: a claim's sweep of lapsed leases cannot delete it under this statement)
+    SELECT * INTO v_lease FROM lease
+     WHERE id = p_lease AND daemon_id = p_daemon AND download_id = p_current
+       AND expires_at > now() FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;  -- lapsed (another daemon may count the slot free), or handed over already
+    END IF;
     IF p_next THEN
-        SELECT * INTO v_lease FROM lease
-         WHERE id = p_lease AND daemon_id = p_daemon AND expires_at > now();
-        IF FOUND THEN
-            -- (no lock on the provider, unlike a claim: the slot is already counted, and
-            -- the claims of the other slots do not wait behind this one's commit)
-            PERFORM 1 FROM provider WHERE id = v_lease.provider_id AND NOT paused;
-        END IF;
-        IF FOUND THEN
+        -- SHARE: a `provider pause` waits for this statement, or this one sees the pause;
+        -- hand-overs do not wait for each other (claims, rare once slots run, do)
+        PERFORM 1 FROM provider WHERE id = v_lease.provider_id AND NOT paused FOR SHARE;
+        IF FOUND AND asyncsat_waiting(v_lease.provider_id) = 0 THEN
             SELECT a.cap INTO v_cap FROM asyncsat_accounts(v_lease.provider_id) a
              WHERE a.account = v_lease.account;
             SELECT count(*), count(*) FILTER (WHERE l.daemon_id = p_daemon)

@@ -649,6 +649,19 @@ async def daemon_gone(db: Any, daemon_id: str) -> int:
     return int(result.split()[-1])
 
 
+async def orphans_requeue(db: Any, daemon_id: str, ids: Sequence[int]) -> list[int]:
+    """Put back in the queue rows this daemon owns but no transfer of it works (a claim
+    whose answer was lost with the connection, a hand-over answered to a cancelled task),
+    and end their leases: the ids put back."""
+    rows = await db.fetch(
+        "WITH q AS (UPDATE download SET status = 'queued', owner = NULL, not_before = now()"
+        "  WHERE id = ANY($2::bigint[]) AND owner = $1 AND status = 'running' RETURNING id),"
+        " l AS (DELETE FROM lease WHERE daemon_id = $1"
+        "  AND download_id IN (SELECT id FROM q))"
+        " SELECT id FROM q ORDER BY id", daemon_id, list(ids))
+    return [r["id"] for r in rows]
+
+
 async def heartbeat(db: Any, daemon_id: str, lease_seconds: float) -> set[int]:
     """Renew a daemon's heartbeat and leases; the ids of the downloads it still owns."""
     rows = await db.fetch(
@@ -722,7 +735,7 @@ async def download_sealing(
     row = await db.fetchrow(
         "SELECT o.owned, n.* FROM (SELECT EXISTS (SELECT 1 FROM download WHERE id = $1"
         + _FENCED.format(o="$2", a="$3") + " AND lease_expires > now()) AS owned) o"
-        " LEFT JOIN LATERAL asyncsat_hand_over($2, $4, $5, $6, $7 AND o.owned) n ON true",
+        " LEFT JOIN LATERAL asyncsat_hand_over($2, $4, $1, $5, $6, $7 AND o.owned) n ON true",
         download_id, fence.owner, fence.attempt, lease_id, lease_seconds, default_dest,
         hand_over)
     following = None
@@ -1057,12 +1070,12 @@ async def request_settled(db: Any, request_id: int, terminal: Sequence[str]) -> 
     """The request is resolved and each of its downloads is in a `terminal` status (asked
     at every turn of a `get --wait` that does the work: the newest rows, queued last and
     the last to end, are looked at first, so the answer is found in a row or two)."""
-    value: bool = await db.fetchval(
+    value: bool | None = await db.fetchval(
         "SELECT r.status <> 'queued' AND NOT EXISTS (SELECT 1 FROM request_download rd"
         " JOIN download d ON d.id = rd.download_id WHERE rd.request_id = r.id"
         " AND d.status <> ALL($2::text[]) ORDER BY rd.download_id DESC LIMIT 1)"
         " FROM request r WHERE r.id = $1", request_id, list(terminal))
-    return value
+    return value is not False  # (a request deleted meanwhile: nothing left to wait for)
 
 
 async def downloads_missing(db: Any, ids: Sequence[int]) -> list[int]:

@@ -50,6 +50,8 @@ async def _in_thread(fn: Callable[[], T]) -> T:
         except BaseException:
             break  # the step failed: its exception is the future's
     if cancelled:
+        if not future.cancelled():
+            future.exception()  # (retrieved: the stop wins over the step's failure)
         raise asyncio.CancelledError
     return future.result()
 
