@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad usage or input (one line on stderr, nothing written
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -193,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `asyncsat status | head`: the reader has what it wanted
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # (as a shell reports a process ended by SIGPIPE)
     except Exception as exc:  # the contract: one clear line, exit code 1, never a traceback
         hint = _OLD_SCHEMA_HINT if getattr(exc, "sqlstate", None) in _OLD_SCHEMA else ""
         _fail(redactor, f"{type(exc).__name__}: {exc}{hint}")

@@ -276,3 +276,22 @@ async def test_status_pages_by_keyset_cover_every_row_once_while_rows_change(
     table = [int(line.split()[0]) for line in shown.stdout.splitlines()
              if line[:6].strip().isdigit()]
     assert table == everything[100:200]
+
+
+async def test_status_into_a_pipe_closed_early_ends_quietly(dsn: str, tmp_path: Path) -> None:
+    """`asyncsat status | head`: the reader leaves after a line; no error line, no
+    traceback, and the exit code a shell shows for SIGPIPE."""
+    await add_provider(dsn, "hub", "http://127.0.0.1:9/")
+    await sql(dsn, "INSERT INTO download (provider_id, url) SELECT id,"
+                   " 'http://127.0.0.1:9/' || repeat('x', 200) || g FROM provider,"
+                   " generate_series(1, 2000) g")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(tmp_path / "home"),
+         "status", "--limit", "2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()  # more than a pipe holds follows: the writer blocks
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=30) == 141
+    assert err == ""
