@@ -653,10 +653,10 @@ class _RowEvents:
         raise PermanentError(f"another download already writes {name!r}")
 
     async def sealing(self) -> None:
-        """The body is in and its connection given back: the account's slot goes back now
-        (the next file starts while this one is flushed and renamed). The file gets its
-        final name only while the row is still this claim's (a daemon paused past its lease
-        must not rename it)."""
+        """The body is in and its connection given back: the account's slot goes on to the
+        provider's next file now, or back (the next file starts while this one is flushed
+        and renamed). The file gets its final name only while the row is still this
+        claim's (a daemon paused past its lease must not rename it)."""
         engine, d = self._engine, self._download
         # run to its end even if this transfer is cancelled meanwhile: a slot handed over
         # must reach the next transfer (started, then stopped in turn if the daemon stops)
