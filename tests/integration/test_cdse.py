@@ -7,6 +7,7 @@ reached the catalogue, what landed on disk and what the rows say.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
@@ -456,3 +457,36 @@ async def test_a_product_found_again_keeps_its_retry_time(dsn: str, emu: CdseEmu
         await conn.close()
     assert again == first  # the same product, known by its catalog id
     assert row["url"] == "https://h/a-signed?x=1" and row["later"]
+
+
+async def test_a_standing_search_runs_on_time_while_wake_ups_keep_coming(
+        dsn: str, settings: Settings, emu: CdseEmulator) -> None:
+    """The loop looks at the requests on their timers whatever else wakes it: a stream of
+    wake-ups (slots freed by other daemons' transfers) must not put a standing search off."""
+    emu.add(s2(1, published=datetime.now(UTC) - timedelta(hours=2)))
+    pid = await cdse_provider(dsn, emu, follow_interval=0.3)
+    await search(dsn, pid, Query("SENTINEL-2"), follow=True)
+
+    async def wake_ups() -> None:
+        conn = await connect(dsn)
+        try:
+            while True:
+                await conn.execute("""NOTIFY asyncsat, '{"type": "slot", "provider_id": 0}'""")
+                await asyncio.sleep(0)  # a wake-up at every turn of the loop
+        finally:
+            await conn.close()
+
+    def searches() -> int:
+        return sum(r["path"] == "/odata/v1/Products" for r in emu.requests)
+
+    async def three_runs() -> bool:
+        return searches() >= 3
+
+    noise = asyncio.create_task(wake_ups())
+    try:
+        await asyncio.wait_for(daemon.serve(settings, Redactor(), until=three_runs), 10)
+    finally:
+        noise.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await noise
+    assert searches() >= 3
