@@ -203,6 +203,7 @@ class Engine:
             put_back = await self.store.try_call(queries.orphans_requeue, self.owner,
                                                  sorted(again))
             if put_back:
+                self.leases.forget(set(put_back))
                 log.warning("downloads owned with no transfer put back in the queue",
                             download_ids=put_back)
                 self.wake.set()

@@ -84,19 +84,20 @@ class Leases:
         self._freed = freed
         self.held: dict[int, int] = {}
         """Leases this daemon holds, per provider (for the metrics)."""
-        self._holders: dict[int, int | None] = {}
-        """Per live lease: the download it is for (None: a listing or a search)."""
+        self._holders: dict[int, tuple[int | None, int]] = {}
+        """Per live lease: the download it is for (None: a listing or a search), and its
+        provider."""
 
     def wrap(self, lease_id: int, provider_id: int, account: str,
              download_id: int | None = None) -> Lease:
         """A lease the claim statement took (a transfer's: for `download_id`)."""
         self.held[provider_id] = self.held.get(provider_id, 0) + 1
-        self._holders[lease_id] = download_id
+        self._holders[lease_id] = (download_id, provider_id)
         return Lease(lease_id, provider_id, account, self._accounts.login(account))
 
     def handed_over(self, lease: Lease, download_id: int) -> None:
         """The lease went on to the next download (`asyncsat_hand_over`)."""
-        self._holders[lease.id] = download_id
+        self._holders[lease.id] = (download_id, lease.provider_id)
 
     async def take(self, provider_id: int) -> Lease:
         """A slot of the provider's accounts, waiting until one is free (a freed lease
@@ -113,11 +114,19 @@ class Leases:
     def given_back(self, lease: Lease, download_id: int | None = None) -> bool:
         """Count a lease as given back (a statement that recorded an outcome deleted it
         too); False when it already was, or went on to another download."""
-        if lease.id not in self._holders or self._holders[lease.id] != download_id:
+        if lease.id not in self._holders or self._holders[lease.id][0] != download_id:
             return False
         del self._holders[lease.id]
         self.held[lease.provider_id] = max(0, self.held.get(lease.provider_id, 1) - 1)
         return True
+
+    def forget(self, download_ids: set[int]) -> None:
+        """The leases of these downloads ended in the database (their rows were put back):
+        no longer held here."""
+        for lease_id, (holder, provider_id) in list(self._holders.items()):
+            if holder in download_ids:
+                del self._holders[lease_id]
+                self.held[provider_id] = max(0, self.held.get(provider_id, 1) - 1)
 
     async def release(self, lease: Lease, download_id: int | None = None) -> None:
         """Give a slot back (if the database is away, the lease expires by itself); a
