@@ -41,6 +41,7 @@ from asyncsat.models import Download, Provider, Request
 from asyncsat.progress import RateMeter, eta
 from asyncsat.resolver import Resolver, settled
 from asyncsat.retry import Policy, budget, decide
+from asyncsat.tasks import run_to_end
 from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.registry import Drivers
 from asyncsat.transfer.runner import Attempt, Job, Outcome, transfer
@@ -593,14 +594,8 @@ async def _to_the_end(step: Coroutine[Any, Any, None]) -> None:
     """Run a step that records an outcome to its end, even when a stop arrives meanwhile
     (a second stop must not cut it either): the row must never stay `running` behind the
     daemon's back. The stop is passed on once the step is done."""
-    task = asyncio.ensure_future(step)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancelled = True
-    task.result()
+    done, cancelled = await run_to_end(step)
+    done.result()
     if cancelled:
         raise asyncio.CancelledError
 
@@ -661,18 +656,10 @@ class _RowEvents:
         engine, d = self._engine, self._download
         # run to its end even if this transfer is cancelled meanwhile: a slot handed over
         # must reach the next transfer (started, then stopped in turn if the daemon stops)
-        step = asyncio.ensure_future(engine.store.call(
+        step, cancelled = await run_to_end(engine.store.call(
             queries.download_sealing, d.id, self._fence, self._lease.id,
             lease_seconds=engine.settings.lease_timeout,
             default_dest=str(engine.settings.default_dest), hand_over=not engine._stopping))
-        cancelled = False
-        while not step.done():
-            try:
-                await asyncio.shield(step)
-            except asyncio.CancelledError:
-                cancelled = True
-            except Exception:
-                break
         owned, following = step.result()
         if following is None:
             engine.leases.given_back(self._lease, d.id)

@@ -21,6 +21,7 @@ from asyncsat.errors import (
     TransferError,
 )
 from asyncsat.models import Checksum
+from asyncsat.tasks import run_to_end
 from asyncsat.transfer import payload
 
 PART_SUFFIX = ".part"
@@ -41,20 +42,12 @@ async def _in_thread(fn: Callable[[], T]) -> T:
     """Run a step on the file descriptor in a worker thread, to its end even if the task is
     cancelled meanwhile (then cancelled after): the descriptor must not be closed, and its
     number reused by another file, under a write or an fsync."""
-    future = asyncio.ensure_future(asyncio.to_thread(fn))
-    cancelled = False
-    while not future.done():
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            cancelled = True
-        except BaseException:
-            break  # the step failed: its exception is the future's
+    done, cancelled = await run_to_end(asyncio.to_thread(fn))
     if cancelled:
-        if not future.cancelled():
-            future.exception()  # (retrieved: the stop wins over the step's failure)
+        if not done.cancelled():
+            done.exception()  # (retrieved: the stop wins over the step's failure)
         raise asyncio.CancelledError
-    return future.result()
+    return done.result()
 
 
 class PartFile:
