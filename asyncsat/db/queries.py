@@ -744,22 +744,21 @@ async def download_sealing(
     return row["owned"], following
 
 
-async def download_done(db: Any, download_id: int, fence: Fence, *, size: int, path: str,
-                        lease_id: int) -> list[tuple[int, str]] | None:
-    """Record a download done and give its lease back, in one statement: the copies owed
-    to other requests' folders, (request, folder) each; None when the row is no longer
-    this claim's (the lease goes all the same)."""
+async def download_done(db: Any, download_id: int, fence: Fence, *, size: int,
+                        path: str) -> list[tuple[int, str]] | None:
+    """Record a download done, in one statement with the copies owed to other requests'
+    folders, (request, folder) each; None when the row is no longer this claim's. (Its
+    lease went on or back when its body was in: `download_sealing`.)"""
     row = await db.fetchrow(
         "WITH done AS (UPDATE download SET status = 'done', bytes_done = $2, size = $2,"
         "  path = $3, error = NULL, failures = 0, finished_at = now(), owner = NULL"
-        "  WHERE id = $1" + _FENCED.format(o="$4", a="$5") + " RETURNING id),"
-        " freed AS (DELETE FROM lease WHERE id = $6 AND download_id = $1)"
+        "  WHERE id = $1" + _FENCED.format(o="$4", a="$5") + " RETURNING id)"
         " SELECT EXISTS (SELECT 1 FROM done) AS done,"
         "  array(SELECT request_id FROM request_download WHERE download_id = $1"
         "   AND dest IS NOT NULL ORDER BY request_id) AS requests,"
         "  array(SELECT dest FROM request_download WHERE download_id = $1"
         "   AND dest IS NOT NULL ORDER BY request_id) AS folders",
-        download_id, size, path, fence.owner, fence.attempt, lease_id,
+        download_id, size, path, fence.owner, fence.attempt,
     )
     if not row["done"]:
         return None
