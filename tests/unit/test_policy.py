@@ -162,6 +162,22 @@ def test_redactor_masks_known_secrets_and_secret_shapes() -> None:
     assert "x=1" in text and "https://" in text
 
 
+def test_redactor_quick_check_never_skips_text_a_pattern_masks() -> None:
+    from asyncsat import logs
+
+    shapes = ["ftp://u:p@h/x", "HTTPS://A:B@c", "?TOKEN=abc", "access_token: 'x1'",
+              "Passwd=zz", "PWD = q", "client_SECRET=s", "apiKey=k", "api_key:k",
+              "X-Auth-Token: t", "AUTHORIZATION: Basic dXNlcjpw", "authorization=Bearer b"]
+    for text in shapes + [f"download done {s} at 3" for s in shapes]:
+        full = text
+        for pattern in logs._PATTERNS:
+            full = pattern.sub(lambda m: m.group("keep") + logs.MASK, full)
+        assert full != text, text  # each shape is one the patterns mask...
+        assert Redactor()(text) == full  # ...and the quick check lets it through
+    plain = '{"download_id": 7, "url": "http://127.0.0.1:8080/files/f.bin", "size": 4096}'
+    assert Redactor()(plain) == plain
+
+
 def test_random_binary_that_starts_like_text_is_not_an_error_page(tmp_path: Path) -> None:
     p = tmp_path / "x.part"
     for first in (b"{", b"<", b"["):
