@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from asyncsat.cli import main
+from asyncsat.cli import run
 
-raise SystemExit(main())
+run()

