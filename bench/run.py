@@ -561,12 +561,21 @@ def run_transfer(bench: Bench, name: str, files: Sequence[FileSpec], tiny: FileS
         if "asyncsat" in a.tools:
             scenario.fixed_cost = _fixed_cost(bench, tiny, server, label)
         for run in range(1, a.repeat + 1):
-            for tool in a.tools:
+            for tool in rotated(a.tools, run - 1):
                 scenario.results.append(bench.run_tool(tool, files, server, scenario=label,
                                                        run=run))
     finally:
         server.close()
     return scenario
+
+
+def rotated(tools: Sequence[str], k: int) -> list[str]:
+    """The tools in the order of run `k + 1`: each starts the runs in turn, so that a
+    machine that slows down (or speeds up) during a run favours none of them. (On this
+    project's VM a run's file creations and fsyncs slow the next ones down: in a fixed
+    order, the tool that ran first was always measured on the calmest disk.)"""
+    k %= max(len(tools), 1)
+    return [*tools[k:], *tools[:k]]
 
 
 def run_memory(bench: Bench, src: Path) -> Scenario:
@@ -582,7 +591,7 @@ def run_memory(bench: Bench, src: Path) -> Scenario:
                         protocol=a.protocol, refusal=server.refusal)
     try:
         for run in range(1, a.repeat + 1):
-            for tool in a.tools:
+            for tool in rotated(a.tools, run - 1):
                 for spec, label in ((small, "small"), (big, "big")):
                     r = bench.run_tool(tool, [spec], server, scenario=f"{name}-{label}", run=run)
                     r.extra["size"] = label
