@@ -622,8 +622,6 @@ class _RowEvents:
         self.handed_over = False
         """The slot went on to the next download (`sealing`)."""
         self._name = download.name or ""
-        self._known: tuple[str, int | None, Validator] | None = None
-        """What `known` gave and no write recorded yet."""
         self._on_disk = download.bytes_done
         self._fence = engine._fence(download)
         started = time.monotonic()
@@ -646,38 +644,18 @@ class _RowEvents:
                 return candidate
         raise PermanentError(f"another download already writes {name!r}")
 
-    def known(self, name: str, size: int | None, validator: Validator) -> None:
-        self._known = (name, size, validator)
-
-    async def _record_known(self) -> None:
-        """The size and validators `known` gave, in a write of their own (the file takes
-        longer than the first progress write). The name is the row's: kept."""
-        if self._known is None:
-            return
-        name, size, validator = self._known
-        self._known = None
-        chosen = await self.named(name, size, validator)
-        if chosen != name:  # (the row's own name: no other row can have it)
-            raise RetryableError(f"the file is to be named {chosen!r}, not {name!r}")
-
     async def sealing(self) -> None:
         """The body is in and its connection given back: the account's slot goes on to the
         provider's next file now, or back (the next file starts while this one is flushed
         and renamed). The file gets its final name only while the row is still this
-        claim's (a daemon paused past its lease must not rename it). What `known` gave is
-        recorded in the same statement."""
+        claim's (a daemon paused past its lease must not rename it)."""
         engine, d = self._engine, self._download
-        known, self._known = self._known, None
-        record = None if known is None else queries.Named(
-            name=known[0], size=known[1], etag=known[2].etag,
-            last_modified=known[2].last_modified)
         # run to its end even if this transfer is cancelled meanwhile: a slot handed over
         # must reach the next transfer (started, then stopped in turn if the daemon stops)
         step, cancelled = await run_to_end(engine.store.call(
             queries.download_sealing, d.id, self._fence, self._lease.id,
             lease_seconds=engine.settings.lease_timeout,
-            default_dest=str(engine.settings.default_dest), hand_over=not engine._stopping,
-            named=record))
+            default_dest=str(engine.settings.default_dest), hand_over=not engine._stopping))
         owned, following = step.result()
         if following is None:
             engine.leases.given_back(self._lease, d.id)
@@ -699,7 +677,6 @@ class _RowEvents:
         if now - self._last < self._engine.settings.progress_interval:
             return
         self._last = now
-        await self._record_known()  # (a resume after a crash needs the validators)
         rate = self._meter.add(now, done)
         if self._engine.sink is not None:
             self._engine.sink.progress(self._download.id, self._name, done, total)

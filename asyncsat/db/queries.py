@@ -701,8 +701,11 @@ async def download_named(
     """
     try:
         result: str = await db.execute(
-            "UPDATE download SET " + _NAMED_SET.format(n="$2", s="$3", e="$4", m="$5")
-            + " WHERE id = $1" + _FENCED.format(o="$6", a="$7"),
+            "UPDATE download SET name = $2, etag = $4, last_modified = $5,"
+            " size = CASE WHEN size IS NULL OR size_origin = 'server'"
+            "  THEN coalesce($3, size) ELSE size END,"
+            " size_origin = CASE WHEN size IS NULL THEN 'server' ELSE size_origin END"
+            " WHERE id = $1" + _FENCED.format(o="$6", a="$7"),
             download_id, name, size, etag, last_modified, fence.owner, fence.attempt,
         )
     except asyncpg.UniqueViolationError:
@@ -721,44 +724,20 @@ async def download_progress(
     )
 
 
-@dataclass(frozen=True)
-class Named:
-    """What a server said of a file: its name, size and validators (`download_named`)."""
-
-    name: str
-    size: int | None
-    etag: str | None
-    last_modified: str | None
-
-
-_NAMED_SET = (
-    "name = {n}, etag = {e}, last_modified = {m},"
-    " size = CASE WHEN size IS NULL OR size_origin = 'server'"
-    "  THEN coalesce({s}, size) ELSE size END,"
-    " size_origin = CASE WHEN size IS NULL THEN 'server' ELSE size_origin END")
-"""The columns `download_named` writes (a server's size replaces no catalog's)."""
-
-
 async def download_sealing(
     db: Any, download_id: int, fence: Fence, lease_id: int, *, lease_seconds: float,
-    default_dest: str, hand_over: bool, named: Named | None = None,
+    default_dest: str, hand_over: bool,
 ) -> tuple[bool, tuple[Download, str, int] | None]:
     """A transfer's body is in: whether the row is still this claim's (checked before the
     file gets its name), and its account slot handed over to the provider's next due row
-    (`asyncsat_hand_over`; `hand_over` false, or the row lost: the slot is given back);
-    `named`, when given, is recorded as `download_named` does (for the name the row has:
-    no other row can have it). One statement: (owned, the next claim as `claim` gives it,
-    or None)."""
-    n = named or Named("", None, None, None)
+    (`asyncsat_hand_over`; `hand_over` false, or the row lost: the slot is given back). One
+    statement: (owned, the next claim as `claim` gives it, or None)."""
     row = await db.fetchrow(
-        "WITH named AS (UPDATE download SET "
-        + _NAMED_SET.format(n="$8", s="$9", e="$10", m="$11")
-        + " WHERE $12 AND id = $1" + _FENCED.format(o="$2", a="$3") + ")"
-        " SELECT o.owned, n.* FROM (SELECT EXISTS (SELECT 1 FROM download WHERE id = $1"
+        "SELECT o.owned, n.* FROM (SELECT EXISTS (SELECT 1 FROM download WHERE id = $1"
         + _FENCED.format(o="$2", a="$3") + " AND lease_expires > now()) AS owned) o"
         " LEFT JOIN LATERAL asyncsat_hand_over($2, $4, $1, $5, $6, $7 AND o.owned) n ON true",
         download_id, fence.owner, fence.attempt, lease_id, lease_seconds, default_dest,
-        hand_over, n.name, n.size, n.etag, n.last_modified, named is not None)
+        hand_over)
     following = None
     if row["download_id"] is not None:
         following = (_download(row, id_column="download_id"), row["account"], row["lease_id"])

@@ -53,12 +53,6 @@ class Events(Protocol):
         """
         ...
 
-    def known(self, name: str, size: int | None, validator: Validator) -> None:
-        """The server answered for a file under the name its download row has (from a
-        catalog or an earlier attempt): its size and validators are recorded with the
-        next write (a progress write or `sealing`), not in a round trip of their own."""
-        ...
-
     async def progress(self, done: int, total: int | None) -> None:
         """`done` bytes of the file are on disk (called per chunk; throttle in the callee)."""
         ...
@@ -122,9 +116,7 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                 name = await events.named(proposed, total, opened.validator)
                 part = PartFile(job.folder, name, job.checksum)
                 attempt.part = part.path
-            elif name == job.name:  # the row's own name: recorded with the next write
-                events.known(name, total, opened.validator)
-            else:  # sanitized: another download may have that name
+            else:
                 chosen = await events.named(name, total, opened.validator)
                 if chosen != name:  # another product has that name: the next attempt takes it
                     raise RetryableError(f"the file is to be named {chosen!r}, not {name!r}")
