@@ -101,6 +101,34 @@ async def test_changed_etag_restarts_with_the_new_file(server: FileServer, dsn: 
     assert gets[1]["if_range"] is not None and gets[1]["if_range"] != '"v2"'
 
 
+async def test_a_catalog_named_product_that_changed_before_its_first_progress_write_restarts(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    """A row that has its name before the transfer (a catalog's product) and whose first
+    attempt is cut before any progress write: the server's validators were recorded before
+    the first byte, so the resume sends If-Range and a new version at the source replaces
+    the kept bytes instead of being spliced onto them (a review found the splice when the
+    validators were deferred to the first progress write)."""
+    old = b"A" + os.urandom(599_999)
+    new = b"B" + old[1:]  # the first byte only: the overlap check before a resume misses it
+    product = server.add("named.zip", old, drop_after=[300_000])
+    await sql(dsn, "INSERT INTO download (provider_id, url, name) SELECT id, $1, 'named.zip'"
+                   " FROM provider WHERE name = 'local'", server.url("named.zip"))
+    original = server._send
+
+    async def send(request, p):  # type: ignore[no-untyped-def]
+        if p is product and product.drop_after == [] and request.headers.get("Range"):
+            product.data, product.etag = new, '"v2"'  # published between the two attempts
+        return await original(request, p)
+
+    server._send = send  # type: ignore[method-assign]
+    await drain(replace(settings, progress_interval=30.0))  # no progress write in attempt 1
+
+    assert _final(settings, _provider(server), "named.zip").read_bytes() == new
+    gets = _gets(server, "named.zip")
+    assert gets[1]["range"] is not None  # a resume was asked...
+    assert gets[1]["if_range"] not in (None, '"v2"')  # ...only if the old version is there
+
+
 async def test_429_waits_for_retry_after(server: FileServer, dsn: str,
                                          settings: Settings) -> None:
     data = os.urandom(100_000)
