@@ -186,8 +186,12 @@ def run() -> NoReturn:
     code = main()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
+        try:
             stream.flush()
+        except OSError:  # output lost (a full disk): not a success, as CPython's own exit
+            code = code or 120
+        except ValueError:  # (closed)
+            pass
     os._exit(code)
 
 
