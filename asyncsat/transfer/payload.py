@@ -21,6 +21,9 @@ _XML_ERROR_ROOT = re.compile(rb"^(?:<\?xml[^>]*\?>\s*)?(?:<!--.*?-->\s*)*<(?:[\w
 _XML_MESSAGE = re.compile(rb"<(?:[\w.-]+:)?message[^>]*>([^<]+)<", re.I)
 
 
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+"""A zip's first record (a file, an empty archive's end, a split archive's marker): "PK"
+alone begins one file in 65,536 of any binary format."""
 HEAD = 512
 """Bytes of a file's start that the checks look at."""
 
@@ -47,7 +50,7 @@ def check(path: Path, name: str, head: bytes | None = None) -> None:
         message = _XML_MESSAGE.search(text)
         detail = _snippet(message.group(1)) if message else _snippet(text)
         raise PayloadError(f"the server sent an error document: {detail}")
-    if head.startswith(b"PK"):
+    if head.startswith(_ZIP_SIGNATURES):
         _check_zip(path)
         return
     if suffix in _BINARY and text.startswith(_TEXTUAL_ERROR_STARTS) and _is_text(head):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -183,6 +184,16 @@ def test_random_binary_that_starts_like_text_is_not_an_error_page(tmp_path: Path
     for first in (b"{", b"<", b"["):
         p.write_bytes(first + b"\x00\xff\x13binary" * 50)
         payload.check(p, "product.bin")
+
+
+def test_binary_that_starts_with_pk_is_a_zip_only_with_a_zip_signature(
+        tmp_path: Path) -> None:
+    p = tmp_path / "x.part"
+    p.write_bytes(b"PK\x9a\x17" + os.urandom(1000))  # 1 file in 65,536 starts so
+    payload.check(p, "granule.bin")
+    p.write_bytes(b"PK\x03\x04" + os.urandom(1000))  # a zip's header: checked, and broken
+    with pytest.raises(PayloadError, match="zip archive is broken"):
+        payload.check(p, "granule.bin")
 
 
 def test_namespaced_and_empty_error_payloads(tmp_path: Path) -> None:
