@@ -171,3 +171,29 @@ async def test_a_row_owned_with_no_transfer_is_put_back_by_the_heartbeat(
     finally:
         await server.stop()
     assert [r["status"] for r in await rows(dsn)] == ["done"]
+
+
+async def test_hand_overs_and_heartbeats_run_side_by_side(dsn: str, settings: Settings) -> None:
+    """Many short files, and a heartbeat every 0.2 s renewing the leases of the rows being
+    handed over: the statements lock rows in the same order (download, then lease), so no
+    deadlock ends the daemon or a transfer (a review found one when a hand-over also wrote
+    its download row)."""
+    from dataclasses import replace
+
+    server = await FileServer().start()
+    try:
+        names = [f"s{i}.bin" for i in range(2000)]
+        for n in names:
+            server.add(n, os.urandom(1024))
+        await add_provider(dsn, "hub", server.base, {"max_connections": 4})
+        # rows as a catalog queues them, with their names
+        await sql(dsn, "INSERT INTO download (provider_id, url, name, dest) SELECT p.id,"
+                       " $1 || n, n, $2 FROM provider p, unnest($3::text[]) n",
+                  server.base, str(settings.dest), names)
+        fast = replace(settings, lease_timeout=0.6, progress_interval=30.0)
+        await asyncio.wait_for(daemon.serve(fast, Redactor(), exit_when_idle=True), 50)
+    finally:
+        await server.stop()
+    got = await sql(dsn, "SELECT status, attempts, error FROM download")
+    assert {r["status"] for r in got} == {"done"}
+    assert {r["attempts"] for r in got} == {1}, [r["error"] for r in got if r["attempts"] > 1]
