@@ -90,7 +90,10 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                    chunk_size: int) -> Outcome:
     """Fetch `job` into `job.folder`, resuming from its `.part` file when there is one."""
     name = sanitize(job.name) if job.name else ""
-    part = PartFile(job.folder, name, job.checksum) if name else None
+    # the row's own name is its own file (a `.part` to resume, or a final file renamed
+    # before a crash); a name that sanitizing changed (`sub/a.nc` inserted by psql) may be
+    # another product's file, so it is checked by `named` before anything on disk is used
+    part = PartFile(job.folder, name, job.checksum) if name and name == job.name else None
     attempt.part = part.path if part is not None else None
     offset = part.recover() if part is not None else 0
     attempt.start_size = attempt.size = offset
@@ -111,7 +114,7 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                     part.close()
                 raise
             if part is None:
-                proposed = opened.name or name_from_url(job.source.url) or \
+                proposed = name or opened.name or name_from_url(job.source.url) or \
                     sanitize(job.fallback_name)
                 name = await events.named(proposed, total, opened.validator)
                 part = PartFile(job.folder, name, job.checksum)

@@ -713,6 +713,30 @@ async def test_a_psql_row_naming_a_file_the_default_folder_already_has(
     assert two["name"] == f"a_{two['id']}.nc"
 
 
+async def test_a_psql_name_that_sanitizes_to_a_done_products_never_takes_its_file(
+        hunt: HuntServer, dsn: str, settings: Settings) -> None:
+    """A row inserted by psql with a name that is not a plain file name (`sub/a.nc`, which
+    sanitizes to `a.nc`) while a done product owns `a.nc` in the same folder: the done
+    product's file is not taken as the new row's part file (it once was, before the name
+    was checked), and the new product gets a name of its own."""
+    first, second = os.urandom(3000), os.urandom(4000)
+    hunt.add("one/a.nc", first)
+    hunt.add("two/a.nc", second)
+    await queue(dsn, hunt.url("one/a.nc"))
+    await drain(settings)
+    [done] = await rows(dsn)
+    assert Path(done["path"]).read_bytes() == first
+    await sql(dsn, "INSERT INTO download (provider_id, url, name, dest) SELECT id, $1,"
+                   " 'sub/a.nc', $2 FROM provider WHERE name = 'local'",
+              hunt.url("two/a.nc"), str(settings.dest))
+    await drain(settings)
+    by_url = {r["url"].split("/")[-2]: r for r in await rows(dsn)}
+    assert {r["status"] for r in by_url.values()} == {"done"}, by_url
+    assert Path(by_url["one"]["path"]).read_bytes() == first  # untouched
+    assert Path(by_url["two"]["path"]).read_bytes() == second
+    assert by_url["two"]["name"] != "a.nc"
+
+
 async def test_a_file_that_shrank_under_an_unverifiable_resume_starts_again(
         hunt: HuntServer, dsn: str, settings: Settings) -> None:
     """No length, no validator: the resume overlaps the kept bytes. The server's file now
