@@ -258,12 +258,7 @@ async def test_complete_part_file_is_verified_not_refetched(server: FileServer, 
 
 async def test_credential_change_resizes_slots_without_restart(dsn: str,
                                                                settings: Settings) -> None:
-    import asyncio
-
     import asyncpg
-
-    from asyncsat import daemon
-    from asyncsat.logs import Redactor
 
     server = await FileServer(users={"carol": "pw-c"}).start()
     try:
@@ -290,11 +285,6 @@ async def test_a_lowered_cap_holds_as_soon_as_running_transfers_end(
         dsn: str, settings: Settings) -> None:
     """A slot is handed over to the next file only within the account's cap: lowered with
     SQL, the cap holds from the end of the transfers that were running."""
-    import asyncio
-
-    from asyncsat import daemon
-    from asyncsat.logs import Redactor
-
     server = await FileServer(users={"dave": "pw-d"}).start()
     try:
         await add_provider(dsn, "hub", server.base, credentials=[("dave", "pw-d", 3)])
