@@ -243,3 +243,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, redactor: Reda
     handler = getattr(commands, command)
     result: int = await handler(args, settings, redactor)
     return result
+
+
+if __name__ == "__main__":  # `python -m asyncsat.cli`: main() with CPython's own exit (for
+    sys.exit(main())  # tools that act at exit, as cProfile, which `run()` would skip)

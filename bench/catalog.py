@@ -251,7 +251,7 @@ class Bench:
                                 str(out), "--wait")
             if self.args.cprofile:
                 prof = self.logs / f"asyncsat-{label}.prof"
-                cmd[1:3] = ["-m", "cProfile", "-o", str(prof), "-m", "asyncsat"]
+                cmd[1:3] = ["-m", "cProfile", "-o", str(prof), "-m", "asyncsat.cli"]
             return cmd, ""
         if tool == "eodag":
             return [self.args.eodag_python, str(BENCH / "catalog_eodag.py"), "--catalogue",

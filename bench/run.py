@@ -440,7 +440,7 @@ class Bench:
                                 "--wait")
             if self.args.cprofile:
                 prof = self.logs / f"asyncsat-{label}.prof"
-                cmd[1:3] = ["-m", "cProfile", "-o", str(prof), "-m", "asyncsat"]
+                cmd[1:3] = ["-m", "cProfile", "-o", str(prof), "-m", "asyncsat.cli"]
             return cmd
         if tool == "aria2c":
             listing = self.work / "aria2c-input.txt"
