@@ -59,6 +59,10 @@ class Settings:
     """The address the metrics are served on."""
     status_interval: float = 10.0
     """Seconds between two STATUS= lines (queue figures) sent to systemd."""
+    keep_page_cache: bool = False
+    """Leave downloaded files in the page cache; by default their pages are dropped once on
+    disk (files an ingest host keeps would otherwise push out what it reads, PostgreSQL's
+    data first, and make every new file wait for pages to be freed)."""
 
     @property
     def default_dest(self) -> Path:
@@ -134,6 +138,7 @@ class Settings:
             metrics_port=_port(values, "metrics_port"),
             metrics_host=_str(values, "metrics_host", defaults.metrics_host) or "",
             status_interval=_num(values, "status_interval", defaults.status_interval),
+            keep_page_cache=_bool(values, "keep_page_cache", defaults.keep_page_cache),
         ).validate()
 
 
@@ -182,6 +187,13 @@ def _num(values: Mapping[str, object], key: str, default: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"setting {key} must be a number")
     return float(value)
+
+
+def _bool(values: Mapping[str, object], key: str, default: bool) -> bool:
+    value = values.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"setting {key} must be true or false")
+    return value
 
 
 def _port(values: Mapping[str, object], key: str) -> int | None:

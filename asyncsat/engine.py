@@ -445,7 +445,8 @@ class Engine:
                                reason="online again")
                 job = Job(source, folder, d.name, d.size, d.checksum,
                           Validator(d.etag, d.last_modified), fallback_name=f"download-{d.id}",
-                          size_from_server=d.size_from_server)
+                          size_from_server=d.size_from_server,
+                          keep_cache=self.settings.keep_page_cache)
                 outcome = await transfer(self.drivers.for_url(source.url), job, events, attempt,
                                          self.settings.chunk_size)
         except asyncio.CancelledError:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import mmap
+import os
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +92,32 @@ async def request_summary_of(dsn: str, request_id: int) -> dict[str, Any]:
         return request_summary((await queries.request_rows(conn, request_id))[0])
     finally:
         await conn.close()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+
+
+def resident(path: Path, start: int = 0, end: int | None = None) -> int:
+    """Bytes of `path` between `start` and `end` that are in the page cache (mincore(2) on
+    a mapping of the file, which reads no page in)."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * pages)()
+            assert _libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    first = start // mmap.PAGESIZE
+    last = pages if end is None else end // mmap.PAGESIZE
+    return sum(vec[i] & 1 for i in range(first, last)) * mmap.PAGESIZE

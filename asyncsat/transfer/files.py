@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +38,15 @@ pages pile up; past that a write can wait for writeback or the journal (another
 transfer's fsync) for milliseconds. Below it, a hop to a thread costs more than the write:
 the answer waits for the loop to hand over the GIL (measured with 500 files of 1 MiB: 10%
 more wall time, 0.4 ms of CPU per hop)."""
+DROP_EVERY = 32 << 20
+"""Unless the page cache is kept (`keep_page_cache`), every this many bytes a file's pages
+written more than `DROP_LAG` bytes ago are handed to writeback and, once clean, dropped
+from the page cache; the rest go when the file is flushed. An ingest host keeps what it
+downloads: without this, every new file needs pages the kernel must first free (or, in a
+virtual machine, have backed by the host); with it, one file's pages serve the next.
+Measured on this project's VM writing 500 x 1 MiB and keeping the files, as a daemon does:
+1.8-2.5 ms per MiB written, against 0.16 with the pages dropped after each fsync."""
+DROP_LAG = 16 << 20
 WRITE_SLICE = 128 << 10
 """Bytes handed to one write(2). On this project's VM (Linux 6.18) 1 MiB writes were at
 times ten times slower per byte than 64-128 KiB ones (2.6 against 0.25 ms per MiB; at other
@@ -63,13 +74,17 @@ class PartFile:
     process loses at most the chunk it was holding.
     """
 
-    def __init__(self, folder: Path, name: str, checksum: Checksum | None) -> None:
+    def __init__(self, folder: Path, name: str, checksum: Checksum | None, *,
+                 keep_cache: bool = False) -> None:
         self.final = folder / name
         self.path = folder / (name + PART_SUFFIX)
         self.checksum = checksum
+        self.keep_cache = keep_cache
         self._fd: int | None = None
         self._hasher: Hasher | None = None
         self.size = 0
+        self._drop_at = sys.maxsize
+        """The size at which the pages written so far are dropped from the page cache."""
         self._head: bytes | None = None
         """The file's first bytes, as written by this attempt (None: it resumed)."""
 
@@ -94,6 +109,7 @@ class PartFile:
         of 64 KiB, in lock handoffs between the threads.)"""
         self._open(offset)
         self.size = offset
+        self._drop_at = sys.maxsize if self.keep_cache else offset + DROP_LAG + DROP_EVERY
         self._head = b"" if offset == 0 else None
         if self.checksum is not None:
             self._hasher = new_hasher(self.checksum.algo)
@@ -162,6 +178,17 @@ class PartFile:
             await _in_thread(lambda: self._write(chunk))
         else:
             self._write(chunk)
+        if self.size >= self._drop_at:  # (a writeback may wait for the disk: in a thread)
+            self._drop_at = self.size + DROP_EVERY
+            upto = self.size - DROP_LAG
+            await _in_thread(lambda: self._drop(upto))
+
+    def _drop(self, upto: int) -> None:
+        """Start the writeback of the file's first `upto` bytes (0: all) and drop from the
+        page cache the pages among them that are clean (written back already)."""
+        assert self._fd is not None
+        with contextlib.suppress(OSError):  # (advice: a file system may not take it)
+            os.posix_fadvise(self._fd, 0, upto, os.POSIX_FADV_DONTNEED)
 
     def _write(self, chunk: bytes) -> None:
         assert self._fd is not None
@@ -216,6 +243,8 @@ class PartFile:
             self.path.unlink(missing_ok=True)
             raise
         os.fsync(self._fd)
+        if not self.keep_cache:
+            self._drop(0)
         # renamed while still locked: a daemon that took the download over cannot open the
         # .part between the two and write into what becomes the final file
         os.replace(self.path, self.final)

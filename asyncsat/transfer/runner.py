@@ -30,6 +30,8 @@ class Job:
     fallback_name: str = "download"
     size_from_server: bool = False
     """`size` was announced by the server in an earlier attempt (not by a catalog)."""
+    keep_cache: bool = False
+    """Leave the file in the page cache (`keep_page_cache`); else its pages are dropped."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
     # the row's own name is its own file (a `.part` to resume, or a final file renamed
     # before a crash); a name that sanitizing changed (`sub/a.nc` inserted by psql) may be
     # another product's file, so it is checked by `named` before anything on disk is used
-    part = PartFile(job.folder, name, job.checksum) if name and name == job.name else None
+    part = PartFile(job.folder, name, job.checksum, keep_cache=job.keep_cache) \
+        if name and name == job.name else None
     attempt.part = part.path if part is not None else None
     offset = part.recover() if part is not None else 0
     attempt.start_size = attempt.size = offset
@@ -117,7 +120,7 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                 proposed = name or opened.name or name_from_url(job.source.url) or \
                     sanitize(job.fallback_name)
                 name = await events.named(proposed, total, opened.validator)
-                part = PartFile(job.folder, name, job.checksum)
+                part = PartFile(job.folder, name, job.checksum, keep_cache=job.keep_cache)
                 attempt.part = part.path
             else:
                 chosen = await events.named(name, total, opened.validator)

@@ -14,7 +14,7 @@ import pytest
 from asyncsat import daemon
 from asyncsat.config import Settings
 from asyncsat.logs import Redactor
-from tests.helpers import add_provider, drain, queue, rows, sql
+from tests.helpers import add_provider, drain, queue, resident, rows, sql
 from tests.servers import FileServer
 
 
@@ -58,6 +58,22 @@ async def test_resume_after_dropped_connection(server: FileServer, dsn: str,
     assert row["status"] == "done" and row["bytes_done"] == len(data)
     assert row["attempts"] == 3
     assert not _parts(settings)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+async def test_a_downloaded_file_leaves_the_page_cache_unless_kept(
+        server: FileServer, dsn: str, settings: Settings, keep: bool) -> None:
+    data = os.urandom(3_000_000)
+    server.add("cached.bin", data)
+    await queue(dsn, server.url("cached.bin"))
+    await drain(replace(settings, keep_page_cache=keep))
+
+    final = _final(settings, _provider(server), "cached.bin")
+    if keep:
+        assert resident(final) > len(data) // 2  # (all of it, unless memory ran short)
+    else:
+        assert resident(final) == 0
+    assert final.read_bytes() == data
 
 
 async def test_server_ignoring_range_restarts_from_zero(server: FileServer, dsn: str,
