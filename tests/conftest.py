@@ -7,9 +7,11 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,6 +23,7 @@ import pytest
 
 from asyncsat.config import Settings
 from asyncsat.db.pool import apply_schema, connect
+from tests.helpers import resident
 from tests.servers import FileServer, PgCluster
 
 TEMPLATE = "asyncsat_template"
@@ -64,6 +67,51 @@ async def server() -> AsyncIterator[FileServer]:
     srv = await FileServer().start()
     yield srv
     await srv.stop()
+
+
+def _drops_pages(folder: Path) -> bool:
+    """Whether the page cache advice works in `folder` (tmpfs keeps every page: a file
+    there is its pages; macOS has no posix_fadvise)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    probe = folder / ".page-cache-probe"
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"x" * 8192)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return resident(probe) == 0
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def disk_dir(tmp_path: Path) -> Iterator[Path]:
+    """An empty folder on a file system with a page cache to drop: the test's own when it
+    has one, else one beside the checkout, in $HOME or in /var/tmp (removed after)."""
+    if _drops_pages(tmp_path):
+        yield tmp_path
+        return
+    root = Path(__file__).resolve().parent.parent
+    for base in (root, Path.home(), Path("/var/tmp")):
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=".asyncsat-test-", dir=base))
+        except OSError:
+            continue
+        if _drops_pages(folder):
+            try:
+                yield folder
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+    pytest.skip("no folder here whose file system drops pages from its page cache "
+                "(tmpfs everywhere, or no posix_fadvise)")
 
 
 @pytest.fixture

@@ -187,7 +187,7 @@ class PartFile:
         """Start the writeback of the file's first `upto` bytes (0: all) and drop from the
         page cache the pages among them that are clean (written back already)."""
         assert self._fd is not None
-        if hasattr(os, "posix_fadvise"):  # (Linux, the BSDs; not macOS)
+        if sys.platform != "darwin":  # (no posix_fadvise there)
             with contextlib.suppress(OSError):  # (advice: a file system may not take it)
                 os.posix_fadvise(self._fd, 0, upto, os.POSIX_FADV_DONTNEED)
 

@@ -62,11 +62,12 @@ async def test_resume_after_dropped_connection(server: FileServer, dsn: str,
 
 @pytest.mark.parametrize("keep", [False, True])
 async def test_a_downloaded_file_leaves_the_page_cache_unless_kept(
-        server: FileServer, dsn: str, settings: Settings, keep: bool) -> None:
+        server: FileServer, dsn: str, settings: Settings, disk_dir: Path, keep: bool) -> None:
     data = os.urandom(3_000_000)
     server.add("cached.bin", data)
     await queue(dsn, server.url("cached.bin"))
-    await drain(replace(settings, keep_page_cache=keep))
+    settings = replace(settings, dest=disk_dir / "dest", keep_page_cache=keep)
+    await drain(settings)
 
     final = _final(settings, _provider(server), "cached.bin")
     if keep:

@@ -24,36 +24,37 @@ async def _download(folder: Path, data: bytes, *, keep_cache: bool) -> Path:
     return await part.finish(len(data), "a.bin")
 
 
-async def test_a_finished_file_leaves_the_page_cache(tmp_path: Path) -> None:
+async def test_a_finished_file_leaves_the_page_cache(disk_dir: Path) -> None:
     data = os.urandom(8 * MIB)
-    path = await _download(tmp_path, data, keep_cache=False)
+    path = await _download(disk_dir, data, keep_cache=False)
     assert resident(path) == 0
     assert path.read_bytes() == data  # (read from the disk)
 
 
-async def test_keep_page_cache_leaves_it_there(tmp_path: Path) -> None:
-    path = await _download(tmp_path, os.urandom(8 * MIB), keep_cache=True)
+async def test_keep_page_cache_leaves_it_there(disk_dir: Path) -> None:
+    path = await _download(disk_dir, os.urandom(8 * MIB), keep_cache=True)
     assert resident(path) >= 7 * MIB  # (all of it, unless the machine needed memory)
 
 
 async def test_a_long_file_leaves_the_page_cache_while_it_is_written(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(files, "DROP_LAG", 1 * MIB)
     monkeypatch.setattr(files, "DROP_EVERY", 2 * MIB)
-    part = PartFile(tmp_path, "long.bin", None)
+    data = [os.urandom(MIB) for _ in range(6)]
+    part = PartFile(disk_dir, "long.bin", None)
     await part.open(0)
-    for _ in range(2):
-        await part.write(os.urandom(MIB))
+    for chunk in data[:2]:
+        await part.write(chunk)
     assert part._fd is not None
     os.fsync(part._fd)  # written back: clean pages, which the next drop takes
-    await part.write(os.urandom(MIB))  # 3 MiB = DROP_LAG + DROP_EVERY: the first drop
+    await part.write(data[2])  # 3 MiB = DROP_LAG + DROP_EVERY: the first drop
     assert resident(part.path, 0, 2 * MIB) == 0
     assert resident(part.path, 2 * MIB, 3 * MIB) == MIB  # the last DROP_LAG bytes stay
-    for _ in range(3):  # dirty pages are written back, never lost
-        await part.write(os.urandom(MIB))
+    for chunk in data[3:]:  # (at 5 MiB, a drop of pages still dirty: written back, kept)
+        await part.write(chunk)
     await part.finish(6 * MIB, "long.bin")
-    assert resident(tmp_path / "long.bin") == 0
-    assert (tmp_path / "long.bin").stat().st_size == 6 * MIB
+    assert resident(disk_dir / "long.bin") == 0
+    assert (disk_dir / "long.bin").read_bytes() == b"".join(data)
 
 
 def test_keep_page_cache_is_a_setting(tmp_path: Path) -> None:
