@@ -393,6 +393,7 @@ class Bench:
         self.pg = Postgres(self.home)
         self.providers = 0
         self.kept = work / "kept"
+        shutil.rmtree(self.kept, ignore_errors=True)  # (a killed bench's, in a --workdir)
         self.kept_bytes = 0
         self.keep_budget = min(KEEP_MAX, shutil.disk_usage(work).free // 4)
 
@@ -407,6 +408,9 @@ class Bench:
         took 0.48 s of system time after a quiet period, 1.4 s just after 2,000 deletions).
         """
         if self.kept_bytes + size > self.keep_budget:
+            print(f"bench: {label}: files deleted, not kept (over "
+                  f"{self.keep_budget / GiB:.1f} GiB kept): the next run's file creations "
+                  "may be slower", file=sys.stderr, flush=True)
             shutil.rmtree(out, ignore_errors=True)
             return
         self.kept.mkdir(exist_ok=True)
@@ -714,22 +718,27 @@ def report_transfer(s: Scenario) -> str:
 
 def _cpu_per_file(results: Sequence[Result], fixed: Result | None) -> str:
     """CPU per file, medians of the verified runs: what the per-file target comes down to
-    once latency is hidden. asyncsat's is its process's after its fixed cost (the one-file
-    run: interpreter, imports, start and stop), and its PostgreSQL backends'."""
+    once latency is hidden. asyncsat's (and its PostgreSQL's) after its fixed cost, the
+    one-file run (interpreter, imports, start and stop); the other tools' with their start,
+    a few milliseconds."""
+    start = fixed if fixed is not None and fixed.verified else None
     parts = []
     for tool in TOOLS:
         runs = [r for r in results if r.tool == tool and r.verified and r.files]
         if not runs:
             continue
-        start = fixed.cpu if tool == "asyncsat" and fixed is not None and fixed.verified else 0
-        own = statistics.median(max(r.cpu - start, 0) / r.files for r in runs) * 1000
-        text = f"{tool} {own:.2f} ms"
-        db = [r.db_cpu / r.files for r in runs if r.db_cpu is not None]
-        if tool == "asyncsat" and db:
-            text += f" (+ PostgreSQL {statistics.median(db) * 1000:.2f} ms" + \
-                (f"; fixed cost {start:.2f} s not counted)" if start else ")")
+        own = start.cpu if tool == "asyncsat" and start is not None else 0.0
+        cpu = statistics.median(max(r.cpu - own, 0) / r.files for r in runs)
+        text = f"{tool} {cpu * 1000:.2f} ms"
+        with_db = [r for r in runs if r.db_cpu is not None]
+        if tool == "asyncsat" and with_db:
+            base = start.db_cpu if start is not None and start.db_cpu is not None else 0.0
+            db = statistics.median(max((r.db_cpu or 0) - base, 0) / r.files for r in with_db)
+            text += f" + PostgreSQL {db * 1000:.2f} ms"
         parts.append(text)
-    return "CPU per file (medians): " + ", ".join(parts)
+    note = ("asyncsat's fixed cost not counted" if start is not None
+            else "asyncsat's fixed cost counted: its run failed or did not run")
+    return f"CPU per file (medians; {note}): " + ", ".join(parts)
 
 
 def _paired(results: Sequence[Result]) -> list[float]:
