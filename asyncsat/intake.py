@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -75,6 +75,11 @@ class Asked:
     links: list[Link] = field(default_factory=list)
     owed: list[int] = field(default_factory=list)
     gone: list[int] = field(default_factory=list)
+
+    def add(self, other: Asked) -> None:
+        """Count `other`'s products in as well (a request queued in several steps)."""
+        for f in fields(self):
+            getattr(self, f.name).extend(getattr(other, f.name))
 
     def counts(self) -> dict[str, int]:
         """How many products went each way (for a log line)."""

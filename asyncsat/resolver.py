@@ -3,7 +3,8 @@
 They are resolved outside the request transaction (a listing or a search may take long),
 each holding one connection slot of its provider's account, as any request sent for that
 account does. Until it is resolved the request stays `queued`: after a crash it is simply
-resolved again (a product is queued once, so nothing doubles).
+resolved again (a product is queued once, so nothing doubles). A long search queues its
+products as they come, `FLUSH_EVERY` at a time, so that they download while it pages on.
 
 A standing request (`follow`) is searched again every `follow_interval` from its
 watermark less an overlap (late-indexed products are caught; the products already known
@@ -15,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -40,6 +42,18 @@ from asyncsat.retry import Policy, decide, follow_settings
 
 log = structlog.get_logger("asyncsat")
 STUCK_PAUSE = 60.0
+FLUSH_EVERY = 100
+"""Products found that are queued at once while a search or a listing goes on (a page of
+CDSE's by default): a search of thousands of products has its first files downloading
+while it pages on, instead of at its end."""
+
+
+@dataclass
+class _Queued:
+    """What one resolve has queued so far, across its tries."""
+
+    keys: set[str] = field(default_factory=set)
+    asked: Asked = field(default_factory=Asked)
 
 
 class Resolver:
@@ -98,13 +112,17 @@ class Resolver:
 
     async def _resolve(self, request: Request) -> None:
         bound = log.bind(request_id=request.id)
+        queued = _Queued()
         try:
-            provider, products, login = await self._find(request)
+            provider, products, login = await self._find(request, queued)
+            rest = [p for p in products if _key(p) not in queued.keys]
             asked = await self._store.transaction(
-                lambda conn: self._queue(conn, request, provider, products, login))
+                lambda conn: self._queue(conn, request, provider, rest, login, products))
             if asked is not None:
+                queued.asked.add(asked)
+                total = queued.asked
                 bound.info("request followed" if request.follow else "request resolved",
-                           downloads=len(asked.ids), provider=provider.name, **asked.counts())
+                           downloads=len(total.ids), provider=provider.name, **total.counts())
                 await settled(asked, request.id)
         except asyncio.CancelledError:
             raise
@@ -128,8 +146,11 @@ class Resolver:
             self._tasks.pop(request.id, None)
             self._ended()
 
-    async def _find(self, request: Request) -> tuple[Provider, list[ProductRef], SplitUrl | None]:
-        """Ask the catalog, retrying transient faults; the account slot is held meanwhile."""
+    async def _find(self, request: Request, queued: _Queued) -> \
+            tuple[Provider, list[ProductRef], SplitUrl | None]:
+        """Ask the catalog, retrying transient faults; the account slot is held meanwhile.
+        The products found are queued `FLUSH_EVERY` at a time as they come (`queued`); the
+        caller queues the rest, and finishes the request, in one transaction."""
         if request.search is not None:
             Query.from_json(request.search)  # validate before anything is asked
             if request.provider_id is None:
@@ -142,10 +163,17 @@ class Resolver:
             provider, login = await self._pattern_owner(request)
         catalog = self._catalogs.for_provider(provider)
         policy = Policy.for_provider(provider)
+        limit = None
+        if request.search is not None:
+            limit = Query.from_json(request.search).limit
+            if limit is not None and request.follow:  # the cap is on the request's total
+                limit -= await self._store.call(queries.request_product_count, request.id)
+                if limit <= 0:
+                    return provider, [], login
         failures = 0
         while True:
             try:
-                found = await self._ask(catalog, request, provider, login)
+                found = await self._ask(catalog, request, provider, login, limit, queued)
             except RetryableError as exc:
                 # the policy of downloads: a refused login is tried twice, a connection limit
                 # is waited out without using the budget, other faults max_attempts times
@@ -183,17 +211,12 @@ class Resolver:
         return provider, login
 
     async def _ask(self, catalog: Catalog, request: Request, provider: Provider,
-                   login: SplitUrl | None) -> list[ProductRef]:
+                   login: SplitUrl | None, limit: int | None, queued: _Queued) -> \
+            list[ProductRef]:
         """One try: the products of the request, with an account slot held meanwhile."""
         found: list[ProductRef] = []
         seen: set[str] = set()
-        limit = None
-        if request.search is not None:
-            limit = Query.from_json(request.search).limit
-            if limit is not None and request.follow:  # the cap is on the request's total
-                limit -= await self._store.call(queries.request_product_count, request.id)
-                if limit <= 0:
-                    return []
+        waiting: list[ProductRef] = []
         lease = await self._take(provider.id)
         started, ok = time.monotonic(), False
         try:
@@ -206,17 +229,33 @@ class Resolver:
             stream = self._products(catalog, request, provider, auth)
             async with contextlib.aclosing(stream):  # its session ends before the slot does
                 async for ref in stream:
-                    key = ref.id or ref.url
+                    key = _key(ref)
                     if key not in seen:
                         seen.add(key)
                         found.append(ref)
                         if limit is not None and len(found) >= limit:
                             break
+                        if key not in queued.keys:
+                            waiting.append(ref)
+                            if len(waiting) >= FLUSH_EVERY:
+                                await self._flush(request, provider, login, waiting, queued)
+                                waiting = []
             ok = True
         finally:
             self._metrics.catalog_request(provider.name, time.monotonic() - started, ok=ok)
             await self._give_back(lease)
         return found
+
+    async def _flush(self, request: Request, provider: Provider, login: SplitUrl | None,
+                     products: Sequence[ProductRef], queued: _Queued) -> None:
+        """Queue products found so far (the request stays `queued` until its end)."""
+        asked = await self._store.transaction(
+            lambda conn: self._queue_found(conn, request, provider, products, login))
+        if asked is None:
+            raise _Gone  # cancelled (or resolved) meanwhile
+        queued.keys.update(_key(p) for p in products)
+        queued.asked.add(asked)
+        await settled(asked, request.id)
 
     def _products(self, catalog: Catalog, request: Request, provider: Provider,
                   auth: Auth) -> AsyncGenerator[ProductRef, None]:
@@ -234,21 +273,33 @@ class Resolver:
                 return provider
         return await self._store.transaction(lambda conn: intake.provider_for(conn, url))
 
-    async def _queue(self, conn: Any, request: Request, provider: Provider,
-                     products: list[ProductRef], login: SplitUrl | None) -> Asked | None:
+    async def _queue_found(self, conn: Any, request: Request, provider: Provider,
+                           products: Sequence[ProductRef], login: SplitUrl | None) -> \
+            Asked | None:
+        """Queue products of the request (None: it left the queue meanwhile)."""
         if await queries.request_lock(conn, request.id) is None:
             return None  # cancelled or resolved meanwhile
         dest = request.dest or str(self._settings.default_dest)
-        follow = follow_settings(provider)
         # a standing request's later runs do not revive products that failed for good
-        asked = await intake.queue_products(conn, request.id, provider, products, dest=dest,
-                                            login=login, revive=request.status == "queued",
-                                            offline_in=follow.offline_interval)
+        return await intake.queue_products(
+            conn, request.id, provider, products, dest=dest, login=login,
+            revive=request.status == "queued",
+            offline_in=follow_settings(provider).offline_interval)
+
+    async def _queue(self, conn: Any, request: Request, provider: Provider,
+                     products: Sequence[ProductRef], login: SplitUrl | None,
+                     found: Sequence[ProductRef]) -> Asked | None:
+        """Queue the last products found and finish the request (or set its next run);
+        `found`: every product of this run, queued before or now."""
+        asked = await self._queue_found(conn, request, provider, products, login)
+        if asked is None:
+            return None
+        follow = follow_settings(provider)
         limit = Query.from_json(request.search).limit if request.search else None
         full = limit is not None and \
             await queries.request_product_count(conn, request.id) >= limit
         if request.follow and not full:
-            seen = [p.seen_at for p in products if p.seen_at is not None]
+            seen = [p.seen_at for p in found if p.seen_at is not None]
             await queries.request_follow_next(
                 conn, request.id, watermark=max(seen) if seen else None,
                 interval=follow.interval)
@@ -289,6 +340,11 @@ async def settled(asked: Asked, request_id: int) -> None:
 
 class _Gone(Exception):
     """The request left the queue while it was being resolved."""
+
+
+def _key(ref: ProductRef) -> str:
+    """A product's identity within one request: its catalog id, else its URL."""
+    return ref.id or ref.url
 
 
 async def _expand_all(catalog: Catalog, request: Request, auth: Auth) -> \

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import operator
@@ -372,12 +373,16 @@ class CdseEmulator:
                  refresh_lifetime: float = 3600, max_top: int = 1000, max_skip: int = 10000,
                  max_downloads_per_user: int | None = 4, max_sessions: int = 100,
                  next_links: bool = True, next_link_on_last_page: bool = False,
-                 retry_after: str | None = None) -> None:
+                 retry_after: str | None = None, hold_pages_from: int | None = None) -> None:
         self.users = {"user@example.com": "password"} if users is None else users
         self.token_lifetime, self.refresh_lifetime = token_lifetime, refresh_lifetime
         self.max_top, self.max_skip, self.max_sessions = max_top, max_skip, max_sessions
         self.max_downloads_per_user, self.retry_after = max_downloads_per_user, retry_after
         self.next_links, self.next_link_on_last_page = next_links, next_link_on_last_page
+        self.hold_pages_from = hold_pages_from
+        """A page from this `$skip` on is answered once a download has begun (or after 10 s):
+        a client that queues products only at the end of its search waits the 10 s."""
+        self.downloading = asyncio.Event()
         self.products: dict[str, EmuProduct] = {}
         self.grants: Counter[tuple[str, str]] = Counter()
         self.active, self.peak, self.rejected = Counter[str](), Counter[str](), Counter[str]()
@@ -439,6 +444,7 @@ class CdseEmulator:
             entry["status"] = e.status
             raise
         entry["status"] = response.status
+        entry["answered"] = time.monotonic()
         return response
 
     def _params(self, q: Any) -> tuple[int, int, bool, set[str], list[dict[str, Any]]]:
@@ -473,6 +479,9 @@ class CdseEmulator:
         top, skip, count, expand, errors = self._params(q)
         if errors:
             return _json(422, {"detail": errors})
+        if self.hold_pages_from is not None and skip >= self.hold_pages_from:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.downloading.wait(), 10)
         try:
             pred = parse_filter(q.get("$filter", ""))
             matched = order([p for p in self.products.values() if pred(p)], q.get("$orderby"))
@@ -501,6 +510,7 @@ class CdseEmulator:
         return _json(200, product.to_json(expand))
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
+        self.downloading.set()
         token = (entry := request[ENTRY])["token"]
         user, expiry = self._access.get(token, ("", 0.0)) if token else ("", 0.0)
         if not user or expiry <= time.monotonic():  # guess: bodies, but "Expired signature!"

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import zipfile
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,30 @@ async def test_paging(dsn: str, settings: Settings, count: int, page: int,
     state = await summary(dsn, rid)
     assert state["products"] == count and state["status"] == "done"
     assert not [r for r in emu.requests if r.get("status") == 422]
+
+
+async def test_a_long_search_queues_its_products_while_it_pages_on(
+        dsn: str, settings: Settings) -> None:
+    emu = await CdseEmulator(users={USER: PASSWORD}, hold_pages_from=200).start()
+    try:
+        for n in range(250):
+            emu.add(s2(n, data=payload(2000)))
+        pid = await cdse_provider(dsn, emu, page_size=100)
+        rid = await search(dsn, pid, Query("SENTINEL-2"))
+        await drain(settings)
+    finally:
+        await emu.stop()
+    [last_page] = [r for r in emu.requests
+                   if r["path"].endswith("/Products") and r["query"].get("$skip") == "200"]
+    first_file = min(r["t"] for r in emu.requests if r["path"].startswith("/download/"))
+    # the products of the first pages were downloading before the last page was answered
+    assert first_file < last_page["answered"] < last_page["t"] + 5
+    assert len(files(settings)) == 250
+    state = await summary(dsn, rid)
+    assert (state["status"], state["products"], state["done"]) == ("done", 250, 250)
+    gets = Counter(r["path"] for r in emu.requests
+                   if r["path"].startswith("/download/") and r.get("status") == 200)
+    assert len(gets) == 250 and set(gets.values()) == {1}  # each product fetched once
 
 
 async def test_a_search_past_the_skip_cap_goes_on_in_time_windows(

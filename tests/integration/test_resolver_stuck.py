@@ -24,7 +24,7 @@ async def test_a_failure_that_cannot_be_recorded_does_not_spin(
     await search_request(dsn, pid, Query("c"))
     asked = [0]
 
-    async def find(self: Resolver, request: Any) -> Any:
+    async def find(self: Resolver, request: Any, queued: Any) -> Any:
         asked[0] += 1
         raise CatalogError("the catalog is broken")
 
