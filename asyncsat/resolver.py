@@ -54,6 +54,11 @@ class _Queued:
 
     keys: set[str] = field(default_factory=set)
     asked: Asked = field(default_factory=Asked)
+    """Merged; its done products' links are made once the account slot is given back."""
+    known: set[str] = field(default_factory=set)
+    """Products the request had before this resolve (loaded when it has a limit)."""
+    new: int = 0
+    """Products of `keys` the request did not have before."""
 
 
 class Resolver:
@@ -114,16 +119,21 @@ class Resolver:
         bound = log.bind(request_id=request.id)
         queued = _Queued()
         try:
-            provider, products, login = await self._find(request, queued)
+            try:
+                provider, products, login = await self._find(request, queued)
+            except Exception:
+                await settled(queued.asked, request.id)  # (what the batches queued stays)
+                raise
+            await settled(queued.asked, request.id)
             rest = [p for p in products if _key(p) not in queued.keys]
             asked = await self._store.transaction(
                 lambda conn: self._queue(conn, request, provider, rest, login, products))
             if asked is not None:
+                await settled(asked, request.id)
                 queued.asked.add(asked)
                 total = queued.asked
                 bound.info("request followed" if request.follow else "request resolved",
                            downloads=len(total.ids), provider=provider.name, **total.counts())
-                await settled(asked, request.id)
         except asyncio.CancelledError:
             raise
         except _Gone:
@@ -163,13 +173,11 @@ class Resolver:
             provider, login = await self._pattern_owner(request)
         catalog = self._catalogs.for_provider(provider)
         policy = Policy.for_provider(provider)
-        limit = None
-        if request.search is not None:
-            limit = Query.from_json(request.search).limit
-            if limit is not None and request.follow:  # the cap is on the request's total
-                limit -= await self._store.call(queries.request_product_count, request.id)
-                if limit <= 0:
-                    return provider, [], login
+        limit = Query.from_json(request.search).limit if request.search is not None else None
+        if limit is not None:  # the cap is on the request's total: what it has counts
+            queued.known = await self._store.call(queries.request_product_keys, request.id)
+            if len(queued.known) >= limit:
+                return provider, [], login
         failures = 0
         while True:
             try:
@@ -217,6 +225,7 @@ class Resolver:
         found: list[ProductRef] = []
         seen: set[str] = set()
         waiting: list[ProductRef] = []
+        new = 0  # products of this try new to the request and not queued by an earlier one
         lease = await self._take(provider.id)
         started, ok = time.monotonic(), False
         try:
@@ -230,16 +239,19 @@ class Resolver:
             async with contextlib.aclosing(stream):  # its session ends before the slot does
                 async for ref in stream:
                     key = _key(ref)
-                    if key not in seen:
-                        seen.add(key)
-                        found.append(ref)
-                        if limit is not None and len(found) >= limit:
-                            break
-                        if key not in queued.keys:
-                            waiting.append(ref)
-                            if len(waiting) >= FLUSH_EVERY:
-                                await self._flush(request, provider, login, waiting, queued)
-                                waiting = []
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    found.append(ref)
+                    if key not in queued.keys:
+                        new += key not in queued.known
+                        if limit is not None and len(queued.known) + queued.new + new >= limit:
+                            break  # (this one is queued with the rest, at the end)
+                        waiting.append(ref)
+                        if len(waiting) >= FLUSH_EVERY:
+                            await self._flush(request, provider, login, waiting, queued)
+                            new -= sum(_key(p) not in queued.known for p in waiting)
+                            waiting = []
             ok = True
         finally:
             self._metrics.catalog_request(provider.name, time.monotonic() - started, ok=ok)
@@ -254,8 +266,8 @@ class Resolver:
         if asked is None:
             raise _Gone  # cancelled (or resolved) meanwhile
         queued.keys.update(_key(p) for p in products)
+        queued.new += sum(_key(p) not in queued.known for p in products)
         queued.asked.add(asked)
-        await settled(asked, request.id)
 
     def _products(self, catalog: Catalog, request: Request, provider: Provider,
                   auth: Auth) -> AsyncGenerator[ProductRef, None]:

@@ -315,6 +315,14 @@ async def request_product_count(db: Any, request_id: int) -> int:
     return value
 
 
+async def request_product_keys(db: Any, request_id: int) -> set[str]:
+    """The products a request has already: their catalog ids, else their URLs."""
+    rows = await db.fetch(
+        "SELECT coalesce(d.product_id, d.url) AS key FROM request_download rd"
+        " JOIN download d ON d.id = rd.download_id WHERE rd.request_id = $1", request_id)
+    return {r["key"] for r in rows}
+
+
 async def next_request_due(db: Any, exclude: Sequence[int] = ()) -> float | None:
     """Seconds until the next standing request is to be searched again (None: none), but
     those in `exclude` (being searched now: their next run is set when they end)."""
