@@ -152,6 +152,7 @@ async def _serve(
                     renewing.cancel()
             # the transfers are parked: this daemon's slots are free for the others now
             await store.try_call(queries.daemon_gone, me)
+            await store.try_call(queries.request_resolved_by, me)
         except BaseExceptionGroup as group_error:
             # one side task failed and stopped the other: report the first cause
             raise group_error.exceptions[0] from None
@@ -171,6 +172,7 @@ async def _register(store: Store, settings: Settings) -> str:
     for other, pid in await store.call(queries.daemons_on_host, host, here):
         if not process_alive(pid):
             left = await store.call(queries.daemon_gone, other)
+            await store.call(queries.request_resolved_by, other)
             log.info("a daemon of this host is gone: its downloads are taken over",
                      daemon_id=other, pid=pid, downloads=left)
     me = uuid.uuid4().hex[:16]

@@ -104,7 +104,7 @@ class Engine:
         self.archive = Archive(store, self.catalogs)
         self.resolver = Resolver(store, settings, self.catalogs, self.auths, redactor,
                                  self._lease_for, self.leases.release, self.requests_changed,
-                                 metrics=self.metrics)
+                                 owner=owner, metrics=self.metrics)
         self._requests_due = True
         """Requests may wait to be resolved: looked at only then, not at every turn (a turn
         follows every transfer's end)."""
@@ -182,6 +182,9 @@ class Engine:
                     self._let_go(working)
                 continue
             renewal.renewed(sent)
+            if self.resolver.busy:
+                await self.store.try_call(queries.request_resolving_renew, self.owner,
+                                          self.settings.lease_timeout)
             await self._put_back_orphans(owned)
             for download_id in working - owned - self._ended:
                 task = self._tasks.get(download_id)
@@ -319,6 +322,9 @@ class Engine:
                     log.info("request resolved", request_id=request.id,
                              downloads=len(asked.ids), **asked.counts())
                     resolved.append((request.id, asked))
+            if by_catalog:  # (the other daemons leave them alone while this one resolves)
+                await queries.request_resolving(conn, [r.id for r in by_catalog], self.owner,
+                                                self.settings.lease_timeout)
             return len(requests)
 
         n = await self.store.transaction(batch)

@@ -68,9 +68,11 @@ class Resolver:
         self, store: Store, settings: Settings, catalogs: Catalogs, auths: Auths,
         redactor: Redactor, take: Callable[[int], Awaitable[Lease]],
         give_back: Callable[[Lease], Awaitable[None]], ended: Callable[[], None], *,
-        metrics: Recorder | None = None,
+        owner: str, metrics: Recorder | None = None,
     ) -> None:
         self._store = store
+        self._owner = owner
+        """This daemon's id: the requests it resolves are marked with it (`request.resolver`)."""
         self._settings = settings
         self._catalogs = catalogs
         self._auths = auths
@@ -153,6 +155,8 @@ class Resolver:
                 bound.exception("the request's failure could not be recorded: left for a minute")
                 self._stuck[request.id] = time.monotonic() + STUCK_PAUSE
         finally:
+            # (best effort: the mark lapses anyway when this daemon's heartbeat stops)
+            await self._store.try_call(queries.request_resolved_by, self._owner, request.id)
             self._tasks.pop(request.id, None)
             self._ended()
 
@@ -289,7 +293,7 @@ class Resolver:
                            products: Sequence[ProductRef], login: SplitUrl | None) -> \
             Asked | None:
         """Queue products of the request (None: it left the queue meanwhile)."""
-        if await queries.request_lock(conn, request.id) is None:
+        if await queries.request_lock(conn, request.id, self._owner) is None:
             return None  # cancelled or resolved meanwhile
         dest = request.dest or str(self._settings.default_dest)
         # a standing request's later runs do not revive products that failed for good
@@ -321,7 +325,7 @@ class Resolver:
         return asked
 
     async def _fail(self, conn: Any, request: Request, error: str) -> None:
-        locked = await queries.request_lock(conn, request.id)
+        locked = await queries.request_lock(conn, request.id, self._owner)
         if locked is None:
             return
         if locked.status == "following":  # a standing request stays: the next run may work

@@ -328,6 +328,11 @@ CREATE TABLE IF NOT EXISTS lease (
 CREATE INDEX IF NOT EXISTS lease_account_idx ON lease (provider_id, account, expires_at);
 CREATE INDEX IF NOT EXISTS lease_daemon_idx ON lease (daemon_id);
 
+-- the daemon resolving a request (a search or a listing, over the network) and until when:
+-- the other daemons leave it alone meanwhile; its heartbeat renews it, a dead daemon's lapses
+ALTER TABLE request ADD COLUMN IF NOT EXISTS resolver text;
+ALTER TABLE request ADD COLUMN IF NOT EXISTS resolving_until timestamptz;
+
 -- who works a running download, and until when its lease holds
 ALTER TABLE download ADD COLUMN IF NOT EXISTS owner text;
 ALTER TABLE download ADD COLUMN IF NOT EXISTS lease_expires timestamptz;

@@ -239,6 +239,7 @@ async def request_lock_queued(
         "SELECT * FROM request WHERE (status = 'queued'"
         "  OR (status = 'following' AND coalesce(next_run, now()) <= now()))"
         " AND NOT id = ANY($2::bigint[])"
+        " AND (resolving_until IS NULL OR resolving_until <= now())"  # (another daemon's)
         " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         limit, list(exclude),
     )
@@ -247,21 +248,51 @@ async def request_lock_queued(
     ]
 
 
-async def request_lock(db: Any, request_id: int) -> Request | None:
-    """Lock one request still to resolve, queued or standing (inside a transaction); None
-    when it was resolved, failed or cancelled meanwhile."""
+async def request_lock(db: Any, request_id: int, daemon_id: str) -> Request | None:
+    """Lock one request still to resolve, queued or standing, by this daemon (inside a
+    transaction); None when it was resolved, failed or cancelled meanwhile, or another
+    daemon took it over (this one was paused past its lease)."""
     r = await db.fetchrow(
-        "SELECT * FROM request WHERE id = $1 AND status IN ('queued', 'following') FOR UPDATE",
-        request_id)
+        "SELECT * FROM request WHERE id = $1 AND status IN ('queued', 'following')"
+        " AND NOT (resolver IS DISTINCT FROM $2 AND resolving_until > now()) FOR UPDATE",
+        request_id, daemon_id)
     if r is None:
         return None
     return _request(r)
 
 
-async def request_scrub(db: Any, request_id: int, urls: Sequence[str | None] | None) -> None:
-    """Forget the logins of a request that left the queue unresolved."""
+async def request_resolving(db: Any, request_ids: Sequence[int], daemon_id: str,
+                            lease_seconds: float) -> None:
+    """These requests are being resolved by this daemon (inside the transaction that picked
+    them): the other daemons leave them alone while the heartbeat renews the lease."""
     await db.execute(
-        "UPDATE request SET urls = coalesce($2, urls), login_secret = NULL WHERE id = $1",
+        "UPDATE request SET resolver = $2,"
+        " resolving_until = now() + make_interval(secs => $3) WHERE id = ANY($1::bigint[])",
+        list(request_ids), daemon_id, lease_seconds)
+
+
+async def request_resolving_renew(db: Any, daemon_id: str, lease_seconds: float) -> None:
+    """The heartbeat of the requests this daemon resolves (a statement of its own: it locks
+    no download row, so it never waits in a circle with a resolve's transaction)."""
+    await db.execute(
+        "UPDATE request SET resolving_until = now() + make_interval(secs => $2)"
+        " WHERE resolver = $1 AND resolving_until > now()", daemon_id, lease_seconds)
+
+
+async def request_resolved_by(db: Any, daemon_id: str, request_id: int | None = None) -> None:
+    """This daemon no longer resolves the request (None: any of its requests)."""
+    await db.execute(
+        "UPDATE request SET resolving_until = NULL WHERE resolver = $1"
+        " AND resolving_until IS NOT NULL AND ($2::bigint IS NULL OR id = $2)",
+        daemon_id, request_id)
+
+
+async def request_scrub(db: Any, request_id: int, urls: Sequence[str | None] | None) -> None:
+    """Forget the logins of a request that left the queue unresolved (not of one another
+    daemon took over: it still needs them)."""
+    await db.execute(
+        "UPDATE request SET urls = coalesce($2, urls), login_secret = NULL WHERE id = $1"
+        " AND status NOT IN ('queued', 'following')",
         request_id, list(urls) if urls is not None else None,
     )
 

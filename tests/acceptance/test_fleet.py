@@ -12,8 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from asyncsat.catalogs.base import Query
+from tests.cdse import CdseEmulator
 from tests.conftest import DaemonProcess
-from tests.helpers import FAST, add_provider, queue, rows, sql
+from tests.helpers import FAST, add_provider, queue, rows, search_request, sql
+from tests.integration.test_cdse import PASSWORD as CDSE_PASSWORD
+from tests.integration.test_cdse import USER as CDSE_USER
+from tests.integration.test_cdse import cdse_provider, payload, s2
 from tests.servers import FileServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -133,3 +138,40 @@ async def test_a_paused_daemon_cannot_complete_what_another_took_over(
     done = await sql(dsn, "SELECT attempts FROM download_event WHERE status = 'done'")
     assert len(done) == 1 and done[0]["attempts"] >= 2  # one completion, not the zombie's
     assert any(r["range"] for r in server.requests[1:])  # the .part was resumed
+
+
+async def test_a_search_is_searched_by_one_daemon_of_the_fleet(
+        dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    emu = await CdseEmulator(users={CDSE_USER: CDSE_PASSWORD}, hold_pages_from=10).start()
+    try:
+        for n in range(30):
+            emu.add(s2(n, data=payload(2000)))
+        pid = await cdse_provider(dsn, emu, page_size=10)
+        for i in range(3):
+            proc = DaemonProcess(dsn, tmp_path / f"home{i}", env=config(tmp_path, 10))
+            daemons.append(proc)
+            await proc.wait_for(lambda line: line["event"] == "daemon started")
+        await search_request(dsn, pid, Query("SENTINEL-2"), dest=tmp_path / "dest")
+        pages = [r for r in emu.requests if r["path"] == "/odata/v1/Products"]
+        for _ in range(200):  # the search is on: its second page waits
+            if pages:
+                break
+            await asyncio.sleep(0.05)
+            pages = [r for r in emu.requests if r["path"] == "/odata/v1/Products"]
+        for _ in range(3):  # every daemon looks at the queued requests again
+            await sql(dsn, "NOTIFY asyncsat")
+            await asyncio.sleep(0.3)
+        for _ in range(600):
+            if sum(r["status"] == "done" for r in await rows(dsn)) == 30:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the fleet did not download the 30 products")
+    finally:
+        await emu.stop()
+    firsts = [r for r in emu.requests
+              if r["path"] == "/odata/v1/Products" and "$skip" not in r["query"]]
+    assert len(firsts) == 1  # one daemon searched; the others left the request to it
+    gets = Counter(r["path"] for r in emu.requests
+                   if r["path"].startswith("/download/") and r.get("status") == 200)
+    assert len(gets) == 30 and set(gets.values()) == {1}
