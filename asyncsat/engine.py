@@ -182,9 +182,7 @@ class Engine:
                     self._let_go(working)
                 continue
             renewal.renewed(sent)
-            if self.resolver.busy:
-                await self.store.try_call(queries.request_resolving_renew, self.owner,
-                                          self.settings.lease_timeout)
+            await self._renew_requests(renewal)
             await self._put_back_orphans(owned)
             for download_id in working - owned - self._ended:
                 task = self._tasks.get(download_id)
@@ -194,6 +192,21 @@ class Engine:
                                 download_id=download_id)
                     self._lost.add(download_id)
                     task.cancel("lease lost")
+
+    async def _renew_requests(self, renewal: Renewal) -> None:
+        """Renew the marks of the requests this daemon resolves now; within the heartbeat's
+        time, and never at the cost of the heartbeat (a row locked by someone else, an
+        error: the mark is renewed at the next one, or lapses)."""
+        busy = self.resolver.resolving
+        if not busy:
+            return
+        try:
+            async with asyncio.timeout(renewal.wait(time.monotonic())):
+                await self.store.try_call(queries.request_resolving_renew, self.owner, busy,
+                                          self.settings.lease_timeout)
+        except Exception as exc:  # (TimeoutError, a deadlock, ...)
+            log.warning("the requests being resolved were not renewed",
+                        error=f"{type(exc).__name__}: {exc}", request_ids=busy)
 
     async def _put_back_orphans(self, owned: set[int]) -> None:
         """Rows this daemon owns in the database that no transfer of it works, at two
@@ -310,7 +323,7 @@ class Engine:
             by_catalog.clear()
             resolved.clear()
             requests = await queries.request_lock_queued(conn, REQUEST_BATCH,
-                                                         self.resolver.busy)
+                                                         self.resolver.busy, self.owner)
             for request in requests:
                 if intake.needs_catalog(request):
                     by_catalog.append(request)  # over the network, outside this transaction

@@ -86,6 +86,11 @@ class Resolver:
         self._stuck: dict[int, float] = {}
 
     @property
+    def resolving(self) -> list[int]:
+        """Ids of the requests being resolved now."""
+        return list(self._tasks)
+
+    @property
     def busy(self) -> list[int]:
         """Ids of the requests being resolved now, and of those whose failure could not be
         recorded lately (left alone for a minute rather than tried in a loop)."""
@@ -155,10 +160,13 @@ class Resolver:
                 bound.exception("the request's failure could not be recorded: left for a minute")
                 self._stuck[request.id] = time.monotonic() + STUCK_PAUSE
         finally:
-            # (best effort: the mark lapses anyway when this daemon's heartbeat stops)
-            await self._store.try_call(queries.request_resolved_by, self._owner, request.id)
             self._tasks.pop(request.id, None)
             self._ended()
+            # (best effort, even if cancelled meanwhile: the mark is no longer renewed and
+            # lapses anyway; this daemon's own marks never stop it)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._store.try_call(queries.request_resolved_by, self._owner,
+                                           request.id)
 
     async def _find(self, request: Request, queued: _Queued) -> \
             tuple[Provider, list[ProductRef], SplitUrl | None]:

@@ -231,17 +231,18 @@ async def request_insert(
 
 
 async def request_lock_queued(
-    db: Any, limit: int = 20, exclude: Sequence[int] = ()
+    db: Any, limit: int = 20, exclude: Sequence[int] = (), daemon_id: str | None = None,
 ) -> list[Request]:
-    """Lock requests to resolve (inside a transaction), but those in `exclude`: the queued
-    ones, and the standing ones whose next run is due."""
+    """Lock requests to resolve (inside a transaction), but those in `exclude` (this
+    daemon's, being resolved) and those another daemon resolves: the queued ones, and the
+    standing ones whose next run is due."""
     rows = await db.fetch(
         "SELECT * FROM request WHERE (status = 'queued'"
         "  OR (status = 'following' AND coalesce(next_run, now()) <= now()))"
         " AND NOT id = ANY($2::bigint[])"
-        " AND (resolving_until IS NULL OR resolving_until <= now())"  # (another daemon's)
+        " AND (coalesce(resolving_until <= now(), true) OR resolver = $3)"
         " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        limit, list(exclude),
+        limit, list(exclude), daemon_id,
     )
     return [
         _request(r) for r in rows
@@ -254,7 +255,7 @@ async def request_lock(db: Any, request_id: int, daemon_id: str) -> Request | No
     daemon took it over (this one was paused past its lease)."""
     r = await db.fetchrow(
         "SELECT * FROM request WHERE id = $1 AND status IN ('queued', 'following')"
-        " AND NOT (resolver IS DISTINCT FROM $2 AND resolving_until > now()) FOR UPDATE",
+        " AND (coalesce(resolving_until <= now(), true) OR resolver = $2) FOR UPDATE",
         request_id, daemon_id)
     if r is None:
         return None
@@ -271,12 +272,15 @@ async def request_resolving(db: Any, request_ids: Sequence[int], daemon_id: str,
         list(request_ids), daemon_id, lease_seconds)
 
 
-async def request_resolving_renew(db: Any, daemon_id: str, lease_seconds: float) -> None:
-    """The heartbeat of the requests this daemon resolves (a statement of its own: it locks
-    no download row, so it never waits in a circle with a resolve's transaction)."""
+async def request_resolving_renew(db: Any, daemon_id: str, request_ids: Sequence[int],
+                                  lease_seconds: float) -> None:
+    """The heartbeat of the requests this daemon resolves now (a statement of its own: it
+    locks no download row, so it never waits in a circle with a resolve's transaction). A
+    mark that lapsed is renewed too while no other daemon took the request."""
     await db.execute(
-        "UPDATE request SET resolving_until = now() + make_interval(secs => $2)"
-        " WHERE resolver = $1 AND resolving_until > now()", daemon_id, lease_seconds)
+        "UPDATE request SET resolving_until = now() + make_interval(secs => $3)"
+        " WHERE resolver = $1 AND id = ANY($2::bigint[])",
+        daemon_id, list(request_ids), lease_seconds)
 
 
 async def request_resolved_by(db: Any, daemon_id: str, request_id: int | None = None) -> None:
@@ -355,11 +359,16 @@ async def request_product_keys(db: Any, request_id: int) -> set[str]:
 
 
 async def next_request_due(db: Any, exclude: Sequence[int] = ()) -> float | None:
-    """Seconds until the next standing request is to be searched again (None: none), but
-    those in `exclude` (being searched now: their next run is set when they end)."""
+    """Seconds until the next standing request is to be searched again, or a queued one may
+    be taken (another daemon resolves it: when its mark lapses; another daemon's
+    transaction held it: now), None: none; but those in `exclude` (being searched here:
+    their next run is set when they end)."""
     value: float | None = await db.fetchval(
-        "SELECT extract(epoch FROM min(next_run) - now())::float8 FROM request"
-        " WHERE status = 'following' AND NOT id = ANY($1::bigint[])", list(exclude))
+        "SELECT extract(epoch FROM min(greatest("
+        "  CASE WHEN status = 'following' THEN coalesce(next_run, now()) ELSE now() END,"
+        "  CASE WHEN resolving_until > now() THEN resolving_until END)) - now())::float8"
+        " FROM request WHERE status IN ('following', 'queued')"
+        " AND NOT id = ANY($1::bigint[])", list(exclude))
     return None if value is None else max(0.0, value)
 
 

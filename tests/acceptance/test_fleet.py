@@ -175,3 +175,41 @@ async def test_a_search_is_searched_by_one_daemon_of_the_fleet(
     gets = Counter(r["path"] for r in emu.requests
                    if r["path"].startswith("/download/") and r.get("status") == 200)
     assert len(gets) == 30 and set(gets.values()) == {1}
+
+
+async def test_a_search_whose_daemon_died_is_taken_up_by_another(
+        dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    emu = await CdseEmulator(users={CDSE_USER: CDSE_PASSWORD}, hold_pages_from=10).start()
+    try:
+        for n in range(30):
+            emu.add(s2(n, data=payload(2000)))
+        pid = await cdse_provider(dsn, emu, page_size=10)
+        ids = []
+        for i in range(2):
+            proc = DaemonProcess(dsn, tmp_path / f"home{i}", env=config(tmp_path, 3))
+            daemons.append(proc)
+            ids.append((await proc.wait_for(
+                lambda line: line["event"] == "daemon started"))["daemon_id"])
+        rid = await search_request(dsn, pid, Query("SENTINEL-2"), dest=tmp_path / "dest")
+        for _ in range(200):  # the search is on, its second page held
+            marked = await sql(dsn, "SELECT resolver FROM request WHERE id = $1"
+                                    " AND resolving_until > now()", rid)
+            if marked and any(r["path"] == "/odata/v1/Products" for r in emu.requests):
+                break
+            await asyncio.sleep(0.05)
+        searching = ids.index(marked[0]["resolver"])
+        daemons[searching].signal(signal.SIGKILL)
+        daemons[searching].wait()
+        for _ in range(400):
+            if sum(r["status"] == "done" for r in await rows(dsn)) == 30:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the search was not taken up by the other daemon")
+    finally:
+        await emu.stop()
+    [request] = await sql(dsn, "SELECT resolver, status FROM request WHERE id = $1", rid)
+    assert request["resolver"] == ids[1 - searching] and request["status"] == "resolved"
+    firsts = [r for r in emu.requests
+              if r["path"] == "/odata/v1/Products" and "$skip" not in r["query"]]
+    assert len(firsts) == 2  # the dead daemon's search, then the other's, once
