@@ -3,7 +3,8 @@
 They are resolved outside the request transaction (a listing or a search may take long),
 each holding one connection slot of its provider's account, as any request sent for that
 account does. Until it is resolved the request stays `queued`: after a crash it is simply
-resolved again (a product is queued once, so nothing doubles). A long search queues its
+resolved again, by another daemon once the crashed one's mark lapses (`request.resolver`:
+one daemon resolves a request at a time; a product is queued once, so nothing doubles). A long search queues its
 products as they come, `FLUSH_EVERY` at a time, so that they download while it pages on.
 
 A standing request (`follow`) is searched again every `follow_interval` from its
