@@ -4,8 +4,9 @@ They are resolved outside the request transaction (a listing or a search may tak
 each holding one connection slot of its provider's account, as any request sent for that
 account does. Until it is resolved the request stays `queued`: after a crash it is simply
 resolved again, by another daemon once the crashed one's mark lapses (`request.resolver`:
-one daemon resolves a request at a time; a product is queued once, so nothing doubles). A long search queues its
-products as they come, `FLUSH_EVERY` at a time, so that they download while it pages on.
+one daemon resolves a request at a time; a product is queued once, so nothing doubles). A
+long search queues its products as they come, `FLUSH_EVERY` at a time, so that they
+download while it pages on.
 
 A standing request (`follow`) is searched again every `follow_interval` from its
 watermark less an overlap (late-indexed products are caught; the products already known
