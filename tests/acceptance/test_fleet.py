@@ -140,38 +140,48 @@ async def test_a_paused_daemon_cannot_complete_what_another_took_over(
     assert any(r["range"] for r in server.requests[1:])  # the .part was resumed
 
 
+async def _held_catalogue(dsn: str) -> tuple[CdseEmulator, int]:
+    """The CDSE stand-in with 30 products and its provider; the search's second page waits
+    until a download begins (10 s at most): a search stays on for a while."""
+    emu = await CdseEmulator(users={CDSE_USER: CDSE_PASSWORD}, hold_pages_from=10).start()
+    for n in range(30):
+        emu.add(s2(n, data=payload(2000)))
+    return emu, await cdse_provider(dsn, emu, page_size=10)
+
+
+async def _all_done(dsn: str, what: str) -> None:
+    for _ in range(600):
+        if sum(r["status"] == "done" for r in await rows(dsn)) == 30:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(what)
+
+
+def _first_pages(emu: CdseEmulator) -> int:
+    return sum(r["path"] == "/odata/v1/Products" and "$skip" not in r["query"]
+               for r in emu.requests)
+
+
 async def test_a_search_is_searched_by_one_daemon_of_the_fleet(
         dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
-    emu = await CdseEmulator(users={CDSE_USER: CDSE_PASSWORD}, hold_pages_from=10).start()
+    emu, pid = await _held_catalogue(dsn)
     try:
-        for n in range(30):
-            emu.add(s2(n, data=payload(2000)))
-        pid = await cdse_provider(dsn, emu, page_size=10)
         for i in range(3):
             proc = DaemonProcess(dsn, tmp_path / f"home{i}", env=config(tmp_path, 10))
             daemons.append(proc)
             await proc.wait_for(lambda line: line["event"] == "daemon started")
         await search_request(dsn, pid, Query("SENTINEL-2"), dest=tmp_path / "dest")
-        pages = [r for r in emu.requests if r["path"] == "/odata/v1/Products"]
         for _ in range(200):  # the search is on: its second page waits
-            if pages:
+            if _first_pages(emu):
                 break
             await asyncio.sleep(0.05)
-            pages = [r for r in emu.requests if r["path"] == "/odata/v1/Products"]
         for _ in range(3):  # every daemon looks at the queued requests again
             await sql(dsn, "NOTIFY asyncsat")
             await asyncio.sleep(0.3)
-        for _ in range(600):
-            if sum(r["status"] == "done" for r in await rows(dsn)) == 30:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the fleet did not download the 30 products")
+        await _all_done(dsn, "the fleet did not download the 30 products")
     finally:
         await emu.stop()
-    firsts = [r for r in emu.requests
-              if r["path"] == "/odata/v1/Products" and "$skip" not in r["query"]]
-    assert len(firsts) == 1  # one daemon searched; the others left the request to it
+    assert _first_pages(emu) == 1  # one daemon searched; the others left the request to it
     gets = Counter(r["path"] for r in emu.requests
                    if r["path"].startswith("/download/") and r.get("status") == 200)
     assert len(gets) == 30 and set(gets.values()) == {1}
@@ -179,11 +189,8 @@ async def test_a_search_is_searched_by_one_daemon_of_the_fleet(
 
 async def test_a_search_whose_daemon_died_is_taken_up_by_another(
         dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
-    emu = await CdseEmulator(users={CDSE_USER: CDSE_PASSWORD}, hold_pages_from=10).start()
+    emu, pid = await _held_catalogue(dsn)
     try:
-        for n in range(30):
-            emu.add(s2(n, data=payload(2000)))
-        pid = await cdse_provider(dsn, emu, page_size=10)
         ids = []
         for i in range(2):
             proc = DaemonProcess(dsn, tmp_path / f"home{i}", env=config(tmp_path, 3))
@@ -194,22 +201,15 @@ async def test_a_search_whose_daemon_died_is_taken_up_by_another(
         for _ in range(200):  # the search is on, its second page held
             marked = await sql(dsn, "SELECT resolver FROM request WHERE id = $1"
                                     " AND resolving_until > now()", rid)
-            if marked and any(r["path"] == "/odata/v1/Products" for r in emu.requests):
+            if marked and _first_pages(emu):
                 break
             await asyncio.sleep(0.05)
         searching = ids.index(marked[0]["resolver"])
         daemons[searching].signal(signal.SIGKILL)
         daemons[searching].wait()
-        for _ in range(400):
-            if sum(r["status"] == "done" for r in await rows(dsn)) == 30:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the search was not taken up by the other daemon")
+        await _all_done(dsn, "the search was not taken up by the other daemon")
     finally:
         await emu.stop()
     [request] = await sql(dsn, "SELECT resolver, status FROM request WHERE id = $1", rid)
     assert request["resolver"] == ids[1 - searching] and request["status"] == "resolved"
-    firsts = [r for r in emu.requests
-              if r["path"] == "/odata/v1/Products" and "$skip" not in r["query"]]
-    assert len(firsts) == 2  # the dead daemon's search, then the other's, once
+    assert _first_pages(emu) == 2  # the dead daemon's search, then the other's, once
