@@ -520,8 +520,7 @@ async def _daemon_line(conn: Any, request_id: int | None, serving: bool) -> str:
     if serving:
         live = await _live(conn)
         return "daemon: serving this database (" + "; ".join(
-            f"{d['id'][:8]} on {d['host']} pid {d['pid']}: {d['running']} running"
-            for d in live) + ")"
+            f"{d['id'][:8]} on {d['host']} pid {d['pid']}: {_doing(d)}" for d in live) + ")"
     counts = await queries.progress_totals(conn, request_id, unfinished=True)
     line = "daemon: none serves this database"
     if counts.get("running"):
@@ -632,6 +631,14 @@ async def cancel(args: argparse.Namespace, settings: Settings, redactor: Redacto
     return 0
 
 
+def _doing(d: dict[str, Any]) -> str:
+    """`3 running` / `3 running, searching request 7`: what a live daemon is doing."""
+    ids = d.get("resolving") or []
+    return f"{d['running']} running" + (
+        f", searching request{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
+        if ids else "")
+
+
 async def _live(conn: Any) -> list[dict[str, Any]]:
     """The daemons whose heartbeat is fresh, but those of this host whose process is gone
     (killed since their last heartbeat: no need to wait for their lease to lapse)."""
@@ -661,7 +668,7 @@ async def check(args: argparse.Namespace, settings: Settings, redactor: Redactor
           " it")
     for d in live:
         print(f"  daemon {d['id']} on {d['host']} (pid {d['pid']}, {d['version']}), "
-              f"{d['running']} running, heartbeat {d['heartbeat_at']:%H:%M:%S}")
+              f"{_doing(d)}, heartbeat {d['heartbeat_at']:%H:%M:%S}")
     return 0
 
 

@@ -726,11 +726,13 @@ async def heartbeat(db: Any, daemon_id: str, lease_seconds: float) -> set[int]:
 
 async def live_daemons(db: Any) -> list[dict[str, Any]]:
     """The daemons whose heartbeat is younger than their lease timeout, with what each
-    is doing (running downloads)."""
+    is doing (running downloads, requests it searches or lists)."""
     rows = await db.fetch(
         "SELECT d.id, d.host, d.pid, d.version, d.machine, d.started_at, d.heartbeat_at,"
         " (SELECT count(*) FROM download w WHERE w.owner = d.id AND w.status = 'running')"
-        "  AS running"
+        "  AS running,"
+        " array(SELECT r.id FROM request r WHERE r.resolver = d.id"
+        "  AND r.resolving_until > now() ORDER BY r.id) AS resolving"
         " FROM daemon d WHERE d.stopped_at IS NULL"
         " AND d.heartbeat_at > now() - make_interval(secs => d.lease_timeout)"
         " ORDER BY d.started_at")

@@ -14,7 +14,7 @@ import pytest
 
 from asyncsat.catalogs.base import Query
 from tests.cdse import CdseEmulator
-from tests.conftest import DaemonProcess
+from tests.conftest import DaemonProcess, cli
 from tests.helpers import FAST, add_provider, queue, rows, search_request, sql
 from tests.integration.test_cdse import PASSWORD as CDSE_PASSWORD
 from tests.integration.test_cdse import USER as CDSE_USER
@@ -170,7 +170,7 @@ async def test_a_search_is_searched_by_one_daemon_of_the_fleet(
             proc = DaemonProcess(dsn, tmp_path / f"home{i}", env=config(tmp_path, 10))
             daemons.append(proc)
             await proc.wait_for(lambda line: line["event"] == "daemon started")
-        await search_request(dsn, pid, Query("SENTINEL-2"), dest=tmp_path / "dest")
+        rid = await search_request(dsn, pid, Query("SENTINEL-2"), dest=tmp_path / "dest")
         for _ in range(200):  # the search is on: its second page waits
             if _first_pages(emu):
                 break
@@ -178,10 +178,12 @@ async def test_a_search_is_searched_by_one_daemon_of_the_fleet(
         for _ in range(3):  # every daemon looks at the queued requests again
             await sql(dsn, "NOTIFY asyncsat")
             await asyncio.sleep(0.3)
+        shown = await asyncio.to_thread(cli, "check", dsn=dsn, home=tmp_path / "cli")
         await _all_done(dsn, "the fleet did not download the 30 products")
     finally:
         await emu.stop()
     assert _first_pages(emu) == 1  # one daemon searched; the others left the request to it
+    assert shown.returncode == 0 and shown.stdout.count(f"searching request {rid}") == 1
     gets = Counter(r["path"] for r in emu.requests
                    if r["path"].startswith("/download/") and r.get("status") == 200)
     assert len(gets) == 30 and set(gets.values()) == {1}
