@@ -263,8 +263,7 @@ class Resolver:
                             break  # (this one is queued with the rest, at the end)
                         waiting.append(ref)
                         if len(waiting) >= FLUSH_EVERY:
-                            await self._flush(request, provider, login, waiting, queued)
-                            new -= sum(_key(p) not in queued.known for p in waiting)
+                            new -= await self._flush(request, provider, login, waiting, queued)
                             waiting = []
             ok = True
         finally:
@@ -273,15 +272,18 @@ class Resolver:
         return found
 
     async def _flush(self, request: Request, provider: Provider, login: SplitUrl | None,
-                     products: Sequence[ProductRef], queued: _Queued) -> None:
-        """Queue products found so far (the request stays `queued` until its end)."""
+                     products: Sequence[ProductRef], queued: _Queued) -> int:
+        """Queue products found so far (the request stays `queued` until its end); how many
+        of them the request did not have before."""
         asked = await self._store.transaction(
             lambda conn: self._queue_found(conn, request, provider, products, login))
         if asked is None:
             raise _Gone  # cancelled (or resolved) meanwhile
+        new = sum(_key(p) not in queued.known for p in products)
         queued.keys.update(_key(p) for p in products)
-        queued.new += sum(_key(p) not in queued.known for p in products)
+        queued.new += new
         queued.asked.add(asked)
+        return new
 
     def _products(self, catalog: Catalog, request: Request, provider: Provider,
                   auth: Auth) -> AsyncGenerator[ProductRef, None]:
