@@ -103,7 +103,7 @@ async def daemon(dsn: str, name: str, providers: list[int], stop_at: float,
                 hand_over=hand_over)
             if hand_over:
                 handovers.append(time.perf_counter() - began)
-            await queries.download_done(conn, download.id, fence, size=0, path="/d/x")
+            await queries.downloads_done(conn, [queries.Done(download.id, fence, 0, "/d/x")])
             claims.append(1)
             if following is not None:
                 slots.append(following)

@@ -716,9 +716,12 @@ async def heartbeat(db: Any, daemon_id: str, lease_seconds: float) -> set[int]:
         "WITH d AS (UPDATE daemon SET heartbeat_at = now() WHERE id = $1),"
         # a lease that lapsed stays lapsed: its slot may be another daemon's by now
         " l AS (UPDATE lease SET expires_at = now() + make_interval(secs => $2)"
-        "  WHERE daemon_id = $1 AND expires_at > now())"
+        "  WHERE daemon_id = $1 AND expires_at > now()),"
+        # (its rows locked in id order, as `downloads_done` locks them)
+        " r AS (SELECT id FROM download WHERE owner = $1 AND status = 'running'"
+        "  AND lease_expires > now() ORDER BY id FOR NO KEY UPDATE)"
         " UPDATE download SET lease_expires = now() + make_interval(secs => $2)"
-        " WHERE owner = $1 AND status = 'running' AND lease_expires > now() RETURNING id",
+        " WHERE id IN (SELECT id FROM r) RETURNING id",
         daemon_id, lease_seconds,
     )
     return {r["id"] for r in rows}
@@ -794,25 +797,55 @@ async def download_sealing(
     return row["owned"], following
 
 
-async def download_done(db: Any, download_id: int, fence: Fence, *, size: int,
-                        path: str) -> list[tuple[int, str]] | None:
-    """Record a download done, in one statement with the copies owed to other requests'
-    folders, (request, folder) each; None when the row is no longer this claim's. (Its
-    lease went on or back when its body was in: `download_sealing`.)"""
-    row = await db.fetchrow(
-        "WITH done AS (UPDATE download SET status = 'done', bytes_done = $2, size = $2,"
-        "  path = $3, error = NULL, failures = 0, finished_at = now(), owner = NULL"
-        "  WHERE id = $1" + _FENCED.format(o="$4", a="$5") + " RETURNING id)"
-        " SELECT EXISTS (SELECT 1 FROM done) AS done,"
-        "  array(SELECT request_id FROM request_download WHERE download_id = $1"
+@dataclass(frozen=True)
+class Done:
+    """A transfer whose file is at its final path, to record as done."""
+
+    download_id: int
+    fence: Fence
+    size: int
+    path: str
+
+
+async def downloads_done(db: Any, done: Sequence[Done]) -> list[list[tuple[int, str]] | None]:
+    """Record downloads done, in one statement with the copies owed to other requests'
+    folders: for each, (request, folder) per copy, or None when the row is no longer this
+    claim's. (Its lease went on or back when its body was in: `download_sealing`.) The
+    rows are locked in id order, as the heartbeat locks them: two statements that change
+    several rows of one daemon never wait for each other in a cycle."""
+    for tries in range(3):  # (a deadlock with a statement that locks rows out of order)
+        try:
+            return await _downloads_done(db, done)
+        except asyncpg.DeadlockDetectedError:
+            if tries == 2:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _downloads_done(db: Any, done: Sequence[Done]) -> \
+        list[list[tuple[int, str]] | None]:
+    rows = await db.fetch(
+        "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::integer[],"
+        "   $4::bigint[], $5::text[]) AS v (id, owner, attempt, size, path)),"
+        " mine AS (SELECT d.id FROM download d JOIN v ON v.id = d.id"
+        "  AND d.status = 'running' AND d.owner = v.owner AND d.attempts = v.attempt"
+        "  ORDER BY d.id FOR NO KEY UPDATE OF d),"
+        " done AS (UPDATE download d SET status = 'done', bytes_done = v.size, size = v.size,"
+        "  path = v.path, error = NULL, failures = 0, finished_at = now(), owner = NULL"
+        "  FROM v WHERE d.id = v.id AND d.id IN (SELECT id FROM mine)"
+        "  AND d.status = 'running' AND d.owner = v.owner AND d.attempts = v.attempt"
+        "  RETURNING d.id)"
+        " SELECT done.id,"
+        "  array(SELECT request_id FROM request_download WHERE download_id = done.id"
         "   AND dest IS NOT NULL ORDER BY request_id) AS requests,"
-        "  array(SELECT dest FROM request_download WHERE download_id = $1"
-        "   AND dest IS NOT NULL ORDER BY request_id) AS folders",
-        download_id, size, path, fence.owner, fence.attempt,
+        "  array(SELECT dest FROM request_download WHERE download_id = done.id"
+        "   AND dest IS NOT NULL ORDER BY request_id) AS folders"
+        " FROM done",
+        [d.download_id for d in done], [d.fence.owner for d in done],
+        [d.fence.attempt for d in done], [d.size for d in done], [d.path for d in done],
     )
-    if not row["done"]:
-        return None
-    return list(zip(row["requests"], row["folders"], strict=True))
+    owed = {r["id"]: list(zip(r["requests"], r["folders"], strict=True)) for r in rows}
+    return [owed.get(d.download_id) for d in done]
 
 
 async def download_requeue(

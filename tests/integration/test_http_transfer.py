@@ -360,14 +360,14 @@ async def test_a_stop_while_the_done_row_is_written_still_logs_done(
 
     server.add("S2B_late.nc", os.urandom(50_000))
     recording = asyncio.Event()
-    original = queries.download_done
+    original = queries.downloads_done
 
-    async def slow_done(db: Any, download_id: int, fence: Any, **kw: Any) -> Any:
+    async def slow_done(db: Any, done: Any) -> Any:
         recording.set()
         await asyncio.sleep(0.3)
-        return await original(db, download_id, fence, **kw)
+        return await original(db, done)
 
-    monkeypatch.setattr(queries, "download_done", slow_done)
+    monkeypatch.setattr(queries, "downloads_done", slow_done)
     await queue(dsn, server.url("S2B_late.nc"))
     with capture_logs() as logs:
         serving = asyncio.create_task(daemon.serve(settings, Redactor()))
