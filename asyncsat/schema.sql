@@ -383,9 +383,11 @@ CREATE TABLE IF NOT EXISTS lease_wait (
 );
 
 CREATE OR REPLACE FUNCTION asyncsat_waiting(p_provider bigint) RETURNS integer
-LANGUAGE sql STABLE AS $$
-    SELECT count(*)::int FROM lease_wait
-     WHERE provider_id = p_provider AND wanted_at > now() - interval '10 seconds'
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT count(*)::int FROM lease_wait
+             WHERE provider_id = p_provider AND wanted_at > now() - interval '10 seconds');
+END;
 $$;
 
 -- Take one slot of a provider's accounts (the least loaded with room) for `p_seconds`;
@@ -502,7 +504,7 @@ $$;
 CREATE OR REPLACE FUNCTION asyncsat_claim(
     p_daemon text, p_provider bigint, p_limit integer, p_seconds double precision,
     p_default_dest text)
-RETURNS SETOF asyncsat_claimed LANGUAGE plpgsql AS $$
+RETURNS SETOF asyncsat_claimed LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_accounts text[];
     v_caps integer[];
@@ -568,7 +570,7 @@ $$;
 CREATE OR REPLACE FUNCTION asyncsat_hand_over(
     p_daemon text, p_lease bigint, p_current bigint, p_seconds double precision,
     p_default_dest text, p_next boolean)
-RETURNS SETOF asyncsat_claimed LANGUAGE plpgsql AS $$
+RETURNS SETOF asyncsat_claimed LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_lease record;
     v_cap integer;
