@@ -379,3 +379,34 @@ async def test_a_stop_while_the_done_row_is_written_still_logs_done(
     events = [e["event"] for e in logs if e.get("download_id") == row["id"]]
     assert events[-1] == "download done", events
     assert "download queued" not in events
+
+
+async def test_files_that_end_together_are_recorded_done_together(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many small files: their `done` rows are written a few at a time, one statement for
+    the files that end within a few milliseconds of each other, and each row gets its own
+    size and path."""
+    from asyncsat.db import queries
+
+    names = [f"tile_{i:02}.nc" for i in range(40)]
+    data = {n: os.urandom(20_000 + i) for i, n in enumerate(names)}
+    for n, body in data.items():
+        server.add(n, body)
+    batches: list[int] = []
+    original = queries.downloads_done
+
+    async def counted(db: Any, done: Any) -> Any:
+        batches.append(len(done))
+        return await original(db, done)
+
+    monkeypatch.setattr(queries, "downloads_done", counted)
+    await queue(dsn, *(server.url(n) for n in names))
+    await drain(settings)
+    got = await rows(dsn)
+    assert {r["status"] for r in got} == {"done"} and len(got) == len(names)
+    for r in got:
+        assert Path(r["path"]).read_bytes() == data[Path(r["path"]).name]
+        assert r["size"] == r["bytes_done"] == len(data[Path(r["path"]).name])
+    assert sum(batches) == len(names)
+    assert len(batches) < len(names), batches
