@@ -118,8 +118,11 @@ class PartFile:
 
     def _open(self, offset: int) -> None:
         try:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # (the folder's first file: one mkdir, not one per file)
+                self.final.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
             self._lock()
             if offset > os.fstat(self._fd).st_size:  # changed since it was measured
                 self.close()

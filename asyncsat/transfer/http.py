@@ -291,7 +291,8 @@ def _target(url: str) -> yarl.URL:
     Re-quoting would turn `%2F` or `%3D` of a pre-signed query into `/` or `=` and break
     its signature. Only a URL that is not valid on the wire (non-ASCII, spaces) is quoted.
     """
-    if url.isascii() and not any(c.isspace() or not c.isprintable() for c in url):
+    if url.isascii() and url.isprintable() and " " not in url:  # (ASCII: the other
+        # white space is not printable)
         return yarl.URL(url, encoded=True)
     return yarl.URL(url)
 
