@@ -13,6 +13,8 @@ import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from asyncsat.tasks import run_to_end
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -40,6 +42,11 @@ class Batcher(Generic[T, R]):
             self._runner = asyncio.create_task(self._run(), name="batcher")
         return await future
 
+    async def aclose(self) -> None:
+        """Wait until every record handed over is written (or has failed)."""
+        while self._runner is not None:
+            await asyncio.shield(self._runner)
+
     async def _run(self) -> None:
         batch: list[tuple[T, asyncio.Future[R]]] = []
         try:
@@ -49,19 +56,36 @@ class Batcher(Generic[T, R]):
                         await asyncio.wait_for(self._full.wait(), self._window)
                 self._full.clear()
                 batch, self._pending = self._pending[:self._most], self._pending[self._most:]
-                try:
-                    results = await self._write([record for record, _ in batch])
-                    for (_, future), result in zip(batch, results, strict=True):
-                        if not future.done():
-                            future.set_result(result)
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-        except asyncio.CancelledError:  # (the loop is closing): nobody waits for ever
+                # a write under way ends even if this task is cancelled (the loop closes):
+                # what it committed is told to its callers
+                step, cancelled = await run_to_end(self._write_all(batch))
+                step.result()
+                batch = []
+                if cancelled:
+                    raise asyncio.CancelledError
+        except asyncio.CancelledError:  # nobody waits for ever on what was not written
             for _, future in batch + self._pending:
                 future.cancel()
             self._pending.clear()
             raise
         finally:
             self._runner = None
+
+    async def _write_all(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        """Write a batch; if it fails, each of its records alone, so that a record the
+        write refuses fails by itself, not with the others gathered with it."""
+        try:
+            results = await self._write([record for record, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for {len(batch)} records")
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(exc)
+                return
+            for one in batch:
+                await self._write_all([one])
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)

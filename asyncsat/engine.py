@@ -119,13 +119,13 @@ class Engine:
         self._orphans: set[int] = set()
         """Rows owned with no transfer at the last heartbeat (`_put_back_orphans`)."""
         self._requests_at = 0.0
+        """When the requests are looked at again at the latest (a safety net: a request
+        whose resolving transaction another daemon rolled back sends no NOTIFY)."""
         self._done: Batcher[queries.Done, list[tuple[int, str]] | None] = Batcher(
             lambda done: self.store.call(queries.downloads_done, done),
             window=DONE_WINDOW, most=DONE_MOST)
         """Files at their final path, recorded done together (one statement for the files
         that end within `DONE_WINDOW` of each other)."""
-        """When the requests are looked at again at the latest (a safety net: a request
-        whose resolving transaction another daemon rolled back sends no NOTIFY)."""
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -295,6 +295,7 @@ class Engine:
                 await wait_any(self.wake, stop, timeout=timeout)
         finally:
             await self._stop_transfers()
+            await self._done.aclose()
             await self.catalogs.aclose()
             await self.auths.aclose()
 
@@ -516,8 +517,15 @@ class Engine:
             await _to_the_end(self.leases.release(lease, d.id))
 
     async def _record_done(self, d: Download, outcome: Outcome, bound: Any) -> None:
-        owed = await self._done.put(queries.Done(d.id, self._fence(d), outcome.size,
-                                                 str(outcome.path)))
+        try:
+            owed = await self._done.put(queries.Done(d.id, self._fence(d), outcome.size,
+                                                     str(outcome.path)))
+        except Exception as exc:  # the row stays running, owned by no transfer: it goes
+            # back to the queue, and its next attempt finds the file and verifies it
+            bound.error("download done but not recorded: it is looked at again",
+                        error=_one_line(self.redactor(f"{type(exc).__name__}: {exc}")),
+                        path=str(outcome.path))
+            return
         if owed is None:
             bound.warning("lease lost after the file was sealed: the daemon that took it over "
                           "verifies it again", path=str(outcome.path))

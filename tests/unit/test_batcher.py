@@ -10,20 +10,21 @@ from asyncsat.batcher import Batcher
 
 
 class _Writes:
-    """A write that records each batch it is given; `gate` holds it while cleared."""
+    """A write that records each batch it is given, refuses any batch holding a record of
+    `refuse`, and is held while `gate` is cleared."""
 
-    def __init__(self, fail_first: bool = False) -> None:
+    def __init__(self, refuse: frozenset[int] = frozenset()) -> None:
         self.batches: list[list[int]] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.started = asyncio.Event()
-        self._fail_first = fail_first
+        self._refuse = refuse
 
     async def __call__(self, records: list[int]) -> list[int]:
         self.batches.append(records)
         self.started.set()
         await self.gate.wait()
-        if self._fail_first and len(self.batches) == 1:
+        if self._refuse & set(records):
             raise RuntimeError("the database said no")
         return [r * 10 for r in records]
 
@@ -58,19 +59,56 @@ async def test_records_put_while_a_write_runs_go_in_the_next_one() -> None:
     assert writes.batches == [[1], [2, 3, 4]]
 
 
-async def test_a_failed_write_fails_each_of_its_callers_and_the_next_batch_goes_on() -> None:
-    writes = _Writes(fail_first=True)
-    writes.gate.clear()
-    batcher = Batcher(writes, window=0.01, most=100)
-    failing = [asyncio.ensure_future(batcher.put(i)) for i in (1, 2)]
-    await asyncio.wait_for(writes.started.wait(), 5)
-    after = asyncio.ensure_future(batcher.put(3))
-    writes.gate.set()
-    for caller in failing:
+async def test_a_record_the_write_refuses_fails_alone() -> None:
+    """A batch that fails is written again one record at a time: only the record the
+    write refuses fails (one bad row must not fail the files that ended with it)."""
+    writes = _Writes(refuse=frozenset({2}))
+    batcher = Batcher(writes, window=0.05, most=100)
+    callers = [asyncio.ensure_future(batcher.put(i)) for i in (1, 2, 3)]
+    done = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+    assert done[0] == 10 and done[2] == 30
+    assert isinstance(done[1], RuntimeError) and "said no" in str(done[1])
+    assert writes.batches == [[1, 2, 3], [1], [2], [3]]
+
+
+async def test_a_write_that_always_fails_fails_every_caller() -> None:
+    writes = _Writes(refuse=frozenset({1, 2}))
+    batcher = Batcher(writes, window=0.05, most=100)
+    callers = [asyncio.ensure_future(batcher.put(i)) for i in (1, 2)]
+    for caller in callers:
         with pytest.raises(RuntimeError, match="the database said no"):
             await asyncio.wait_for(caller, 5)
-    assert await asyncio.wait_for(after, 5) == 30
-    assert writes.batches == [[1, 2], [3]]
+    assert await asyncio.wait_for(batcher.put(4), 5) == 40  # the next batch goes on
+
+
+async def test_a_write_under_way_when_the_loop_closes_tells_its_callers() -> None:
+    """The loop closing cancels the writer mid-write: what that write commits is still
+    told to its callers, and a record not yet written is cancelled, not left waiting."""
+    writes = _Writes()
+    writes.gate.clear()
+    batcher = Batcher(writes, window=0.01, most=2)
+    first = [asyncio.ensure_future(batcher.put(i)) for i in (1, 2)]
+    await asyncio.wait_for(writes.started.wait(), 5)
+    queued = asyncio.ensure_future(batcher.put(3))
+    await asyncio.sleep(0)
+    runner = batcher._runner
+    assert runner is not None
+    runner.cancel()
+    await asyncio.sleep(0.02)
+    writes.gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*first), 5) == [10, 20]
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(queued, 5)
+    assert writes.batches == [[1, 2]]
+
+
+async def test_aclose_waits_for_every_record_handed_over() -> None:
+    writes = _Writes()
+    batcher = Batcher(writes, window=0.05, most=100)
+    callers = [asyncio.ensure_future(batcher.put(i)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    await asyncio.wait_for(batcher.aclose(), 5)
+    assert writes.batches == [[1, 2]] and all(c.done() for c in callers)
 
 
 async def test_a_cancelled_caller_does_not_take_its_record_back() -> None:
