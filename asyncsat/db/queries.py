@@ -716,12 +716,9 @@ async def heartbeat(db: Any, daemon_id: str, lease_seconds: float) -> set[int]:
         "WITH d AS (UPDATE daemon SET heartbeat_at = now() WHERE id = $1),"
         # a lease that lapsed stays lapsed: its slot may be another daemon's by now
         " l AS (UPDATE lease SET expires_at = now() + make_interval(secs => $2)"
-        "  WHERE daemon_id = $1 AND expires_at > now()),"
-        # (its rows locked in id order, as `downloads_done` locks them)
-        " r AS (SELECT id FROM download WHERE owner = $1 AND status = 'running'"
-        "  AND lease_expires > now() ORDER BY id FOR NO KEY UPDATE)"
+        "  WHERE daemon_id = $1 AND expires_at > now())"
         " UPDATE download SET lease_expires = now() + make_interval(secs => $2)"
-        " WHERE id IN (SELECT id FROM r) RETURNING id",
+        " WHERE owner = $1 AND status = 'running' AND lease_expires > now() RETURNING id",
         daemon_id, lease_seconds,
     )
     return {r["id"] for r in rows}
@@ -808,44 +805,54 @@ class Done:
 
 
 async def downloads_done(db: Any, done: Sequence[Done]) -> list[list[tuple[int, str]] | None]:
-    """Record downloads done, in one statement with the copies owed to other requests'
-    folders: for each, (request, folder) per copy, or None when the row is no longer this
-    claim's. (Its lease went on or back when its body was in: `download_sealing`.) The
-    rows are locked in id order, as the heartbeat locks them: two statements that change
-    several rows of one daemon never wait for each other in a cycle."""
-    for tries in range(3):  # (a deadlock with a statement that locks rows out of order)
-        try:
-            return await _downloads_done(db, done)
-        except asyncpg.DeadlockDetectedError:
-            if tries == 2:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    """Record downloads done, with the copies owed to other requests' folders: for each,
+    (request, folder) per copy, or None when the row is no longer this claim's. (Its lease
+    went on or back when its body was in: `download_sealing`.)
+
+    One statement for the rows nobody else holds now; a row another transaction holds (a
+    heartbeat, a resolve that asks for its product again, a user's command) is then
+    written alone, waiting for it. A statement that waited for one row while holding others
+    could close a cycle with a statement that locks several rows in another order: with at
+    most one lock held while waiting, there is none.
+    """
+    recorded = await _downloads_done(db, done, skip_locked=True)
+    for d in done:
+        if d.download_id not in recorded:
+            recorded.update(await _downloads_done(db, [d], skip_locked=False))
+    return [recorded.get(d.download_id) for d in done]
 
 
-async def _downloads_done(db: Any, done: Sequence[Done]) -> \
-        list[list[tuple[int, str]] | None]:
+async def _downloads_done(db: Any, done: Sequence[Done], *, skip_locked: bool) -> \
+        dict[int, list[tuple[int, str]]]:
+    """{download id: copies owed} of the rows recorded done. A row already done by this very
+    attempt counts too: this statement again, after a lost answer to its commit."""
     rows = await db.fetch(
         "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::integer[],"
         "   $4::bigint[], $5::text[]) AS v (id, owner, attempt, size, path)),"
+        # (`d.id = ANY`: the rows are found by their key, also with a generic plan)
         " mine AS (SELECT d.id FROM download d JOIN v ON v.id = d.id"
+        "  AND d.id = ANY($1::bigint[])"
         "  AND d.status = 'running' AND d.owner = v.owner AND d.attempts = v.attempt"
-        "  ORDER BY d.id FOR NO KEY UPDATE OF d),"
+        "  FOR NO KEY UPDATE OF d" + (" SKIP LOCKED" if skip_locked else "") + "),"
         " done AS (UPDATE download d SET status = 'done', bytes_done = v.size, size = v.size,"
         "  path = v.path, error = NULL, failures = 0, finished_at = now(), owner = NULL"
         "  FROM v WHERE d.id = v.id AND d.id IN (SELECT id FROM mine)"
         "  AND d.status = 'running' AND d.owner = v.owner AND d.attempts = v.attempt"
-        "  RETURNING d.id)"
-        " SELECT done.id,"
-        "  array(SELECT request_id FROM request_download WHERE download_id = done.id"
+        "  RETURNING d.id),"
+        # (an attempt's number is its claim's: only that claim's owner can have ended it)
+        " before AS (SELECT d.id FROM download d JOIN v ON v.id = d.id"
+        "  AND d.id = ANY($1::bigint[])"
+        "  AND d.status = 'done' AND d.attempts = v.attempt AND d.path = v.path)"
+        " SELECT x.id,"
+        "  array(SELECT request_id FROM request_download WHERE download_id = x.id"
         "   AND dest IS NOT NULL ORDER BY request_id) AS requests,"
-        "  array(SELECT dest FROM request_download WHERE download_id = done.id"
+        "  array(SELECT dest FROM request_download WHERE download_id = x.id"
         "   AND dest IS NOT NULL ORDER BY request_id) AS folders"
-        " FROM done",
+        " FROM (SELECT id FROM done UNION ALL SELECT id FROM before) x",
         [d.download_id for d in done], [d.fence.owner for d in done],
         [d.fence.attempt for d in done], [d.size for d in done], [d.path for d in done],
     )
-    owed = {r["id"]: list(zip(r["requests"], r["folders"], strict=True)) for r in rows}
-    return [owed.get(d.download_id) for d in done]
+    return {r["id"]: list(zip(r["requests"], r["folders"], strict=True)) for r in rows}
 
 
 async def download_requeue(

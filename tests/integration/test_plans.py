@@ -221,8 +221,8 @@ async def test_the_claim_reads_its_due_rows_by_index(ex: Explained) -> None:
     daemon = uuid.uuid4().hex
     await queries.daemon_register(ex.conn, daemon, host="h", pid=1, version="t",
                                   lease_timeout=30)
-    # a PL/pgSQL function plans its statements for the values of its first calls, then
-    # may keep a generic plan: both must use the index
+    # the claim runs its statements with generic plans (its own SET plan_cache_mode),
+    # whatever the session asks for: the index answers either way
     for mode in ("force_custom_plan", "force_generic_plan"):
         await ex.conn.execute(f"SET plan_cache_mode = {mode}")
         for provider, was, index in ((2, "queued", "download_due_idx"),
@@ -259,3 +259,25 @@ async def test_the_dispatcher_wait_probe_skips_the_offline_rows(ex: Explained) -
     removed = sum(n.get("Rows Removed by Filter", 0) * n.get("Actual Loops", 1)
                   for p in plans for n in _nodes_on(p["Plan"], "download"))
     assert removed <= 10
+
+
+async def test_the_done_write_reads_its_rows_by_key(ex: Explained) -> None:
+    """50 files recorded done in one statement, again and again (a prepared statement goes
+    to a generic plan after its fifth run): each time by the rows' key, a few reads per
+    row (the locked pass, the look for a lost answer, the history row's key check)."""
+    running = [r["id"] for r in await ex.conn.fetch(
+        "SELECT id FROM download WHERE status = 'running' ORDER BY id LIMIT 50")]
+    done = [queries.Done(i, queries.Fence("gone", 0), 1000, f"/d/p1/f{i}") for i in running]
+    for _ in range(8):
+        with contextlib.suppress(_Rollback):
+            async with ex.conn.transaction():
+                owed, plans = await ex.run(queries.downloads_done(ex.conn, done))
+                assert all(o is not None for o in owed)
+                _no_seq_scan(plans)
+                # every read of download is by the row's key (alone, or with its status)
+                reads = [n for p in plans for n in _nodes_on(p["Plan"], "download")
+                         if n["Node Type"] != "ModifyTable"]
+                assert reads and all("(id = " in n.get("Index Cond", "") for n in reads), \
+                    [(n["Node Type"], n.get("Index Cond")) for n in reads]
+                assert _examined(plans) <= 6 * len(done), _examined(plans)
+                raise _Rollback
