@@ -277,20 +277,30 @@ CREATE OR REPLACE TRIGGER provider_notify AFTER INSERT OR UPDATE OR DELETE ON pr
 -- way `asyncsat` wakes the daemon. The payload is JSON (NOTIFY payloads stay under 8000
 -- bytes: no URL, which may be a long pre-signed one).
 CREATE OR REPLACE FUNCTION asyncsat_notify_done() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids bigint[];
+    v_payload text;
 BEGIN
     IF NEW.status = 'done' AND (TG_OP = 'INSERT' OR OLD.status IS DISTINCT FROM 'done') THEN
-        PERFORM pg_notify('asyncsat_done', json_build_object(
+        -- (a product that hundreds of requests asked for: the first 200 of them, and
+        -- "request_ids_truncated": true; all of them would not fit the payload, and the
+        -- row could never be recorded done)
+        v_ids := ARRAY(SELECT request_id FROM request_download WHERE download_id = NEW.id
+                        ORDER BY request_id LIMIT 201);
+        v_payload := json_build_object(
             'download_id', NEW.id,
             'request_id', NEW.request_id,
-            'request_ids', coalesce((SELECT json_agg(request_id ORDER BY request_id)
-                                     FROM request_download WHERE download_id = NEW.id),
-                                    '[]'::json),
+            'request_ids', to_json(v_ids[1:200]),
             'provider', (SELECT name FROM provider WHERE id = NEW.provider_id),
             'name', NEW.name,
             'path', NEW.path,
             'size', NEW.size,
             'checksum', CASE WHEN NEW.checksum_algo IS NOT NULL
-                        THEN NEW.checksum_algo || ':' || NEW.checksum_value END)::text);
+                        THEN NEW.checksum_algo || ':' || NEW.checksum_value END)::text;
+        IF cardinality(v_ids) > 200 THEN
+            v_payload := (v_payload::jsonb || '{"request_ids_truncated": true}')::text;
+        END IF;
+        PERFORM pg_notify('asyncsat_done', v_payload);
     END IF;
     RETURN NULL;
 END;

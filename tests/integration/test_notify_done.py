@@ -15,7 +15,7 @@ from typing import Any
 
 from asyncsat.config import Settings
 from asyncsat.db.pool import connect
-from tests.helpers import drain, queue, rows, sql
+from tests.helpers import add_provider, drain, queue, rows, sql
 from tests.servers import FileServer
 
 README = Path(__file__).parents[2] / "README.md"
@@ -97,3 +97,41 @@ async def test_the_readme_listener_receives_done_products(server: FileServer, ds
     [row] = await rows(dsn)
     path = settings.default_dest / f"127.0.0.1_{server.port}" / "for_the_app.nc"
     assert line.split() == [str(row["id"]), str(path), str(len(data))]
+
+
+async def test_a_product_that_many_requests_asked_for_is_done_and_announced(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    """1,500 requests ask for one product: all their ids would not fit a NOTIFY payload
+    (8000 bytes), and the row could never be recorded done. The payload names the first
+    200 and says the list is cut; the product is done."""
+    data = os.urandom(10_000)
+    server.add("popular.nc", data)
+    await add_provider(dsn, "hub", server.base)
+    # the requests and their one download, as 1,500 resolved requests leave them
+    [made] = await sql(
+        dsn, "WITH r AS (INSERT INTO request (urls, status) SELECT ARRAY[$1], 'resolved'"
+             "  FROM generate_series(1, 1500) RETURNING id),"
+             " d AS (INSERT INTO download (request_id, provider_id, url)"
+             "  SELECT min(r.id), (SELECT id FROM provider), $1 FROM r RETURNING id),"
+             " l AS (INSERT INTO request_download (request_id, download_id)"
+             "  SELECT r.id, d.id FROM r, d)"
+             " SELECT min(r.id) AS first FROM r", server.url("popular.nc"))
+    first = made["first"]
+    received: list[dict[str, Any]] = []
+    conn = await connect(dsn)
+    try:
+        await conn.add_listener("asyncsat_done",
+                                lambda *args: received.append(json.loads(args[-1])))
+        await drain(settings)
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    [row] = await rows(dsn)
+    assert row["status"] == "done", row["error"]
+    assert Path(row["path"]).read_bytes() == data
+    [payload] = received
+    assert payload["download_id"] == row["id"] and payload["request_id"] == first
+    assert len(payload["request_ids"]) == 200 and payload["request_ids"][0] == first
+    assert payload["request_ids_truncated"] is True
