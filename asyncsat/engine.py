@@ -23,6 +23,7 @@ from asyncsat.batcher import Batcher
 from asyncsat.catalogs.registry import Catalogs
 from asyncsat.config import Settings
 from asyncsat.db import queries
+from asyncsat.db.pool import CONFLICT_ERRORS
 from asyncsat.db.queries import Fence
 from asyncsat.db.store import Store
 from asyncsat.errors import (
@@ -371,6 +372,8 @@ class Engine:
         except DatabaseError:
             raise
         except Exception as exc:
+            if isinstance(exc, CONFLICT_ERRORS):  # (a deadlock: the batch runs again)
+                raise
             log.exception("request could not be resolved", request_id=request.id)
             error = _one_line(self.redactor(f"cannot queue this request: {exc}"))
             return await intake.fail(conn, request, error)

@@ -24,6 +24,11 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
     TimeoutError,
 )
+CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+"""A transaction PostgreSQL aborted for the others' sake: run again, it goes through."""
 
 
 def schema_sql() -> str:

@@ -9,12 +9,13 @@ import structlog
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
+    stop_after_attempt,
     stop_after_delay,
     wait_exponential,
     wait_random,
 )
 
-from asyncsat.db.pool import CONNECTION_ERRORS
+from asyncsat.db.pool import CONFLICT_ERRORS, CONNECTION_ERRORS
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -47,11 +48,19 @@ class Store:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """Run `fn(connection)` in one transaction, again from the start after a lost connection."""
+        """Run `fn(connection)` in one transaction, again from the start after a lost
+        connection or a deadlock (PostgreSQL aborts one of the transactions in a cycle of
+        row locks: a resolve that asks for a running product again, and a heartbeat)."""
 
         async def run(pool: Any) -> T:
-            async with pool.acquire() as conn, conn.transaction():
-                return await fn(conn)
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(CONFLICT_ERRORS),
+                wait=wait_random(0.01, 0.2), stop=stop_after_attempt(5), reraise=True,
+            ):
+                with attempt:
+                    async with pool.acquire() as conn, conn.transaction():
+                        return await fn(conn)
+            raise AssertionError("unreachable")  # pragma: no cover
 
         return await self.call(run)
 
