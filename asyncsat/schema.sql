@@ -629,6 +629,56 @@ BEGIN
 END;
 $$;
 
+-- Files at their final path recorded done, several in one statement (the daemon gathers
+-- the files that end within a few milliseconds: one commit for them). A row is written only
+-- while it is still its claim's (status running, owner and attempt). Rows another
+-- transaction holds are skipped, never waited for while others are held (a cycle with a
+-- statement that locks several rows in another order would be a deadlock); the daemon then
+-- records each alone with `p_wait`, which waits for that one row. A row this very attempt
+-- already ended counts as recorded: the same call again, after its answer was lost. Returns
+-- each row recorded, with the copies owed to other requests' folders.
+CREATE OR REPLACE FUNCTION asyncsat_done(
+    p_ids bigint[], p_owners text[], p_attempts integer[], p_sizes bigint[], p_paths text[],
+    p_wait boolean)
+RETURNS TABLE (done_id bigint, owed_requests bigint[], owed_folders text[])
+-- (generic plans: with its arrays a custom plan looked cheaper, and planning it again at
+-- every call cost twice the statement)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+BEGIN
+    IF p_wait THEN
+        PERFORM 1 FROM download WHERE id = ANY(p_ids) FOR NO KEY UPDATE;
+    END IF;
+    RETURN QUERY
+        WITH v AS (SELECT * FROM unnest(p_ids, p_owners, p_attempts, p_sizes, p_paths)
+                                 AS v (id, owner, attempt, size, path)),
+        mine AS (SELECT d.id FROM download d JOIN v ON v.id = d.id
+                    AND d.id = ANY(p_ids) AND d.status = 'running' AND d.owner = v.owner
+                    AND d.attempts = v.attempt
+                  FOR NO KEY UPDATE OF d SKIP LOCKED),  -- (not the rows locked just above)
+        done AS (UPDATE download d SET status = 'done', bytes_done = v.size, size = v.size,
+                        path = v.path, error = NULL, failures = 0, finished_at = now(),
+                        owner = NULL
+                   FROM v WHERE d.id = v.id AND d.id IN (SELECT id FROM mine)
+                    AND d.status = 'running' AND d.owner = v.owner AND d.attempts = v.attempt
+                 RETURNING d.id),
+        -- (an attempt's number is its claim's: only that claim's owner can have ended it)
+        -- (one key lookup per record, whatever the statistics say of the rows done: they
+        -- are most of the table, and a plan built when there were few would hash them all)
+        before AS (SELECT v.id FROM v, LATERAL (
+                      SELECT d.status, d.attempts, d.path FROM download d WHERE d.id = v.id
+                      OFFSET 0) d
+                    WHERE d.status = 'done' AND d.attempts = v.attempt AND d.path = v.path)
+        SELECT x.id,
+               array(SELECT rd.request_id FROM request_download rd
+                      WHERE rd.download_id = x.id AND rd.dest IS NOT NULL
+                      ORDER BY rd.request_id),
+               array(SELECT rd.dest FROM request_download rd
+                      WHERE rd.download_id = x.id AND rd.dest IS NOT NULL
+                      ORDER BY rd.request_id)
+          FROM (SELECT id FROM done UNION ALL SELECT id FROM before) x;
+END;
+$$;
+
 -- A slot freed (a lease ended) wakes the daemons waiting for one.
 CREATE OR REPLACE FUNCTION asyncsat_lease_freed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -809,50 +809,27 @@ async def downloads_done(db: Any, done: Sequence[Done]) -> list[list[tuple[int, 
     (request, folder) per copy, or None when the row is no longer this claim's. (Its lease
     went on or back when its body was in: `download_sealing`.)
 
-    One statement for the rows nobody else holds now; a row another transaction holds (a
-    heartbeat, a resolve that asks for its product again, a user's command) is then
-    written alone, waiting for it. A statement that waited for one row while holding others
-    could close a cycle with a statement that locks several rows in another order: with at
-    most one lock held while waiting, there is none.
+    One statement (`asyncsat_done`) for the rows nobody else holds now; a row another
+    transaction holds (a heartbeat, a resolve that asks for its product again, a user's
+    command) is then written alone, waiting for it: never one row waited for while others
+    are held, so no cycle of row locks (a deadlock) can form.
     """
-    recorded = await _downloads_done(db, done, skip_locked=True)
+    recorded = await _downloads_done(db, done, wait=False)
     for d in done:
         if d.download_id not in recorded:
-            recorded.update(await _downloads_done(db, [d], skip_locked=False))
+            recorded.update(await _downloads_done(db, [d], wait=True))
     return [recorded.get(d.download_id) for d in done]
 
 
-async def _downloads_done(db: Any, done: Sequence[Done], *, skip_locked: bool) -> \
+async def _downloads_done(db: Any, done: Sequence[Done], *, wait: bool) -> \
         dict[int, list[tuple[int, str]]]:
-    """{download id: copies owed} of the rows recorded done. A row already done by this very
-    attempt counts too: this statement again, after a lost answer to its commit."""
     rows = await db.fetch(
-        "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::integer[],"
-        "   $4::bigint[], $5::text[]) AS v (id, owner, attempt, size, path)),"
-        # (`d.id = ANY`: the rows are found by their key, also with a generic plan)
-        " mine AS (SELECT d.id FROM download d JOIN v ON v.id = d.id"
-        "  AND d.id = ANY($1::bigint[])"
-        "  AND d.status = 'running' AND d.owner = v.owner AND d.attempts = v.attempt"
-        "  FOR NO KEY UPDATE OF d" + (" SKIP LOCKED" if skip_locked else "") + "),"
-        " done AS (UPDATE download d SET status = 'done', bytes_done = v.size, size = v.size,"
-        "  path = v.path, error = NULL, failures = 0, finished_at = now(), owner = NULL"
-        "  FROM v WHERE d.id = v.id AND d.id IN (SELECT id FROM mine)"
-        "  AND d.status = 'running' AND d.owner = v.owner AND d.attempts = v.attempt"
-        "  RETURNING d.id),"
-        # (an attempt's number is its claim's: only that claim's owner can have ended it)
-        " before AS (SELECT d.id FROM download d JOIN v ON v.id = d.id"
-        "  AND d.id = ANY($1::bigint[])"
-        "  AND d.status = 'done' AND d.attempts = v.attempt AND d.path = v.path)"
-        " SELECT x.id,"
-        "  array(SELECT request_id FROM request_download WHERE download_id = x.id"
-        "   AND dest IS NOT NULL ORDER BY request_id) AS requests,"
-        "  array(SELECT dest FROM request_download WHERE download_id = x.id"
-        "   AND dest IS NOT NULL ORDER BY request_id) AS folders"
-        " FROM (SELECT id FROM done UNION ALL SELECT id FROM before) x",
+        "SELECT * FROM asyncsat_done($1, $2, $3, $4, $5, $6)",
         [d.download_id for d in done], [d.fence.owner for d in done],
-        [d.fence.attempt for d in done], [d.size for d in done], [d.path for d in done],
+        [d.fence.attempt for d in done], [d.size for d in done], [d.path for d in done], wait,
     )
-    return {r["id"]: list(zip(r["requests"], r["folders"], strict=True)) for r in rows}
+    return {r["done_id"]: list(zip(r["owed_requests"], r["owed_folders"], strict=True))
+            for r in rows}
 
 
 async def download_requeue(
