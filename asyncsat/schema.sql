@@ -634,7 +634,8 @@ $$;
 -- while it is still its claim's (status running, owner and attempt). Rows another
 -- transaction holds are skipped, never waited for while others are held (a cycle with a
 -- statement that locks several rows in another order would be a deadlock); the daemon then
--- records each alone with `p_wait`, which waits for that one row. A row this very attempt
+-- records each alone with `p_wait`, which waits for that one row (5 s at most: a row held
+-- longer fails with lock_not_available, and the daemon looks at it again). A row this attempt
 -- already ended counts as recorded: the same call again, after its answer was lost. Returns
 -- each row recorded, with the copies owed to other requests' folders.
 CREATE OR REPLACE FUNCTION asyncsat_done(
@@ -645,8 +646,9 @@ RETURNS TABLE (done_id bigint, owed_requests bigint[], owed_folders text[])
 -- every call cost twice the statement)
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
-    IF p_wait THEN
-        PERFORM 1 FROM download WHERE id = ANY(p_ids) FOR NO KEY UPDATE;
+    IF p_wait THEN  -- (one record: found by its key whatever the statistics)
+        PERFORM set_config('lock_timeout', '5s', true);
+        PERFORM 1 FROM download WHERE id = p_ids[1] FOR NO KEY UPDATE;
     END IF;
     RETURN QUERY
         WITH v AS (SELECT * FROM unnest(p_ids, p_owners, p_attempts, p_sizes, p_paths)
@@ -661,7 +663,9 @@ BEGIN
                    FROM v WHERE d.id = v.id AND d.id IN (SELECT id FROM mine)
                     AND d.status = 'running' AND d.owner = v.owner AND d.attempts = v.attempt
                  RETURNING d.id),
-        -- (an attempt's number is its claim's: only that claim's owner can have ended it)
+        -- (only the claim that sealed the file can have ended the row done with this
+        -- attempt number; a look at an offline product gives its number back to the next
+        -- claim, but never ends done)
         -- (one key lookup per record, whatever the statistics say of the rows done: they
         -- are most of the table, and a plan built when there were few would hash them all)
         before AS (SELECT v.id FROM v, LATERAL (

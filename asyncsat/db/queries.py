@@ -812,12 +812,20 @@ async def downloads_done(db: Any, done: Sequence[Done]) -> list[list[tuple[int, 
     One statement (`asyncsat_done`) for the rows nobody else holds now; a row another
     transaction holds (a heartbeat, a resolve that asks for its product again, a user's
     command) is then written alone, waiting for it: never one row waited for while others
-    are held, so no cycle of row locks (a deadlock) can form.
+    are held, so no cycle of row locks (a deadlock) can form. A row held for more than 5 s
+    raises `LockNotAvailableError` once the others are written.
     """
     recorded = await _downloads_done(db, done, wait=False)
+    held: asyncpg.LockNotAvailableError | None = None
     for d in done:
         if d.download_id not in recorded:
-            recorded.update(await _downloads_done(db, [d], wait=True))
+            try:
+                recorded.update(await _downloads_done(db, [d], wait=True))
+            except asyncpg.LockNotAvailableError as exc:  # (held for over 5 s)
+                held = exc
+    if held is not None:  # not known yet, not lost: the caller writes them again, each
+        # alone, and the rows recorded already are found done by their attempt
+        raise held
     return [recorded.get(d.download_id) for d in done]
 
 

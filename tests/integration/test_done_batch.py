@@ -114,3 +114,29 @@ async def test_the_same_records_again_after_a_lost_answer_count_as_recorded(dsn:
         await conn.close()
     assert again[0] == first[0] and again[0]
     assert again[1] is None
+
+
+async def test_a_row_held_for_long_fails_its_record_after_the_others_are_written(
+        dsn: str) -> None:
+    """A row some transaction holds for over 5 s (an open psql session): the others are
+    recorded, the call then raises LockNotAvailableError (not None: the row is not lost),
+    and the same records again, once it is let go, are all recorded."""
+    import asyncpg
+
+    ids = await _running(dsn, 2)
+    holder = await connect(dsn)
+    writer = await connect(dsn)
+    try:
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("SELECT 1 FROM download WHERE id = $1 FOR UPDATE", ids[0])
+        with pytest.raises(asyncpg.LockNotAvailableError):
+            await asyncio.wait_for(queries.downloads_done(writer, _done(ids)), 30)
+        assert await _statuses(dsn) == {ids[0]: "running", ids[1]: "done"}
+        await holding.rollback()
+        owed = await asyncio.wait_for(queries.downloads_done(writer, _done(ids)), 10)
+    finally:
+        await holder.close()
+        await writer.close()
+    assert all(o is not None for o in owed)
+    assert set((await _statuses(dsn)).values()) == {"done"}
