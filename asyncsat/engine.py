@@ -100,6 +100,9 @@ class Engine:
         self._lost: set[int] = set()
         self._ended: set[int] = set()
         """Transfers whose outcome is recorded (their row is no longer `running`)."""
+        self._recording: set[int] = set()
+        """Transfers whose file is at its final path, being recorded done (a heartbeat that
+        commits meanwhile no longer finds them owned: no lease lost)."""
         self._running: dict[int, Download] = {}
         self.accounts = Accounts(redactor)
         self.slot_freed = asyncio.Event()
@@ -179,7 +182,8 @@ class Engine:
                 return
             # only the transfers claimed before this heartbeat: a claim committed while it
             # runs is not in its answer
-            working = {i for i in self._tasks if i not in self._ended}
+            working = {i for i in self._tasks
+                       if i not in self._ended and i not in self._recording}
             sent = time.monotonic()
             try:
                 async with asyncio.timeout(renewal.wait(sent)):
@@ -330,10 +334,14 @@ class Engine:
 
         by_catalog: list[Request] = []
         resolved: list[tuple[int, intake.Asked]] = []
+        failed: list[tuple[int, str | None]] = []
 
         async def batch(conn: Any) -> int:
+            # (run again from the start after a lost connection or a deadlock: what it
+            # did is told once the transaction has committed)
             by_catalog.clear()
             resolved.clear()
+            failed.clear()
             requests = await queries.request_lock_queued(conn, REQUEST_BATCH,
                                                          self.resolver.busy, self.owner)
             for request in requests:
@@ -342,18 +350,26 @@ class Engine:
                     continue
                 status, error, asked = await self._resolve_one(conn, request)
                 if status == "failed":
-                    log.error("request failed", request_id=request.id, error=error)
+                    failed.append((request.id, error))
                 else:
-                    log.info("request resolved", request_id=request.id,
-                             downloads=len(asked.ids), **asked.counts())
                     resolved.append((request.id, asked))
             if by_catalog:  # (the other daemons leave them alone while this one resolves)
                 await queries.request_resolving(conn, [r.id for r in by_catalog], self.owner,
                                                 self.settings.lease_timeout)
             return len(requests)
 
-        n = await self.store.transaction(batch)
+        try:
+            n = await self.store.transaction(batch)
+        except CONFLICT_ERRORS as exc:  # (deadlocks again and again: the next turn tries)
+            log.warning("requests not resolved this turn, tried again in a second",
+                        error=f"{type(exc).__name__}: {exc}")
+            self._requests_at = time.monotonic() + 1.0
+            return False
+        for request_id, error in failed:
+            log.error("request failed", request_id=request_id, error=error)
         for request_id, asked in resolved:
+            log.info("request resolved", request_id=request_id, downloads=len(asked.ids),
+                     **asked.counts())
             await settled(asked, request_id)
         for request in by_catalog:
             self.resolver.start(request)
@@ -512,6 +528,7 @@ class Engine:
             self._tasks.pop(d.id, None)
             self._lost.discard(d.id)
             self._ended.discard(d.id)
+            self._recording.discard(d.id)
             self._running.pop(d.id, None)
             # (a slot handed over is busy again: nothing to claim; the last transfer's end
             # may be what an idle run waits for)
@@ -520,6 +537,7 @@ class Engine:
             await _to_the_end(self.leases.release(lease, d.id))
 
     async def _record_done(self, d: Download, outcome: Outcome, bound: Any) -> None:
+        self._recording.add(d.id)  # (its fence is checked by the statement that records it)
         try:
             owed = await self._done.put(queries.Done(d.id, self._fence(d), outcome.size,
                                                      str(outcome.path)))

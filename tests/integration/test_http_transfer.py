@@ -410,3 +410,32 @@ async def test_files_that_end_together_are_recorded_done_together(
         assert r["size"] == r["bytes_done"] == len(data[Path(r["path"]).name])
     assert sum(batches) == len(names)
     assert len(batches) < len(names), batches
+
+
+async def test_a_heartbeat_while_done_is_recorded_loses_no_lease(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `done` write has committed but its answer has not reached the transfer yet (the
+    statement still writes a row another transaction held): a heartbeat meanwhile no longer
+    finds the row owned, and must not call that a lease lost nor cancel the transfer."""
+    from structlog.testing import capture_logs
+
+    from asyncsat.db import queries
+
+    server.add("S3A_slow_answer.nc", os.urandom(40_000))
+    original = queries.downloads_done
+
+    async def slow_answer(db: Any, done: Any) -> Any:
+        owed = await original(db, done)
+        await asyncio.sleep(1.2)  # (several heartbeats)
+        return owed
+
+    monkeypatch.setattr(queries, "downloads_done", slow_answer)
+    await queue(dsn, server.url("S3A_slow_answer.nc"))
+    with capture_logs() as logs:
+        await drain(replace(settings, lease_timeout=1.5))  # a heartbeat every 0.5 s
+    [row] = await rows(dsn)
+    assert row["status"] == "done"
+    events = [e["event"] for e in logs if e.get("download_id") == row["id"]]
+    assert not [e for e in events if "lease lost" in e], events
+    assert events[-1] == "download done", events
