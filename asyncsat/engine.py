@@ -58,6 +58,7 @@ DONE_WINDOW = 0.005
 """Seconds a finished file waits for others to be recorded done with it (its slot went on
 to the next file already). 2,000 files of 64 KiB end about every millisecond."""
 DONE_MOST = 100
+"""Files recorded done in one statement at most."""
 
 
 class ProgressSink(Protocol):

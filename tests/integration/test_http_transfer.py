@@ -439,3 +439,38 @@ async def test_a_heartbeat_while_done_is_recorded_loses_no_lease(
     events = [e["event"] for e in logs if e.get("download_id") == row["id"]]
     assert not [e for e in events if "lease lost" in e], events
     assert events[-1] == "download done", events
+
+
+async def test_a_done_that_could_not_be_written_is_looked_at_again(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is at its final path but its `done` write fails (the database refuses it):
+    the daemon says so, the row goes back to the queue, and the next attempt finds the file
+    complete and records it done, without fetching its bytes again."""
+    from structlog.testing import capture_logs
+
+    from asyncsat.db import queries
+
+    data = os.urandom(60_000)
+    server.add("S2C_refused_once.nc", data)
+    original = queries.downloads_done
+    refused: list[int] = []
+
+    async def refuse_once(db: Any, done: Any) -> Any:
+        if not refused:
+            refused.append(len(done))
+            raise RuntimeError("the database said no")
+        return await original(db, done)
+
+    monkeypatch.setattr(queries, "downloads_done", refuse_once)
+    await queue(dsn, server.url("S2C_refused_once.nc"))
+    with capture_logs() as logs:
+        await drain(replace(settings, lease_timeout=1.5))  # a heartbeat every 0.5 s
+    [row] = await rows(dsn)
+    assert row["status"] == "done" and row["attempts"] == 2
+    assert Path(row["path"]).read_bytes() == data
+    events = [e["event"] for e in logs if e.get("download_id") == row["id"]]
+    assert "download done but not recorded: it is looked at again" in events, events
+    assert events[-1] == "download done", events
+    gets = _gets(server, "S2C_refused_once.nc")
+    assert len(gets) == 2 and gets[1]["range"] == f"bytes={len(data)}-"  # nothing fetched again
