@@ -141,6 +141,8 @@ async def _serve(
                     lambda: _queue_status(store), settings.status_interval), name="status")
                 ended = asyncio.Event()
                 renewing = group.create_task(engine.keep_leases(ended), name="leases")
+                watching = group.create_task(
+                    _watch_host(store, engine, me, settings.lease_timeout / 3), name="host")
                 try:
                     await engine.run(stop, exit_when_idle=exit_when_idle, until=until)
                 finally:
@@ -150,6 +152,7 @@ async def _serve(
                     alive.cancel()
                     reporting.cancel()
                     renewing.cancel()
+                    watching.cancel()
             # the transfers are parked: this daemon's slots are free for the others now
             await store.try_call(queries.daemon_gone, me)
             await store.try_call(queries.request_resolved_by, me)
@@ -169,16 +172,40 @@ async def _register(store: Store, settings: Settings) -> str:
     process is gone (a crash, a SIGKILL): their downloads are taken over at once instead
     of after `lease_timeout`."""
     host, here = socket.gethostname(), machine()
-    for other, pid in await store.call(queries.daemons_on_host, host, here):
-        if not process_alive(pid):
-            left = await store.call(queries.daemon_gone, other)
-            await store.call(queries.request_resolved_by, other)
-            log.info("a daemon of this host is gone: its downloads are taken over",
-                     daemon_id=other, pid=pid, downloads=left)
+    await _clear_gone(store, host, here)
     me = uuid.uuid4().hex[:16]
     await store.call(queries.daemon_register, me, host=host, pid=os.getpid(),
                      version=__version__, lease_timeout=settings.lease_timeout, machine=here)
     return me
+
+
+async def _clear_gone(store: Store, host: str, here: str, me: str | None = None) -> int:
+    """End the daemons of this host (and pid namespace) whose process is gone: their leases
+    end and their downloads may be taken over at once. How many there were."""
+    gone = 0
+    for other, pid in await store.call(queries.daemons_on_host, host, here):
+        if other != me and not process_alive(pid):
+            left = await store.call(queries.daemon_gone, other)
+            await store.call(queries.request_resolved_by, other)
+            log.info("a daemon of this host is gone: its downloads are taken over",
+                     daemon_id=other, pid=pid, downloads=left)
+            gone += 1
+    return gone
+
+
+async def _watch_host(store: Store, engine: Engine, me: str, every: float) -> None:
+    """Look for daemons of this host that died while this one runs (a SIGKILL, the OOM
+    killer), every `every` seconds: their downloads are taken over then, not only once
+    their leases lapse. (A daemon paused by SIGSTOP still has a process: its leases lapse.)"""
+    host, here = socket.gethostname(), machine()
+    while True:
+        await asyncio.sleep(every)
+        try:
+            if await _clear_gone(store, host, here, me):
+                engine.rescan()
+        except Exception as exc:  # (the database away: the next look, or the leases)
+            log.warning("the daemons of this host were not looked at",
+                        error=f"{type(exc).__name__}: {exc}")
 
 
 def machine() -> str:

@@ -97,6 +97,48 @@ async def test_a_killed_daemons_download_is_taken_over_and_resumed(
     assert taken_in < 3 + 6 + 5  # lease timeout, plus the transfer's rest, plus slack
 
 
+async def test_a_daemon_of_the_same_host_killed_meanwhile_is_taken_over_before_its_lease(
+        dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    """Two daemons run on one host; one is SIGKILLed mid-transfer. The other sees its
+    process gone (it looks every third of `lease_timeout`) and takes its download over
+    then, not when the dead one's 12 s lease lapses; it resumes from the `.part`."""
+    server = await FileServer().start()
+    try:
+        data = os.urandom(2_000_000)
+        server.add("S1B_host.zip", data, rate=400_000)
+        await add_provider(dsn, "hub", server.base, FAST)
+        env = config(tmp_path, 12)
+        pair: dict[str, DaemonProcess] = {}
+        for home in ("a", "b"):
+            proc = DaemonProcess(dsn, tmp_path / home, env=env)
+            daemons.append(proc)
+            started = await proc.wait_for(lambda line: line["event"] == "daemon started")
+            pair[started["daemon_id"]] = proc
+        await queue(dsn, server.url("S1B_host.zip"), dest=tmp_path / "dest")
+        part = tmp_path / "dest" / "hub" / "S1B_host.zip.part"
+        for _ in range(200):
+            if part.exists() and part.stat().st_size > 300_000:
+                break
+            await asyncio.sleep(0.05)
+        [owner] = await sql(dsn, "SELECT owner FROM download")
+        dying = pair.pop(owner["owner"])
+        [living] = pair.values()
+        dying.signal(signal.SIGKILL)
+        dying.wait()
+        killed_at = asyncio.get_running_loop().time()
+        await living.wait_for(lambda line: line["event"] == "download running")
+        taken_in = asyncio.get_running_loop().time() - killed_at
+        await living.wait_for(lambda line: line["event"] == "download done", timeout=30)
+    finally:
+        await server.stop()
+    final = tmp_path / "dest" / "hub" / "S1B_host.zip"
+    assert final.read_bytes() == data
+    assert server.requests[-1]["range"] is not None  # resumed from the .part
+    assert any(line["event"] == "a daemon of this host is gone: its downloads are taken over"
+               for line in living.lines)
+    assert taken_in < 12 - 2, taken_in  # before the dead daemon's lease would lapse
+
+
 async def test_a_paused_daemon_cannot_complete_what_another_took_over(
         dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
     server = await FileServer().start()
