@@ -32,6 +32,14 @@ def config(tmp_path: Path, lease_timeout: float) -> dict[str, str]:
     return {"ASYNCSAT_CONFIG": str(path)}
 
 
+async def _grown(part: Path, size: int) -> None:
+    """Wait (10 s at most) until a transfer's `.part` holds more than `size` bytes."""
+    for _ in range(200):
+        if part.exists() and part.stat().st_size > size:
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_four_daemons_never_exceed_an_accounts_cap(
         dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
     server = await FileServer(users={USER: PASSWORD}).start()
@@ -74,13 +82,9 @@ async def test_a_killed_daemons_download_is_taken_over_and_resumed(
         daemons.append(first)
         await first.wait_for(lambda line: line["event"] == "daemon started")
         await queue(dsn, server.url("S1A_big.zip"), dest=tmp_path / "dest")
-        part = tmp_path / "dest" / "hub" / "S1A_big.zip.part"
-        for _ in range(200):
-            if part.exists() and part.stat().st_size > 500_000:
-                break
-            await asyncio.sleep(0.05)
-        # a second daemon, started while the first lives: it takes the download over when
-        # the killed one's lease lapses
+        await _grown(tmp_path / "dest" / "hub" / "S1A_big.zip.part", 500_000)
+        # a second daemon, started while the first lives: it takes the download over once
+        # it sees the killed one's process gone, or its lease lapsed
         second = DaemonProcess(dsn, tmp_path / "b", env=env)
         daemons.append(second)
         await second.wait_for(lambda line: line["event"] == "daemon started")
@@ -115,11 +119,7 @@ async def test_a_daemon_of_the_same_host_killed_meanwhile_is_taken_over_before_i
             started = await proc.wait_for(lambda line: line["event"] == "daemon started")
             pair[started["daemon_id"]] = proc
         await queue(dsn, server.url("S1B_host.zip"), dest=tmp_path / "dest")
-        part = tmp_path / "dest" / "hub" / "S1B_host.zip.part"
-        for _ in range(200):
-            if part.exists() and part.stat().st_size > 300_000:
-                break
-            await asyncio.sleep(0.05)
+        await _grown(tmp_path / "dest" / "hub" / "S1B_host.zip.part", 300_000)
         [owner] = await sql(dsn, "SELECT owner FROM download")
         dying = pair.pop(owner["owner"])
         [living] = pair.values()

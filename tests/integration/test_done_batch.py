@@ -4,6 +4,8 @@ never waiting for one row while holding others, and counted once after a lost an
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -31,6 +33,22 @@ async def _running(dsn: str, n: int, owner: str = "D") -> list[int]:
                    " INSERT INTO request_download (request_id, download_id, dest)"
                    " SELECT id, $1, '/other' FROM r", ids[0])
     return ids
+
+
+@asynccontextmanager
+async def _held(dsn: str, row_id: int) -> AsyncIterator[tuple[Any, Callable[[], Awaitable[None]]]]:
+    """A connection to write with, and `let_go()`: until it is awaited, another session
+    holds the row (as an open psql session, or a heartbeat, would)."""
+    holder = await connect(dsn)
+    writer = await connect(dsn)
+    try:
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("SELECT 1 FROM download WHERE id = $1 FOR UPDATE", row_id)
+        yield writer, holding.rollback
+    finally:
+        await holder.close()
+        await writer.close()
 
 
 def _done(ids: list[int], owner: str = "D") -> list[Done]:
@@ -77,12 +95,7 @@ async def test_a_row_another_transaction_holds_is_written_alone_after_the_others
     statement that locks several rows in another order is a deadlock): the rows nobody
     holds are recorded at once, the held one when it is let go."""
     ids = await _running(dsn, 3)
-    holder = await connect(dsn)
-    writer = await connect(dsn)
-    try:
-        holding = holder.transaction()
-        await holding.start()
-        await holder.execute("SELECT 1 FROM download WHERE id = $1 FOR UPDATE", ids[1])
+    async with _held(dsn, ids[1]) as (writer, let_go):
         task: asyncio.Task[Any] = asyncio.ensure_future(
             queries.downloads_done(writer, _done(ids)))
         for _ in range(200):
@@ -91,11 +104,8 @@ async def test_a_row_another_transaction_holds_is_written_alone_after_the_others
             await asyncio.sleep(0.02)
         assert await _statuses(dsn) == {ids[0]: "done", ids[1]: "running", ids[2]: "done"}
         assert not task.done()  # it waits for the held row alone, the others committed
-        await holding.commit()
+        await let_go()
         owed = await asyncio.wait_for(task, 10)
-    finally:
-        await holder.close()
-        await writer.close()
     assert all(o is not None for o in owed)
     assert set((await _statuses(dsn)).values()) == {"done"}
 
@@ -124,19 +134,11 @@ async def test_a_row_held_for_long_fails_its_record_after_the_others_are_written
     import asyncpg
 
     ids = await _running(dsn, 2)
-    holder = await connect(dsn)
-    writer = await connect(dsn)
-    try:
-        holding = holder.transaction()
-        await holding.start()
-        await holder.execute("SELECT 1 FROM download WHERE id = $1 FOR UPDATE", ids[0])
+    async with _held(dsn, ids[0]) as (writer, let_go):
         with pytest.raises(asyncpg.LockNotAvailableError):
             await asyncio.wait_for(queries.downloads_done(writer, _done(ids)), 30)
         assert await _statuses(dsn) == {ids[0]: "running", ids[1]: "done"}
-        await holding.rollback()
+        await let_go()
         owed = await asyncio.wait_for(queries.downloads_done(writer, _done(ids)), 10)
-    finally:
-        await holder.close()
-        await writer.close()
     assert all(o is not None for o in owed)
     assert set((await _statuses(dsn)).values()) == {"done"}
