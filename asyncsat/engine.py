@@ -46,7 +46,7 @@ from asyncsat.retry import Policy, budget, decide
 from asyncsat.tasks import run_to_end
 from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.registry import Drivers
-from asyncsat.transfer.runner import Attempt, Job, Outcome, transfer
+from asyncsat.transfer.runner import Attempt, Job, Naming, Outcome, transfer
 
 log = structlog.get_logger("asyncsat")
 REQUEST_BATCH = 50
@@ -693,40 +693,55 @@ class _RowEvents:
         self._logged = (started, download.bytes_done)
 
     async def named(self, name: str, size: int | None, validator: Validator) -> str:
-        for candidate in (name, _unique_name(name, self._download.id)):
-            named = await self._engine.store.call(
-                queries.download_named, self._download.id, self._fence, name=candidate,
-                size=size, etag=validator.etag, last_modified=validator.last_modified)
-            if named is None:
-                raise LeaseLost()
-            if named:
-                self._name = candidate
-                return candidate
-        raise PermanentError(f"another download already writes {name!r}")
+        named = await self._engine.store.call(
+            queries.download_named, self._download.id, self._fence, names=self._names(name),
+            size=size, etag=validator.etag, last_modified=validator.last_modified)
+        return self._chosen(name, named)
 
-    async def sealing(self) -> None:
+    def _names(self, name: str) -> tuple[str, str]:
+        """The name proposed, then the one taken when another download of the folder has it."""
+        return name, _unique_name(name, self._download.id)
+
+    def _chosen(self, name: str, named: str | None) -> str:
+        if named is None:
+            raise LeaseLost()
+        if not named:
+            raise PermanentError(f"another download already writes {name!r}")
+        self._name = named
+        return named
+
+    async def sealing(self, naming: Naming | None = None) -> str | None:
         """The body is in and its connection given back: the account's slot goes on to the
         provider's next file now, or back (the next file starts while this one is flushed
         and renamed). The file gets its final name only while the row is still this
-        claim's (a daemon paused past its lease must not rename it)."""
+        claim's (a daemon paused past its lease must not rename it). A file held whole in
+        memory records its name in the same statement (`naming`): returns it."""
         engine, d = self._engine, self._download
+        extra: dict[str, Any] = {}
+        if naming is not None:
+            extra = {"names": self._names(naming.name), "size": naming.size,
+                     "etag": naming.validator.etag,
+                     "last_modified": naming.validator.last_modified}
         # run to its end even if this transfer is cancelled meanwhile: a slot handed over
         # must reach the next transfer (started, then stopped in turn if the daemon stops)
         step, cancelled = await run_to_end(engine.store.call(
             queries.download_sealing, d.id, self._fence, self._lease.id,
             lease_seconds=engine.settings.lease_timeout,
-            default_dest=str(engine.settings.default_dest), hand_over=not engine._stopping))
-        owned, following = step.result()
-        if following is None:
+            default_dest=str(engine.settings.default_dest), hand_over=not engine._stopping,
+            **extra))
+        sealed = step.result()
+        if sealed.following is None:
             engine.leases.given_back(self._lease, d.id)
         else:  # the slot goes on to the provider's next download, started now
-            engine.leases.handed_over(self._lease, following[0].id)
-            engine._start(following[0], self._lease)
+            following = sealed.following[0]
+            engine.leases.handed_over(self._lease, following.id)
+            engine._start(following, self._lease)
             self.handed_over = True
         if cancelled:
             raise asyncio.CancelledError
-        if not owned:
+        if not sealed.owned:
             raise LeaseLost()
+        return None if naming is None else self._chosen(naming.name, sealed.name)
 
     async def progress(self, done: int, total: int | None) -> None:
         # bytes written since the last call; a file that starts again from zero counts anew

@@ -629,6 +629,37 @@ BEGIN
 END;
 $$;
 
+-- What the server told at the start of a file, recorded while the row is still its claim's:
+-- the first of `p_names` that no other download of the folder has (the unique file index
+-- decides), its size (one a catalog or a user gave stays) and validators. Returns the name,
+-- '' when every one is taken, NULL when the row is no longer the claim's.
+CREATE OR REPLACE FUNCTION asyncsat_named(
+    p_id bigint, p_owner text, p_attempt integer, p_names text[], p_size bigint,
+    p_etag text, p_last_modified text)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    v_name text;
+BEGIN
+    FOREACH v_name IN ARRAY p_names LOOP
+        BEGIN
+            UPDATE download SET name = v_name, etag = p_etag, last_modified = p_last_modified,
+                   size = CASE WHEN size IS NULL OR size_origin = 'server'
+                               THEN coalesce(p_size, size) ELSE size END,
+                   size_origin = CASE WHEN size IS NULL THEN 'server' ELSE size_origin END
+             WHERE id = p_id AND status = 'running' AND owner = p_owner
+               AND attempts = p_attempt;
+            IF NOT FOUND THEN
+                RETURN NULL;
+            END IF;
+            RETURN v_name;
+        EXCEPTION WHEN unique_violation THEN
+            NULL;  -- another download of the folder has that name: the next one
+        END;
+    END LOOP;
+    RETURN '';
+END;
+$$;
+
 -- Files at their final path recorded done, several in one statement (the daemon gathers
 -- the files that end within a few milliseconds: one commit for them). A row is written only
 -- while it is still its claim's (status running, owner and attempt). Rows another

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -740,27 +740,19 @@ async def live_daemons(db: Any) -> list[dict[str, Any]]:
 
 
 async def download_named(
-    db: Any, download_id: int, fence: Fence, *, name: str, size: int | None,
+    db: Any, download_id: int, fence: Fence, *, names: Sequence[str], size: int | None,
     etag: str | None, last_modified: str | None,
-) -> bool | None:
+) -> str | None:
     """Record what the server told at the start of a file: name, size and validators.
 
-    A size from a catalog or a user stays; one the server announced is replaced.
-    False (nothing written) when another download of the same folder has that name; None
-    when the row is no longer this claim's.
+    The name is the first of `names` no other download of the same folder has ('' when
+    they all do). A size from a catalog or a user stays; one the server announced is
+    replaced. None (nothing written) when the row is no longer this claim's.
     """
-    try:
-        result: str = await db.execute(
-            "UPDATE download SET name = $2, etag = $4, last_modified = $5,"
-            " size = CASE WHEN size IS NULL OR size_origin = 'server'"
-            "  THEN coalesce($3, size) ELSE size END,"
-            " size_origin = CASE WHEN size IS NULL THEN 'server' ELSE size_origin END"
-            " WHERE id = $1" + _FENCED.format(o="$6", a="$7"),
-            download_id, name, size, etag, last_modified, fence.owner, fence.attempt,
-        )
-    except asyncpg.UniqueViolationError:
-        return False
-    return True if _changed(result) else None
+    named: str | None = await db.fetchval(
+        "SELECT asyncsat_named($1, $2, $3, $4, $5, $6, $7)",
+        download_id, fence.owner, fence.attempt, list(names), size, etag, last_modified)
+    return named
 
 
 async def download_progress(
@@ -774,24 +766,39 @@ async def download_progress(
     )
 
 
+class Sealed(NamedTuple):
+    """What `download_sealing` found and did."""
+
+    owned: bool
+    """The row is still this claim's (its file may get its final name)."""
+    following: tuple[Download, str, int] | None
+    """The provider's next download, claimed into the slot, as `claim` gives it."""
+    name: str | None = None
+    """With `names`: the name recorded ('' when every one is taken; None when not owned)."""
+
+
 async def download_sealing(
     db: Any, download_id: int, fence: Fence, lease_id: int, *, lease_seconds: float,
-    default_dest: str, hand_over: bool,
-) -> tuple[bool, tuple[Download, str, int] | None]:
+    default_dest: str, hand_over: bool, names: Sequence[str] | None = None,
+    size: int | None = None, etag: str | None = None, last_modified: str | None = None,
+) -> Sealed:
     """A transfer's body is in: whether the row is still this claim's (checked before the
     file gets its name), and its account slot handed over to the provider's next due row
-    (`asyncsat_hand_over`; `hand_over` false, or the row lost: the slot is given back). One
-    statement: (owned, the next claim as `claim` gives it, or None)."""
+    (`asyncsat_hand_over`; `hand_over` false, or the row lost: the slot is given back).
+    With `names`, a file held whole in memory records its name, size and validators in the
+    same statement (`download_named`: nothing of it is on disk yet). One statement."""
     row = await db.fetchrow(
-        "SELECT o.owned, n.* FROM (SELECT EXISTS (SELECT 1 FROM download WHERE id = $1"
-        + _FENCED.format(o="$2", a="$3") + " AND lease_expires > now()) AS owned) o"
+        "SELECT o.owned, o.named, n.* FROM (SELECT EXISTS (SELECT 1 FROM download"
+        " WHERE id = $1" + _FENCED.format(o="$2", a="$3") + " AND lease_expires > now())"
+        " AS owned, CASE WHEN $8::text[] IS NOT NULL"
+        " THEN asyncsat_named($1, $2, $3, $8, $9, $10, $11) END AS named) o"
         " LEFT JOIN LATERAL asyncsat_hand_over($2, $4, $1, $5, $6, $7 AND o.owned) n ON true",
         download_id, fence.owner, fence.attempt, lease_id, lease_seconds, default_dest,
-        hand_over)
+        hand_over, None if names is None else list(names), size, etag, last_modified)
     following = None
     if row["download_id"] is not None:
         following = (_download(row, id_column="download_id"), row["account"], row["lease_id"])
-    return row["owned"], following
+    return Sealed(row["owned"], following, row["named"])
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,10 @@ from asyncsat.naming import name_from_url, sanitize
 from asyncsat.transfer.base import Driver, Opened, Source, Validator
 from asyncsat.transfer.files import PartFile
 
+HOLD_SECONDS = 0.25
+"""A new file no larger than a chunk is held in memory while it comes in, this long at most:
+one that ends by then records its name with its slot's hand-over (one statement, not two);
+one that takes longer is written as it comes, resumable like any other."""
 OVERLAP = 4096
 """Bytes fetched again at a resume that no size can verify, and compared with the kept ones."""
 
@@ -45,6 +50,15 @@ class Outcome:
     restarted: bool
 
 
+@dataclass(frozen=True)
+class Naming:
+    """What the server told of a new file: the name proposed for it, its size, validators."""
+
+    name: str
+    size: int | None
+    validator: Validator
+
+
 class Events(Protocol):
     """What the transfer tells its owner while it runs."""
 
@@ -59,9 +73,14 @@ class Events(Protocol):
         """`done` bytes of the file are on disk (called per chunk; throttle in the callee)."""
         ...
 
-    async def sealing(self) -> None:
+    async def sealing(self, naming: Naming | None = None) -> str | None:
         """The body is in and its connection given back: called before the file is
-        verified, flushed and renamed; raises to stop."""
+        verified, flushed and renamed; raises to stop.
+
+        With `naming` (a new file held whole in memory: nothing of it is on disk yet), its
+        name, size and validators are recorded too, as `named` does, and the name to use
+        is returned.
+        """
         ...
 
 
@@ -106,6 +125,9 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
     # from the start (or another version) is caught here, not in a corrupt product
     overlap = min(offset, OVERLAP) if offset and not job.size else 0
     ask = offset - overlap
+    held: list[bytes] | None = None
+    """A new file's whole body, read before anything of it is written."""
+    chunks: AsyncIterator[bytes] | None = None
     try:
         async with driver.open(job.source, ask, validator) as stream:
             opened = stream.opened
@@ -116,53 +138,146 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                     await part.open(0)
                     part.close()
                 raise
-            if part is None:
-                proposed = name or opened.name or name_from_url(job.source.url) or \
-                    sanitize(job.fallback_name)
-                name = await events.named(proposed, total, opened.validator)
-                part = PartFile(job.folder, name, job.checksum, keep_cache=job.keep_cache)
-                attempt.part = part.path
-            else:
-                chosen = await events.named(name, total, opened.validator)
-                if chosen != name:  # another product has that name: the next attempt takes it
-                    raise RetryableError(f"the file is to be named {chosen!r}, not {name!r}")
-            if opened.offset not in (0, ask):
-                await part.open(0)
-                part.close()
-                raise RetryableError(f"the server resumed at byte {opened.offset}, not {ask}")
+            proposed = name or opened.name or name_from_url(job.source.url) or \
+                sanitize(job.fallback_name)
             chunks = stream.chunks(chunk_size)
-            start = opened.offset
-            if overlap and opened.offset == ask:
-                chunks = _after_overlap(chunks, part.read(ask, overlap), part)
-                start = offset
-            await part.open(start)
-            # progress is measured against what was on disk before this attempt, so that a
-            # restart from zero that dies at the same byte every time is not progress
-            attempt.size = start
-            try:
-                async for chunk in chunks:
-                    await part.write(chunk)
-                    attempt.size = part.size
-                    await events.progress(part.size, total)
-                if total is not None and part.size < total:
-                    # a bounded 206 or a body cut short: resumable, and progress if it grew
-                    raise RetryableError(f"the transfer ended at byte {part.size} of {total}")
-            except RetryableError:
-                attempt.size = part.size  # the part may have been emptied
-                raise
+            if not offset and not opened.offset and total is not None and total <= chunk_size:
+                # a new file no larger than a chunk that comes in at once is read whole
+                # first: its name is then recorded with its slot's hand-over, one statement
+                # where there were two (one that takes longer is written as it comes)
+                came = await _held_or_rest(chunks, HOLD_SECONDS)
+                if isinstance(came, list) and sum(len(chunk) for chunk in came) == total:
+                    held, chunks = came, None
+                else:  # (a body cut short is written as far as it came: resumable)
+                    chunks = came if isinstance(came, _Rest) else _Rest(came, None, None)
+            if chunks is not None:
+                if part is None:
+                    name = await events.named(proposed, total, opened.validator)
+                    part = PartFile(job.folder, name, job.checksum, keep_cache=job.keep_cache)
+                    attempt.part = part.path
+                else:
+                    _same_name(name, await events.named(name, total, opened.validator))
+                start = await _stream(opened, chunks, part, events, attempt, total, ask,
+                                      offset, overlap)
         # the body is in and its connection given back: the account's slot goes too, and the
         # next file starts while this one is checked, flushed to disk and renamed
-        try:
+        if held is not None:
+            chosen = await events.sealing(Naming(proposed, total, opened.validator))
+            assert chosen is not None
+            if part is not None:
+                _same_name(name, chosen)
+            name = chosen
+            part = PartFile(job.folder, name, job.checksum, keep_cache=job.keep_cache)
+            attempt.part = part.path
+            start = 0
+            await part.open(0)
+            for chunk in held:
+                await part.write(chunk)
+                attempt.size = part.size
+                await events.progress(part.size, total)
+        else:
+            assert part is not None
             await events.sealing()
+        try:
             path = await part.finish(total, name)
         except RetryableError:
             attempt.size = part.size
             raise
     finally:
+        if isinstance(chunks, _Rest):
+            chunks.close()
         if part is not None:
             part.close()
     return Outcome(path=path, name=name, size=part.size, resumed_from=start,
                    restarted=offset > 0 and start == 0)
+
+
+def _same_name(name: str, chosen: str) -> None:
+    if chosen != name:  # another product has that name: the next attempt takes it
+        raise RetryableError(f"the file is to be named {chosen!r}, not {name!r}")
+
+
+async def _held_or_rest(chunks: AsyncIterator[bytes], seconds: float) -> \
+        list[bytes] | _Rest:
+    """Every chunk of a body that ends within `seconds`; else an iterator of the chunks read
+    so far, then the rest (or the error that cut the body)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    it = aiter(chunks)
+    held: list[bytes] = []
+    while True:
+        step = asyncio.ensure_future(anext(it))
+        try:
+            done, _ = await asyncio.wait({step}, timeout=max(0.0, deadline - loop.time()))
+        except BaseException:
+            step.cancel()
+            raise
+        if not done or not isinstance(step.exception(), (type(None), StopAsyncIteration)):
+            return _Rest(held, step, it)
+        try:
+            held.append(step.result())
+        except StopAsyncIteration:
+            return held
+
+
+class _Rest:
+    """The chunks read so far, then the rest of the body (the read under way first; no
+    iterator: the body ended)."""
+
+    def __init__(self, held: list[bytes], step: asyncio.Future[bytes] | None,
+                 it: AsyncIterator[bytes] | None) -> None:
+        self._held = held
+        self._step = step
+        self._it = it
+
+    def __aiter__(self) -> _Rest:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._held:
+            return self._held.pop(0)
+        if self._step is not None:
+            step, self._step = self._step, None
+            return await step
+        if self._it is None:
+            raise StopAsyncIteration
+        return await anext(self._it)
+
+    def close(self) -> None:
+        """Stop the read under way (the transfer ends before it was taken)."""
+        if self._step is not None:
+            self._step.cancel()
+            self._step = None
+
+
+async def _stream(opened: Opened, chunks: AsyncIterator[bytes], part: PartFile,
+                  events: Events, attempt: Attempt, total: int | None, ask: int, offset: int,
+                  overlap: int) -> int:
+    """Write the body into the part file, from where the server resumed; returns that."""
+    if opened.offset not in (0, ask):
+        await part.open(0)
+        part.close()
+        raise RetryableError(f"the server resumed at byte {opened.offset}, not {ask}")
+    start = opened.offset
+    if overlap and opened.offset == ask:
+        chunks = _after_overlap(chunks, part.read(ask, overlap), part)
+        start = offset
+    await part.open(start)
+    # progress is measured against what was on disk before this attempt, so that a
+    # restart from zero that dies at the same byte every time is not progress
+    attempt.size = start
+    try:
+        async for chunk in chunks:
+            await part.write(chunk)
+            attempt.size = part.size
+            await events.progress(part.size, total)
+        if total is not None and part.size < total:
+            # a bounded 206 or a body cut short: resumable, and progress if it grew
+            raise RetryableError(f"the transfer ended at byte {part.size} of {total}")
+    except RetryableError:
+        attempt.size = part.size  # the part may have been emptied
+        raise
+    return start
 
 
 async def _after_overlap(chunks: AsyncIterator[bytes], kept: bytes, part: PartFile) -> \

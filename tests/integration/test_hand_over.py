@@ -42,12 +42,12 @@ async def test_a_repeated_hand_over_hands_nothing_over_twice(dsn: str) -> None:
     conn, _provider, (d, _account, lease) = await _claimed(dsn)
     try:
         fence = queries.Fence("D", d.attempts)
-        owned, following = await queries.download_sealing(
+        owned, following, _ = await queries.download_sealing(
             conn, d.id, fence, lease, lease_seconds=30, default_dest="/d", hand_over=True)
         assert owned and following is not None
         again = await queries.download_sealing(
             conn, d.id, fence, lease, lease_seconds=30, default_dest="/d", hand_over=True)
-        assert again == (True, None)
+        assert again == (True, None, None)
         assert [(r["id"], r["status"]) for r in await sql(
             dsn, "SELECT id, status FROM download ORDER BY id")] == \
             [(d.id, "running"), (following[0].id, "running"), (following[0].id + 1, "queued")]
@@ -64,9 +64,9 @@ async def test_a_waiting_search_gets_the_next_slot(dsn: str) -> None:
     try:
         assert await queries.lease_take(conn, "D", provider.id, 30) is None  # it waits
         fence = queries.Fence("D", d.attempts)
-        owned, following = await queries.download_sealing(
+        sealed = await queries.download_sealing(
             conn, d.id, fence, lease, lease_seconds=30, default_dest="/d", hand_over=True)
-        assert (owned, following) == (True, None)
+        assert sealed == (True, None, None)
         # nor does a claim take the slot the search waits for
         assert await queries.claim(conn, "D", provider.id, 5, 30, "/d") == []
         taken = await queries.lease_take(conn, "D", provider.id, 30)
@@ -197,3 +197,35 @@ async def test_hand_overs_and_heartbeats_run_side_by_side(dsn: str, settings: Se
     got = await sql(dsn, "SELECT status, attempts, error FROM download")
     assert {r["status"] for r in got} == {"done"}
     assert {r["attempts"] for r in got} == {1}, [r["error"] for r in got if r["attempts"] > 1]
+
+
+async def test_a_held_file_is_named_with_its_hand_over_only_while_it_is_the_claims(
+        dsn: str) -> None:
+    """The name of a file held in memory goes with its slot's hand-over: the first name
+    no other download of the folder has; nothing for a row that is no longer the claim's."""
+    conn, provider, (d, _account, lease) = await _claimed(dsn)
+    try:
+        await conn.execute("INSERT INTO download (provider_id, url, dest, name) VALUES"
+                           " ($1, 'http://127.0.0.1:9/x', '/d', 'a.nc'),"
+                           " ($1, 'http://127.0.0.1:9/y', '/d', 'b.nc')", provider.id)
+        stale = queries.Fence("D", d.attempts - 1)
+        sealed = await queries.download_sealing(
+            conn, d.id, stale, lease, lease_seconds=30, default_dest="/d", hand_over=True,
+            names=["c.nc"], size=10, etag='"e"', last_modified=None)
+        assert sealed == (False, None, None)  # (and its slot is given back)
+        fence = queries.Fence("D", d.attempts)
+        sealed = await queries.download_sealing(
+            conn, d.id, fence, lease, lease_seconds=30, default_dest="/d", hand_over=True,
+            names=["a.nc", "b.nc"], size=10, etag='"e"', last_modified=None)
+        assert sealed.owned and sealed.name == ""  # both taken
+        named = await queries.download_named(
+            conn, d.id, fence, names=["a.nc", "c.nc"], size=10, etag='"e"',
+            last_modified="Tue, 01 Oct 2024 10:00:00 GMT")
+        assert named == "c.nc"
+        row = await conn.fetchrow("SELECT name, size, etag, last_modified FROM download"
+                                  " WHERE id = $1", d.id)
+        assert tuple(row) == ("c.nc", 10, '"e"', "Tue, 01 Oct 2024 10:00:00 GMT")
+        assert await queries.download_named(
+            conn, d.id, stale, names=["d.nc"], size=10, etag=None, last_modified=None) is None
+    finally:
+        await conn.close()

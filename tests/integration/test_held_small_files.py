@@ -1,0 +1,127 @@
+"""A new file no larger than a chunk that comes in at once is held in memory whole, and
+its name is recorded with its slot's hand-over (one statement instead of two); one that
+comes in slowly, or is cut short, is written as it comes and resumes like any other."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncsat import daemon
+from asyncsat.config import Settings
+from asyncsat.db import queries
+from asyncsat.logs import Redactor
+from tests.helpers import add_provider, drain, queue, rows, sql
+from tests.servers import FileServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _folder(settings: Settings) -> Path:
+    assert settings.dest is not None
+    return settings.dest / "local"
+
+
+def _gets(server: FileServer, name: str) -> list[dict[str, object]]:
+    return [r for r in server.requests if r["path"] == f"/files/{name}"]
+
+
+def _count(monkeypatch: pytest.MonkeyPatch, name: str) -> list[dict[str, Any]]:
+    """The keyword arguments of every call of `queries.<name>`."""
+    calls: list[dict[str, Any]] = []
+    real = getattr(queries, name)
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        calls.append(kw)
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(queries, name, counted)
+    return calls
+
+
+async def test_small_files_are_named_with_their_hand_over(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    data = {f"s{i}.nc": os.urandom(50_000 + i) for i in range(6)}
+    for name, body in data.items():
+        server.add(name, body)
+    named = _count(monkeypatch, "download_named")
+    sealed = _count(monkeypatch, "download_sealing")
+    await queue(dsn, *(server.url(n) for n in data))
+    await drain(settings)
+
+    assert named == []  # no statement of its own
+    assert sorted(kw["names"][0] for kw in sealed) == sorted(data)
+    for row in await rows(dsn):
+        name = row["name"]
+        assert row["status"] == "done"
+        assert Path(row["path"]).read_bytes() == data[name]
+        assert row["size"] == len(data[name])
+    etags = {r["name"]: r["etag"] for r in await sql(dsn, "SELECT name, etag FROM download")}
+    assert etags == {name: server.products[name].etag for name in data}
+    assert not list(_folder(settings).glob("*.part"))
+
+
+async def test_two_small_files_of_one_name_get_a_file_each(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    """Two products of one folder whose URLs end in the same name, held at the same time:
+    the second to be sealed gets `a_<id>.nc` in the same statement."""
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    first, second = os.urandom(30_000), os.urandom(40_000)
+    server.add("one/a.nc", first)
+    server.add("two/a.nc", second)
+    await queue(dsn, server.url("one/a.nc"), server.url("two/a.nc"))
+    await drain(settings)
+
+    by_url = {r["url"]: r for r in await rows(dsn)}
+    one, two = by_url[server.url("one/a.nc")], by_url[server.url("two/a.nc")]
+    assert one["status"] == two["status"] == "done"
+    assert {one["name"], two["name"]} == {"a.nc", f"a_{max(one['id'], two['id'])}.nc"}
+    assert Path(one["path"]).read_bytes() == first
+    assert Path(two["path"]).read_bytes() == second
+    assert Path(one["path"]) != Path(two["path"])
+
+
+async def test_a_slow_small_file_is_on_disk_while_it_comes(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    """A file that takes longer than the hold is written as it comes: its `.part` grows
+    on disk (a kill loses no more than with any other file)."""
+    await add_provider(dsn, "local", server.base, {})
+    data = os.urandom(400_000)
+    server.add("slow.nc", data, rate=100_000)  # 4 s
+    await queue(dsn, server.url("slow.nc"))
+    serving = asyncio.create_task(daemon.serve(settings, Redactor(), exit_when_idle=True))
+    part = _folder(settings) / "slow.nc.part"
+    try:
+        seen = 0
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            seen = part.stat().st_size if part.exists() else 0
+            if seen:
+                break
+        assert 0 < seen < len(data)
+        await asyncio.wait_for(serving, 30)
+    finally:
+        serving.cancel()
+    assert (_folder(settings) / "slow.nc").read_bytes() == data
+
+
+async def test_a_small_file_cut_short_resumes_from_its_bytes(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    """The bytes of a small file that were in memory when its connection dropped are
+    written to its `.part`: the next attempt asks for the rest."""
+    await add_provider(dsn, "local", server.base, {"backoff_initial": 0.05})
+    data = os.urandom(300_000)
+    server.add("cut.nc", data, drop_after=[120_000])
+    await queue(dsn, server.url("cut.nc"))
+    await drain(settings)
+
+    assert (_folder(settings) / "cut.nc").read_bytes() == data
+    assert [g["range"] for g in _gets(server, "cut.nc")] == [None, "bytes=120000-"]
+    [row] = await rows(dsn)
+    assert row["status"] == "done" and row["attempts"] == 2
