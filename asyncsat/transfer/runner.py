@@ -175,6 +175,7 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                 await part.write(chunk)
                 attempt.size = part.size
                 await events.progress(part.size, total)
+            held.clear()  # (in the page cache now: not held while the file waits for fsync)
         else:
             assert part is not None
             await events.sealing()
