@@ -15,9 +15,11 @@ from asyncsat.transfer.base import Driver, Opened, Source, Validator
 from asyncsat.transfer.files import PartFile
 
 HOLD_SECONDS = 0.25
-"""A new file no larger than a chunk is held in memory while it comes in, this long at most:
-one that ends by then records its name with its slot's hand-over (one statement, not two);
-one that takes longer is written as it comes, resumable like any other."""
+"""A new file no larger than a chunk is held in memory while it comes in, until the first
+chunk past this many seconds: one that ends by then records its name with its slot's
+hand-over (one statement, not two); one that takes longer is written as it comes,
+resumable like any other. (At most a chunk is held, as any transfer holds the chunk it
+reads.)"""
 OVERLAP = 4096
 """Bytes fetched again at a resume that no size can verify, and compared with the kept ones."""
 
@@ -127,7 +129,6 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
     ask = offset - overlap
     held: list[bytes] | None = None
     """A new file's whole body, read before anything of it is written."""
-    chunks: AsyncIterator[bytes] | None = None
     try:
         async with driver.open(job.source, ask, validator) as stream:
             opened = stream.opened
@@ -140,16 +141,17 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                 raise
             proposed = name or opened.name or name_from_url(job.source.url) or \
                 sanitize(job.fallback_name)
-            chunks = stream.chunks(chunk_size)
+            body = stream.chunks(chunk_size)
+            chunks: AsyncIterator[bytes] | None = body
             if not offset and not opened.offset and total is not None and total <= chunk_size:
                 # a new file no larger than a chunk that comes in at once is read whole
                 # first: its name is then recorded with its slot's hand-over, one statement
                 # where there were two (one that takes longer is written as it comes)
-                came = await _held_or_rest(chunks, HOLD_SECONDS)
+                came = await _held_or_rest(body, HOLD_SECONDS)
                 if isinstance(came, list) and sum(len(chunk) for chunk in came) == total:
                     held, chunks = came, None
                 else:  # (a body cut short is written as far as it came: resumable)
-                    chunks = came if isinstance(came, _Rest) else _Rest(came, None, None)
+                    chunks = came if isinstance(came, _Rest) else _Rest(came)
             if chunks is not None:
                 if part is None:
                     name = await events.named(proposed, total, opened.validator)
@@ -185,8 +187,6 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
             attempt.size = part.size
             raise
     finally:
-        if isinstance(chunks, _Rest):
-            chunks.close()
         if part is not None:
             part.close()
     return Outcome(path=path, name=name, size=part.size, resumed_from=start,
@@ -201,35 +201,30 @@ def _same_name(name: str, chosen: str) -> None:
 async def _held_or_rest(chunks: AsyncIterator[bytes], seconds: float) -> \
         list[bytes] | _Rest:
     """Every chunk of a body that ends within `seconds`; else an iterator of the chunks read
-    so far, then the rest (or the error that cut the body)."""
+    so far, then the rest (or the error that cut the body: what came is written first)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     it = aiter(chunks)
     held: list[bytes] = []
     while True:
-        step = asyncio.ensure_future(anext(it))
         try:
-            done, _ = await asyncio.wait({step}, timeout=max(0.0, deadline - loop.time()))
-        except BaseException:
-            step.cancel()
-            raise
-        if not done or not isinstance(step.exception(), (type(None), StopAsyncIteration)):
-            return _Rest(held, step, it)
-        try:
-            held.append(step.result())
+            held.append(await anext(it))
         except StopAsyncIteration:
             return held
+        except Exception as exc:
+            return _Rest(held, error=exc)
+        if loop.time() > deadline:
+            return _Rest(held, it)
 
 
 class _Rest:
-    """The chunks read so far, then the rest of the body (the read under way first; no
-    iterator: the body ended)."""
+    """The chunks read so far, then the rest of the body (or the error that cut it)."""
 
-    def __init__(self, held: list[bytes], step: asyncio.Future[bytes] | None,
-                 it: AsyncIterator[bytes] | None) -> None:
+    def __init__(self, held: list[bytes], it: AsyncIterator[bytes] | None = None, *,
+                 error: Exception | None = None) -> None:
         self._held = held
-        self._step = step
         self._it = it
+        self._error = error
 
     def __aiter__(self) -> _Rest:
         return self
@@ -237,18 +232,12 @@ class _Rest:
     async def __anext__(self) -> bytes:
         if self._held:
             return self._held.pop(0)
-        if self._step is not None:
-            step, self._step = self._step, None
-            return await step
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         if self._it is None:
             raise StopAsyncIteration
         return await anext(self._it)
-
-    def close(self) -> None:
-        """Stop the read under way (the transfer ends before it was taken)."""
-        if self._step is not None:
-            self._step.cancel()
-            self._step = None
 
 
 async def _stream(opened: Opened, chunks: AsyncIterator[bytes], part: PartFile,
