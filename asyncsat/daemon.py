@@ -23,7 +23,14 @@ from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.embedded import ensure_server
 from asyncsat.db.listener import Listener
-from asyncsat.db.pool import apply_schema, connect, create_pool
+from asyncsat.db.pool import (
+    apply_schema,
+    connect,
+    create_pool,
+    database_schema_version,
+    schema_sql,
+    schema_version,
+)
 from asyncsat.db.store import Store
 from asyncsat.engine import Engine, ProgressSink, wait_any
 from asyncsat.errors import DatabaseUnavailable
@@ -107,7 +114,12 @@ async def _serve(
     served: web.AppRunner | None = None
     try:
         async with pool.acquire() as conn:
-            await apply_schema(conn, always=False)
+            # a release's daemon upgrades an older schema as it starts (`asyncsat init`
+            # need not come first): its statements need this release's functions
+            was = await database_schema_version(conn)
+            if await apply_schema(conn, always=False, upgrade=True) and was is not None:
+                log.info("database schema upgraded", was=was,
+                         version=schema_version(schema_sql()))
         store = Store(pool)
         me = await _register(store, settings)
         metrics = Metrics() if metrics_at is not None else Recorder()

@@ -725,3 +725,13 @@ $$;
 
 CREATE OR REPLACE TRIGGER lease_freed AFTER DELETE ON lease
     FOR EACH ROW EXECUTE FUNCTION asyncsat_lease_freed();
+
+-- The schema's version, raised with every change of this file: a daemon that finds an older
+-- one applies this file when it starts (`asyncsat init` always does); an older release never
+-- lowers it.
+CREATE TABLE IF NOT EXISTS asyncsat_schema (
+    one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+    version integer NOT NULL
+);
+INSERT INTO asyncsat_schema (version) VALUES (1)
+    ON CONFLICT (one) DO UPDATE SET version = greatest(asyncsat_schema.version, EXCLUDED.version);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from typing import Any
 
@@ -34,6 +35,27 @@ CONFLICT_ERRORS: tuple[type[BaseException], ...] = (
 def schema_sql() -> str:
     """The schema shipped inside the package (the top-level schema.sql links to it)."""
     return resources.files("asyncsat").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+def schema_version(sql: str) -> int:
+    """The version schema.sql records (`asyncsat_schema`)."""
+    found = re.search(r"INSERT INTO asyncsat_schema \(version\) VALUES \((\d+)\)", sql)
+    if found is None:
+        raise DatabaseError("schema.sql records no version")
+    return int(found.group(1))
+
+
+async def database_schema_version(conn: Any) -> int | None:
+    """The version of the schema a database has: None for none, 0 for one made before
+    schema versions (0.5 and earlier)."""
+    made, versioned = await conn.fetchrow(
+        "SELECT to_regclass('download') IS NOT NULL, to_regclass('asyncsat_schema') IS NOT NULL")
+    if not made:
+        return None
+    if not versioned:
+        return 0
+    version: int = await conn.fetchval("SELECT version FROM asyncsat_schema")
+    return version
 
 
 async def _init_connection(conn: Any) -> None:
@@ -84,11 +106,16 @@ async def create_pool(dsn: str, *, size: int = 4, idle_in_transaction: float = 3
         raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from None
 
 
-async def apply_schema(conn: Any, *, always: bool) -> bool:
-    """Apply schema.sql; with `always` False only to a database that has none. Returns applied."""
-    if not always and await conn.fetchval("SELECT to_regclass('download') IS NOT NULL"):
-        return False
+async def apply_schema(conn: Any, *, always: bool, upgrade: bool = False) -> bool:
+    """Apply schema.sql: with `always`; else to a database that has no schema, and with
+    `upgrade` to one whose schema is older than this release's (never to a newer one: a
+    release's schema keeps what earlier releases use). Returns applied."""
+    sql = schema_sql()
+    if not always:
+        version = await database_schema_version(conn)
+        if version is not None and (not upgrade or version >= schema_version(sql)):
+            return False
     async with conn.transaction():
         await conn.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
-        await conn.execute(schema_sql())
+        await conn.execute(sql)
     return True
