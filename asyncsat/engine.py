@@ -681,6 +681,8 @@ class _RowEvents:
         self._lease = lease
         self.handed_over = False
         """The slot went on to the next download (`sealing`)."""
+        self._fenced_until = 0.0
+        """Until when the row is surely still this claim's (monotonic; set by `sealing`)."""
         self._name = download.name or ""
         self._on_disk = download.bytes_done
         self._fence = engine._fence(download)
@@ -722,6 +724,7 @@ class _RowEvents:
             extra = {"names": self._names(naming.name), "size": naming.size,
                      "etag": naming.validator.etag,
                      "last_modified": naming.validator.last_modified}
+        sent = time.monotonic()
         # run to its end even if this transfer is cancelled meanwhile: a slot handed over
         # must reach the next transfer (started, then stopped in turn if the daemon stops)
         step, cancelled = await run_to_end(engine.store.call(
@@ -741,7 +744,13 @@ class _RowEvents:
             raise asyncio.CancelledError
         if not sealed.owned:
             raise LeaseLost()
+        # (the database counted the lease from a moment after this statement was sent)
+        self._fenced_until = sent + (sealed.lease_left or 0.0) - \
+            min(2.0, engine.settings.lease_timeout / 4)
         return None if naming is None else self._chosen(naming.name, sealed.name)
+
+    def fenced(self) -> bool:
+        return time.monotonic() < self._fenced_until
 
     async def progress(self, done: int, total: int | None) -> None:
         # bytes written since the last call; a file that starts again from zero counts anew

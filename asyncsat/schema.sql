@@ -639,6 +639,7 @@ CREATE OR REPLACE FUNCTION asyncsat_named(
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_name text;
+    v_index text;
 BEGIN
     FOREACH v_name IN ARRAY p_names LOOP
         BEGIN
@@ -653,7 +654,10 @@ BEGIN
             END IF;
             RETURN v_name;
         EXCEPTION WHEN unique_violation THEN
-            NULL;  -- another download of the folder has that name: the next one
+            GET STACKED DIAGNOSTICS v_index = CONSTRAINT_NAME;
+            IF v_index <> 'download_file_unique' THEN
+                RAISE;
+            END IF;  -- another download of the folder has that name: the next one
         END;
     END LOOP;
     RETURN '';
@@ -733,5 +737,5 @@ CREATE TABLE IF NOT EXISTS asyncsat_schema (
     one     boolean PRIMARY KEY DEFAULT true CHECK (one),
     version integer NOT NULL
 );
-INSERT INTO asyncsat_schema (version) VALUES (1)
+INSERT INTO asyncsat_schema (version) VALUES (2)
     ON CONFLICT (one) DO UPDATE SET version = greatest(asyncsat_schema.version, EXCLUDED.version);

@@ -775,6 +775,8 @@ class Sealed(NamedTuple):
     """The provider's next download, claimed into the slot, as `claim` gives it."""
     name: str | None = None
     """With `names`: the name recorded ('' when every one is taken; None when not owned)."""
+    lease_left: float | None = None
+    """Seconds the row's lease had left when the statement ran (None: not owned)."""
 
 
 async def download_sealing(
@@ -788,17 +790,19 @@ async def download_sealing(
     With `names`, a file held whole in memory records its name, size and validators in the
     same statement (`download_named`: nothing of it is on disk yet). One statement."""
     row = await db.fetchrow(
-        "SELECT o.owned, o.named, n.* FROM (SELECT EXISTS (SELECT 1 FROM download"
-        " WHERE id = $1" + _FENCED.format(o="$2", a="$3") + " AND lease_expires > now())"
-        " AS owned, CASE WHEN $8::text[] IS NOT NULL"
+        "SELECT o.lease_left > 0 AS owned, o.lease_left, o.named, n.* FROM (SELECT (SELECT"
+        " extract(epoch FROM lease_expires - now())::float8 FROM download WHERE id = $1"
+        + _FENCED.format(o="$2", a="$3") + ") AS lease_left, CASE WHEN $8::text[] IS NOT NULL"
         " THEN asyncsat_named($1, $2, $3, $8, $9, $10, $11) END AS named) o"
-        " LEFT JOIN LATERAL asyncsat_hand_over($2, $4, $1, $5, $6, $7 AND o.owned) n ON true",
+        " LEFT JOIN LATERAL asyncsat_hand_over($2, $4, $1, $5, $6,"
+        " $7 AND coalesce(o.lease_left > 0, false)) n ON true",
         download_id, fence.owner, fence.attempt, lease_id, lease_seconds, default_dest,
         hand_over, None if names is None else list(names), size, etag, last_modified)
     following = None
     if row["download_id"] is not None:
         following = (_download(row, id_column="download_id"), row["account"], row["lease_id"])
-    return Sealed(row["owned"], following, row["named"])
+    owned = bool(row["owned"])
+    return Sealed(owned, following, row["named"], row["lease_left"] if owned else None)
 
 
 @dataclass(frozen=True)

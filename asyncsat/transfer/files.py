@@ -17,6 +17,7 @@ from typing import TypeVar
 from asyncsat.checksums import Hasher, new_hasher
 from asyncsat.errors import (
     ChecksumError,
+    LeaseLost,
     PermanentError,
     RetryableError,
     SizeError,
@@ -103,11 +104,13 @@ class PartFile:
         except OSError as exc:
             raise _local_error(self.path, exc) from None
 
-    async def open(self, offset: int) -> None:
+    async def open(self, offset: int, fenced: Callable[[], bool] | None = None) -> None:
         """Open for appending at `offset` (truncating anything after it); hash what is kept.
-        (On the loop: a worker thread costs more than the create, measured with 2,000 files
-        of 64 KiB, in lock handoffs between the threads.)"""
-        self._open(offset)
+        With `fenced`, once the file is locked: LeaseLost unless its row is still surely
+        this claim's (a daemon paused past its lease must not take the file of the daemon
+        that took the download over). (On the loop: a worker thread costs more than the
+        create, measured with 2,000 files of 64 KiB, in lock handoffs between the threads.)"""
+        self._open(offset, fenced)
         self.size = offset
         self._drop_at = sys.maxsize if self.keep_cache else offset + DROP_LAG + DROP_EVERY
         self._head = b"" if offset == 0 else None
@@ -116,7 +119,7 @@ class PartFile:
             if offset:
                 await asyncio.to_thread(self._hash_existing, offset)
 
-    def _open(self, offset: int) -> None:
+    def _open(self, offset: int, fenced: Callable[[], bool] | None = None) -> None:
         try:
             try:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -124,6 +127,11 @@ class PartFile:
                 self.final.parent.mkdir(parents=True, exist_ok=True)
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
             self._lock()
+            if fenced is not None and not fenced():  # (an empty one is this attempt's)
+                if os.fstat(self._fd).st_size == 0:
+                    self.path.unlink(missing_ok=True)
+                self.close()
+                raise LeaseLost()
             if offset > os.fstat(self._fd).st_size:  # changed since it was measured
                 self.close()
                 raise RetryableError(f"{self.path} changed while it was being resumed")

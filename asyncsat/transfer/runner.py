@@ -14,12 +14,13 @@ from asyncsat.naming import name_from_url, sanitize
 from asyncsat.transfer.base import Driver, Opened, Source, Validator
 from asyncsat.transfer.files import PartFile
 
+HOLD_MOST = 1 << 20
+"""The largest file held (`chunk_size`, if smaller)."""
 HOLD_SECONDS = 0.25
 """A new file no larger than a chunk is held in memory while it comes in, until the first
 chunk past this many seconds: one that ends by then records its name with its slot's
 hand-over (one statement, not two); one that takes longer is written as it comes,
-resumable like any other. (At most a chunk is held, as any transfer holds the chunk it
-reads.)"""
+resumable like any other. (At most `HOLD_MOST` bytes and a chunk are held.)"""
 OVERLAP = 4096
 """Bytes fetched again at a resume that no size can verify, and compared with the kept ones."""
 
@@ -73,6 +74,11 @@ class Events(Protocol):
 
     async def progress(self, done: int, total: int | None) -> None:
         """`done` bytes of the file are on disk (called per chunk; throttle in the callee)."""
+        ...
+
+    def fenced(self) -> bool:
+        """Whether the row is surely still this claim's since `sealing` checked it: its
+        lease cannot have lapsed since (no other daemon can have taken it over)."""
         ...
 
     async def sealing(self, naming: Naming | None = None) -> str | None:
@@ -143,11 +149,12 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                 sanitize(job.fallback_name)
             body = stream.chunks(chunk_size)
             chunks: AsyncIterator[bytes] | None = body
-            if not offset and not opened.offset and total is not None and total <= chunk_size:
+            if not offset and not opened.offset and total is not None and \
+                    total <= min(chunk_size, HOLD_MOST):
                 # a new file no larger than a chunk that comes in at once is read whole
                 # first: its name is then recorded with its slot's hand-over, one statement
                 # where there were two (one that takes longer is written as it comes)
-                came = await _held_or_rest(body, HOLD_SECONDS)
+                came = await _held_or_rest(body, total, HOLD_SECONDS)
                 if isinstance(came, list) and sum(len(chunk) for chunk in came) == total:
                     held, chunks = came, None
                 else:  # (a body cut short is written as far as it came: resumable)
@@ -172,12 +179,10 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
             part = PartFile(job.folder, name, job.checksum, keep_cache=job.keep_cache)
             attempt.part = part.path
             start = 0
-            await part.open(0)
-            for chunk in held:
-                await part.write(chunk)
-                attempt.size = part.size
-                await events.progress(part.size, total)
-            held.clear()  # (in the page cache now: not held while the file waits for fsync)
+            # locked while the row is surely still this claim's, and kept locked until the
+            # rename (the fence the sealing statement checked, as a streamed file's is)
+            await part.open(0, events.fenced)
+            await _write_held(part, held, events, attempt, total)
         else:
             assert part is not None
             await events.sealing()
@@ -193,27 +198,42 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                    restarted=offset > 0 and start == 0)
 
 
+async def _write_held(part: PartFile, held: list[bytes], events: Events, attempt: Attempt,
+                      total: int | None) -> None:
+    """Write a held body (and let it go: the file may wait a while for its fsync)."""
+    while held:
+        chunk = held.pop(0)
+        await part.write(chunk)
+        attempt.size = part.size
+        await events.progress(part.size, total)
+
+
 def _same_name(name: str, chosen: str) -> None:
     if chosen != name:  # another product has that name: the next attempt takes it
         raise RetryableError(f"the file is to be named {chosen!r}, not {name!r}")
 
 
-async def _held_or_rest(chunks: AsyncIterator[bytes], seconds: float) -> \
+async def _held_or_rest(chunks: AsyncIterator[bytes], total: int, seconds: float) -> \
         list[bytes] | _Rest:
-    """Every chunk of a body that ends within `seconds`; else an iterator of the chunks read
-    so far, then the rest (or the error that cut the body: what came is written first)."""
+    """Every chunk of a body of `total` bytes that ends within `seconds`; else an iterator
+    of the chunks read so far, then the rest (or the error that cut the body: what came is
+    written first). No more than `total` bytes and a chunk are held (a server may send more
+    than it announced)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     it = aiter(chunks)
     held: list[bytes] = []
+    got = 0
     while True:
         try:
-            held.append(await anext(it))
+            chunk = await anext(it)
         except StopAsyncIteration:
             return held
         except Exception as exc:
             return _Rest(held, error=exc)
-        if loop.time() > deadline:
+        held.append(chunk)
+        got += len(chunk)
+        if got > total or loop.time() > deadline:
             return _Rest(held, it)
 
 

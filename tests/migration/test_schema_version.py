@@ -20,7 +20,7 @@ OLD = Path(__file__).with_name("schema_0_5.sql")
 """The schema of the last release before versions (its daemons record `done` with
 `asyncsat_done`; this release's also need `asyncsat_named`)."""
 
-KNOWN = {1: "24b7874fda5b8a1fb345f842e53c7999858fc6bf96d96d626af379a7b07c4e89"}
+KNOWN = {2: "00258ba85c8ce0d9358c61c6cdb67723908d31bcf1a5c0edf411f392727fe1e3"}
 """schema.sql's SHA-256 for each version: a change of the file must raise its version."""
 
 

@@ -1,0 +1,158 @@
+"""The held path of a transfer (a small new file read whole before it is written), against
+a driver that serves bytes from memory: the fence is kept up to the rename, the body is
+let go once written, and no more than the file's size is held."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncsat.errors import LeaseLost, RetryableError
+from asyncsat.transfer import files, runner
+from asyncsat.transfer.base import Opened, Source, Validator
+from asyncsat.transfer.runner import Attempt, Job, Naming, transfer
+
+CHUNK = 1 << 20
+
+
+class _Stream:
+    def __init__(self, body: Callable[[int], AsyncIterator[bytes]], total: int | None) -> None:
+        self.opened = Opened(0, total, validator=Validator('"v"'))
+        self._body = body
+
+    def chunks(self, size: int) -> AsyncIterator[bytes]:
+        return self._body(size)
+
+
+class _Driver:
+    def __init__(self, body: Callable[[int], AsyncIterator[bytes]], total: int | None) -> None:
+        self._body, self._total = body, total
+
+    @asynccontextmanager
+    async def open(self, source: Source, offset: int, validator: Validator) -> \
+            AsyncIterator[_Stream]:
+        yield _Stream(self._body, self._total)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _body_of(data: bytes) -> Callable[[int], AsyncIterator[bytes]]:
+    async def body(size: int) -> AsyncIterator[bytes]:
+        for i in range(0, len(data), size):
+            yield data[i:i + size]
+    return body
+
+
+class _Events:
+    """A claim whose `sealing` runs `meanwhile` after its statement said "owned" (where a
+    daemon paused past its lease would be), and whose lease then lapsed."""
+
+    def __init__(self, meanwhile: Callable[[], Any] | None = None) -> None:
+        self.meanwhile = meanwhile
+        self.lapsed = False
+
+    async def named(self, name: str, size: int | None, validator: Validator) -> str:
+        return name
+
+    async def progress(self, done: int, total: int | None) -> None:
+        pass
+
+    def fenced(self) -> bool:
+        return not self.lapsed
+
+    async def sealing(self, naming: Naming | None = None) -> str | None:
+        if self.meanwhile is not None:
+            await self.meanwhile()
+            self.lapsed = True
+        return None if naming is None else naming.name
+
+
+def _job(folder: Path, size: int | None = None) -> Job:
+    return Job(Source("http://x/a.nc"), folder, "a.nc", size, None)
+
+
+@pytest.mark.parametrize("size", [100_000, 3 * CHUNK])
+async def test_a_daemon_paused_after_its_seal_never_replaces_the_file_of_the_one_that_took_over(
+        tmp_path: Path, size: int) -> None:
+    """A seals, then is paused past its lease; B takes the row over, downloads the file
+    (a new version of it), renames it and records it done. When A resumes, B's file stays:
+    a held file (100 kB) is locked only while its row is surely its claim's, a streamed one
+    (3 MiB) was locked before its seal (B could not write it)."""
+    v1, v2 = b"1" * size, b"2" * size
+    final = tmp_path / "a.nc"
+    b_got: list[BaseException | Path] = []
+
+    async def b_takes_over() -> None:
+        try:
+            done = await transfer(_Driver(_body_of(v2), len(v2)), _job(tmp_path), _Events(),
+                                  Attempt(), CHUNK)
+            b_got.append(done.path)
+        except RetryableError as exc:
+            b_got.append(exc)
+
+    try:
+        await transfer(_Driver(_body_of(v1), len(v1)), _job(tmp_path),
+                       _Events(meanwhile=b_takes_over), Attempt(), CHUNK)
+    except LeaseLost:
+        assert size <= CHUNK  # (the held one finds out as it locks its file)
+    [b] = b_got
+    if isinstance(b, Path):
+        assert final.read_bytes() == v2, "A, its lease lapsed, replaced B's file"
+        assert not list(tmp_path.glob("*.part"))
+    else:
+        assert "another process" in str(b)
+
+
+async def test_a_held_body_is_let_go_before_its_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files wait for their fsync in a queue: they must not keep their bodies meanwhile."""
+    data = b"x" * 200_000
+    kept: list[int] = []
+    real = files.PartFile.finish
+
+    async def finish(self: files.PartFile, expected: int | None, name: str) -> Path:
+        caller = sys._getframe(1)  # the transfer's frame
+        kept.append(sum(len(v) for v in caller.f_locals.values() if isinstance(v, bytes)))
+        kept.append(sum(len(c) for v in caller.f_locals.values() if isinstance(v, list)
+                        for c in v if isinstance(c, bytes)))
+        return await real(self, expected, name)
+
+    monkeypatch.setattr(files.PartFile, "finish", finish)
+    done = await transfer(_Driver(_body_of(data), len(data)), _job(tmp_path), _Events(),
+                          Attempt(), CHUNK)
+    assert kept == [0, 0]
+    assert done.path.read_bytes() == data
+
+
+async def test_no_more_than_the_announced_size_is_held(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A catalog size of 1 kB and a server that sends much more, and fast: what is held stops
+    past the size (the size check then fails the attempt, as for a streamed file)."""
+    blob = b"z" * CHUNK
+    held: list[int] = []
+
+    async def endless(size: int) -> AsyncIterator[bytes]:
+        for _ in range(2000):
+            await asyncio.sleep(0)
+            yield blob
+
+    real = runner._held_or_rest
+
+    async def spy(chunks: AsyncIterator[bytes], total: int, seconds: float) -> Any:
+        came = await real(chunks, total, seconds)
+        got = came if isinstance(came, list) else came._held
+        held.append(sum(len(c) for c in got))
+        return came
+
+    monkeypatch.setattr(runner, "_held_or_rest", spy)
+    with pytest.raises(RetryableError):
+        await transfer(_Driver(endless, None), _job(tmp_path, size=1000), _Events(),
+                       Attempt(), CHUNK)
+    assert held == [CHUNK]
