@@ -504,8 +504,9 @@ class Engine:
             # and puts it back in the queue if nobody took it)
             await _to_the_end(self._after_stop(d, attempt, bound))
             raise
-        except LeaseLost:
-            bound.warning("lease lost: the file is left to the daemon that took it over")
+        except LeaseLost:  # (its lease lapsed: back in the queue unless another daemon has
+            # it now, then the file is left to that one)
+            await _to_the_end(self._after_stop(d, attempt, bound, reason="lease lapsed"))
         except OfflineError as exc:
             account = f"login:{d.login_user}" if d.login_user else lease.account
             await _to_the_end(self._after_offline(d, provider, exc, attempt, bound, auth,
@@ -572,7 +573,8 @@ class Engine:
                    for_request=request_id)
         await self.store.call(queries.copies_made, d.id)
 
-    async def _after_stop(self, d: Download, attempt: Attempt, bound: Any) -> None:
+    async def _after_stop(self, d: Download, attempt: Attempt, bound: Any,
+                          reason: str = "stopped") -> None:
         on_disk = attempt.on_disk()  # not the last progress write: what the .part holds
         if d.claimed_from == "offline":  # stopped while looking at it: offline it stays
             await self.store.call(queries.download_unclaim_offline, d.id, self._fence(d))
@@ -589,9 +591,9 @@ class Engine:
         elif status == "cancelled":
             bound.info("download cancelled", bytes_done=on_disk)
         elif status == "offline":
-            bound.info("download offline", reason="stopped")
+            bound.info("download offline", reason=reason)
         else:
-            bound.info("download queued", reason="stopped", bytes_done=on_disk)
+            bound.info("download queued", reason=reason, bytes_done=on_disk)
         self._finished(d, "queued" if status in (None, "running") else status)
 
     async def _after_failure(

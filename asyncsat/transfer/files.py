@@ -127,10 +127,8 @@ class PartFile:
                 self.final.parent.mkdir(parents=True, exist_ok=True)
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
             self._lock()
-            if fenced is not None and not fenced():  # (an empty one is this attempt's)
-                if os.fstat(self._fd).st_size == 0:
-                    self.path.unlink(missing_ok=True)
-                self.close()
+            if fenced is not None and not fenced():  # (left as it is: it may be the file
+                self.close()  # of the daemon that took the download over, just created)
                 raise LeaseLost()
             if offset > os.fstat(self._fd).st_size:  # changed since it was measured
                 self.close()

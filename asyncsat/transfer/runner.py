@@ -278,6 +278,12 @@ async def _stream(opened: Opened, chunks: AsyncIterator[bytes], part: PartFile,
     attempt.size = start
     try:
         async for chunk in chunks:
+            if total is not None and part.size + len(chunk) > total:
+                # more than the size to check against (no Content-Length, a growing file):
+                # not this product: emptied, and never written past it
+                part.truncate()
+                raise SizeError(f"size mismatch: the server sends more than {total} bytes",
+                                evidence=f"size:>{total}")
             await part.write(chunk)
             attempt.size = part.size
             await events.progress(part.size, total)

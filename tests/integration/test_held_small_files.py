@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +127,33 @@ async def test_a_small_file_cut_short_resumes_from_its_bytes(
     assert [g["range"] for g in _gets(server, "cut.nc")] == [None, "bytes=120000-"]
     [row] = await rows(dsn)
     assert row["status"] == "done" and row["attempts"] == 2
+
+
+async def test_a_lone_daemon_stalled_past_its_lease_after_a_seal_gets_its_row_back(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One daemon stalls (SIGSTOP, a paused VM, a blocked loop) between the sealing
+    statement's answer and the lock of the held file, past its lease: the file is not
+    written then, and the row goes back to the queue (no other daemon takes it over: it
+    must not stay `running` for ever), to be fetched again."""
+    await add_provider(dsn, "local", server.base, {})
+    body = os.urandom(50_000)
+    server.add("a.nc", body)
+    await queue(dsn, server.url("a.nc"))
+    real = queries.download_sealing
+    stalled: list[int] = []
+
+    async def sealing_then_stalled(*args: Any, **kw: Any) -> Any:
+        sealed = await real(*args, **kw)
+        if not stalled:
+            stalled.append(1)
+            time.sleep(2.5)  # the whole process, past its 2 s lease
+        return sealed
+
+    monkeypatch.setattr(queries, "download_sealing", sealing_then_stalled)
+    await asyncio.wait_for(daemon.serve(replace(settings, lease_timeout=2.0), Redactor(),
+                                        exit_when_idle=True), 20)
+    [row] = await rows(dsn)
+    assert stalled and row["status"] == "done" and row["attempts"] == 2
+    assert Path(row["path"]).read_bytes() == body
+    assert len(_gets(server, "a.nc")) == 2

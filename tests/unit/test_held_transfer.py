@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from asyncsat.errors import LeaseLost, RetryableError
+from asyncsat.errors import LeaseLost, RetryableError, SizeError
 from asyncsat.transfer import files, runner
 from asyncsat.transfer.base import Opened, Source, Validator
 from asyncsat.transfer.runner import Attempt, Job, Naming, transfer
@@ -105,7 +105,7 @@ async def test_a_daemon_paused_after_its_seal_never_replaces_the_file_of_the_one
     [b] = b_got
     if isinstance(b, Path):
         assert final.read_bytes() == v2, "A, its lease lapsed, replaced B's file"
-        assert not list(tmp_path.glob("*.part"))
+        assert all(p.stat().st_size == 0 for p in tmp_path.glob("*.part"))
     else:
         assert "another process" in str(b)
 
@@ -133,8 +133,8 @@ async def test_a_held_body_is_let_go_before_its_fsync(
 
 async def test_no_more_than_the_announced_size_is_held(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A catalog size of 1 kB and a server that sends much more, and fast: what is held stops
-    past the size (the size check then fails the attempt, as for a streamed file)."""
+    """A catalog size of 1 kB and a server that sends much more, and fast, with no
+    Content-Length: what is held stops past the size, and nothing past it is written."""
     blob = b"z" * CHUNK
     held: list[int] = []
 
@@ -152,7 +152,33 @@ async def test_no_more_than_the_announced_size_is_held(
         return came
 
     monkeypatch.setattr(runner, "_held_or_rest", spy)
-    with pytest.raises(RetryableError):
+    attempt = Attempt()
+    with pytest.raises(SizeError) as raised:
         await transfer(_Driver(endless, None), _job(tmp_path, size=1000), _Events(),
-                       Attempt(), CHUNK)
+                       attempt, CHUNK)
     assert held == [CHUNK]
+    # nor is more than the size written: the part is emptied at the first chunk past it
+    assert raised.value.evidence == "size:>1000"
+    assert (tmp_path / "a.nc.part").stat().st_size == 0 and attempt.size == 0
+
+
+async def test_a_paused_daemon_that_finds_its_fence_lapsed_leaves_the_new_owners_part_alone(
+        tmp_path: Path) -> None:
+    """B (which took the download over) has created `a.nc.part` and is about to lock it; A
+    (paused past its lease) opens the same file and locks it first, finds its fence
+    lapsed, and lets it go: B then writes and renames its file (an unlink by A would have
+    left B writing into a file with no name)."""
+    data = b"x" * 100_000
+    b = files.PartFile(tmp_path, "a.nc", None)
+    a = files.PartFile(tmp_path, "a.nc", None)
+    lock = b._lock
+
+    def a_first() -> None:  # between B's open(2) and B's flock(2)
+        with pytest.raises(LeaseLost):
+            a._open(0, lambda: False)
+        lock()
+
+    b._lock = a_first  # type: ignore[method-assign]
+    await b.open(0)
+    await b.write(data)
+    assert (await b.finish(len(data), "a.nc")).read_bytes() == data
