@@ -23,14 +23,7 @@ from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.embedded import ensure_server
 from asyncsat.db.listener import Listener
-from asyncsat.db.pool import (
-    apply_schema,
-    connect,
-    create_pool,
-    database_schema_version,
-    schema_sql,
-    schema_version,
-)
+from asyncsat.db.pool import apply_schema, check_schema, connect, create_pool
 from asyncsat.db.store import Store
 from asyncsat.engine import Engine, ProgressSink, wait_any
 from asyncsat.errors import DatabaseUnavailable
@@ -114,12 +107,8 @@ async def _serve(
     served: web.AppRunner | None = None
     try:
         async with pool.acquire() as conn:
-            # a release's daemon upgrades an older schema as it starts (`asyncsat init`
-            # need not come first): its statements need this release's functions
-            was = await database_schema_version(conn)
-            if await apply_schema(conn, always=False, upgrade=True) and was is not None:
-                log.info("database schema upgraded", was=was,
-                         version=schema_version(schema_sql()))
+            await apply_schema(conn, always=False)
+            await check_schema(conn)  # (a schema of an earlier release lacks functions)
         store = Store(pool)
         me = await _register(store, settings)
         metrics = Metrics() if metrics_at is not None else Recorder()

@@ -730,12 +730,12 @@ $$;
 CREATE OR REPLACE TRIGGER lease_freed AFTER DELETE ON lease
     FOR EACH ROW EXECUTE FUNCTION asyncsat_lease_freed();
 
--- The schema's version, raised with every change of this file: a daemon that finds an older
--- one applies this file when it starts (`asyncsat init` always does); an older release never
--- lowers it.
+-- The schema's version, raised with every change of this file: a daemon does not start on an
+-- older one (`asyncsat init` upgrades it), and `asyncsat init` of a release never applies this
+-- file to a newer one.
 CREATE TABLE IF NOT EXISTS asyncsat_schema (
     one     boolean PRIMARY KEY DEFAULT true CHECK (one),
     version integer NOT NULL
 );
-INSERT INTO asyncsat_schema (version) VALUES (2)
+INSERT INTO asyncsat_schema (version) VALUES (3)
     ON CONFLICT (one) DO UPDATE SET version = greatest(asyncsat_schema.version, EXCLUDED.version);

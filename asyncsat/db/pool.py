@@ -106,16 +106,34 @@ async def create_pool(dsn: str, *, size: int = 4, idle_in_transaction: float = 3
         raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from None
 
 
-async def apply_schema(conn: Any, *, always: bool, upgrade: bool = False) -> bool:
-    """Apply schema.sql: with `always`; else to a database that has no schema, and with
-    `upgrade` to one whose schema is older than this release's (never to a newer one: a
-    release's schema keeps what earlier releases use). Returns applied."""
+async def apply_schema(conn: Any, *, always: bool) -> bool:
+    """Apply schema.sql: with `always` (`asyncsat init`), else to a database with no schema.
+    Never to a database of a newer release (its functions would be replaced with this
+    release's): DatabaseError. Returns applied."""
     sql = schema_sql()
-    if not always:
-        version = await database_schema_version(conn)
-        if version is not None and (not upgrade or version >= schema_version(sql)):
-            return False
+    if not always and await database_schema_version(conn) is not None:
+        return False
     async with conn.transaction():
         await conn.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+        version = await database_schema_version(conn)  # (again: under the lock)
+        if version is not None and not always:
+            return False  # (made meanwhile)
+        if version is not None and version > schema_version(sql):
+            raise DatabaseError(
+                f"the database has the schema of a newer asyncsat release (version "
+                f"{version}, this release's is {schema_version(sql)}): upgrade asyncsat, "
+                "not the database")
         await conn.execute(sql)
     return True
+
+
+async def check_schema(conn: Any) -> None:
+    """DatabaseError when the database's schema is older than this release's: its daemon
+    needs this release's functions (`asyncsat init` upgrades the schema; it is not done at
+    a daemon's start, where it would lock tables under the daemons still running)."""
+    version = await database_schema_version(conn)
+    mine = schema_version(schema_sql())
+    if version is not None and version < mine:
+        raise DatabaseError(
+            f"the database has the schema of an earlier asyncsat release (version {version},"
+            f" this release needs {mine}): `asyncsat init` upgrades it")

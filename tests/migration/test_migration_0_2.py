@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 from email.utils import formatdate
 from pathlib import Path
@@ -131,25 +130,19 @@ async def test_a_0_2_database_is_upgraded_and_its_running_download_resumed(
 
 async def test_a_0_2_database_not_upgraded_yet_says_to_run_init(
         pg: PgCluster, tmp_path: Path) -> None:
-    """An operator who upgraded asyncsat but forgot `asyncsat init` is told to run it by a
-    command; a daemon upgrades the schema itself as it starts."""
+    """An operator who upgraded asyncsat but forgot `asyncsat init` is told to run it."""
     dsn, old = await new_database(pg)
     try:
         await old.execute(OLD.read_text())
     finally:
         await old.close()
     home = tmp_path / "home"
-    told = await asyncio.to_thread(cli, "status", dsn=dsn, home=home, timeout=30)
-    assert told.returncode == 1, told.stderr
-    assert "`asyncsat init` upgrades it" in told.stderr, told.stderr
-    assert told.stderr.count("\n") == 1
-    run = await asyncio.to_thread(cli, "--log-format", "json", "run", "--exit-when-idle",
-                                  dsn=dsn, home=home, timeout=30)
-    assert run.returncode == 0, run.stderr
-    [upgraded] = [json.loads(line) for line in run.stdout.splitlines()
-                  if "database schema upgraded" in line]
-    assert upgraded["was"] == 0 and upgraded["version"] >= 1
-    status = await asyncio.to_thread(cli, "status", dsn=dsn, home=home)
-    assert status.returncode == 0, status.stderr
+    for args in (("run", "--exit-when-idle"), ("status",)):
+        told = await asyncio.to_thread(cli, *args, dsn=dsn, home=home, timeout=30)
+        assert told.returncode == 1, told.stderr
+        assert "`asyncsat init` upgrades it" in told.stderr, told.stderr
+        assert told.stderr.count("\n") == 1
     init = await asyncio.to_thread(cli, "init", dsn=dsn, home=home)
     assert init.returncode == 0, init.stderr
+    status = await asyncio.to_thread(cli, "status", dsn=dsn, home=home)
+    assert status.returncode == 0, status.stderr
