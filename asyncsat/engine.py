@@ -204,8 +204,7 @@ class Engine:
                 task = self._tasks.get(download_id)
                 # (one let go meanwhile is stopping already)
                 if task is not None and not task.done() and not task.cancelling():
-                    log.warning("lease lost: another daemon took the download over",
-                                download_id=download_id)
+                    log.warning("lease lost: the download is let go", download_id=download_id)
                     self._lost.add(download_id)
                     task.cancel("lease lost")
 
@@ -583,7 +582,9 @@ class Engine:
             status = await self.store.call(queries.download_stopped, d.id, self._fence(d),
                                            error=d.error, failures=d.failures,
                                            bytes_done=on_disk)
-        if d.id in self._lost or status == "running":  # (running: another daemon's now)
+        # (running: another daemon's now; queued: its lease lapsed and nobody took it, put
+        # back here)
+        if status == "running" or (d.id in self._lost and status != "queued"):
             bound.warning("lease lost: another daemon took the download over",
                           now=status or "removed")
         elif status is None:  # its provider was removed (`provider remove --force`)
@@ -593,7 +594,8 @@ class Engine:
         elif status == "offline":
             bound.info("download offline", reason=reason)
         else:
-            bound.info("download queued", reason=reason, bytes_done=on_disk)
+            bound.info("download queued", bytes_done=on_disk,
+                       reason="lease lapsed" if d.id in self._lost else reason)
         self._finished(d, "queued" if status in (None, "running") else status)
 
     async def _after_failure(

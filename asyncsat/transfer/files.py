@@ -120,6 +120,8 @@ class PartFile:
                 await asyncio.to_thread(self._hash_existing, offset)
 
     def _open(self, offset: int, fenced: Callable[[], bool] | None = None) -> None:
+        if fenced is not None and not fenced():  # (lapsed already: no file made)
+            raise LeaseLost()
         try:
             try:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)

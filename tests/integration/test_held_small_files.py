@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from asyncsat import daemon
 from asyncsat.config import Settings
@@ -151,9 +152,14 @@ async def test_a_lone_daemon_stalled_past_its_lease_after_a_seal_gets_its_row_ba
         return sealed
 
     monkeypatch.setattr(queries, "download_sealing", sealing_then_stalled)
-    await asyncio.wait_for(daemon.serve(replace(settings, lease_timeout=2.0), Redactor(),
-                                        exit_when_idle=True), 20)
+    with capture_logs() as logs:
+        await asyncio.wait_for(daemon.serve(replace(settings, lease_timeout=2.0), Redactor(),
+                                            exit_when_idle=True), 20)
     [row] = await rows(dsn)
     assert stalled and row["status"] == "done" and row["attempts"] == 2
+    # put back by this daemon, not taken over by another
+    told = [(e["event"], e.get("reason")) for e in logs if e.get("download_id") == row["id"]]
+    assert ("download queued", "lease lapsed") in told, told
+    assert not [e for e, _ in told if "another daemon" in e], told
     assert Path(row["path"]).read_bytes() == body
     assert len(_gets(server, "a.nc")) == 2
