@@ -25,15 +25,16 @@ from asyncsat.db.embedded import ensure_server
 from asyncsat.db.listener import Listener
 from asyncsat.db.pool import apply_schema, check_schema, connect, create_pool
 from asyncsat.db.store import Store
-from asyncsat.engine import Engine, ProgressSink, wait_any
 from asyncsat.errors import DatabaseUnavailable
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Metrics, Recorder
 from asyncsat.models import TERMINAL
-from asyncsat.transfer.registry import Drivers
+from asyncsat.tasks import wait_any
 
 if TYPE_CHECKING:
     from aiohttp import web
+
+    from asyncsat.engine import Engine, ProgressSink
 
 log = structlog.get_logger("asyncsat")
 
@@ -103,6 +104,10 @@ async def _serve(
     if pool is None:
         log.info("daemon stopped")
         return
+    # (here, not at the top: the other commands need no HTTP client, no engine)
+    from asyncsat.engine import Engine
+    from asyncsat.transfer.registry import Drivers
+
     drivers = Drivers()
     served: web.AppRunner | None = None
     try:

@@ -43,7 +43,7 @@ from asyncsat.models import Download, Provider, Request
 from asyncsat.progress import RateMeter, eta
 from asyncsat.resolver import Resolver, settled
 from asyncsat.retry import Policy, budget, decide
-from asyncsat.tasks import run_to_end
+from asyncsat.tasks import run_to_end, wait_any
 from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.registry import Drivers
 from asyncsat.transfer.runner import Attempt, Job, Naming, Outcome, transfer
@@ -67,16 +67,6 @@ class ProgressSink(Protocol):
     def progress(self, download_id: int, name: str, done: int, total: int | None) -> None: ...
 
     def finished(self, download_id: int, status: str) -> None: ...
-
-
-async def wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
-    """Return when any event is set, or after `timeout` seconds."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
 
 
 class Engine:

@@ -23,3 +23,13 @@ async def run_to_end(step: Awaitable[T]) -> tuple[asyncio.Future[T], bool]:
         except BaseException:
             break  # the step failed: its exception is the future's
     return future, cancelled
+
+
+async def wait_any(*events: asyncio.Event, timeout: float | None = None) -> None:
+    """Return when any event is set, or after `timeout` seconds."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
