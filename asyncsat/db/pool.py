@@ -110,19 +110,19 @@ async def apply_schema(conn: Any, *, always: bool) -> bool:
     """Apply schema.sql: with `always` (`asyncsat init`), else to a database with no schema.
     Never to a database of a newer release (its functions would be replaced with this
     release's): DatabaseError. Returns applied."""
-    sql = schema_sql()
     if not always and await database_schema_version(conn) is not None:
         return False
+    sql = schema_sql()
+    mine = schema_version(sql)
     async with conn.transaction():
         await conn.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
         version = await database_schema_version(conn)  # (again: under the lock)
         if version is not None and not always:
             return False  # (made meanwhile)
-        if version is not None and version > schema_version(sql):
+        if version is not None and version > mine:
             raise DatabaseError(
                 f"the database has the schema of a newer asyncsat release (version "
-                f"{version}, this release's is {schema_version(sql)}): upgrade asyncsat, "
-                "not the database")
+                f"{version}, this release's is {mine}): upgrade asyncsat, not the database")
         await conn.execute(sql)
     return True
 

@@ -171,10 +171,9 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
         # the body is in and its connection given back: the account's slot goes too, and the
         # next file starts while this one is checked, flushed to disk and renamed
         if held is not None:
+            # (a row named already keeps its name: no other download of the folder has it)
             chosen = await events.sealing(Naming(proposed, total, opened.validator))
             assert chosen is not None
-            if part is not None:
-                _same_name(name, chosen)
             name = chosen
             part = PartFile(job.folder, name, job.checksum, keep_cache=job.keep_cache)
             attempt.part = part.path
