@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -283,25 +284,35 @@ async def _queue_status(store: Store) -> str | None:
     return ", ".join(figures)
 
 
+LOOK_GAP = 0.05
+"""Seconds at least between two looks of `get --wait` at its request while a daemon works
+it: every download's change sends a NOTIFY (hundreds a second with small files), and each
+look is a query the daemon's own statements wait behind."""
+
+
 async def wait_for_request(
     settings: Settings, request_id: int, *, tick: Callable[[], Awaitable[None]] | None = None,
-) -> dict[str, int]:
+) -> None:
     """Wait until every download of a request is final (served by a running daemon);
     `tick()` meanwhile, every `progress_interval` seconds (to show progress)."""
     changed = asyncio.Event()
     conn = await connect(await resolve_dsn(settings))
     try:
         await conn.add_listener("asyncsat_status", lambda *_a: changed.set())
+        ticked = float("-inf")
         while True:
             changed.clear()
-            status, _error, counts = await queries.request_state(conn, request_id)
-            if status != "queued" and not set(counts) - TERMINAL:
-                return counts
-            if tick is not None:
+            looked = time.monotonic()
+            if await queries.request_settled(conn, request_id, sorted(TERMINAL)):
+                return
+            if tick is not None and looked - ticked >= settings.progress_interval:
+                ticked = looked
                 await tick()
             # the timeout is a safety net for a lost notification, not the wake-up path
             await wait_any(changed, timeout=5.0 if tick is None else
-                           min(5.0, settings.progress_interval))
+                           min(5.0, max(0.0, ticked + settings.progress_interval -
+                                        time.monotonic())))
+            await asyncio.sleep(max(0.0, looked + LOOK_GAP - time.monotonic()))
     finally:
         with suppress(Exception):
             await conn.close()

@@ -32,3 +32,44 @@ async def test_settled_once_resolved_and_every_download_final(dsn: str, db: Any)
 async def test_a_request_deleted_meanwhile_is_settled(db: Any) -> None:
     """(it returned None before, and `get --wait` waited for ever)"""
     assert await queries.request_settled(db, 123456, T) is True
+
+
+async def test_a_waiter_looks_at_its_request_a_few_times_not_at_every_change(
+        dsn: str, db: Any, settings: Any, monkeypatch: Any) -> None:
+    """`get --wait` beside a running daemon: every download that changes sends a NOTIFY
+    (hundreds a second with small files); the waiter looks at the request at most every
+    `LOOK_GAP` seconds, not once per change (each look is a query the daemon's statements
+    queue behind), and still returns once the last download is done."""
+    import asyncio
+
+    from asyncsat import daemon
+
+    await add_provider(dsn, "hub", "http://127.0.0.1:9/")
+    rid = await db.fetchval("INSERT INTO request (urls, status) VALUES ('{}', 'resolved')"
+                            " RETURNING id")
+    ids = [await db.fetchval(
+        "INSERT INTO download (request_id, provider_id, url) SELECT $1, id, $2 FROM provider"
+        " RETURNING id", rid, f"http://127.0.0.1:9/{n}") for n in range(300)]
+    await db.executemany("INSERT INTO request_download (request_id, download_id)"
+                         " VALUES ($1, $2)", [(rid, i) for i in ids])
+    looks = 0
+
+    def counted(query: Any) -> Any:
+        async def look(*args: Any) -> Any:
+            nonlocal looks
+            looks += 1
+            return await query(*args)
+        return look
+
+    for name in ("request_settled", "request_state"):  # (what a look may ask)
+        monkeypatch.setattr(queries, name, counted(getattr(queries, name)))
+    waiter = asyncio.create_task(daemon.wait_for_request(settings, rid))
+    await asyncio.sleep(0.3)
+    started = asyncio.get_running_loop().time()
+    for i in ids:  # one commit (and NOTIFY) per download, as the daemon makes them
+        await db.execute("UPDATE download SET status = 'done' WHERE id = $1", i)
+    took = asyncio.get_running_loop().time() - started
+    await asyncio.wait_for(waiter, 5)
+    # (one look at the start, one per LOOK_GAP while the changes came, and the last)
+    assert looks <= 3 + took / daemon.LOOK_GAP, (looks, took)
+    assert looks < len(ids) / 3
