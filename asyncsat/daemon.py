@@ -306,8 +306,8 @@ async def wait_for_request(
             if await queries.request_settled(conn, request_id, sorted(TERMINAL)):
                 return
             if tick is not None and looked - ticked >= settings.progress_interval:
-                ticked = looked
                 await tick()
+                ticked = time.monotonic()  # (a slow one does not make the next one sooner)
             # the timeout is a safety net for a lost notification, not the wake-up path
             await wait_any(changed, timeout=5.0 if tick is None else
                            min(5.0, max(0.0, ticked + settings.progress_interval -

@@ -48,15 +48,29 @@ def ready_dsn(pgdata: Path) -> str | None:
         return None
     try:
         lines = [line.strip() for line in (pgdata / "postmaster.pid").read_text().splitlines()]
-        if len(lines) != 8 or lines[7] != "ready" or not lines[4] or not lines[3]:
+        if len(lines) != 8 or lines[7] != "ready" or not lines[4] or not lines[3] or \
+                Path(lines[1]) != pgdata.resolve():
             return None
-        program = Path(f"/proc/{int(lines[0])}/cmdline").read_bytes().split(b"\0", 1)[0]
-        if not program.endswith(b"postgres") or \
+        pid = int(lines[0])
+        program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+        # the postmaster that wrote the file: its program, and its start (a pid reused
+        # after a crash or a reboot is another process, started at another time)
+        if os.path.basename(program) != b"postgres" or \
+                abs(_started(pid) - int(lines[2])) > 2 or \
                 not (Path(lines[4]) / f".s.PGSQL.{int(lines[3])}").exists():
             return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError, StopIteration):
         return None
     return f"postgresql://postgres:@/postgres?host={lines[4]}"
+
+
+def _started(pid: int) -> float:
+    """When a process started, in seconds since the epoch (Linux's /proc)."""
+    # (the command's name, in parentheses, may hold spaces: the fields follow the last one)
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime "))
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def created(home: Path) -> bool:
