@@ -263,7 +263,7 @@ class Engine:
                     self._requests_at = now + REQUESTS_RECHECK
                     more_requests = await self._resolve_requests()
                     self._follow_in = await self.store.call(queries.next_request_due,
-                                                            self.resolver.busy)
+                                                            self.resolver.busy, self.owner)
                     if self._follow_in is not None:  # measured from now, the wait's start
                         # (one due but not taken, being searched by another daemon, is
                         # looked at again a second later, not in a busy loop)

@@ -358,17 +358,21 @@ async def request_product_keys(db: Any, request_id: int) -> set[str]:
     return {r["key"] for r in rows}
 
 
-async def next_request_due(db: Any, exclude: Sequence[int] = ()) -> float | None:
+async def next_request_due(db: Any, exclude: Sequence[int] = (),
+                           daemon_id: str | None = None) -> float | None:
     """Seconds until the next standing request is to be searched again, or a queued one may
     be taken (another daemon resolves it: when its mark lapses; another daemon's
     transaction held it: now), None: none; but those in `exclude` (being searched here:
-    their next run is set when they end)."""
+    their next run is set when they end). The marks of `daemon_id` (this daemon's, as
+    `request_lock_queued` reads them) put nothing off: a search that just ended here may
+    not have cleared its mark yet."""
     value: float | None = await db.fetchval(
         "SELECT extract(epoch FROM min(greatest("
         "  CASE WHEN status = 'following' THEN coalesce(next_run, now()) ELSE now() END,"
-        "  CASE WHEN resolving_until > now() THEN resolving_until END)) - now())::float8"
+        "  CASE WHEN resolving_until > now() AND resolver IS DISTINCT FROM $2"
+        "   THEN resolving_until END)) - now())::float8"
         " FROM request WHERE status IN ('following', 'queued')"
-        " AND NOT id = ANY($1::bigint[])", list(exclude))
+        " AND NOT id = ANY($1::bigint[])", list(exclude), daemon_id)
     return None if value is None else max(0.0, value)
 
 

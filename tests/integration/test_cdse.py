@@ -27,7 +27,7 @@ from asyncsat.db import queries
 from asyncsat.db.pool import connect
 from asyncsat.logs import Redactor
 from tests.cdse import CdseEmulator, EmuProduct
-from tests.helpers import FAST, drain, rows, sql
+from tests.helpers import FAST, add_provider, drain, rows, sql
 from tests.helpers import request_summary_of as summary
 from tests.helpers import search_request as search
 
@@ -409,9 +409,9 @@ async def test_a_follow_run_waiting_for_a_slot_does_not_spin_the_loop(
     turns = [0]
     due = queries.next_request_due
 
-    async def counted(db: Any, exclude: Any = ()) -> float | None:
+    async def counted(db: Any, exclude: Any = (), daemon_id: Any = None) -> float | None:
         turns[0] += 1
-        return await due(db, exclude)
+        return await due(db, exclude, daemon_id)
 
     monkeypatch.setattr(queries, "next_request_due", counted)
 
@@ -482,6 +482,23 @@ async def test_a_product_found_again_keeps_its_retry_time(dsn: str, emu: CdseEmu
         await conn.close()
     assert again == first  # the same product, known by its catalog id
     assert row["url"] == "https://h/a-signed?x=1" and row["later"]
+
+
+async def test_a_search_just_ended_here_is_due_on_its_timer_not_when_its_mark_lapses(
+        dsn: str, db: Any) -> None:
+    """A search that ended here clears its mark (`resolving_until`) in a statement of its
+    own, after it told the loop: the loop may ask when the next run is due first. Its own
+    mark must not put the run off until the mark lapses (a lease later: a standing search
+    then ran every 30 s instead of every 0.3 s, and a test failed now and then)."""
+    await add_provider(dsn, "hub", "http://127.0.0.1:9/")
+    await db.execute(
+        "INSERT INTO request (provider_id, search, status, follow, next_run, resolver,"
+        " resolving_until) SELECT id, '{}', 'following', true, now() + interval '0.3 s',"
+        " 'me', now() + interval '30 s' FROM provider")
+    mine = await queries.next_request_due(db, (), "me")
+    assert mine is not None and mine < 1.0, mine
+    theirs = await queries.next_request_due(db, (), "another")  # (left to that daemon)
+    assert theirs is not None and theirs > 25, theirs
 
 
 async def test_a_standing_search_runs_on_time_while_wake_ups_keep_coming(
