@@ -298,6 +298,9 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
         rows = await queries.status_rows(conn, request_id)
         status, error, _counts = await queries.request_state(conn, request_id)
         wanted = await queries.request_dest(conn, request_id)
+    if status is None:  # (deleted with psql while this command waited)
+        print(f"request {request_id} no longer exists: it was deleted", file=sys.stderr)
+        return 1
     if status == "failed":
         print(f"request {request_id} failed: {redactor(error or 'no reason given')}",
               file=sys.stderr)

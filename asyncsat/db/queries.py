@@ -1144,9 +1144,13 @@ async def request_exists(db: Any, request_id: int) -> bool:
     return value
 
 
-async def request_state(db: Any, request_id: int) -> tuple[str, str | None, dict[str, int]]:
-    """(request status, request error, count of its downloads by status)."""
+async def request_state(db: Any, request_id: int) -> \
+        tuple[str | None, str | None, dict[str, int]]:
+    """(request status, request error, count of its downloads by status); status None: no
+    such request (deleted meanwhile)."""
     req = await db.fetchrow("SELECT status, error FROM request WHERE id = $1", request_id)
+    if req is None:
+        return None, None, {}
     rows = await db.fetch(
         "SELECT d.status, count(*) AS n FROM download d JOIN request_download rd"
         " ON rd.download_id = d.id WHERE rd.request_id = $1 GROUP BY d.status",

@@ -43,3 +43,25 @@ async def test_get_wait_waits_for_a_running_daemon(server: FileServer, dsn: str,
     assert out.decode().splitlines()[-1].startswith("done    ")
     # the daemon did the work, the waiting command only watched
     await daemon.wait_for(lambda line: line["event"] == "download done")
+
+
+async def test_get_wait_on_a_request_deleted_meanwhile_says_so(
+        server: FileServer, dsn: str, tmp_path) -> None:
+    """A request deleted with psql while `get --wait` waits for it: one line and exit 1,
+    not a traceback."""
+    from tests.helpers import sql
+
+    server.add("slow.bin", os.urandom(3_000_000), rate=1_000_000)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(tmp_path / "h"),
+        "get", server.url("slow.bin"), "--dest", str(tmp_path / "d"), "--wait",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    for _ in range(200):  # (until its download runs)
+        if await sql(dsn, "SELECT 1 FROM download WHERE status = 'running'"):
+            break
+        await asyncio.sleep(0.05)
+    await sql(dsn, "DELETE FROM request")
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1, err.decode()
+    assert err.decode().splitlines()[-1] == "request 1 no longer exists: it was deleted"
+    assert "Traceback" not in err.decode()
