@@ -61,7 +61,7 @@ async def test_get_wait_on_a_request_deleted_meanwhile_says_so(
             break
         await asyncio.sleep(0.05)
     await sql(dsn, "DELETE FROM request")
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    _out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1, err.decode()
     assert err.decode().splitlines()[-1] == "request 1 no longer exists: it was deleted"
     assert "Traceback" not in err.decode()
