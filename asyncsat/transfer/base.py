@@ -88,6 +88,11 @@ class Stream(Protocol):
 
     def chunks(self, size: int) -> AsyncIterator[bytes]: ...
 
+    def arrived(self) -> AsyncIterator[bytes]:
+        """The body as the connection delivers it, what arrived together not joined into
+        one bytes object (a small body held whole: no copy of it)."""
+        ...
+
 
 class Driver(Protocol):
     """One driver per scheme. Errors are raised as asyncsat.errors.TransferError subclasses."""

@@ -209,6 +209,9 @@ class FtpStream:
     def opened(self) -> Opened:
         return self._opened
 
+    def arrived(self) -> AsyncIterator[bytes]:
+        return self.chunks(1 << 20)  # (a read returns what the buffer holds, at most that)
+
     async def chunks(self, size: int) -> AsyncIterator[bytes]:
         """What the data connection delivers (at most `size` bytes at a time), as it comes.
 

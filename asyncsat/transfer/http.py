@@ -142,6 +142,18 @@ class HttpStream:
             while chunk := await content.read(size):
                 yield chunk
 
+    async def arrived(self) -> AsyncIterator[bytes]:
+        if self.response is None:
+            return
+        content = self.response.content
+        with map_exceptions():
+            while True:
+                chunk, chunk_end = await content.readchunk()
+                if chunk:
+                    yield chunk
+                elif not chunk_end:  # (b"" at the end of an HTTP chunk: more may come)
+                    return
+
 
 class HttpDriver:
     """Downloads over HTTP(S) with one shared aiohttp session."""

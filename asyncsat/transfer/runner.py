@@ -147,14 +147,13 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                 raise
             proposed = name or opened.name or name_from_url(job.source.url) or \
                 sanitize(job.fallback_name)
-            body = stream.chunks(chunk_size)
-            chunks: AsyncIterator[bytes] | None = body
+            chunks: AsyncIterator[bytes] | None = stream.chunks(chunk_size)
             if not offset and not opened.offset and total is not None and \
                     total <= min(chunk_size, HOLD_MOST):
                 # a new file no larger than a chunk that comes in at once is read whole
                 # first: its name is then recorded with its slot's hand-over, one statement
                 # where there were two (one that takes longer is written as it comes)
-                came = await _held_or_rest(body, total, HOLD_SECONDS)
+                came = await _held_or_rest(stream.arrived(), total, HOLD_SECONDS)
                 if isinstance(came, list) and sum(len(chunk) for chunk in came) == total:
                     held, chunks = came, None
                 else:  # (a body cut short is written as far as it came: resumable)

@@ -210,6 +210,58 @@ async def test_chunked_body_cut_early_is_resumed(hunt: HuntServer, dsn: str,
     assert [r["range"] for r in hunt.raw] == [None, f"bytes={250_000 - OVERLAP}-"]
 
 
+async def test_a_small_chunked_body_of_known_size_is_held_whole_across_its_chunks(
+        hunt: HuntServer, dsn: str, settings: Settings) -> None:
+    """A body sent in HTTP chunks (no Content-Length) whose size the row knows (a catalog's)
+    is held whole as its chunks arrive: read past the end of each HTTP chunk to the end."""
+    data = os.urandom(300_000)
+    hunt.add("held.nc", data, no_length=True)
+    await sql(dsn, "INSERT INTO download (provider_id, url, name, dest, size)"
+                   " SELECT id, $1, 'held.nc', $2, $3 FROM provider",
+              hunt.url("held.nc"), str(settings.dest), len(data))
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert row["status"] == "done" and row["attempts"] == 1, row["error"]
+    assert _final(settings, "held.nc").read_bytes() == data
+    assert [r["range"] for r in hunt.raw] == [None]  # (one request: nothing was cut)
+
+
+async def test_a_held_body_reads_on_past_an_http_chunk_end_that_comes_alone(
+        dsn: str, settings: Settings) -> None:
+    """The end of an HTTP chunk may reach the client after the chunk's bytes were read
+    (its CRLF in a later packet): aiohttp then tells an empty piece at a chunk's end. A
+    held body reads on to the real end, in one attempt."""
+    data = os.urandom(200_000)
+    half = len(data) // 2
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"%x\r\n" % half + data[:half])
+        await writer.drain()
+        await asyncio.sleep(0.2)  # (the client has read the chunk's bytes by now)
+        writer.write(b"\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"%x\r\n" % (len(data) - half) + data[half:] + b"\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await sql(dsn, "INSERT INTO download (provider_id, url, name, dest, size)"
+                       " SELECT id, $1, 'split.nc', $2, $3 FROM provider",
+                  f"http://127.0.0.1:{port}/split.nc", str(settings.dest), len(data))
+        await drain(settings)
+    finally:
+        server.close()
+        await server.wait_closed()
+    [row] = await rows(dsn)
+    assert row["status"] == "done" and row["attempts"] == 1, row["error"]
+    assert _final(settings, "split.nc").read_bytes() == data
+
+
 async def test_206_with_wrong_start_is_not_appended(hunt: HuntServer, dsn: str,
                                                     settings: Settings) -> None:
     data = os.urandom(500_000)

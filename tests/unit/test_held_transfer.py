@@ -29,6 +29,9 @@ class _Stream:
     def chunks(self, size: int) -> AsyncIterator[bytes]:
         return self._body(size)
 
+    def arrived(self) -> AsyncIterator[bytes]:
+        return self._body(64 << 10)  # (as a socket delivers it)
+
 
 class _Driver:
     def __init__(self, body: Callable[[int], AsyncIterator[bytes]], total: int | None) -> None:
