@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -258,7 +259,7 @@ async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) 
                 login_secret=login.password if login else None)
             print(f"request {request_id}: queued; its patterns are expanded by listing",
                   file=sys.stderr)
-            return await _wait(settings, redactor, request_id) if args.wait else 0
+            return await _wait(settings, redactor, request_id, conn) if args.wait else 0
         async with conn.transaction():
             request_id = await queries.request_insert(
                 conn, provider_id=provider.id if provider else None, urls=[u.url for u in urls],
@@ -266,17 +267,22 @@ async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) 
                 status="resolved")
             asked = await intake.queue_urls(conn, request_id, urls, provider=provider,
                                             dest=str(dest), checksum=checksum)
-    placed = intake.deliver(asked.links)  # after the commit: the rows are what they say
-    print(redactor(asked_line(request_id, asked, placed, dest)), file=sys.stderr)
-    failed = any(how not in PLACED for _link, how in placed)
-    if not args.wait:
-        return 1 if failed else 0
-    result = await _wait(settings, redactor, request_id)
+        placed = intake.deliver(asked.links)  # after the commit: the rows are what they say
+        print(redactor(asked_line(request_id, asked, placed, dest)), file=sys.stderr)
+        failed = any(how not in PLACED for _link, how in placed)
+        if not args.wait:
+            return 1 if failed else 0
+        result = await _wait(settings, redactor, request_id, conn)
     return 1 if failed else result
 
 
-async def _wait(settings: Settings, redactor: Redactor, request_id: int) -> int:
-    async with daemon.connection(settings) as conn:
+async def _wait(settings: Settings, redactor: Redactor, request_id: int,
+                connection: Any | None = None) -> int:
+    """Wait for a request's downloads (done here when no daemon serves the database), on
+    `connection` if one is open, and print where each one is."""
+    async with contextlib.AsyncExitStack() as stack:
+        conn = connection if connection is not None else \
+            await stack.enter_async_context(daemon.connection(settings))
 
         async def request_final() -> bool:
             return await queries.request_settled(conn, request_id, sorted(TERMINAL))
