@@ -149,10 +149,18 @@ class HttpStream:
         with map_exceptions():
             while True:
                 chunk, chunk_end = await content.readchunk()
+                if len(chunk) < ARRIVED_LEAST and chunk:  # (a server sending a few bytes at
+                    # a time: one piece with what is buffered behind it, not a write each)
+                    chunk += content.read_nowait(ARRIVED_LEAST - len(chunk))
                 if chunk:
                     yield chunk
                 elif not chunk_end:  # (b"" at the end of an HTTP chunk: more may come)
                     return
+
+
+ARRIVED_LEAST = 64 << 10
+"""A piece of a body read as it arrived smaller than this takes what is buffered behind it,
+up to this size."""
 
 
 class HttpDriver:

@@ -262,6 +262,47 @@ async def test_a_held_body_reads_on_past_an_http_chunk_end_that_comes_alone(
     assert _final(settings, "split.nc").read_bytes() == data
 
 
+async def test_a_held_body_sent_a_byte_at_a_time_is_written_in_few_pieces(
+        dsn: str, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server sending a small body in HTTP chunks of one byte: the held body is read in
+    pieces of what is buffered (not one write, and one turn of the loop, per byte)."""
+    from asyncsat.transfer import files
+
+    data = os.urandom(200_000)
+    body = b"".join(b"1\r\n" + data[i:i + 1] + b"\r\n" for i in range(len(data)))
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body +
+                     b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    writes = 0
+    write = files.PartFile.write
+
+    async def counted(self: files.PartFile, chunk: bytes) -> None:
+        nonlocal writes
+        writes += 1
+        await write(self, chunk)
+
+    monkeypatch.setattr(files.PartFile, "write", counted)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await sql(dsn, "INSERT INTO download (provider_id, url, name, dest, size)"
+                       " SELECT id, $1, 'bytes.nc', $2, $3 FROM provider",
+                  f"http://127.0.0.1:{port}/bytes.nc", str(settings.dest), len(data))
+        await drain(settings)
+    finally:
+        server.close()
+        await server.wait_closed()
+    [row] = await rows(dsn)
+    assert row["status"] == "done", row["error"]
+    assert _final(settings, "bytes.nc").read_bytes() == data
+    assert writes <= 40, writes  # (200,000 writes before)
+
+
 async def test_206_with_wrong_start_is_not_appended(hunt: HuntServer, dsn: str,
                                                     settings: Settings) -> None:
     data = os.urandom(500_000)
