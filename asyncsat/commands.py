@@ -293,12 +293,20 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int,
                   "waiting for the downloads to finish", file=sys.stderr)
             display = DbProgress(sys.stderr, every=settings.progress_log_interval)
 
-            async def show() -> None:
-                display.show(request_id, await queries.progress_totals(conn, request_id),
-                             await queries.status_rows(conn, request_id, statuses=["running"]),
-                             await _held_back(conn, request_id))
+            async def show(now: Any) -> None:
+                display.show(request_id, await queries.progress_totals(now, request_id),
+                             await queries.status_rows(now, request_id, statuses=["running"]),
+                             await _held_back(now, request_id))
 
-            await daemon.wait_for_request(settings, request_id, tick=show)
+            went: list[str] = []
+
+            def note(text: str) -> None:
+                went.append(text)
+                print(text, file=sys.stderr)
+
+            await daemon.wait_for_request(settings, request_id, tick=show, note=note)
+            if went:  # (the database restarted meanwhile: this connection went with it)
+                conn = await stack.enter_async_context(daemon.connection(settings))
         else:
             await daemon.serve(settings, redactor, until=request_final, sink=ProgressBar())
         rows = await queries.status_rows(conn, request_id)

@@ -24,9 +24,15 @@ from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.embedded import ensure_server
 from asyncsat.db.listener import Listener
-from asyncsat.db.pool import apply_schema, check_schema, connect, create_pool
+from asyncsat.db.pool import (
+    CONNECTION_ERRORS,
+    apply_schema,
+    check_schema,
+    connect,
+    create_pool,
+)
 from asyncsat.db.store import Store
-from asyncsat.errors import DatabaseUnavailable
+from asyncsat.errors import DatabaseError, DatabaseUnavailable
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Metrics, Recorder
 from asyncsat.models import TERMINAL
@@ -291,31 +297,59 @@ look is a query the daemon's own statements wait behind."""
 
 
 async def wait_for_request(
-    settings: Settings, request_id: int, *, tick: Callable[[], Awaitable[None]] | None = None,
+    settings: Settings, request_id: int, *,
+    tick: Callable[[Any], Awaitable[None]] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> None:
     """Wait until every download of a request is final (served by a running daemon);
-    `tick()` meanwhile, every `progress_interval` seconds (to show progress)."""
+    `tick(connection)` meanwhile, every `progress_interval` seconds (to show progress). A
+    database that goes away (restarted, out of reach) is waited for, as the daemons wait
+    for it: `note(text)` tells when it went and when it is back."""
+    dsn = await resolve_dsn(settings)
+    away = False
+    while True:
+        try:
+            conn = await connect(dsn)
+        except DatabaseError as exc:
+            if not away and note is not None:
+                note(f"the database is out of reach ({exc.message}): waiting for it")
+            away = True
+            await asyncio.sleep(1.0)
+            continue
+        try:
+            if away and note is not None:
+                note("the database is back")
+            away = False
+            await _watch_request(conn, settings, request_id, tick)
+            return
+        except CONNECTION_ERRORS as exc:
+            if note is not None:
+                note(f"the database went away ({type(exc).__name__}): waiting for it")
+            away = True
+            await asyncio.sleep(1.0)
+        finally:
+            with suppress(Exception):
+                await conn.close()
+
+
+async def _watch_request(conn: Any, settings: Settings, request_id: int,
+                         tick: Callable[[Any], Awaitable[None]] | None) -> None:
     changed = asyncio.Event()
-    conn = await connect(await resolve_dsn(settings))
-    try:
-        await conn.add_listener("asyncsat_status", lambda *_a: changed.set())
-        ticked = float("-inf")
-        while True:
-            changed.clear()
-            looked = time.monotonic()
-            if await queries.request_settled(conn, request_id, sorted(TERMINAL)):
-                return
-            if tick is not None and looked - ticked >= settings.progress_interval:
-                await tick()
-                ticked = time.monotonic()  # (a slow one does not make the next one sooner)
-            # the timeout is a safety net for a lost notification, not the wake-up path
-            await wait_any(changed, timeout=5.0 if tick is None else
-                           min(5.0, max(0.0, ticked + settings.progress_interval -
-                                        time.monotonic())))
-            await asyncio.sleep(max(0.0, looked + LOOK_GAP - time.monotonic()))
-    finally:
-        with suppress(Exception):
-            await conn.close()
+    await conn.add_listener("asyncsat_status", lambda *_a: changed.set())
+    ticked = float("-inf")
+    while True:
+        changed.clear()
+        looked = time.monotonic()
+        if await queries.request_settled(conn, request_id, sorted(TERMINAL)):
+            return
+        if tick is not None and looked - ticked >= settings.progress_interval:
+            await tick(conn)
+            ticked = time.monotonic()  # (a slow one does not make the next one sooner)
+        # the timeout is a safety net for a lost notification, not the wake-up path
+        await wait_any(changed, timeout=5.0 if tick is None else
+                       min(5.0, max(0.0, ticked + settings.progress_interval -
+                                    time.monotonic())))
+        await asyncio.sleep(max(0.0, looked + LOOK_GAP - time.monotonic()))
 
 
 __all__ = ["connection", "serve", "wait_for_request"]

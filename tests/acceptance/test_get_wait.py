@@ -65,3 +65,50 @@ async def test_get_wait_on_a_request_deleted_meanwhile_says_so(
     assert proc.returncode == 1, err.decode()
     assert err.decode().splitlines()[-1] == "request 1 no longer exists: it was deleted"
     assert "Traceback" not in err.decode()
+
+
+async def test_get_wait_beside_a_daemon_rides_through_a_postgresql_restart(
+        tmp_path, daemons) -> None:
+    """`get --wait` watching a running daemon while PostgreSQL restarts: it says the
+    database went away and came back, keeps waiting, and ends 0 once the daemon is done
+    (it ended with `InterfaceError: connection is closed` while the daemon went on)."""
+    from pathlib import Path
+
+    from asyncsat.db.pool import apply_schema, connect
+    from tests.conftest import DaemonProcess
+    from tests.servers import PgCluster
+
+    cluster = PgCluster().init()
+    server = await FileServer().start()
+    try:
+        cluster.psql("CREATE DATABASE waitdb OWNER asyncsat")
+        dsn = cluster.dsn("waitdb")
+        conn = await connect(dsn)
+        try:
+            await apply_schema(conn, always=True)
+        finally:
+            await conn.close()
+        config = Path(tmp_path) / "asyncsat.toml"
+        config.write_text("lease_timeout = 15\nlistener_ping = 1\nprogress_interval = 0.2\n")
+        env = {**os.environ, "ASYNCSAT_CONFIG": str(config)}
+        daemon = DaemonProcess(dsn, tmp_path / "h", env={"ASYNCSAT_CONFIG": str(config)})
+        daemons.append(daemon)
+        await daemon.wait_for(lambda line: line["event"] == "daemon started")
+        server.add("slow.bin", os.urandom(1_200_000), rate=300_000)  # 4 s
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(tmp_path / "h"),
+            "get", server.url("slow.bin"), "--dest", str(tmp_path / "d"), "--wait", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        await daemon.wait_for(lambda line: line["event"] == "download running")
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(cluster.stop, "fast")
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(cluster.start)
+        out, err = await asyncio.wait_for(proc.communicate(), 45)
+        text = err.decode()
+        assert proc.returncode == 0, text
+        assert "the database went away" in text and "the database is back" in text, text
+        assert out.decode().splitlines()[-1].startswith("done    "), out.decode()
+    finally:
+        await server.stop()
+        cluster.destroy()
