@@ -26,13 +26,14 @@ from asyncsat.db.embedded import ensure_server
 from asyncsat.db.listener import Listener
 from asyncsat.db.pool import (
     CONNECTION_ERRORS,
+    alive,
     apply_schema,
     check_schema,
     connect,
     create_pool,
 )
 from asyncsat.db.store import Store
-from asyncsat.errors import DatabaseError, DatabaseUnavailable
+from asyncsat.errors import DatabaseUnavailable
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Metrics, Recorder
 from asyncsat.models import TERMINAL
@@ -304,28 +305,33 @@ async def wait_for_request(
     """Wait until every download of a request is final (served by a running daemon);
     `tick(connection)` meanwhile, every `progress_interval` seconds (to show progress). A
     database that goes away (restarted, out of reach) is waited for, as the daemons wait
-    for it: `note(text)` tells when it went and when it is back."""
+    for it, and `note(text)` tells why and when it is back; one that refuses (a login, a
+    database gone) ends the wait with DatabaseError."""
     dsn = await resolve_dsn(settings)
-    away = False
+    told: str | None = None
+
+    def tell(text: str) -> None:
+        nonlocal told
+        if note is not None and text != told:
+            note(text)
+        told = text
+
     while True:
         try:
             conn = await connect(dsn)
-        except DatabaseError as exc:
-            if not away and note is not None:
-                note(f"the database is out of reach ({exc.message}): waiting for it")
-            away = True
+        except DatabaseUnavailable as exc:
+            tell(f"the database is out of reach ({exc.message}): waiting for it")
             await asyncio.sleep(1.0)
             continue
         try:
-            if away and note is not None:
-                note("the database is back")
-            away = False
+            if told is not None:
+                tell("the database is back")
             await _watch_request(conn, settings, request_id, tick)
             return
         except CONNECTION_ERRORS as exc:
-            if note is not None:
-                note(f"the database went away ({type(exc).__name__}): waiting for it")
-            away = True
+            if await alive(conn):  # (an error of the client's on a live connection)
+                raise
+            tell(f"the database went away ({type(exc).__name__}: {exc}): waiting for it")
             await asyncio.sleep(1.0)
         finally:
             with suppress(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from importlib import resources
@@ -64,14 +65,35 @@ async def _init_connection(conn: Any) -> None:
 
 async def connect(dsn: str, *, timeout: float = 10.0, name: str = "asyncsat") -> Any:
     """One connection with the jsonb codec (used for LISTEN and the CLI); `name` is its
-    application_name, what `pg_stat_activity` shows of it."""
+    application_name, what `pg_stat_activity` shows of it. DatabaseUnavailable when the
+    server cannot be reached or is not ready yet (it may be later), DatabaseError when it
+    refuses (a bad login, no such database)."""
     try:
         conn = await asyncpg.connect(dsn, timeout=timeout,
                                      server_settings={"application_name": name})
-    except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+    except (*CONNECTION_ERRORS, asyncpg.TooManyConnectionsError) as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
+    except asyncpg.PostgresError as exc:
         raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from None
-    await _init_connection(conn)
+    try:
+        await _init_connection(conn)
+    except BaseException as exc:
+        conn.terminate()
+        if isinstance(exc, CONNECTION_ERRORS):  # (cut right after it was made)
+            raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
+        raise
     return conn
+
+
+async def alive(conn: Any) -> bool:
+    """Whether a connection still answers (after an error: was the connection lost?)."""
+    if conn.is_closed():
+        return False
+    try:
+        await asyncio.wait_for(conn.fetchval("SELECT 1"), 5)
+    except Exception:
+        return False
+    return True
 
 
 async def _keep(conn: Any) -> None:

@@ -73,3 +73,33 @@ async def test_a_waiter_looks_at_its_request_a_few_times_not_at_every_change(
     # (one look at the start, one per LOOK_GAP while the changes came, and the last)
     assert looks <= 3 + took / daemon.LOOK_GAP, (looks, took)
     assert looks < len(ids) / 3
+
+
+async def test_a_waiter_ends_when_its_database_is_dropped_not_waits_for_ever(
+        dsn: str, db: Any, settings: Any, pg: Any) -> None:
+    """A database that goes away for good (dropped; the same for a login refused from
+    then on) ends the wait with the reason, instead of a wait for ever (a restart is
+    waited for: `test_get_wait_beside_a_daemon_rides_through_a_postgresql_restart`)."""
+    import asyncio
+
+    import pytest
+
+    from asyncsat import daemon
+    from asyncsat.errors import DatabaseError
+
+    await add_provider(dsn, "hub", "http://127.0.0.1:9/")
+    rid = await db.fetchval("INSERT INTO request (urls, status) VALUES ('{}', 'resolved')"
+                            " RETURNING id")
+    await db.execute("INSERT INTO download (request_id, provider_id, url) SELECT $1, id,"
+                     " 'http://127.0.0.1:9/a' FROM provider", rid)
+    await db.execute("INSERT INTO request_download (request_id, download_id)"
+                     " SELECT $1, id FROM download", rid)
+    notes: list[str] = []
+    waiter = asyncio.create_task(daemon.wait_for_request(settings, rid, note=notes.append))
+    await asyncio.sleep(0.5)
+    await db.close()
+    name = dsn.rsplit("/", 1)[1].split("?")[0]
+    await asyncio.to_thread(pg.psql, f"DROP DATABASE {name} WITH (FORCE)")
+    with pytest.raises(DatabaseError, match="does not exist"):
+        await asyncio.wait_for(waiter, 10)
+    assert notes and notes[0].startswith("the database went away"), notes
