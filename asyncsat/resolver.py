@@ -162,13 +162,15 @@ class Resolver:
                 bound.exception("the request's failure could not be recorded: left for a minute")
                 self._stuck[request.id] = time.monotonic() + STUCK_PAUSE
         finally:
-            self._tasks.pop(request.id, None)
-            self._ended()
+            # the mark cleared while the request is still busy here: a search of it that
+            # the loop starts once told cannot have its fresh mark cleared by this one's
             # (best effort, even if cancelled meanwhile: the mark is no longer renewed and
             # lapses anyway; this daemon's own marks never stop it)
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._store.try_call(queries.request_resolved_by, self._owner,
                                            request.id)
+            self._tasks.pop(request.id, None)
+            self._ended()
 
     async def _find(self, request: Request, queued: _Queued) -> \
             tuple[Provider, list[ProductRef], SplitUrl | None]:
