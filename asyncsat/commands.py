@@ -302,7 +302,7 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int,
 
             def note(text: str) -> None:
                 went.append(text)
-                print(text, file=sys.stderr)
+                print(redactor(text), file=sys.stderr)
 
             await daemon.wait_for_request(settings, request_id, tick=show, note=note)
             if went:  # (the database restarted meanwhile: this connection went with it)
