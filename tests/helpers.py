@@ -12,7 +12,7 @@ from typing import Any
 from asyncsat import daemon
 from asyncsat.config import Settings
 from asyncsat.db import queries
-from asyncsat.db.pool import connect
+from asyncsat.db.pool import apply_schema, connect
 from asyncsat.logs import Redactor
 
 
@@ -35,6 +35,19 @@ async def queue(dsn: str, *urls: str, dest: Path | None = None, checksum: str | 
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.3}
 """Provider settings for tests: retries within a fraction of a second."""
+
+
+async def schema_database(cluster: Any, name: str) -> str:
+    """A new database of `cluster` (a tests.servers.PgCluster) with asyncsat's schema: its
+    DSN."""
+    cluster.psql(f"CREATE DATABASE {name} OWNER asyncsat")
+    dsn: str = cluster.dsn(name)
+    conn = await connect(dsn)
+    try:
+        await apply_schema(conn, always=True)
+    finally:
+        await conn.close()
+    return dsn
 
 
 async def sql(dsn: str, query: str, *args: object) -> list[Any]:

@@ -24,9 +24,8 @@ from typing import cast
 
 import pytest
 
-from asyncsat.db.pool import apply_schema, connect
 from tests.conftest import DaemonProcess
-from tests.helpers import FAST, add_provider, queue, rows, sql
+from tests.helpers import FAST, add_provider, queue, rows, schema_database, sql
 from tests.servers import FileServer, PgCluster
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,13 +63,7 @@ async def test_three_daemons_survive_a_postgresql_restart(
     cluster = PgCluster(durable=True).init()
     server = await FileServer(users={USER: PASSWORD}, max_per_user=CAP).start()
     try:
-        cluster.psql("CREATE DATABASE fleetdb OWNER asyncsat")
-        dsn = cluster.dsn("fleetdb")
-        conn = await connect(dsn)
-        try:
-            await apply_schema(conn, always=True)
-        finally:
-            await conn.close()
+        dsn = await schema_database(cluster, "fleetdb")
         big = [f"S2_big_{i}.zip" for i in range(3)]
         small = [f"S2_small_{i}.zip" for i in range(3)]
         later = [f"S2_after_{i}.zip" for i in range(3)]

@@ -74,20 +74,14 @@ async def test_get_wait_beside_a_daemon_rides_through_a_postgresql_restart(
     (it ended with `InterfaceError: connection is closed` while the daemon went on)."""
     from pathlib import Path
 
-    from asyncsat.db.pool import apply_schema, connect
     from tests.conftest import DaemonProcess
+    from tests.helpers import schema_database
     from tests.servers import PgCluster
 
     cluster = PgCluster().init()
     server = await FileServer().start()
     try:
-        cluster.psql("CREATE DATABASE waitdb OWNER asyncsat")
-        dsn = cluster.dsn("waitdb")
-        conn = await connect(dsn)
-        try:
-            await apply_schema(conn, always=True)
-        finally:
-            await conn.close()
+        dsn = await schema_database(cluster, "waitdb")
         config = Path(tmp_path) / "asyncsat.toml"
         config.write_text("lease_timeout = 15\nlistener_ping = 1\nprogress_interval = 0.2\n")
         env = {**os.environ, "ASYNCSAT_CONFIG": str(config)}

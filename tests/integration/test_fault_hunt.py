@@ -11,7 +11,7 @@ import io
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -226,6 +226,25 @@ async def test_a_small_chunked_body_of_known_size_is_held_whole_across_its_chunk
     assert [r["range"] for r in hunt.raw] == [None]  # (one request: nothing was cut)
 
 
+async def _fetched_from(
+        serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+        name: str, size: int, dsn: str, settings: Settings) -> dict[str, Any]:
+    """One file of a known size (a catalog's) fetched by the daemon from a raw server
+    (`serve` answers the request byte by byte as a test needs): its row at the end."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await sql(dsn, "INSERT INTO download (provider_id, url, name, dest, size)"
+                       " SELECT id, $1, $2, $3, $4 FROM provider",
+                  f"http://127.0.0.1:{port}/{name}", name, str(settings.dest), size)
+        await drain(settings)
+    finally:
+        server.close()
+        await server.wait_closed()
+    [row] = await rows(dsn)
+    return row
+
+
 async def test_a_held_body_reads_on_past_an_http_chunk_end_that_comes_alone(
         dsn: str, settings: Settings) -> None:
     """The end of an HTTP chunk may reach the client after the chunk's bytes were read
@@ -247,17 +266,7 @@ async def test_a_held_body_reads_on_past_an_http_chunk_end_that_comes_alone(
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        await sql(dsn, "INSERT INTO download (provider_id, url, name, dest, size)"
-                       " SELECT id, $1, 'split.nc', $2, $3 FROM provider",
-                  f"http://127.0.0.1:{port}/split.nc", str(settings.dest), len(data))
-        await drain(settings)
-    finally:
-        server.close()
-        await server.wait_closed()
-    [row] = await rows(dsn)
+    row = await _fetched_from(serve, "split.nc", len(data), dsn, settings)
     assert row["status"] == "done" and row["attempts"] == 1, row["error"]
     assert _final(settings, "split.nc").read_bytes() == data
 
@@ -287,17 +296,7 @@ async def test_a_held_body_sent_a_byte_at_a_time_is_written_in_few_pieces(
         await write(self, chunk)
 
     monkeypatch.setattr(files.PartFile, "write", counted)
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        await sql(dsn, "INSERT INTO download (provider_id, url, name, dest, size)"
-                       " SELECT id, $1, 'bytes.nc', $2, $3 FROM provider",
-                  f"http://127.0.0.1:{port}/bytes.nc", str(settings.dest), len(data))
-        await drain(settings)
-    finally:
-        server.close()
-        await server.wait_closed()
-    [row] = await rows(dsn)
+    row = await _fetched_from(serve, "bytes.nc", len(data), dsn, settings)
     assert row["status"] == "done", row["error"]
     assert _final(settings, "bytes.nc").read_bytes() == data
     assert writes <= 40, writes  # (200,000 writes before)
