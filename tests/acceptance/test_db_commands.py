@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,3 +113,57 @@ async def test_embedded_database_dsn_psql_status_and_stop(open_home: Path) -> No
     code, out, err = await asyncio.to_thread(run, "db", "stop")
     assert out.endswith("is not running: nothing to stop\n")
     assert ready_dsn(home / "pg") is None
+
+
+async def test_a_daemon_starts_its_embedded_server_again_after_it_was_killed(
+        open_home: Path) -> None:
+    """The embedded server killed under a running daemon (SIGKILL, the OOM killer): the
+    daemon starts it again itself and goes on; it waited before until some other command
+    started it (the wheel's handle of the daemon kept naming the dead server)."""
+    import json
+    import signal
+
+    from asyncsat.db.embedded import stop_server
+    from tests.servers import FileServer
+
+    home = open_home
+    env = {k: v for k, v in os.environ.items() if k != "ASYNCSAT_DSN"}
+    base = [sys.executable, "-m", "asyncsat", "--home", str(home)]
+    server = await FileServer().start()
+    daemon = subprocess.Popen([*base, "--log-format", "json", "run"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    events: list[str] = []
+
+    def read() -> None:
+        assert daemon.stdout is not None
+        for line in daemon.stdout:
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line)["event"])
+
+    async def seen(event: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while event not in events:
+            assert time.monotonic() < deadline, (event, events)
+            await asyncio.sleep(0.05)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        await seen("daemon started", 60)
+        pid = int((home / "pg" / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        await seen("database connection restored", 30)
+        assert int((home / "pg" / "postmaster.pid").read_text().split()[0]) != pid
+        server.add("after.bin", os.urandom(50_000))
+        done = await asyncio.to_thread(subprocess.run, [*base, "get", server.url("after.bin")],
+                                       env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        await seen("download done", 30)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(daemon.wait, 30)
+        await asyncio.to_thread(reader.join, 5)
+        assert daemon.stdout is not None
+        daemon.stdout.close()
+        await server.stop()
+        await asyncio.to_thread(stop_server, home)
