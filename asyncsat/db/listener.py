@@ -95,8 +95,10 @@ class Listener:
                 if self._revive is not None:
                     try:
                         await self._revive()
-                    except DatabaseError as exc:  # (told; the connection is tried anyway)
-                        log.warning("database not started again", error=exc.message)
+                    except Exception as exc:  # (told; the connection is tried anyway)
+                        log.warning("database not started again",
+                                    error=exc.message if isinstance(exc, DatabaseError)
+                                    else f"{type(exc).__name__}: {exc}")
                 await self.start()
 
     async def aclose(self) -> None:
