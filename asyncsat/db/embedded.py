@@ -57,8 +57,8 @@ def revive(home: Path) -> None:
         if state == "Z":
             if _parent(pid) != os.getpid():
                 raise DatabaseError(
-                    f"the embedded PostgreSQL's process {pid} died but is not reaped: run "
-                    "the container with an init as PID 1 (docker run --init)")
+                    f"the embedded PostgreSQL's process {pid} died and is not reaped yet: if "
+                    "this lasts, run the container with an init as PID 1 (docker run --init)")
             os.waitpid(pid, os.WNOHANG)
         elif state is not None and _program(pid) != b"postgres":
             raise DatabaseError(
