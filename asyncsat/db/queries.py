@@ -276,10 +276,11 @@ async def request_resolving_renew(db: Any, daemon_id: str, request_ids: Sequence
                                   lease_seconds: float) -> None:
     """The heartbeat of the requests this daemon resolves now (a statement of its own: it
     locks no download row, so it never waits in a circle with a resolve's transaction). A
-    mark that lapsed is renewed too while no other daemon took the request."""
+    mark that lapsed is renewed too while no other daemon took the request; one its search
+    cleared as it ended (while this heartbeat was on its way) stays cleared."""
     await db.execute(
         "UPDATE request SET resolving_until = now() + make_interval(secs => $3)"
-        " WHERE resolver = $1 AND id = ANY($2::bigint[])",
+        " WHERE resolver = $1 AND id = ANY($2::bigint[]) AND resolving_until IS NOT NULL",
         daemon_id, list(request_ids), lease_seconds)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from asyncsat.db import queries
@@ -103,3 +104,19 @@ async def test_a_waiter_ends_when_its_database_is_dropped_not_waits_for_ever(
     with pytest.raises(DatabaseError, match="does not exist"):
         await asyncio.wait_for(waiter, 10)
     assert notes and notes[0].startswith("the database went away"), notes
+
+
+async def test_a_heartbeat_renews_a_lapsed_mark_but_never_a_cleared_one(
+        dsn: str, db: Any) -> None:
+    """A heartbeat on its way while a search ends and clears its mark must not set the mark
+    again: the other daemons would leave the request alone for a lease for nothing."""
+    await add_provider(dsn, "hub", "http://127.0.0.1:9/")
+    lapsed, cleared = [await db.fetchval(
+        "INSERT INTO request (provider_id, search, status, resolver, resolving_until)"
+        " SELECT id, '{}', 'queued', 'me', $1 FROM provider RETURNING id", until)
+        for until in (datetime.now(UTC) - timedelta(seconds=5), None)]
+    await queries.request_resolving_renew(db, "me", [lapsed, cleared], 30)
+    got = {r["id"]: r["resolving_until"] for r in await db.fetch(
+        "SELECT id, resolving_until FROM request")}
+    assert got[lapsed] is not None and got[lapsed] > datetime.now(UTC)
+    assert got[cleared] is None
