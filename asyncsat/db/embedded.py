@@ -84,11 +84,19 @@ def _postmaster_pid(pgdata: Path) -> int | None:
         return None
 
 
+def _stat(pid: int) -> list[str] | None:
+    """A process's /proc stat fields from its state on (`[0]` the state, `Z` a zombie;
+    `[1]` its parent; `[19]` its start), None when there is no such process to read."""
+    try:  # (the command's name, in parentheses, may hold spaces: the fields follow the last)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _state(pid: int) -> str | None:
     """A process's state letter (`Z`: a zombie), None when there is no such process."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    fields = _stat(pid)
+    if fields is None:
         return None if not sys.platform.startswith("linux") or \
             not Path(f"/proc/{pid}").exists() else "?"
     return fields[0]
@@ -102,10 +110,8 @@ def _program(pid: int) -> bytes:
 
 
 def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+    fields = _stat(pid)
+    return None if fields is None else int(fields[1])
 
 
 def ready_dsn(pgdata: Path) -> str | None:
@@ -134,8 +140,9 @@ def ready_dsn(pgdata: Path) -> str | None:
 
 def _started(pid: int) -> float:
     """When a process started, in seconds since the epoch (Linux's /proc)."""
-    # (the command's name, in parentheses, may hold spaces: the fields follow the last one)
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
+    if fields is None:
+        raise ProcessLookupError(pid)
     boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                 if line.startswith("btime "))
     return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
