@@ -121,7 +121,6 @@ async def _serve(
     served: web.AppRunner | None = None
     try:
         async with pool.acquire() as conn:
-            await apply_schema(conn, always=False)
             await check_schema(conn)  # (a schema of an earlier release lacks functions)
         store = Store(pool)
         me = await _register(store, settings)

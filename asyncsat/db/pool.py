@@ -150,10 +150,16 @@ async def apply_schema(conn: Any, *, always: bool) -> bool:
 
 
 async def check_schema(conn: Any) -> None:
-    """DatabaseError when the database's schema is older than this release's: its daemon
-    needs this release's functions (`asyncsat init` upgrades the schema; it is not done at
-    a daemon's start, where it would lock tables under the daemons still running)."""
+    """A daemon's start: the schema applied to a database with none; DatabaseError when the
+    database's schema is older than this release's: its daemon needs this release's
+    functions (`asyncsat init` upgrades the schema; it is not done at a daemon's start,
+    where it would lock tables under the daemons still running). One look at the version
+    for a database made already."""
     version = await database_schema_version(conn)
+    if version is None:
+        if await apply_schema(conn, always=False):  # (looks again, under the schema's lock)
+            return
+        version = await database_schema_version(conn)  # (made meanwhile, maybe older)
     mine = schema_version(schema_sql())
     if version is not None and version < mine:
         raise DatabaseError(
