@@ -1,4 +1,5 @@
-"""Benchmark asyncsat against `aria2c -j N` and a sequential `curl` on the same local files.
+"""Benchmark asyncsat against `aria2c -j N`, a sequential `curl` and bench/pyfloor.py (the
+least a downloader on asyncsat's stack does) on the same local files.
 
     python bench/run.py --files 20 --size-mb 100 --rate-mbps 20 --connections 5 \\
         --scenario throttled
@@ -9,7 +10,7 @@ N-connection limit (429 + Retry-After beyond it). With `--protocol ftp`, bench/s
 (pyftpdlib, separate process) serves them over FTP instead: one login, a cap per data
 connection, N sessions for the login (421 beyond). Each tool downloads every file in turn; its
 wall time, CPU (user+sys of its process tree, from os.wait4) and peak RSS are measured, its
-output is checked (size and MD5) and deleted before the next tool runs.
+output is checked (size and MD5) and kept until the bench ends (`Bench.put_away`).
 
 Units: MiB = 2**20 bytes, GiB = 2**30 bytes; `--size-mb` and `--rate-mbps` are in MiB and
 MiB/s. Run it with the Python that has asyncsat installed (asyncsat runs as
@@ -46,7 +47,8 @@ KEEP_MAX = 16 * GiB
 free disk space): see `Bench.put_away`."""
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-TOOLS = ("asyncsat", "aria2c", "curl")
+TOOLS = ("asyncsat", "aria2c", "curl", "pyfloor")
+"""pyfloor: bench/pyfloor.py, the least a downloader on asyncsat's stack does (HTTP only)."""
 SCENARIOS = ("throttled", "unthrottled", "many-small", "memory")
 
 
@@ -486,6 +488,8 @@ class Bench:
             if server.user:
                 cmd += [f"--ftp-user={server.user}", f"--ftp-passwd={server.password}"]
             return cmd
+        if tool == "pyfloor":
+            return [sys.executable, str(BENCH / "pyfloor.py"), "-j", n, "-d", str(out), *urls]
         cmd = ["curl", "-sS", "--fail"]
         if server.user:
             cmd += ["--user", f"{server.user}:{server.password}"]
@@ -701,6 +705,12 @@ def report_transfer(s: Scenario) -> str:
         lines.append(_target(_ratio(wall["asyncsat"] - s.fixed_cost.wall, wall["aria2c"]),
                              "(asyncsat wall - its fixed cost) / aria2c wall", None)
                      + "  (the files alone, not the target)")
+    floor = _ratio(wall["asyncsat"], wall["pyfloor"])
+    if floor is not None:  # (not a target: asyncsat's bookkeeping, against its stack alone)
+        lines.append(_target(floor, "asyncsat wall / pyfloor wall", None)
+                     + "  (pyfloor: the same stack and durability, no bookkeeping)")
+        lines.append(_target(_ratio(wall["pyfloor"], wall["aria2c"]),
+                             "pyfloor wall / aria2c wall", None))
     r2 = _ratio(wall["curl"], wall["asyncsat"])
     speedup = 0.9 * s.connections
     lines.append(_target(r2, "curl wall / asyncsat wall", r2 >= speedup if throttled and r2
@@ -827,8 +837,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small-kb", type=int, default=64, help="many-small: size of each, KiB")
     p.add_argument("--big-mb", type=int, default=2048, help="memory check: the big file, MiB")
     p.add_argument("--small-mb", type=int, default=100, help="memory check: the small file, MiB")
-    p.add_argument("--tools", default=",".join(TOOLS),
-                   help="comma-separated subset of " + ",".join(TOOLS))
+    p.add_argument("--tools", help="comma-separated subset of " + ",".join(TOOLS)
+                   + " (default: all; pyfloor speaks HTTP only)")
     p.add_argument("--repeat", type=int, default=1, help="runs per tool (ratios use medians)")
     p.add_argument("--chunk-kb", type=int, default=0,
                    help="server write size, KiB (0: 64 throttled, 1024 unthrottled)")
@@ -840,10 +850,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cprofile", action="store_true",
                    help="run asyncsat under cProfile (slower!); .prof files in the logs dir")
     args = p.parse_args(argv)
-    args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if args.tools is None:
+        args.tools = [t for t in TOOLS if t != "pyfloor" or args.protocol == "http"]
+    else:
+        args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = sorted(set(args.tools) - set(TOOLS))
     if unknown or not args.tools:
         p.error(f"unknown tools: {', '.join(unknown)}" if unknown else "no tool")
+    if "pyfloor" in args.tools and args.protocol != "http":
+        p.error("pyfloor speaks HTTP only")
     if min(args.files, args.connections, args.repeat) < 1 or args.size_mb <= 0:
         p.error("--files, --connections, --repeat and --size-mb must be positive")
     return args
@@ -856,8 +871,13 @@ def selected(args: argparse.Namespace) -> list[str]:
 
 def check_tools(args: argparse.Namespace) -> None:
     for tool in args.tools:
-        if tool != "asyncsat" and shutil.which(tool) is None:
+        if tool not in ("asyncsat", "pyfloor") and shutil.which(tool) is None:
             raise SystemExit(f"bench: {tool} is not installed")
+    if "pyfloor" in args.tools:
+        probe = subprocess.run([sys.executable, "-c", "import aiohttp, uvloop"],
+                               capture_output=True)
+        if probe.returncode:
+            raise SystemExit(f"bench: {sys.executable} cannot import aiohttp and uvloop")
     if "asyncsat" in args.tools:
         probe = subprocess.run([sys.executable, "-c", "import asyncsat"], capture_output=True,
                                env=clean_env(), cwd=ROOT)
@@ -940,7 +960,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _tool_versions(tools: Sequence[str]) -> dict[str, str]:
     versions = {"python": sys.version.split()[0]}
     for tool in tools:
-        if tool != "asyncsat":
+        if tool not in ("asyncsat", "pyfloor"):
             with contextlib.suppress(OSError):
                 out = subprocess.run([tool, "--version"], capture_output=True, text=True)
                 versions[tool] = (out.stdout.splitlines() or [""])[0]
