@@ -98,15 +98,15 @@ async def daemon(dsn: str, name: str, providers: list[int], stop_at: float,
             download, _account, lease_id = slots.popleft()
             fence = Fence(name, download.attempts)
             began = time.perf_counter()
-            _owned, following = await queries.download_sealing(
+            sealed = await queries.download_sealing(
                 conn, download.id, fence, lease_id, lease_seconds=30.0, default_dest="/d",
                 hand_over=hand_over)
             if hand_over:
                 handovers.append(time.perf_counter() - began)
             await queries.downloads_done(conn, [queries.Done(download.id, fence, 0, "/d/x")])
             claims.append(1)
-            if following is not None:
-                slots.append(following)
+            if sealed.following is not None:
+                slots.append(sealed.following)
     return pid, conn
 
 
