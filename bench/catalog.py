@@ -74,7 +74,8 @@ class Emulator:
         manifest = work / f"manifest-{secrets.token_hex(4)}.json"
         cmd = [sys.executable, str(BENCH / "serve_cdse.py"), "--products", str(products),
                "--size", str(size), "--max-downloads", str(connections), "--user", USER,
-               "--password", self.password, "--token-lifetime", str(token_lifetime),
+               f"--password={self.password}",  # (it may begin with "-": not an option)
+               "--token-lifetime", str(token_lifetime),
                "--refresh-lifetime", str(refresh_lifetime), "--manifest", str(manifest)]
         if rate:
             cmd += ["--rate", str(rate)]

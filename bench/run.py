@@ -261,7 +261,9 @@ class FtpServer(Server):
 
     def options(self) -> list[str]:
         assert self.password is not None
-        return ["--user", str(self.user), "--password", self.password]
+        # (`--password=`: a random password may begin with "-", which argparse would take
+        # for an option)
+        return ["--user", str(self.user), f"--password={self.password}"]
 
     @property
     def base(self) -> str:

@@ -41,3 +41,17 @@ def test_the_transfer_benchmark_runs_against_pyfloor(tmp_path: Path) -> None:
     runs = json.loads(report.read_text())["scenarios"][0]["results"]
     assert sorted((r["tool"], r["verified"]) for r in runs) == [
         ("asyncsat", True), ("pyfloor", True)]
+
+
+def test_the_catalog_benchmark_runs(tmp_path: Path) -> None:
+    report = tmp_path / "catalog.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "catalog.py"), "--products", "12",
+         "--size-kb", "8", "--connections", "2", "--repeat", "1", "--tools",
+         "asyncsat,aiohttp-durable", "--token-seconds", "0", "--workdir",
+         str(tmp_path / "work"), "--json", str(report)],
+        capture_output=True, text=True, timeout=150, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    runs = json.loads(report.read_text())["results"]
+    assert sorted((r["tool"], r["files"], r["verified"]) for r in runs) == [
+        ("aiohttp-durable", 12, True), ("asyncsat", 12, True)]
