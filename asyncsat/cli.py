@@ -32,14 +32,26 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive(text: str) -> int:
+BIGINT_MAX = 2**63 - 1
+"""The largest id or count the database holds (bigint); a larger one is bad input."""
+INT_MAX = 2**31 - 1
+"""The largest `integer` column value (credential.max_connections)."""
+
+
+def _positive(text: str, most: int = BIGINT_MAX) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > most:
+        raise argparse.ArgumentTypeError(f"must be at most {most}, got {text}")
     return value
+
+
+def _connections(text: str) -> int:
+    return _positive(text, INT_MAX)
 
 
 def _port(text: str) -> int:
@@ -57,7 +69,7 @@ def _ids(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a download id: {text!r}") from None
-    if value < 1:
+    if not 1 <= value <= BIGINT_MAX:
         raise argparse.ArgumentTypeError(f"not a download id: {text!r}")
     return value
 
@@ -104,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     secret.add_argument("--password-env", metavar="VAR")
     secret.add_argument("--password-file", metavar="PATH")
     secret.add_argument("--password-stdin", action="store_true")
-    cadd.add_argument("--max-connections", type=_positive)
+    cadd.add_argument("--max-connections", type=_connections)
     cred.add_parser("list", help="list credentials").add_argument("--json", action="store_true")
     crem = cred.add_parser("remove", help="remove an account of a provider")
     crem.add_argument("provider")

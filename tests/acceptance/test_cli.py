@@ -50,6 +50,14 @@ async def _count(dsn: str) -> int:
     ["retry"],
     ["cancel", "abc"],
     ["frobnicate"],
+    # numbers past what the database holds are bad input, not a DataError (exit 1)
+    ["status", "--request", "9" * 20],
+    ["status", "--limit", "9" * 20],
+    ["retry", "9" * 20],
+    ["cancel", "9" * 20],
+    ["cancel", "--request", "9" * 20],
+    ["credential", "add", "hub", "--user", "u", "--password-env", "HOME",
+     "--max-connections", "9" * 14],
 ])
 async def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         args: list[str], dsn: str, tmp_path: Path) -> None:
