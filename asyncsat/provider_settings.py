@@ -28,9 +28,15 @@ def _integer(least: int) -> Check:
     return check
 
 
+MAX_SECONDS = 10 * 365 * 86400
+"""Ten years: longer delays are mistakes, and past what a clock or an SQL interval can add
+(`backoff_max=1e300` made every retry fail in SQL and left its download `running`)."""
+
+
 def _seconds(value: object) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        return "a number of seconds greater than 0"
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not 0 < value <= MAX_SECONDS:
+        return f"a number of seconds greater than 0 and at most {MAX_SECONDS} (ten years)"
     return None
 
 

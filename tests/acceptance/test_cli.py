@@ -58,6 +58,10 @@ async def _count(dsn: str) -> int:
     ["cancel", "--request", "9" * 20],
     ["credential", "add", "hub", "--user", "u", "--password-env", "HOME",
      "--max-connections", "9" * 14],
+    # delays no clock can add (the daemon's retry then failed in SQL, the row stuck running)
+    ["provider", "add", "x", "--protocol", "http", "--set", "backoff_initial=1e300",
+     "--set", "backoff_max=1e300"],
+    ["provider", "add", "x", "--protocol", "odata", "--set", "follow_overlap=1e300"],
 ])
 async def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         args: list[str], dsn: str, tmp_path: Path) -> None:
