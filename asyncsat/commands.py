@@ -188,6 +188,11 @@ def _read_secret(args: argparse.Namespace) -> str:
 
 
 async def credential_add(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    if not args.user.strip() or any(ord(c) < 32 or ord(c) == 127 for c in args.user):
+        # a line break would end FTP's USER command early (and the next line be sent as a
+        # command of its own) or break the Basic header
+        raise UsageError(f"invalid user {args.user!r}: give a name without control "
+                         "characters")
     secret = _read_secret(args)
     redactor.add_login(args.user, secret)
     async with daemon.connection(settings) as conn:

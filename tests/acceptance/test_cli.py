@@ -62,6 +62,9 @@ async def _count(dsn: str) -> int:
     ["provider", "add", "x", "--protocol", "http", "--set", "backoff_initial=1e300",
      "--set", "backoff_max=1e300"],
     ["provider", "add", "x", "--protocol", "odata", "--set", "follow_overlap=1e300"],
+    # a user name that is empty, or would break the USER command or the Basic header
+    ["credential", "add", "hub", "--user", "", "--password-env", "HOME"],
+    ["credential", "add", "hub", "--user", "me\r\nDELE x", "--password-env", "HOME"],
 ])
 async def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         args: list[str], dsn: str, tmp_path: Path) -> None:
