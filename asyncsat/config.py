@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -95,6 +96,10 @@ class Settings:
             raise ConfigError("metrics_host must be an address")
         if self.status_interval <= 0:
             raise ConfigError("status_interval must be positive")
+        if self.listener_ping <= 0:  # (0 made the daemon reconnect to PostgreSQL in a loop)
+            raise ConfigError("listener_ping must be more than 0 seconds")
+        if self.shutdown_timeout < 0:
+            raise ConfigError("shutdown_timeout must be 0 seconds or more")
         return self
 
     @classmethod
@@ -184,7 +189,8 @@ def _path(values: Mapping[str, object], key: str) -> Path | None:
 
 def _num(values: Mapping[str, object], key: str, default: float) -> float:
     value = values.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not math.isfinite(value):
         raise ConfigError(f"setting {key} must be a number")
     return float(value)
 

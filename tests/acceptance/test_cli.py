@@ -345,3 +345,23 @@ async def test_provider_pause_and_resume(server: FileServer, dsn: str, tmp_path:
     assert (tmp_path / "d" / "local" / "p.bin").exists()
     assert "paused" not in (await asyncio.to_thread(cli, "status", dsn=dsn,
                                                     home=tmp_path)).stdout
+
+
+@pytest.mark.parametrize("line", [
+    "listener_ping = 0",  # the daemon reconnected to PostgreSQL in a loop, for ever
+    "listener_ping = -5",
+    "shutdown_timeout = -1",
+    "progress_interval = nan",
+    "status_interval = nan",
+    "chunk_size = inf",  # OverflowError, exit 1
+    "chunk_size = nan",
+])
+async def test_bad_config_value_is_one_line_exit_2(line: str, dsn: str, tmp_path: Path) -> None:
+    config = tmp_path / "asyncsat.toml"
+    config.write_text(line + "\n")
+    result = await asyncio.to_thread(cli, "run", "--exit-when-idle", dsn=dsn, home=tmp_path,
+                                     env={"ASYNCSAT_CONFIG": str(config)}, timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and line.split()[0] in lines[0], result.stderr
