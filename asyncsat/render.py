@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -165,6 +166,17 @@ def asked_line(request_id: int, asked: Asked, placed: Sequence[tuple[Link, str]]
     return f"request {request_id}: " + "; ".join(parts)
 
 
+def _what(r: dict[str, Any]) -> str:
+    """What a request asks for, in a few words: its search's collection, else its URLs
+    (a row inserted with psql may hold a search of any JSON shape)."""
+    search = r["search"]
+    if isinstance(search, dict):
+        return str(search.get("collection", ""))
+    if search is not None:
+        return json.dumps(search)
+    return " ".join(r["urls"] or [])
+
+
 def requests_lines(rows: Sequence[dict[str, Any]]) -> str:
     """The requests still in progress, and the failed ones, one line each (under the
     downloads of `status`): still being listed or searched, standing, or with products
@@ -173,7 +185,7 @@ def requests_lines(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         if r["status"] in ("done", "cancelled"):
             continue
-        what = r["search"].get("collection", "") if r["search"] else " ".join(r["urls"] or [])
+        what = _what(r)
         state = "listing" if r["status"] == "queued" else r["status"]
         line = f"request {r['id']:>4}  {state:<9}  {what}"
         if r["status"] != "queued":
@@ -270,7 +282,7 @@ def request_progress_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [f"{'ID':>6}  {'STATUS':<9}  {'PROVIDER':<16}  {'FOUND':>6}  {'DONE':>6}  "
              f"{'FAILED':>6}  {'BYTES':<20}  WHAT"]
     for r in rows:
-        what = r["search"].get("collection", "") if r["search"] else " ".join(r["urls"] or [])
+        what = _what(r)
         size = f"{human(r['bytes_done'])}/{human(r['size'])}"
         line = (f"{r['id']:>6}  {r['status']:<9}  {(r['provider'] or '-')[:16]:<16}  "
                 f"{r['products']:>6}  {r['done']:>6}  {r['failed']:>6}  {size:<20}  {what[:60]}")

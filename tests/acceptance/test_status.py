@@ -295,3 +295,21 @@ async def test_status_into_a_pipe_closed_early_ends_quietly(dsn: str, tmp_path: 
         err = proc.stderr.read().decode()
     assert proc.wait(timeout=30) == 141
     assert err == ""
+
+
+async def test_status_shows_request_rows_of_any_shape_psql_inserted(
+        dsn: str, tmp_path: Path) -> None:
+    """A search that is not a JSON object, or whose collection is not text, is failed by
+    the daemon with its reason; `status` shows such rows instead of ending with
+    AttributeError (exit 1)."""
+    await add_provider(dsn, "hub", "http://127.0.0.1:9/")
+    await sql(dsn, "INSERT INTO request (search) VALUES ('\"str\"'), ('[1, 2]')")
+    await sql(dsn, "INSERT INTO request (search, provider_id)"
+                   " SELECT '{\"collection\": 5}', id FROM provider")
+    home = tmp_path / "home"
+    ran = await asyncio.to_thread(cli, "run", "--exit-when-idle", dsn=dsn, home=home)
+    assert ran.returncode == 0, ran.stderr
+    for command in (["status"], ["status", "--requests"], ["status", "--requests", "--json"]):
+        shown = await asyncio.to_thread(cli, *command, dsn=dsn, home=home)
+        assert shown.returncode == 0 and shown.stderr == "", (command, shown.stderr)
+        assert shown.stdout.count("failed") >= 3, (command, shown.stdout)
