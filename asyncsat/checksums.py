@@ -6,7 +6,7 @@ import hashlib
 import re
 from typing import Protocol
 
-from asyncsat.errors import UsageError
+from asyncsat.errors import TransferError, UsageError
 from asyncsat.models import Checksum
 
 _LENGTHS = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128, "sha3_256": 64, "blake3": 64}
@@ -38,6 +38,12 @@ def parse(text: str) -> Checksum:
 
 
 def new_hasher(algo: str) -> Hasher:
+    """A hasher for `algo`; TransferError (permanent) for one asyncsat does not know, as a
+    row inserted with psql may name (`checksum_algo = 'foo'`)."""
+    algo = normalize_algo(algo)
+    if algo not in _LENGTHS:
+        raise TransferError(f"unknown checksum algorithm {algo!r}: use one of "
+                            f"{', '.join(_LENGTHS)}")
     if algo == "blake3":
         from blake3 import blake3
 

@@ -110,14 +110,14 @@ class PartFile:
         this claim's (a daemon paused past its lease must not take the file of the daemon
         that took the download over). (On the loop: a worker thread costs more than the
         create, measured with 2,000 files of 64 KiB, in lock handoffs between the threads.)"""
+        if self.checksum is not None:  # (an unknown algorithm fails before a file is made)
+            self._hasher = new_hasher(self.checksum.algo)
         self._open(offset, fenced)
         self.size = offset
         self._drop_at = sys.maxsize if self.keep_cache else offset + DROP_LAG + DROP_EVERY
         self._head = b"" if offset == 0 else None
-        if self.checksum is not None:
-            self._hasher = new_hasher(self.checksum.algo)
-            if offset:
-                await asyncio.to_thread(self._hash_existing, offset)
+        if self.checksum is not None and offset:
+            await asyncio.to_thread(self._hash_existing, offset)
 
     def _open(self, offset: int, fenced: Callable[[], bool] | None = None) -> None:
         if fenced is not None and not fenced():  # (lapsed already: no file made)

@@ -849,3 +849,19 @@ async def test_a_file_that_shrank_under_an_unverifiable_resume_starts_again(
     [row] = await rows(dsn)
     assert row["status"] == "done", row["error"]
     assert _final(settings, "shrink.nc").read_bytes() == new
+
+
+async def test_a_psql_row_with_an_unknown_checksum_algorithm_fails_at_once_saying_so(
+        hunt: HuntServer, dsn: str, settings: Settings) -> None:
+    """`checksum_algo = 'foo'` in a download row inserted with psql: one attempt ending
+    `failed` with the reason, no `.part` left; it was an "internal error" (a traceback in
+    the log) retried max_attempts times."""
+    hunt.add("c.nc", os.urandom(1000))
+    await sql(dsn, "INSERT INTO download (provider_id, url, checksum_algo, checksum_value)"
+                   " SELECT id, $1, 'foo', 'zz' FROM provider WHERE name = 'local'",
+              hunt.url("c.nc"))
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert row["status"] == "failed" and row["attempts"] == 1, row
+    assert "checksum algorithm 'foo'" in row["error"] and "internal" not in row["error"]
+    assert _parts(settings) == []
