@@ -474,6 +474,8 @@ class Engine:
         try:
             with structlog.contextvars.bound_contextvars(
                     download_id=d.id, request_id=d.request_id, provider=d.provider):
+                if d.dest and not folder.is_absolute():  # (a psql row's)
+                    raise TransferError(f"dest {d.dest!r} is not an absolute path")
                 source = Source(d.url, auth)
                 if d.product_id is not None and self.catalogs.prepares(provider):
                     source = await self.catalogs.for_provider(provider).prepare(d, auth)

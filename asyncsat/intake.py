@@ -201,6 +201,13 @@ async def _implicit(conn: Any, url: str) -> Provider:
     )
 
 
+def check_dest(dest: str | None) -> None:
+    """UsageError unless `dest` (of a row inserted with psql) is empty or absolute: a
+    relative one would be a folder under the daemon's working directory."""
+    if dest and not Path(dest).is_absolute():
+        raise UsageError(f"dest {dest!r} is not an absolute path")
+
+
 async def resolve(conn: Any, request: Request, default_dest: Path) -> \
         tuple[str, str | None, Asked]:
     """Resolve a queued request row (inserted by psql or the CLI): (status, error, what
@@ -208,6 +215,7 @@ async def resolve(conn: Any, request: Request, default_dest: Path) -> \
     if request.search is not None and not request.urls:
         return await fail(conn, request, "catalog searches are not supported yet")
     try:
+        check_dest(request.dest)
         urls = parse_urls(request.urls or [])
         checksum = checksums.parse(request.checksum) if request.checksum else None
         if checksum and len(urls) != 1:

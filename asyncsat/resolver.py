@@ -177,6 +177,7 @@ class Resolver:
         """Ask the catalog, retrying transient faults; the account slot is held meanwhile.
         The products found are queued `FLUSH_EVERY` at a time as they come (`queued`); the
         caller queues the rest, and finishes the request, in one transaction."""
+        intake.check_dest(request.dest)
         if request.search is not None:
             Query.from_json(request.search)  # validate before anything is asked
             if request.provider_id is None:

@@ -865,3 +865,27 @@ async def test_a_psql_row_with_an_unknown_checksum_algorithm_fails_at_once_sayin
     assert row["status"] == "failed" and row["attempts"] == 1, row
     assert "checksum algorithm 'foo'" in row["error"] and "internal" not in row["error"]
     assert _parts(settings) == []
+
+
+async def test_a_relative_dest_in_a_psql_row_fails_instead_of_landing_in_the_daemons_cwd(
+        hunt: HuntServer, dsn: str, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dest = 'data'` in a request or download row inserted with psql meant the daemon's
+    working directory (`/` under systemd, wherever `get --wait` was started otherwise):
+    files landed outside every folder asked for. The row fails, saying why."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    hunt.add("r.nc", os.urandom(1000))
+    hunt.add("d.nc", os.urandom(1000))
+    await sql(dsn, "INSERT INTO request (urls, dest) VALUES (ARRAY[$1], 'reldir')",
+              hunt.url("r.nc"))
+    await sql(dsn, "INSERT INTO download (provider_id, url, dest)"
+                   " SELECT id, $1, 'reldest' FROM provider WHERE name = 'local'",
+              hunt.url("d.nc"))
+    await drain(settings)
+    [request] = await sql(dsn, "SELECT status, error FROM request")
+    assert request["status"] == "failed" and "absolute" in request["error"], request
+    [row] = await rows(dsn)
+    assert row["status"] == "failed" and "absolute" in row["error"], row
+    assert list(cwd.iterdir()) == []
