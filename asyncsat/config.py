@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
-from asyncsat.dsn import describe
+from asyncsat.dsn import as_uri, describe
 from asyncsat.errors import ConfigError
 
 LOG_FORMATS = ("json", "console")
@@ -122,6 +122,11 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         defaults = cls(home=default_home(environ))
         dsn = _str(values, "dsn", defaults.dsn)
+        if dsn:
+            try:
+                dsn = as_uri(dsn)
+            except ValueError as exc:
+                raise ConfigError(f"invalid dsn: {exc}") from None
         password = None
         password_file = _path(values, "dsn_password_file")
         if password_file is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 # keyword/value form: `host=db port=5432 password='it''s' dbname=x`
 _KEYWORD = re.compile(r"\s*(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']*)")
@@ -35,6 +35,29 @@ def split_password(dsn: str) -> tuple[str, str | None]:
         else:
             kept_pairs.append(f"{key}={value}")
     return " ".join(kept_pairs), password or None
+
+
+_PAIR = r"\w+\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^\s']*)"
+_KEYWORDS = re.compile(rf"\s*{_PAIR}(?:\s+{_PAIR})*\s*")
+"""A whole keyword DSN: pairs apart by white space (so that no input backtracks long)."""
+_SCHEMES = ("postgresql", "postgres")
+
+
+def as_uri(dsn: str) -> str:
+    """The DSN as a `postgresql://` URI, the only form asyncpg reads: a URI as it is, the
+    keyword form that psql also takes (`host=db dbname=x user=me`) as a URI with those
+    keywords in its query (`postgresql://?host=db&dbname=x&user=me`). ValueError, saying
+    what is wrong without the DSN itself (it may hold a password), for anything else."""
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        if parts.scheme not in _SCHEMES:
+            raise ValueError(f"a DSN URI begins with postgresql://, not {parts.scheme}://")
+        parts.port  # noqa: B018 (ValueError for a port that is not a number)
+        return dsn
+    if not _KEYWORDS.fullmatch(dsn):
+        raise ValueError("a DSN is a postgresql:// URI or keywords (host=... dbname=...)")
+    pairs = [(m.group(1), _unquote_keyword(m.group(2))) for m in _KEYWORD.finditer(dsn)]
+    return "postgresql://?" + urlencode(pairs, quote_via=quote)
 
 
 def _unquote_keyword(value: str) -> str:

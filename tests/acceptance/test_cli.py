@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -365,3 +366,27 @@ async def test_bad_config_value_is_one_line_exit_2(line: str, dsn: str, tmp_path
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and line.split()[0] in lines[0], result.stderr
+
+
+async def test_a_keyword_dsn_as_psql_takes_it_reaches_the_database(dsn: str,
+                                                                    tmp_path: Path) -> None:
+    parts = urlsplit(dsn)
+    keywords = (f"host={parts.hostname} port={parts.port} dbname={parts.path.lstrip('/')}"
+                f" user={parts.username}")
+    added = await asyncio.to_thread(cli, "provider", "add", "kw", "--protocol", "http",
+                                    "--url", "http://127.0.0.1:9/", dsn=keywords, home=tmp_path)
+    assert added.returncode == 0, added.stderr
+    listed = await asyncio.to_thread(cli, "provider", "list", dsn=dsn, home=tmp_path)
+    assert "kw" in listed.stdout
+
+
+@pytest.mark.parametrize("bad", ["host=db.example junk password=topsecret",
+                                 "mysql://ops:topsecret@db.example/x",
+                                 "postgresql://ops:topsecret@db.example:port/x"])
+async def test_a_malformed_dsn_is_one_line_exit_2_without_its_password(
+        bad: str, tmp_path: Path) -> None:
+    result = await asyncio.to_thread(cli, "status", dsn=bad, home=tmp_path, timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "" and "topsecret" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("asyncsat: error: invalid dsn: "), lines
