@@ -190,6 +190,7 @@ class Engine:
             renewal.renewed(sent)
             await self._renew_requests(renewal)
             await self._put_back_orphans(owned)
+            await self._put_back_strays()
             for download_id in working - owned - self._ended:
                 task = self._tasks.get(download_id)
                 # (one let go meanwhile is stopping already)
@@ -229,6 +230,15 @@ class Engine:
                 log.warning("downloads owned with no transfer put back in the queue",
                             download_ids=put_back)
                 self.wake.set()
+
+    async def _put_back_strays(self) -> None:
+        """`running` rows that no claim made (set so with psql: no lease expiry) would block
+        the queue's end for ever: any daemon's heartbeat puts them back in the queue."""
+        strays = await self.store.try_call(queries.strays_requeue)
+        if strays:
+            log.warning("running downloads that no daemon claimed put back in the queue",
+                        download_ids=strays)
+            self.wake.set()
 
     def _let_go(self, working: set[int]) -> None:
         """Stop the transfers whose leases are about to lapse unrenewed (each puts its row

@@ -715,6 +715,16 @@ async def orphans_requeue(db: Any, daemon_id: str, ids: Sequence[int]) -> list[i
     return [r["id"] for r in rows]
 
 
+async def strays_requeue(db: Any) -> list[int]:
+    """Put back in the queue `running` rows with no lease expiry: no daemon claimed them
+    (a claim always sets one), so none renews them and none would take them over (a row
+    inserted or set so with psql). The ids put back."""
+    rows = await db.fetch(
+        "UPDATE download SET status = 'queued', owner = NULL, not_before = now()"
+        " WHERE status = 'running' AND lease_expires IS NULL RETURNING id")
+    return sorted(r["id"] for r in rows)
+
+
 async def heartbeat(db: Any, daemon_id: str, lease_seconds: float) -> set[int]:
     """Renew a daemon's heartbeat and leases; the ids of the downloads it still owns."""
     rows = await db.fetch(

@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -889,3 +890,19 @@ async def test_a_relative_dest_in_a_psql_row_fails_instead_of_landing_in_the_dae
     [row] = await rows(dsn)
     assert row["status"] == "failed" and "absolute" in row["error"], row
     assert list(cwd.iterdir()) == []
+
+
+async def test_a_running_row_that_no_daemon_claimed_is_put_back_and_done(
+        hunt: HuntServer, dsn: str, settings: Settings) -> None:
+    """A row inserted with psql as `running` (no owner, no lease expiry) was renewed by
+    nobody and taken over by nobody: `run --exit-when-idle` waited for it for ever. A
+    heartbeat puts it back in the queue."""
+    body = os.urandom(3000)
+    hunt.add("stray.nc", body)
+    await sql(dsn, "INSERT INTO download (provider_id, url, status)"
+                   " SELECT id, $1, 'running' FROM provider WHERE name = 'local'",
+              hunt.url("stray.nc"))
+    await drain(replace(settings, lease_timeout=1.5), timeout=30)
+    [row] = await rows(dsn)
+    assert row["status"] == "done", row
+    assert Path(row["path"]).read_bytes() == body
