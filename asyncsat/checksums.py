@@ -38,15 +38,19 @@ def parse(text: str) -> Checksum:
 
 
 def new_hasher(algo: str) -> Hasher:
-    """A hasher for `algo`; TransferError (permanent) for one asyncsat does not know, as a
-    row inserted with psql may name (`checksum_algo = 'foo'`)."""
+    """A hasher for `algo`: the ones `parse` takes, or any other of hashlib's that a row
+    inserted with psql may name (`sha384`); TransferError (permanent) for one that no
+    library here knows, or whose digest has no length of its own (`shake_128`)."""
     algo = normalize_algo(algo)
-    if algo not in _LENGTHS:
-        raise TransferError(f"unknown checksum algorithm {algo!r}: use one of "
-                            f"{', '.join(_LENGTHS)}")
     if algo == "blake3":
         from blake3 import blake3
 
         hasher: Hasher = blake3(max_threads=1)
         return hasher
-    return hashlib.new(algo)
+    if not algo.startswith("shake_"):
+        try:
+            return hashlib.new(algo)
+        except ValueError:
+            pass
+    raise TransferError(f"unknown checksum algorithm {algo!r}: use one of "
+                        f"{', '.join(_LENGTHS)} (or another of hashlib's)")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from collections.abc import Iterable
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 # keyword/value form: `host=db port=5432 password='it''s' dbname=x`
 _KEYWORD = re.compile(r"\s*(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']*)")
@@ -24,8 +25,11 @@ def split_password(dsn: str) -> tuple[str, str | None]:
             if key == "password":
                 password = value
         kept = urlencode([(k, v) for k, v in query if k != "password"], safe="/")
-        return urlunsplit((parts.scheme, netloc, parts.path, kept, parts.fragment)), \
-            password or None
+        # (not urlunsplit: it drops the `//` of an empty host, `postgresql://?host=/run`,
+        # and libpq then reads no URI)
+        shown = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{kept}" if kept else "") + \
+            (f"#{parts.fragment}" if parts.fragment else "")
+        return shown, password or None
     password = None
     kept_pairs = []
     for match in _KEYWORD.finditer(dsn):
@@ -37,27 +41,99 @@ def split_password(dsn: str) -> tuple[str, str | None]:
     return " ".join(kept_pairs), password or None
 
 
-_PAIR = r"\w+\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^\s']*)"
-_KEYWORDS = re.compile(rf"\s*{_PAIR}(?:\s+{_PAIR})*\s*")
-"""A whole keyword DSN: pairs apart by white space (so that no input backtracks long)."""
-_SCHEMES = ("postgresql", "postgres")
+_URI_PREFIXES = ("postgresql://", "postgres://")
+_ANY_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+CLIENT_ONLY = frozenset({
+    "connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval",
+    "keepalives_count", "tcp_user_timeout", "hostaddr", "gssencmode", "gssdelegation",
+    "channel_binding", "sslcompression", "sslsni", "sslcertmode", "requirepeer",
+    "require_auth", "load_balance_hosts", "replication", "fallback_application_name",
+    "client_encoding",
+})
+"""libpq's keywords that asyncpg does not read: it would send them to the server as
+settings, which refuses them at every connection."""
 
 
 def as_uri(dsn: str) -> str:
     """The DSN as a `postgresql://` URI, the only form asyncpg reads: a URI as it is, the
     keyword form that psql also takes (`host=db dbname=x user=me`) as a URI with those
     keywords in its query (`postgresql://?host=db&dbname=x&user=me`). ValueError, saying
-    what is wrong without the DSN itself (it may hold a password), for anything else."""
-    if "://" in dsn:
+    what is wrong without the DSN's text (it may hold a password), for anything else."""
+    if dsn.startswith(_URI_PREFIXES):
         parts = urlsplit(dsn)
-        if parts.scheme not in _SCHEMES:
-            raise ValueError(f"a DSN URI begins with postgresql://, not {parts.scheme}://")
-        parts.port  # noqa: B018 (ValueError for a port that is not a number)
+        _check_ports(parts.netloc)
+        _check_keywords(key for key, _ in parse_qsl(parts.query, keep_blank_values=True))
         return dsn
-    if not _KEYWORDS.fullmatch(dsn):
+    if _ANY_URI.match(dsn):
+        raise ValueError("a DSN URI begins with postgresql:// or postgres://")
+    pairs = _keywords(dsn)
+    if not pairs:
         raise ValueError("a DSN is a postgresql:// URI or keywords (host=... dbname=...)")
-    pairs = [(m.group(1), _unquote_keyword(m.group(2))) for m in _KEYWORD.finditer(dsn)]
+    _check_keywords(key for key, _ in pairs)
     return "postgresql://?" + urlencode(pairs, quote_via=quote)
+
+
+def _check_ports(netloc: str) -> None:
+    """Each host's port a number (several hosts: `h1:5432,h2:5433`)."""
+    for host in netloc.rpartition("@")[2].split(","):
+        port = host.partition("]")[2] if host.startswith("[") else host
+        port = port.rpartition(":")[2] if ":" in port else ""
+        if port and not port.isdigit():
+            raise ValueError("a port of the DSN URI is not a number")
+
+
+def _check_keywords(keys: Iterable[str]) -> None:
+    for key in keys:
+        if key in CLIENT_ONLY:
+            raise ValueError(f"the DSN keyword {key!r} is not one asyncpg reads: leave it out")
+
+
+def _keywords(dsn: str) -> list[tuple[str, str]]:
+    """The pairs of a keyword DSN, read as libpq reads them (conninfo_parse): a value runs
+    to the next white space, a backslash escapes the next character, and a value that
+    begins with a quote runs to the next unescaped quote."""
+    pairs: list[tuple[str, str]] = []
+    i, n = 0, len(dsn)
+    while True:
+        while i < n and dsn[i].isspace():
+            i += 1
+        if i == n:
+            return pairs
+        start = i
+        while i < n and dsn[i] != "=" and not dsn[i].isspace():
+            i += 1
+        key = dsn[start:i]
+        while i < n and dsn[i].isspace():
+            i += 1
+        if not re.fullmatch(r"\w+", key) or i == n or dsn[i] != "=":
+            raise ValueError("a DSN is a postgresql:// URI or keywords (host=... dbname=...)")
+        i += 1
+        while i < n and dsn[i].isspace():
+            i += 1
+        value: list[str] = []
+        if i < n and dsn[i] == "'":
+            i += 1
+            while True:
+                if i == n:
+                    raise ValueError("a quoted value of the DSN has no closing quote")
+                if dsn[i] == "\\" and i + 1 < n:
+                    value.append(dsn[i + 1])
+                    i += 2
+                elif dsn[i] == "'":
+                    i += 1
+                    break
+                else:
+                    value.append(dsn[i])
+                    i += 1
+        else:
+            while i < n and not dsn[i].isspace():
+                if dsn[i] == "\\" and i + 1 < n:
+                    value.append(dsn[i + 1])
+                    i += 2
+                else:
+                    value.append(dsn[i])
+                    i += 1
+        pairs.append((key, "".join(value)))
 
 
 def _unquote_keyword(value: str) -> str:

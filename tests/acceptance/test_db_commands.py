@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -23,6 +24,26 @@ def _with_password(dsn: str, password: str) -> str:
     scheme, _, rest = dsn.partition("://")
     user, _, host = rest.partition("@")
     return f"{scheme}://{user}:{password}@{host}"
+
+
+async def test_db_dsn_and_psql_take_a_dsn_in_keywords(dsn: str, tmp_path: Path) -> None:
+    """psql's keyword form, with a password that has a space: `db dsn` shows a URI that psql
+    reads (without the password), and `db psql` connects with it."""
+    parts = urlsplit(dsn)
+    keywords = (f"host={parts.hostname} port={parts.port} dbname={parts.path.lstrip('/')}"
+                f" user={parts.username} password='pw never shown'")
+    shown = await asyncio.to_thread(cli, "db", "dsn", dsn=keywords, home=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("postgresql://?host=") and "never" not in shown.stdout
+    psql = await asyncio.to_thread(
+        cli, "db", "psql", "--", "-qAt", "-c", "SELECT current_user",
+        "-c", r"\getenv pw PGPASSWORD", "-c", r"\echo :pw", dsn=keywords, home=tmp_path)
+    assert psql.returncode == 0, psql.stderr
+    assert psql.stdout.splitlines() == ["asyncsat", "pw never shown"]
+    direct = await asyncio.to_thread(subprocess.run, ["psql", shown.stdout.strip(), "-qAtc",
+                                                      "SELECT 42"],
+                                     capture_output=True, text=True, timeout=30)
+    assert direct.stdout.strip() == "42", direct.stderr
 
 
 async def test_db_dsn_and_psql_keep_the_password_off_screen(dsn: str, tmp_path: Path) -> None:

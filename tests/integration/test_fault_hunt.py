@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import os
@@ -866,6 +867,26 @@ async def test_a_psql_row_with_an_unknown_checksum_algorithm_fails_at_once_sayin
     assert row["status"] == "failed" and row["attempts"] == 1, row
     assert "checksum algorithm 'foo'" in row["error"] and "internal" not in row["error"]
     assert _parts(settings) == []
+
+
+async def test_a_psql_row_with_another_of_hashlibs_algorithms_is_verified(
+        hunt: HuntServer, dsn: str, settings: Settings) -> None:
+    """`checksum_algo = 'SHA384'` (not one `get --checksum` takes, but hashlib's): the file
+    is verified with it, as before the unknown ones were refused; a wrong value fails."""
+    good, bad = os.urandom(1000), os.urandom(1000)
+    hunt.add("good.nc", good)
+    hunt.add("bad.nc", bad)
+    await sql(dsn, "INSERT INTO download (provider_id, url, checksum_algo, checksum_value)"
+                   " SELECT id, $1, 'SHA384', $2 FROM provider WHERE name = 'local'",
+              hunt.url("good.nc"), hashlib.sha384(good).hexdigest())
+    await sql(dsn, "INSERT INTO download (provider_id, url, checksum_algo, checksum_value)"
+                   " SELECT id, $1, 'sha384', $2 FROM provider WHERE name = 'local'",
+              hunt.url("bad.nc"), hashlib.sha384(good).hexdigest())
+    await drain(settings)
+    by_url = {r["url"]: r for r in await rows(dsn)}
+    assert by_url[hunt.url("good.nc")]["status"] == "done", by_url
+    assert Path(by_url[hunt.url("good.nc")]["path"]).read_bytes() == good
+    assert by_url[hunt.url("bad.nc")]["status"] != "done", by_url
 
 
 async def test_a_relative_dest_in_a_psql_row_fails_instead_of_landing_in_the_daemons_cwd(

@@ -42,6 +42,15 @@ def test_settings_name_their_database() -> None:
      "&user=ops"),
     ("host=/run/postgresql dbname=asyncsat", "postgresql://?host=%2Frun%2Fpostgresql"
      "&dbname=asyncsat"),
+    # several hosts (asyncpg tries them in turn)
+    ("postgresql://ops@db1:5432,db2:5433,[::1]:5434/asyncsat",
+     "postgresql://ops@db1:5432,db2:5433,[::1]:5434/asyncsat"),
+    # values as libpq reads them: to the next white space, backslash escapes
+    ("host=db password=a\\\\b", "postgresql://?host=db&password=a%5Cb"),
+    ("host=db password=a\\ b", "postgresql://?host=db&password=a%20b"),
+    ("host=db password=it's", "postgresql://?host=db&password=it%27s"),
+    ("host=db password='a://b' dbname=x", "postgresql://?host=db&password=a%3A%2F%2Fb&dbname=x"),
+    ("host = db  dbname =x user= ''", "postgresql://?host=db&dbname=x&user="),
 ])
 def test_a_dsn_is_given_to_asyncpg_as_a_uri(dsn: str, uri: str) -> None:
     """asyncpg reads URIs only; psql's keyword form works too, as the URI's query."""
@@ -50,10 +59,21 @@ def test_a_dsn_is_given_to_asyncpg_as_a_uri(dsn: str, uri: str) -> None:
 
 @pytest.mark.parametrize("dsn", [
     "not a dsn", "mysql://ops:pw@db/x", "postgresql://ops:pw@db:port/x", "host=db junk",
-    "host='unclosed password=pw",
+    "host='unclosed password=pw", "postgresql://ops:pw#x@db:5432/x",
+    "host=db password=pw connect_timeout=5", "postgresql://ops:pw@db/x?keepalives=1",
+    "a=   " * 200 + "'pw",
 ])
 def test_a_malformed_dsn_is_bad_input_that_names_no_password(dsn: str) -> None:
     with pytest.raises(ConfigError) as raised:
         Settings.from_env({"ASYNCSAT_DSN": dsn})
     assert "pw" not in str(raised.value)
     assert str(raised.value).startswith("invalid dsn: ")
+
+
+def test_a_dsn_given_as_keywords_is_shown_as_a_uri_libpq_reads() -> None:
+    """`postgresql://?host=...`: the `//` of the empty host stays (without it psql reads
+    no URI: `db dsn` and `db psql` broke on keyword DSNs)."""
+    shown, password = split_password(as_uri("host=/run/pg dbname=x password='p w'"))
+    assert (shown, password) == ("postgresql://?host=/run/pg&dbname=x", "p w")
+    assert split_password("postgresql:///x?host=/run/pg") == ("postgresql:///x?host=/run/pg",
+                                                              None)
