@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from asyncsat.errors import UsageError
 
 SCHEMES = ("http", "https", "ftp", "ftps")
+_SPACE = re.compile(r"\s")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
 MAX_NAME = 200
 
@@ -76,7 +77,7 @@ def split_login(raw: str | None) -> SplitUrl:
         )
     if not parts.hostname:
         raise UsageError(f"malformed URL {without_login(raw)!r}: no host")
-    if any(c.isspace() for c in raw.strip()):
+    if _SPACE.search(raw.strip()):
         raise UsageError(f"malformed URL {without_login(raw)!r}: it contains spaces")
     host = parts.hostname
     if ":" in host:
