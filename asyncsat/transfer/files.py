@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -89,15 +90,23 @@ class PartFile:
         self._head: bytes | None = None
         """The file's first bytes, as written by this attempt (None: it resumed)."""
 
-    def recover(self) -> int:
+    def recover(self, size: int | None = None) -> int:
         """Bytes of the part file already on disk (0 when there is none).
 
         A final file without its part was renamed before a crash but never recorded as
-        done: it becomes the part again, to be verified like any other.
+        done: it becomes the part again, to be verified like any other. Only a regular file
+        of the file's size (`size`, when it is known) can be that: anything else at the
+        final name (a folder, a shorter file of someone else's) is not resumed from.
         """
         try:
-            if self.final.exists() and not self.path.exists():
-                self.final.replace(self.path)
+            if not self.path.exists():
+                try:
+                    there = self.final.lstat()
+                except FileNotFoundError:
+                    there = None
+                if there is not None and stat.S_ISREG(there.st_mode) and \
+                        (not size or there.st_size == size):
+                    self.final.replace(self.path)
             return self.path.stat().st_size
         except FileNotFoundError:
             return 0
@@ -259,7 +268,11 @@ class PartFile:
             self._drop(0)
         # renamed while still locked: a daemon that took the download over cannot open the
         # .part between the two and write into what becomes the final file
-        os.replace(self.path, self.final)
+        try:
+            os.replace(self.path, self.final)
+        except OSError as exc:  # (a folder in the way: name it, not the .part)
+            self.close()
+            raise _local_error(self.path, exc, f"rename {self.path} to {self.final}") from None
         self.close()
         _FOLDERS.sync(self.final.parent)
 
@@ -352,8 +365,8 @@ def place(source: Path, target: Path) -> str:
     return "copied"
 
 
-def _local_error(path: Path, exc: OSError) -> TransferError:
+def _local_error(path: Path, exc: OSError, doing: str | None = None) -> TransferError:
     """A full disk is waited out (the .part stays); other local file errors are permanent."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return RetryableError(f"no space left to write {path}", throttled=True)
-    return PermanentError(f"cannot write {path}: {exc.strerror or exc}")
+    return PermanentError(f"cannot {doing or f'write {path}'}: {exc.strerror or exc}")

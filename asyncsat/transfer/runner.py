@@ -125,7 +125,7 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
     part = PartFile(job.folder, name, job.checksum, keep_cache=job.keep_cache) \
         if name and name == job.name else None
     attempt.part = part.path if part is not None else None
-    offset = part.recover() if part is not None else 0
+    offset = part.recover(job.size) if part is not None else 0
     attempt.start_size = attempt.size = offset
     validator = job.validator if offset else Validator()
     # with no size to check the result against, a resume starts a little early and the

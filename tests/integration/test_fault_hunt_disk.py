@@ -1,0 +1,78 @@
+"""Fault hunt, the local file system side: a full disk, folders removed or in the way,
+file systems that refuse an fsync, files at the final name the daemon did not write.
+
+Each test names a fault found by hunting for it; each pins the behaviour that handles it.
+The faults are simulated in-process (no mount needed), on the code paths a real file
+system takes (ENOSPC from write(2), EINVAL from fsync(2) of a folder).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from asyncsat.config import Settings
+from tests.helpers import FAST, add_provider, drain, rows, sql
+from tests.servers import FileServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def server(dsn: str) -> AsyncIterator[FileServer]:
+    srv = await FileServer().start()
+    await add_provider(dsn, "local", f"http://127.0.0.1:{srv.port}/", FAST)
+    yield srv
+    await srv.stop()
+
+
+def _folder(settings: Settings) -> Path:
+    assert settings.dest is not None
+    return settings.dest / "local"
+
+
+async def _named_row(dsn: str, settings: Settings, url: str, name: str,
+                     size: int | None = None) -> None:
+    """A download row inserted with psql, naming its file (and its size, as a catalog does)."""
+    await sql(dsn, "INSERT INTO download (provider_id, url, name, size, dest) SELECT id, $1,"
+                   " $2, $3, $4 FROM provider WHERE name = 'local'",
+              url, name, size, str(settings.dest))
+
+
+async def test_a_directory_at_the_final_name_is_never_moved(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    """A folder (someone's, with files in it) has the name a row's product is to get, and
+    no `.part` is there: it was renamed to `<name>.part` as if it were a final file renamed
+    before a crash, then written into. It stays where it is; the row fails saying that
+    the final name is taken (the error named the `.part`, not the folder in the way)."""
+    server.add("a.nc", os.urandom(3000))
+    blocker = _folder(settings) / "a.nc"
+    blocker.mkdir(parents=True)
+    (blocker / "keep.txt").write_text("mine")
+    await _named_row(dsn, settings, server.url("a.nc"), "a.nc")
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert (blocker / "keep.txt").read_text() == "mine"
+    assert not (_folder(settings) / "a.nc.part").is_dir()
+    assert row["status"] == "failed", row
+    assert f"to {blocker}: Is a directory" in row["error"], row["error"]
+
+
+async def test_a_smaller_foreign_file_at_the_final_name_is_not_resumed_from(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    """A row named by a catalog, with its size, finds a shorter file of other content at
+    its final name (no `.part`): it was taken for its own file renamed before a crash and
+    resumed from its end, and the product of foreign head and served tail, of the right
+    size, was marked done. A file that cannot be the sealed product is not resumed from."""
+    data = os.urandom(300_000)
+    server.add("b.nc", data)
+    (_folder(settings)).mkdir(parents=True)
+    (_folder(settings) / "b.nc").write_bytes(os.urandom(100_000))
+    await _named_row(dsn, settings, server.url("b.nc"), "b.nc", size=len(data))
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert row["status"] == "done", row
+    assert Path(row["path"]).read_bytes() == data
