@@ -366,7 +366,10 @@ def place(source: Path, target: Path) -> str:
 
 
 def _local_error(path: Path, exc: OSError, doing: str | None = None) -> TransferError:
-    """A full disk is waited out (the .part stays); other local file errors are permanent."""
+    """A full disk is waited out (the .part stays); a part file removed while it was
+    written (its folder cleaned up) starts again; other local file errors are permanent."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return RetryableError(f"no space left to write {path}", throttled=True)
+    if exc.errno == errno.ENOENT and not path.exists():
+        return RetryableError(f"{path} was removed while it was written: it starts again")
     return PermanentError(f"cannot {doing or f'write {path}'}: {exc.strerror or exc}")

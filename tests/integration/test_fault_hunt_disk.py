@@ -8,14 +8,16 @@ system takes (ENOSPC from write(2), EINVAL from fsync(2) of a folder).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from asyncsat.config import Settings
-from tests.helpers import FAST, add_provider, drain, rows, sql
+from tests.helpers import FAST, add_provider, drain, queue, rows, sql
 from tests.servers import FileServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -73,6 +75,27 @@ async def test_a_smaller_foreign_file_at_the_final_name_is_not_resumed_from(
     (_folder(settings) / "b.nc").write_bytes(os.urandom(100_000))
     await _named_row(dsn, settings, server.url("b.nc"), "b.nc", size=len(data))
     await drain(settings)
+    [row] = await rows(dsn)
+    assert row["status"] == "done", row
+    assert Path(row["path"]).read_bytes() == data
+
+
+async def test_a_folder_removed_while_its_file_is_written_starts_again(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    """`rm -rf DEST/provider` (a clean-up) while a file is written into it: the rename at
+    the end found no `.part` and the row failed for good ("cannot write ...: No such file
+    or directory"). The file starts again, in the folder made again."""
+    data = os.urandom(1_500_000)
+    server.add("c.nc", data, rate=1_000_000)
+    await queue(dsn, server.url("c.nc"))
+    task = asyncio.create_task(drain(settings))
+    part = _folder(settings) / "c.nc.part"
+    for _ in range(500):
+        if part.exists() and part.stat().st_size > 100_000:
+            break
+        await asyncio.sleep(0.01)
+    shutil.rmtree(_folder(settings))
+    await task
     [row] = await rows(dsn)
     assert row["status"] == "done", row
     assert Path(row["path"]).read_bytes() == data
