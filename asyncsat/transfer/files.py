@@ -313,10 +313,18 @@ class _FolderSync:
                     self._changed.notify_all()
 
 
+_NO_FOLDER_SYNC = (errno.EINVAL, errno.EBADF, errno.EOPNOTSUPP, errno.ENOTSUP)
+"""What a file system that cannot fsync a folder answers (some FUSE and network ones):
+ignored, as PostgreSQL ignores it; the rename stands."""
+
+
 def _fsync_folder(folder: Path) -> None:
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
+    except OSError as exc:
+        if exc.errno not in _NO_FOLDER_SYNC:
+            raise
     finally:
         os.close(dir_fd)
 

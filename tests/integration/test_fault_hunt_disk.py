@@ -9,14 +9,17 @@ system takes (ENOSPC from write(2), EINVAL from fsync(2) of a folder).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from asyncsat.config import Settings
+from asyncsat.transfer import files
 from tests.helpers import FAST, add_provider, drain, queue, rows, sql
 from tests.servers import FileServer
 
@@ -96,6 +99,30 @@ async def test_a_folder_removed_while_its_file_is_written_starts_again(
         await asyncio.sleep(0.01)
     shutil.rmtree(_folder(settings))
     await task
+    [row] = await rows(dsn)
+    assert row["status"] == "done", row
+    assert Path(row["path"]).read_bytes() == data
+
+
+async def test_a_file_system_that_refuses_to_fsync_folders(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some file systems (FUSE, CIFS, ...) answer fsync(2) of a folder with EINVAL: the file
+    was verified, flushed and renamed, then the row failed for good ("cannot write
+    x.part: Invalid argument") with the product at its final name. Such a refusal is
+    ignored, as PostgreSQL ignores it."""
+    data = os.urandom(3000)
+    server.add("d.nc", data)
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    await queue(dsn, server.url("d.nc"))
+    await drain(settings)
     [row] = await rows(dsn)
     assert row["status"] == "done", row
     assert Path(row["path"]).read_bytes() == data
