@@ -62,6 +62,14 @@ class RetryableError(TransferError):
         self.throttled = throttled
 
 
+class DiskFullError(RetryableError):
+    """No space left on the destination's file system: the `.part` is kept and the download
+    waits for room (no attempt of the retry budget is used)."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, throttled=True)
+
+
 class AuthError(RetryableError):
     """The server refused the login (retried once, then permanent)."""
 

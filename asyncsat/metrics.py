@@ -16,6 +16,7 @@ from asyncsat.errors import (
     AsyncsatError,
     AuthError,
     ChecksumError,
+    DiskFullError,
     PayloadError,
     RetryableError,
     SizeError,
@@ -36,6 +37,8 @@ CATALOG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 
 def retry_reason(error: TransferError) -> str:
     """A small fixed set of label values for the retries counter."""
+    if isinstance(error, DiskFullError):
+        return "disk_full"
     if isinstance(error, RetryableError) and error.throttled:
         return "throttled"
     for kind, reason in ((AuthError, "auth"), (ChecksumError, "checksum"), (SizeError, "size"),

@@ -12,6 +12,7 @@ from tenacity import RetryCallState, Retrying, wait_exponential, wait_random
 
 from asyncsat.errors import (
     AuthError,
+    DiskFullError,
     OfflineError,
     RetryableError,
     TransferError,
@@ -154,6 +155,8 @@ def budget(decision: Decision, error: TransferError, progressed: bool, policy: P
         return "not retried: the same wrong file twice, bad at the source"
     if isinstance(error, AuthError):
         return f"{decision.failures} of {STRICT_RETRIES} tries for a refused login"
+    if isinstance(error, DiskFullError):
+        return "not used: no space left on the destination, waited out"
     if error.throttled:
         return "not used: the server limits requests or connections"
     if progressed and decision.failures == 0:

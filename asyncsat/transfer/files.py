@@ -18,6 +18,7 @@ from typing import TypeVar
 from asyncsat.checksums import Hasher, new_hasher
 from asyncsat.errors import (
     ChecksumError,
+    DiskFullError,
     LeaseLost,
     PermanentError,
     RetryableError,
@@ -377,7 +378,7 @@ def _local_error(path: Path, exc: OSError, doing: str | None = None) -> Transfer
     """A full disk is waited out (the .part stays); a part file removed while it was
     written (its folder cleaned up) starts again; other local file errors are permanent."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return RetryableError(f"no space left to write {path}", throttled=True)
+        return DiskFullError(f"no space left to write {path}")
     if exc.errno == errno.ENOENT and not path.exists():
         return RetryableError(f"{path} was removed while it was written: it starts again")
     return PermanentError(f"cannot {doing or f'write {path}'}: {exc.strerror or exc}")

@@ -17,8 +17,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
+from asyncsat import daemon
 from asyncsat.config import Settings
+from asyncsat.logs import Redactor
 from asyncsat.transfer import files
 from tests.helpers import FAST, add_provider, drain, queue, rows, sql
 from tests.servers import FileServer
@@ -126,3 +129,45 @@ async def test_a_file_system_that_refuses_to_fsync_folders(
     [row] = await rows(dsn)
     assert row["status"] == "done", row
     assert Path(row["path"]).read_bytes() == data
+
+
+async def test_a_full_disk_is_waited_out_saying_so(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """write(2) answers ENOSPC half-way: the row goes back to the queue, its `.part` kept,
+    saying the disk is full (the log line said the retry budget was spared because "the
+    server limits requests or connections"); once there is room again it resumes from the
+    bytes on disk and is done."""
+    data = os.urandom(2_000_000)
+    server.add("e.nc", data)
+    real = os.write
+    room = {"left": 700_000}
+
+    def write(fd: int, buf: bytes | memoryview) -> int:
+        if room["left"] <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = real(fd, buf[:room["left"]])
+        room["left"] -= n
+        return n
+
+    monkeypatch.setattr(files.os, "write", write)
+    await queue(dsn, server.url("e.nc"))
+    with capture_logs() as logs:
+        task = asyncio.create_task(daemon.serve(settings, Redactor(), exit_when_idle=True))
+        for _ in range(500):
+            if any(e.get("reason") == "retry" for e in logs):
+                break
+            await asyncio.sleep(0.01)
+        [row] = await rows(dsn)
+        assert row["status"] in ("queued", "running"), row
+        assert "no space left" in row["error"], row
+        assert (_folder(settings) / "e.nc.part").stat().st_size == 700_000
+        room["left"] = 1 << 40
+        await asyncio.wait_for(task, 30)
+    [retry] = [e for e in logs if e.get("reason") == "retry"][:1]
+    assert "no space left" in retry["budget"] and "server" not in retry["budget"], retry
+    [row] = await rows(dsn)
+    assert row["status"] == "done", row
+    assert Path(row["path"]).read_bytes() == data
+    ranges = [r["range"] for r in server.requests]
+    assert "bytes=700000-" in ranges, ranges
