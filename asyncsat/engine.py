@@ -52,6 +52,9 @@ log = structlog.get_logger("asyncsat")
 REQUEST_BATCH = 50
 REQUESTS_RECHECK = 60.0
 """Seconds after which the requests are looked at even if nothing said one waits."""
+CLAIM_AGAIN = 5.0
+"""Seconds after a failed claim (the database's disk full, a bad row) before the provider's
+rows are claimed again: not at the next requests' recheck, a minute later."""
 UNTIL_EVERY = 1.0
 """Seconds between two looks at what `get --wait` waits for, while transfers run here."""
 DONE_WINDOW = 0.005
@@ -426,8 +429,10 @@ class Engine:
             except DatabaseError:
                 raise
             except Exception:  # one bad row must not stop every provider
-                log.exception("claim failed", provider_id=provider_id)
+                log.exception("claim failed", provider_id=provider_id,
+                              claim_again_in=CLAIM_AGAIN)
                 claimed = []
+                next_in = CLAIM_AGAIN if next_in is None else min(next_in, CLAIM_AGAIN)
             for download, account, lease_id in claimed:
                 self._start(download, self.leases.wrap(lease_id, provider_id, account,
                                                        download.id))

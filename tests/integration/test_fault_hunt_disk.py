@@ -15,12 +15,15 @@ import shutil
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
 from asyncsat import daemon
 from asyncsat.config import Settings
+from asyncsat.db import queries
 from asyncsat.logs import Redactor
 from asyncsat.transfer import files
 from tests.helpers import FAST, add_provider, drain, queue, rows, sql
@@ -171,3 +174,26 @@ async def test_a_full_disk_is_waited_out_saying_so(
     assert Path(row["path"]).read_bytes() == data
     ranges = [r["range"] for r in server.requests]
     assert "bytes=700000-" in ranges, ranges
+
+
+async def test_a_claim_refused_by_a_full_database_disk_is_tried_again_soon(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL's own disk full: the claim fails (`DiskFullError: could not extend file`)
+    and the dispatcher waited for the requests' recheck, a minute, before it claimed again,
+    with the space back long before. It claims again within seconds."""
+    server.add("f.nc", os.urandom(3000))
+    real = queries.claim
+    refused: list[int] = []
+
+    async def claim(db: Any, *args: Any, **kw: Any) -> Any:
+        if not refused:
+            refused.append(1)
+            raise asyncpg.DiskFullError("could not extend file: No space left on device")
+        return await real(db, *args, **kw)
+
+    monkeypatch.setattr(queries, "claim", claim)
+    await _named_row(dsn, settings, server.url("f.nc"), "f.nc")  # (queued before the start)
+    await drain(settings, timeout=20)
+    [row] = await rows(dsn)
+    assert refused and row["status"] == "done", row
