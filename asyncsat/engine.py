@@ -612,7 +612,8 @@ class Engine:
         policy = Policy.for_provider(provider)
         mismatch = exc.evidence if isinstance(exc, VerificationError) else None
         decision = decide(exc, d.failures, attempt.progressed, policy,
-                          repeated=mismatch is not None and mismatch == d.last_mismatch)
+                          repeated=mismatch is not None and mismatch == d.last_mismatch,
+                          tries=d.attempts)
         error = _one_line(self.redactor(exc.message))
         if decision.bad_at_source:
             error = _one_line(self.redactor(

@@ -71,14 +71,16 @@ def backoff(failures: int, policy: Policy) -> float:
 
 
 def decide(error: TransferError, failures: int, progressed: bool, policy: Policy, *,
-           repeated: bool = False) -> Decision:
+           repeated: bool = False, tries: int = 1) -> Decision:
     """Retry, fail or park as offline, given the consecutive failures before this attempt.
 
     An attempt that moved the file forward before the connection broke resets the count: a
     flaky connection that keeps delivering bytes never exhausts the budget. A file that
     arrived whole but failed verification is no progress; the same wrong file twice
     (`repeated`: the same digest, the same wrong size) is bad at the source and fails at
-    once. Throttling (429 and the like) never counts.
+    once. Throttling (429 and the like) never counts. Nor does a full destination disk, but
+    its wait grows with the row's `tries` (its attempts so far) up to `backoff_max`: each
+    try is a request to the provider, and a disk may stay full for hours.
     """
     if isinstance(error, OfflineError):
         return Decision("offline", failures)
@@ -90,6 +92,8 @@ def decide(error: TransferError, failures: int, progressed: bool, policy: Policy
         n = failures + 1
         return Decision("fail", n) if n >= STRICT_RETRIES else \
             Decision("retry", n, _delay(error, n, policy))
+    if isinstance(error, DiskFullError):
+        return Decision("retry", failures, _delay(error, max(1, tries), policy))
     if error.throttled:
         return Decision("retry", failures, _delay(error, max(1, failures + 1), policy))
     n = 0 if progressed and not isinstance(error, VerificationError) else failures + 1

@@ -12,6 +12,7 @@ from asyncsat import checksums
 from asyncsat.errors import (
     AuthError,
     ChecksumError,
+    DiskFullError,
     OfflineError,
     PayloadError,
     PermanentError,
@@ -72,6 +73,16 @@ def test_permanent_and_offline() -> None:
 def test_throttling_never_uses_the_budget_and_honours_retry_after() -> None:
     d = decide(RetryableError("429", retry_after=120, throttled=True), 4, False, POLICY)
     assert d.action == "retry" and d.failures == 4 and d.delay >= 120
+
+
+def test_a_full_disk_never_uses_the_budget_and_waits_longer_each_try() -> None:
+    """Each try is a request to the provider: a disk full for hours must not mean one
+    every second or two (it was `backoff(1)` at every try)."""
+    full = DiskFullError("no space left to write x.part")
+    first = decide(full, 2, True, POLICY, tries=1)
+    later = decide(full, 2, True, POLICY, tries=8)
+    assert first.action == later.action == "retry" and first.failures == later.failures == 2
+    assert first.delay <= 2.0 and later.delay == POLICY.backoff_max
 
 
 def test_backoff_is_exponential_with_jitter_and_capped() -> None:
