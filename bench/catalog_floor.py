@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+from durable import seal
 
 CHUNK = 64 * 1024
 
@@ -72,18 +73,6 @@ async def products(session: aiohttp.ClientSession, args: argparse.Namespace) -> 
         found += page["value"]
         url = page.get("@odata.nextLink")
     return found
-
-
-def seal(part: Path, final: Path, fd: int) -> None:
-    """fsync the part file, rename it to its final name, fsync the folder. Blocking."""
-    os.fsync(fd)
-    os.close(fd)
-    os.replace(part, final)
-    folder = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 async def download(session: aiohttp.ClientSession, url: str, headers: dict[str, str],

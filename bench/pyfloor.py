@@ -22,23 +22,10 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import uvloop
+from durable import seal
 
 CHUNK = 1 << 20
 TRIES = 5
-
-
-def _seal(fd: int, part: Path, final: Path) -> None:
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # (asyncsat's default too)
-    finally:
-        os.close(fd)
-    os.replace(part, final)
-    folder = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 async def _fetch(session: aiohttp.ClientSession, url: str, out: Path) -> None:
@@ -57,7 +44,7 @@ async def _fetch(session: aiohttp.ClientSession, url: str, out: Path) -> None:
             except BaseException:
                 os.close(fd)
                 raise
-        await asyncio.to_thread(_seal, fd, part, final)
+        await asyncio.to_thread(seal, part, final, fd, drop_pages=True)
         return
     raise RuntimeError(f"{url}: refused {TRIES} times (429)")
 
