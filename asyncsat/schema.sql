@@ -531,7 +531,11 @@ BEGIN
     IF EXISTS (SELECT 1 FROM provider WHERE id = p_provider AND paused) THEN
         RETURN;  -- a paused provider starts no transfer; running ones finish
     END IF;
-    DELETE FROM lease WHERE provider_id = p_provider AND expires_at <= now();
+    -- lapsed leases go, but never one a hand-over holds: it locked the lease before it
+    -- lapsed and asks for this provider's row next, which this claim holds (a deadlock)
+    DELETE FROM lease WHERE id IN (
+        SELECT id FROM lease WHERE provider_id = p_provider AND expires_at <= now()
+           FOR UPDATE SKIP LOCKED);
     SELECT array_agg(a.account ORDER BY a.account), array_agg(a.cap ORDER BY a.account),
            array_agg((SELECT count(*)::int FROM lease l WHERE l.provider_id = p_provider
                         AND l.account = a.account) ORDER BY a.account)
@@ -737,5 +741,5 @@ CREATE TABLE IF NOT EXISTS asyncsat_schema (
     one     boolean PRIMARY KEY DEFAULT true CHECK (one),
     version integer NOT NULL
 );
-INSERT INTO asyncsat_schema (version) VALUES (3)
+INSERT INTO asyncsat_schema (version) VALUES (4)
     ON CONFLICT (one) DO UPDATE SET version = greatest(asyncsat_schema.version, EXCLUDED.version);

@@ -231,3 +231,26 @@ async def test_a_held_file_is_named_with_its_hand_over_only_while_it_is_the_clai
             conn, d.id, stale, names=["d.nc"], size=10, etag=None, last_modified=None) is None
     finally:
         await conn.close()
+
+
+async def test_a_claim_never_waits_for_a_lapsed_lease_a_hand_over_holds(dsn: str) -> None:
+    """A hand-over locks its lease, then the provider's row; a claim holds the provider's row
+    and deleted the lapsed leases, waiting for a lapsed one the hand-over had locked just
+    before it lapsed: each waited for the other (a deadlock, seen after a database outage
+    let many leases lapse at once). The claim now skips it, and counts it as used."""
+    conn, provider, (_d, _account, lease) = await _claimed(dsn)
+    other = await connect(dsn)
+    try:
+        await queries.daemon_register(other, "E", host="h", pid=2, version="t",
+                                      lease_timeout=30)
+        await conn.execute("UPDATE lease SET expires_at = now() - interval '1 second'"
+                           " WHERE id = $1", lease)
+        async with conn.transaction():  # (the hand-over's first step)
+            await conn.execute("SELECT 1 FROM lease WHERE id = $1 FOR UPDATE", lease)
+            claimed = await asyncio.wait_for(
+                queries.claim(other, "E", provider.id, 5, 30, "/d"), 2)
+        assert claimed == []  # (the held lease's slot is not handed out twice)
+        assert [r["id"] for r in await sql(dsn, "SELECT id FROM lease")] == [lease]
+    finally:
+        await other.close()
+        await conn.close()

@@ -33,6 +33,7 @@ KNOWN = {
     1: "24b7874fda5b8a1fb345f842e53c7999858fc6bf96d96d626af379a7b07c4e89",
     2: "00258ba85c8ce0d9358c61c6cdb67723908d31bcf1a5c0edf411f392727fe1e3",
     3: "068f39f015bc63348d79a3472985dc9c18f1a1f83b6290bc6882c96204585019",
+    4: "12c2e4a5c9988a6845f7927e9c0f0e1c8377b66f6badfa0b6bd278b42d8d3e28",
 }
 """schema.sql's SHA-256 for each version (append-only): a change of the file must raise its
 version."""
