@@ -428,9 +428,15 @@ class Engine:
                     str(self.settings.default_dest))
             except DatabaseError:
                 raise
-            except Exception:  # one bad row must not stop every provider
-                log.exception("claim failed", provider_id=provider_id,
-                              claim_again_in=CLAIM_AGAIN)
+            except Exception as exc:  # one bad row must not stop every provider
+                if getattr(exc, "sqlstate", None):  # (the server refused: its reason, as
+                    # a full disk gives it every few seconds, without a traceback each time)
+                    log.warning("claim failed", provider_id=provider_id,
+                                claim_again_in=CLAIM_AGAIN,
+                                error=_one_line(self.redactor(f"{type(exc).__name__}: {exc}")))
+                else:  # (a bug: its traceback)
+                    log.exception("claim failed", provider_id=provider_id,
+                                  claim_again_in=CLAIM_AGAIN)
                 claimed = []
                 next_in = CLAIM_AGAIN if next_in is None else min(next_in, CLAIM_AGAIN)
             for download, account, lease_id in claimed:

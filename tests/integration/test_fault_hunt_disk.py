@@ -194,6 +194,12 @@ async def test_a_claim_refused_by_a_full_database_disk_is_tried_again_soon(
 
     monkeypatch.setattr(queries, "claim", claim)
     await _named_row(dsn, settings, server.url("f.nc"), "f.nc")  # (queued before the start)
-    await drain(settings, timeout=20)
+    with capture_logs() as logs:
+        await drain(settings, timeout=20)
     [row] = await rows(dsn)
     assert refused and row["status"] == "done", row
+    # the server's reason, in one warning: no traceback every few seconds for as long as
+    # the disk stays full
+    [failed] = [e for e in logs if e["event"] == "claim failed"]
+    assert failed["log_level"] == "warning" and "could not extend file" in failed["error"]
+    assert "exc_info" not in failed, failed
