@@ -69,7 +69,7 @@ class JsonClient:
                 if decision.action != "retry":
                     raise
                 failures = decision.failures
-                log.warning("catalog call retried", url=_shown(url), error=exc.message,
+                log.warning("catalog call retried", url=shown(url), error=exc.message,
                             retry_in=round(decision.delay, 2))
                 await asyncio.sleep(decision.delay)
 
@@ -115,7 +115,7 @@ class JsonClient:
                 buffer += chunk
                 if len(buffer) > MAX_BODY:
                     raise PermanentError(
-                        f"the catalog page at {_shown(url)} is larger than {MAX_BODY} bytes")
+                        f"the catalog page at {shown(url)} is larger than {MAX_BODY} bytes")
             raw = bytes(buffer)
             return (response.status, response.reason or "", response.headers.get("Retry-After"),
                     raw)
@@ -126,7 +126,7 @@ class JsonClient:
             self._session = None
 
 
-def _shown(url: str) -> str:
+def shown(url: str) -> str:
     """A URL fit for a log line: no query (it may hold a token)."""
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))

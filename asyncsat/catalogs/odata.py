@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import structlog
 
 from asyncsat.auth.base import ANONYMOUS, Auth
 from asyncsat.catalogs.base import Filter, ProductRef, Query, page_size, root_url
-from asyncsat.catalogs.client import JsonClient, same_origin
+from asyncsat.catalogs.client import JsonClient, same_origin, shown
 from asyncsat.errors import CatalogError, OfflineError, UsageError
 from asyncsat.models import Checksum, Download, Provider
 from asyncsat.retry import Policy
@@ -91,7 +91,13 @@ class ODataCatalog:
         params: dict[str, str] | None = {
             "$filter": where, "$orderby": ORDER, "$top": str(self._page)}
         skip = 0
+        read: set[str] = set()
         while True:
+            page_key = url if params is None else f"{url}?{urlencode(params)}"
+            if page_key in read:  # a next link back to a page read: it would never end
+                raise CatalogError(f"the catalogue's next link leads back to a page already "
+                                   f"read ({shown(url)}): the search would never end")
+            read.add(page_key)
             # a next link elsewhere than the catalogue is followed without the credential
             sender = auth if same_origin(url, self._base) else ANONYMOUS
             page = await self._client.get(url, sender, params, policy=self._policy)

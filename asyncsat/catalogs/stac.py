@@ -20,7 +20,7 @@ import structlog
 
 from asyncsat.auth.base import ANONYMOUS, Auth
 from asyncsat.catalogs.base import Filter, ProductRef, Query, page_size, root_url
-from asyncsat.catalogs.client import JsonClient, same_origin
+from asyncsat.catalogs.client import JsonClient, same_origin, shown
 from asyncsat.errors import CatalogError, PermanentError, UsageError
 from asyncsat.models import Checksum, Download, Provider
 from asyncsat.naming import sanitize
@@ -60,6 +60,7 @@ class StacCatalog:
         conformance = await self._conformance(auth)
         body = search_body(query, since, self._page, conformance)
         page = await self._first_page(body, auth)
+        read = {_page_key("POST", f"{self._root}search", body, None)}
         for _ in range(MAX_PAGES):
             features = page.get("features") if isinstance(page, dict) else None
             if not isinstance(features, list):
@@ -71,7 +72,7 @@ class StacCatalog:
             link = _next(page)
             if not features or link is None:
                 return
-            page = await self._follow(link, body, auth)
+            page = await self._follow(link, body, auth, read)
         raise CatalogError(f"the search did not end after {MAX_PAGES} pages")
 
     async def _conformance(self, auth: Auth) -> set[str]:
@@ -94,15 +95,26 @@ class StacCatalog:
         return await self._client.get(f"{self._root}search", auth, get_params(body),
                                       policy=self._policy)
 
-    async def _follow(self, link: Mapping[str, Any], body: dict[str, Any], auth: Auth) -> Any:
+    async def _follow(self, link: Mapping[str, Any], body: dict[str, Any], auth: Auth,
+                      read: set[str]) -> Any:
+        """The page a next link leads to; CatalogError when it is one of the pages `read`
+        already (a server that links a page to itself would be paged for ever)."""
         href = str(link["href"])
         headers = link.get("headers") if isinstance(link.get("headers"), dict) else None
         # a next link elsewhere than the API is followed without the credential
         auth = auth if same_origin(href, self._root) else ANONYMOUS
-        if str(link.get("method", "GET")).upper() == "POST":
+        post = str(link.get("method", "GET")).upper() == "POST"
+        sent: dict[str, Any] | None = None
+        if post:
             extra = link.get("body")
             extra = extra if isinstance(extra, dict) else {}
             sent = {**body, **extra} if link.get("merge") else (extra or body)
+        key = _page_key("POST" if post else "GET", href, sent, headers)
+        if key in read:
+            raise CatalogError(f"the STAC API's next link leads back to a page already read "
+                               f"({shown(href)}): the search would never end")
+        read.add(key)
+        if post:
             return await self._client.send("POST", href, auth, body=sent,
                                            headers={str(k): str(v) for k, v in
                                                     (headers or {}).items()},
@@ -280,6 +292,11 @@ def _name(item_id: str, href: str, asset: dict[str, Any]) -> str:
         return sanitize(item_id + (".zip" if "zip" in media else
                                    ".nc" if "netcdf" in media else ""))
     return base if item_id in base else sanitize(f"{item_id}_{base}")
+
+
+def _page_key(method: str, href: str, body: Any, headers: Any) -> str:
+    """What makes a page: a next link with the same key is the same page again."""
+    return json.dumps([method, href, body, headers], sort_keys=True, default=str)
 
 
 def _self_href(item: dict[str, Any]) -> str | None:

@@ -1,0 +1,137 @@
+"""Fault hunt of the catalog side: hostile or broken provider answers, as real ones send them.
+
+A scripted server (`Hostile`) answers each path with what a test sets; the daemon runs
+in-process against it. Each test names the fault and pins the behaviour that handles it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import zipfile
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from asyncsat.catalogs.base import Query
+from asyncsat.config import Settings
+from asyncsat.db import queries
+from asyncsat.db.pool import connect
+from tests.helpers import FAST, drain
+from tests.helpers import request_summary_of as summary
+from tests.helpers import search_request as search
+
+Handler = Callable[[web.Request], Any]
+
+
+def zipped(size: int = 2000) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("x.SAFE/band.bin", b"x" * size)
+    return buf.getvalue()
+
+
+class Hostile:
+    """Answers every request with the handler set for its path (404 otherwise)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Handler] = {}
+        self.seen: list[tuple[str, str]] = []  # (method, path_qs)
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self.port = 0
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append((request.method, request.path_qs))
+        handler = self.routes.get(request.path)
+        if handler is None:
+            return web.Response(status=404)
+        result = handler(request)
+        if asyncio.iscoroutine(result):
+            result = await result
+        if isinstance(result, web.StreamResponse):
+            return result
+        return web.json_response(result)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    async def start(self) -> Hostile:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+
+@pytest.fixture
+async def hostile() -> AsyncIterator[Hostile]:
+    server = await Hostile().start()
+    yield server
+    await server.stop()
+
+
+async def provider(dsn: str, name: str, protocol: str, url: str, **settings: object) -> int:
+    conn = await connect(dsn)
+    try:
+        return (await queries.provider_add(conn, name, protocol, url,
+                                           {**FAST, **settings})).id
+    finally:
+        await conn.close()
+
+
+def odata_item(n: int, **kw: Any) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "Id": f"00000000-0000-0000-0000-{n:012d}", "Name": f"S2A_{n}.SAFE",
+        "ContentLength": None, "Online": True,
+        "PublicationDate": "2024-03-01T10:00:00.000Z",
+        "ContentDate": {"Start": f"2024-03-01T{n % 24:02d}:00:00.000Z"}}
+    item.update(kw)
+    return item
+
+
+
+def searches(server: Hostile, path: str) -> int:
+    return sum(1 for _, target in server.seen if target.split("?")[0] == path)
+
+
+async def test_an_odata_next_link_back_to_the_same_page_fails_the_search_instead_of_looping(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    again = f"{hostile.url}odata/v1/Products?$skip=2&$top=2"
+    hostile.routes["/odata/v1/Products"] = lambda r: {
+        "value": [odata_item(1), odata_item(2)], "@odata.nextLink": again}
+    pid = await provider(dsn, "cdse", "odata", f"{hostile.url}odata/v1/")
+    rid = await search(dsn, pid, Query("SENTINEL-2"))
+    await drain(settings, timeout=20)  # it paged the same page for ever
+    state = await summary(dsn, rid)
+    assert state["status"] == "failed"
+    assert "next link leads back to a page already read" in state["error"]
+    assert searches(hostile, "/odata/v1/Products") == 2
+
+
+def stac_item(server: Hostile, item_id: str) -> dict[str, Any]:
+    return {"type": "Feature", "id": item_id, "collection": "c",
+            "properties": {"datetime": "2024-03-01T00:00:00Z"},
+            "assets": {"data": {"href": f"{server.url}files/{item_id}.zip", "roles": ["data"]}}}
+
+
+async def test_a_stac_next_link_back_to_the_same_page_fails_the_search_instead_of_looping(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    hostile.routes["/"] = lambda r: {"conformsTo": []}
+    hostile.routes["/search"] = lambda r: {
+        "type": "FeatureCollection", "features": [stac_item(hostile, "a")],
+        "links": [{"rel": "next", "href": f"{hostile.url}search?token=abc"}]}
+    pid = await provider(dsn, "stac", "stac", hostile.url)
+    rid = await search(dsn, pid, Query("c"))
+    await drain(settings, timeout=20)  # it asked 100 000 pages, then failed
+    state = await summary(dsn, rid)
+    assert state["status"] == "failed"
+    assert "next link leads back to a page already read" in state["error"]
+    assert searches(hostile, "/search") == 2
