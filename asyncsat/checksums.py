@@ -37,6 +37,13 @@ def parse(text: str) -> Checksum:
     return Checksum(algo, value)
 
 
+def well_formed(checksum: Checksum) -> bool:
+    """False for a digest that no hasher of its algorithm can give (a catalog's MD5 of 40
+    digits, or not hex): it could only fail the file, after the whole of it was fetched."""
+    length = _LENGTHS.get(normalize_algo(checksum.algo))
+    return length is None or re.fullmatch(rf"[0-9a-f]{{{length}}}", checksum.value) is not None
+
+
 def new_hasher(algo: str) -> Hasher:
     """A hasher for `algo`: the ones `parse` takes, or any other of hashlib's that a row
     inserted with psql may name (`sha384`); TransferError (permanent) for one that no

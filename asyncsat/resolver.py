@@ -28,7 +28,7 @@ import structlog
 from asyncsat import intake
 from asyncsat.auth.base import Auth
 from asyncsat.auth.registry import Auths
-from asyncsat.catalogs.base import Catalog, ProductRef, Query
+from asyncsat.catalogs.base import Catalog, ProductRef, Query, checked
 from asyncsat.catalogs.registry import Catalogs
 from asyncsat.config import Settings
 from asyncsat.db import queries
@@ -254,7 +254,16 @@ class Resolver:
                                                lease.login.secret)
             stream = self._products(catalog, request, provider, auth)
             async with contextlib.aclosing(stream):  # its session ends before the slot does
-                async for ref in stream:
+                async for found_ref in stream:
+                    ref, wrong = checked(found_ref)
+                    if wrong:
+                        log.warning("catalog product skipped" if ref is None else
+                                    "catalog values ignored", request_id=request.id,
+                                    product=self._redactor(found_ref.id or
+                                                          found_ref.url.split("?")[0])[:300],
+                                    wrong="; ".join(wrong))
+                    if ref is None:
+                        continue
                     key = _key(ref)
                     if key in seen:
                         continue

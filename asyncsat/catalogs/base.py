@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Protocol
 
+from asyncsat import checksums
 from asyncsat.auth.base import Auth
 from asyncsat.errors import CatalogError, UsageError
 from asyncsat.models import Checksum, Download, Provider
@@ -31,6 +32,40 @@ class ProductRef:
     seen_at: datetime | None = None
     """When the catalog published (or, failing that, sensed) it: a standing request's
     watermark moves to the newest one."""
+
+
+MAX_SIZE = (1 << 63) - 1
+"""The largest size a download row holds (bigint): a larger one is no file's."""
+
+
+def checked(ref: ProductRef) -> tuple[ProductRef | None, list[str]]:
+    """The product as it can be queued, and what a catalog got wrong in it: a size no file
+    has and a checksum no digest of its algorithm is are left out (the size is then the
+    server's); a name's lone surrogates become `?`; an id or URL that PostgreSQL cannot
+    store (a NUL, a lone surrogate) skips the product (None). One such product no longer
+    fails the whole search."""
+    if not all(_storable(text) for text in (ref.url, ref.id or "")):
+        return None, ["its id or URL holds a NUL or is not UTF-8"]
+    wrong: list[str] = []
+    if ref.name is not None and not _storable(ref.name):  # (sanitised later: NUL is `_`)
+        ref = replace(ref, name=ref.name.encode("utf-8", "replace").decode())
+    if ref.size is not None and not 0 <= ref.size <= MAX_SIZE:
+        wrong.append(f"size {ref.size}")
+        ref = replace(ref, size=None)
+    if ref.checksum is not None and not checksums.well_formed(ref.checksum):
+        wrong.append(f"checksum {str(ref.checksum)[:80]}")
+        ref = replace(ref, checksum=None)
+    return ref, wrong
+
+
+def _storable(text: str) -> bool:
+    if "\0" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 OPERATORS = ("<=", ">=", "<", ">", "=")

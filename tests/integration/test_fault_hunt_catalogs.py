@@ -19,7 +19,7 @@ from asyncsat.catalogs.base import Query
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.pool import connect
-from tests.helpers import FAST, drain
+from tests.helpers import FAST, drain, rows
 from tests.helpers import request_summary_of as summary
 from tests.helpers import search_request as search
 
@@ -135,3 +135,69 @@ async def test_a_stac_next_link_back_to_the_same_page_fails_the_search_instead_o
     assert state["status"] == "failed"
     assert "next link leads back to a page already read" in state["error"]
     assert searches(hostile, "/search") == 2
+
+
+
+def stac_catalog(server: Hostile, *items: dict[str, Any]) -> None:
+    """One page of `items`; every asset href serves a small zip."""
+    server.routes["/"] = lambda r: {"conformsTo": []}
+    server.routes["/search"] = lambda r: {
+        "type": "FeatureCollection", "features": list(items), "links": []}
+    for item in items:
+        path = "/files/" + str(item["id"]).replace("\0", "") + ".zip"
+        server.routes[path] = lambda r: web.Response(body=zipped())
+
+
+async def test_a_size_out_of_range_from_the_catalog_is_ignored_not_fatal_to_the_search(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    huge, fine = stac_item(hostile, "huge"), stac_item(hostile, "fine")
+    huge["assets"]["data"]["file:size"] = 2 ** 70  # no bigint holds it
+    stac_catalog(hostile, huge, fine)
+    pid = await provider(dsn, "stac", "stac", hostile.url)
+    rid = await search(dsn, pid, Query("c"))
+    await drain(settings, timeout=20)  # the request failed: 'value out of int64 range'
+    state = await summary(dsn, rid)
+    assert (state["status"], state["products"], state["done"]) == ("done", 2, 2)
+
+
+def dhus_hub(server: Hostile, entity: dict[str, Any]) -> None:
+    """A hub with one product, `abc-1`, whose OData entity is `entity`."""
+    server.routes["/dhus/search"] = lambda r: {"feed": {
+        "opensearch:totalResults": "1",
+        "entry": {"id": "abc-1", "title": "S1A_X",
+                  "str": [{"name": "filename", "content": "S1A_X.SAFE"}]}}}
+    server.routes["/dhus/odata/v1/Products('abc-1')"] = lambda r: {"d": entity}
+    server.routes["/dhus/odata/v1/Products('abc-1')/$value"] = \
+        lambda r: web.Response(body=zipped())
+
+
+async def test_a_negative_dhus_content_length_is_ignored_not_fatal_to_the_search(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    dhus_hub(hostile, {"ContentLength": "-5"})
+    pid = await provider(dsn, "dhus", "dhus", f"{hostile.url}dhus/")
+    rid = await search(dsn, pid, Query("Sentinel-1"))
+    await drain(settings, timeout=20)  # failed: violates check constraint download_size_check
+    state = await summary(dsn, rid)
+    assert (state["status"], state["products"], state["done"]) == ("done", 1, 1)
+
+
+async def test_a_malformed_catalog_checksum_is_left_out_before_the_product_is_fetched(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    dhus_hub(hostile, {"Checksum": {"Algorithm": "MD5", "Value": "ab" * 20}})  # 40 digits
+    pid = await provider(dsn, "dhus", "dhus", f"{hostile.url}dhus/")
+    rid = await search(dsn, pid, Query("Sentinel-1"))
+    await drain(settings, timeout=20)  # fetched twice, then failed: 'bad at the source'
+    state = await summary(dsn, rid)
+    assert (state["status"], state["done"]) == ("done", 1)
+    assert searches(hostile, "/dhus/odata/v1/Products('abc-1')/$value") == 1
+    assert (await rows(dsn))[0]["checksum_algo"] is None
+
+
+async def test_a_catalog_id_postgresql_cannot_store_skips_that_product_only(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    stac_catalog(hostile, stac_item(hostile, "a\0b"), stac_item(hostile, "fine"))
+    pid = await provider(dsn, "stac", "stac", hostile.url)
+    rid = await search(dsn, pid, Query("c"))
+    await drain(settings, timeout=20)  # failed: invalid byte sequence for encoding "UTF8"
+    state = await summary(dsn, rid)
+    assert (state["status"], state["products"], state["done"]) == ("done", 1, 1)
