@@ -19,7 +19,7 @@ from asyncsat.catalogs.base import Query
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.pool import connect
-from tests.helpers import FAST, drain, rows
+from tests.helpers import FAST, drain, rows, sql
 from tests.helpers import request_summary_of as summary
 from tests.helpers import search_request as search
 
@@ -201,3 +201,18 @@ async def test_a_catalog_id_postgresql_cannot_store_skips_that_product_only(
     await drain(settings, timeout=20)  # failed: invalid byte sequence for encoding "UTF8"
     state = await summary(dsn, rid)
     assert (state["status"], state["products"], state["done"]) == ("done", 1, 1)
+
+
+async def test_a_publication_date_in_the_future_does_not_move_the_watermark_past_now(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    future = stac_item(hostile, "future")
+    future["properties"]["datetime"] = "9999-01-01T00:00:00Z"  # a catalogue's typo
+    stac_catalog(hostile, future, stac_item(hostile, "fine"))
+    pid = await provider(dsn, "stac", "stac", hostile.url)
+    rid = await search(dsn, pid, Query("c"), follow=True)
+    await drain(settings, timeout=20)
+    state = await summary(dsn, rid)
+    assert (state["status"], state["done"]) == ("following", 2)
+    # the next runs would have searched from year 9999 on, for ever finding nothing
+    (watermark,) = await sql(dsn, "SELECT watermark <= now() FROM request WHERE id = $1", rid)
+    assert watermark[0] is True
