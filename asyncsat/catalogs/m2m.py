@@ -80,10 +80,11 @@ class M2MCatalog:
 
     def _ref(self, dataset: str, scene: dict[str, Any]) -> ProductRef:
         entity = str(scene["entityId"])
+        coverage = scene.get("temporalCoverage")
         return ProductRef(
             url=f"m2m://{dataset}/{entity}", id=f"{dataset}/{entity}", name=None,
             seen_at=_time(scene.get("publishDate")) or _time(
-                (scene.get("temporalCoverage") or {}).get("startDate")))
+                coverage.get("startDate") if isinstance(coverage, dict) else None))
 
     def expand(self, pattern: str, auth: Auth) -> AsyncGenerator[ProductRef, None]:
         raise UsageError("an M2M provider takes searches, not URL patterns")

@@ -151,7 +151,8 @@ class StacCatalog:
         usable = {k for k, a in assets.items() if isinstance(a, dict) and a.get("href")}
         if self._assets is not None:
             return [k for k in self._assets if k in usable]
-        data = [k for k in sorted(usable) if "data" in (assets[k].get("roles") or [])]
+        data = [k for k in sorted(usable) if isinstance(assets[k].get("roles"), list)
+                and "data" in assets[k]["roles"]]
         if data:
             return data
         return sorted(usable) if len(usable) == 1 else []

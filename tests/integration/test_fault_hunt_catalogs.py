@@ -216,3 +216,29 @@ async def test_a_publication_date_in_the_future_does_not_move_the_watermark_past
     # the next runs would have searched from year 9999 on, for ever finding nothing
     (watermark,) = await sql(dsn, "SELECT watermark <= now() FROM request WHERE id = $1", rid)
     assert watermark[0] is True
+
+
+
+async def test_a_stac_item_with_wrong_typed_roles_is_skipped_not_fatal_to_the_search(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    odd = stac_item(hostile, "odd")
+    odd["assets"]["data"]["roles"] = 5
+    odd["assets"]["meta"] = {"href": "odd.xml", "roles": None}
+    stac_catalog(hostile, odd, stac_item(hostile, "fine"))
+    pid = await provider(dsn, "stac", "stac", hostile.url)
+    rid = await search(dsn, pid, Query("c"))
+    await drain(settings, timeout=20)  # failed: "argument of type 'int' is not iterable"
+    state = await summary(dsn, rid)
+    assert (state["status"], state["products"], state["done"]) == ("done", 1, 1)
+
+
+async def test_an_m2m_scene_with_a_wrong_typed_temporal_coverage_is_still_queued(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    hostile.routes["/m2m/scene-search"] = lambda r: {"errorCode": None, "data": {
+        "totalHits": 2, "results": [{"entityId": "E1", "temporalCoverage": "2024"},
+                                    {"entityId": "E2", "temporalCoverage": {"startDate": 5}}]}}
+    pid = await provider(dsn, "usgs", "m2m", f"{hostile.url}m2m/")
+    rid = await search(dsn, pid, Query("landsat_ot_c2_l2"))
+    await drain(settings, timeout=20)  # failed: "'str' object has no attribute 'get'"
+    state = await summary(dsn, rid)
+    assert state["products"] == 2  # (they fail later: this server offers no download)
