@@ -16,6 +16,7 @@ import yarl
 
 from asyncsat.errors import (
     AuthError,
+    NotFoundError,
     OfflineError,
     PermanentError,
     RetryableError,
@@ -86,6 +87,8 @@ def error_for_status(status: int, reason: str, retry_after: str | None, detail: 
     if status in RETRYABLE_STATUS:
         return RetryableError(text, retry_after=parse_retry_after(retry_after),
                               throttled=status in (429, 509))
+    if status == 404:
+        return NotFoundError(text)
     return PermanentError(text)
 
 

@@ -242,3 +242,23 @@ async def test_an_m2m_scene_with_a_wrong_typed_temporal_coverage_is_still_queued
     await drain(settings, timeout=20)  # failed: "'str' object has no attribute 'get'"
     state = await summary(dsn, rid)
     assert state["products"] == 2  # (they fail later: this server offers no download)
+
+
+
+async def test_a_dhus_product_whose_entity_is_gone_does_not_fail_the_search(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    dhus_hub(hostile, {})
+    hostile.routes.pop("/dhus/odata/v1/Products('abc-1')")  # evicted since it was listed: 404
+    pid = await provider(dsn, "dhus", "dhus", f"{hostile.url}dhus/")
+    rid = await search(dsn, pid, Query("Sentinel-1"))
+    await drain(settings, timeout=20)  # the request failed: 'HTTP 404 Not Found'
+    state = await summary(dsn, rid)
+    assert (state["status"], state["products"], state["done"]) == ("done", 1, 1)
+
+async def test_probe_m2m_paging(hostile: Hostile, dsn: str, settings: Settings) -> None:
+    hostile.routes["/m2m/scene-search"] = lambda r: {"errorCode": None, "data": {
+        "results": [{"entityId": "E1"}, {"entityId": "E2"}]}}
+    pid = await provider(dsn, "usgs", "m2m", f"{hostile.url}m2m/")
+    rid = await search(dsn, pid, Query("landsat_ot_c2_l2"))
+    await drain(settings, timeout=15)
+    print(await summary(dsn, rid))
