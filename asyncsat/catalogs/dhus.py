@@ -53,11 +53,17 @@ class DhusCatalog:
             AsyncGenerator[ProductRef, None]:
         q = query_for(query, since)
         start = 0
+        listed: set[str] = set()
         while True:
             page = await self._client.get(f"{self._root}search", auth, {
                 "q": q, "start": str(start), "rows": str(self._rows), "format": "json",
                 "orderby": "beginposition asc"}, policy=self._policy)
             entries = _entries(page)
+            ids = {_uuid(entry) for entry in entries}
+            if entries and ids <= listed:  # a hub that ignores `start` would be paged for ever
+                raise CatalogError(f"the hub answered start={start} with the products of an "
+                                   "earlier page: the search would never end")
+            listed |= ids
             for entry in entries:
                 ref = await self._product(entry, auth)
                 if ref is not None:
@@ -69,7 +75,7 @@ class DhusCatalog:
                 return
 
     async def _product(self, entry: dict[str, Any], auth: Auth) -> ProductRef | None:
-        uuid = str(entry.get("id") or _field(entry, "str", "uuid") or "")
+        uuid = _uuid(entry)
         if not re.fullmatch(r"[0-9A-Za-z-]+", uuid):
             log.warning("DHuS entry without a usable id", provider=self._provider.name)
             return None
@@ -203,6 +209,10 @@ def _total(page: dict[str, Any]) -> int | None:
         return int(page["feed"]["opensearch:totalResults"])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _uuid(entry: dict[str, Any]) -> str:
+    return str(entry.get("id") or _field(entry, "str", "uuid") or "")
 
 
 def _field(entry: dict[str, Any], kind: str, name: str) -> object:

@@ -65,12 +65,20 @@ class M2MCatalog:
             AsyncGenerator[ProductRef, None]:
         body = scene_search(query, since, self._page)
         start = 1
+        listed: set[str] = set()
         while True:
             data = await self.call("scene-search", {**body, "startingNumber": start}, auth)
             if not isinstance(data, dict):
                 raise CatalogError("scene-search answered without data")
             results = data.get("results") or []
-            for scene in results if isinstance(results, list) else []:
+            if not isinstance(results, list):
+                raise CatalogError("scene-search answered without a list of results")
+            ids = {str(scene.get("entityId")) for scene in results if isinstance(scene, dict)}
+            if results and ids <= listed:  # one that ignores startingNumber: for ever
+                raise CatalogError(f"scene-search answered startingNumber={start} with the "
+                                   "scenes of an earlier page: the search would never end")
+            listed |= ids
+            for scene in results:
                 if isinstance(scene, dict) and scene.get("entityId"):
                     yield self._ref(query.collection, scene)
             total = data.get("totalHits")

@@ -255,10 +255,28 @@ async def test_a_dhus_product_whose_entity_is_gone_does_not_fail_the_search(
     state = await summary(dsn, rid)
     assert (state["status"], state["products"], state["done"]) == ("done", 1, 1)
 
-async def test_probe_m2m_paging(hostile: Hostile, dsn: str, settings: Settings) -> None:
+
+async def test_a_hub_that_ignores_start_and_gives_no_total_fails_the_search_not_loops(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    entries = [{"id": f"abc-{n}", "title": f"S1A_{n}"} for n in range(2)]
+    hostile.routes["/dhus/search"] = lambda r: {"feed": {"entry": entries}}
+    pid = await provider(dsn, "dhus", "dhus", f"{hostile.url}dhus/", page_size=2)
+    rid = await search(dsn, pid, Query("Sentinel-1"))
+    await drain(settings, timeout=20)  # it paged for ever
+    state = await summary(dsn, rid)
+    assert state["status"] == "failed"
+    assert "with the products of an earlier page" in state["error"]
+    assert searches(hostile, "/dhus/search") == 2
+
+
+async def test_an_m2m_search_that_ignores_starting_number_fails_instead_of_looping(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
     hostile.routes["/m2m/scene-search"] = lambda r: {"errorCode": None, "data": {
-        "results": [{"entityId": "E1"}, {"entityId": "E2"}]}}
+        "results": [{"entityId": "E1"}, {"entityId": "E2"}]}}  # and no totalHits
     pid = await provider(dsn, "usgs", "m2m", f"{hostile.url}m2m/")
     rid = await search(dsn, pid, Query("landsat_ot_c2_l2"))
-    await drain(settings, timeout=15)
-    print(await summary(dsn, rid))
+    await drain(settings, timeout=20)  # it paged for ever
+    state = await summary(dsn, rid)
+    assert state["status"] == "failed"
+    assert "the scenes of an earlier page" in state["error"]
+    assert searches(hostile, "/m2m/scene-search") == 2
