@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import structlog
 
@@ -92,6 +92,7 @@ class ODataCatalog:
             "$filter": where, "$orderby": ORDER, "$top": str(self._page)}
         skip = 0
         read: set[str] = set()
+        listed: set[str] = set()
         while True:
             page_key = url if params is None else f"{url}?{urlencode(params)}"
             if page_key in read:  # a next link back to a page read: it would never end
@@ -104,6 +105,11 @@ class ODataCatalog:
             items = page.get("value") if isinstance(page, dict) else None
             if not isinstance(items, list):
                 raise CatalogError("the catalogue answered without a `value` list")
+            ids = {str(item.get("Id")) for item in items if isinstance(item, dict)}
+            if items and ids <= listed:  # a server that ignores $skip: paged for ever
+                raise CatalogError(f"the catalogue answered $skip={skip} with the products "
+                                   "of an earlier page: the search would never end")
+            listed |= ids
             for item in items:
                 if isinstance(item, dict):
                     yield item
@@ -132,7 +138,7 @@ class ODataCatalog:
         size = item.get("ContentLength")
         published = _time(item.get("PublicationDate"))
         return ProductRef(
-            url=f"{self._download}Products({product_id})/$value", name=name,
+            url=f"{self._download}Products({_key(product_id)})/$value", name=name,
             size=size if isinstance(size, int) and not isinstance(size, bool) and size > 0
             else None,
             checksum=_checksum(item.get("Checksum")), id=product_id,
@@ -151,7 +157,7 @@ class ODataCatalog:
         if download.product_id is None or (download.claimed_from != "offline"
                                            and not download.offline_checks):
             return Source(download.url, auth)
-        item = await self._client.get(f"{self._base}Products({download.product_id})", auth,
+        item = await self._client.get(f"{self._base}Products({_key(download.product_id)})", auth,
                                       policy=self._policy)
         if isinstance(item, dict) and isinstance(item.get("d"), dict):
             item = item["d"]
@@ -255,6 +261,12 @@ def _checksum(value: object) -> Checksum | None:
         if algo in found:
             return Checksum(algo.lower().replace("-", "_"), found[algo])
     return None
+
+
+def _key(product_id: str) -> str:
+    """An Id as it goes in a URL: `/`, `..`, `?` or `#` in it cannot lead the request (with
+    the account's token) to another path of the host."""
+    return quote(product_id, safe="")
 
 
 def _skip_of(link: str) -> int:

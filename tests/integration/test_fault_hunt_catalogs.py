@@ -280,3 +280,33 @@ async def test_an_m2m_search_that_ignores_starting_number_fails_instead_of_loopi
     assert state["status"] == "failed"
     assert "the scenes of an earlier page" in state["error"]
     assert searches(hostile, "/m2m/scene-search") == 2
+
+
+async def test_an_odata_id_with_dot_segments_cannot_send_the_token_to_another_path(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    item = odata_item(1, Id="../../../admin/export?all=1#")
+    hostile.routes["/odata/v1/Products"] = lambda r: {
+        "value": [] if "$skip" in r.query else [item]}
+    hostile.routes["/admin/export"] = lambda r: web.Response(body=zipped())
+    pid = await provider(dsn, "cdse", "odata", f"{hostile.url}odata/v1/")
+    await search(dsn, pid, Query("SENTINEL-2"))
+    await drain(settings, timeout=20)
+    # the product was asked for at `Products(../../../admin/export?all=1`, which a server
+    # (or the client) resolves to /admin/export, with the account's token
+    assert not [target for _, target in hostile.seen if "/admin/export" in target]
+    (row,) = await rows(dsn)
+    assert row["url"].startswith(f"{hostile.url}odata/v1/Products(")
+
+
+async def test_an_odata_server_that_ignores_skip_fails_the_search_at_once(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    hostile.routes["/odata/v1/Products"] = lambda r: {"value": [odata_item(1)]}  # no next link
+    pid = await provider(dsn, "cdse", "odata", f"{hostile.url}odata/v1/")
+    rid = await search(dsn, pid, Query("SENTINEL-2"))
+    await drain(settings, timeout=60)
+    # it asked $skip=1, 2, ... 10 000, then failed: 'more than 10100 products share one
+    # sensing start time'
+    state = await summary(dsn, rid)
+    assert state["status"] == "failed"
+    assert "$skip=1 with the products of an earlier page" in state["error"]
+    assert searches(hostile, "/odata/v1/Products") == 2
