@@ -174,12 +174,29 @@ def test_redactor_masks_known_secrets_and_secret_shapes() -> None:
     assert "x=1" in text and "https://" in text
 
 
+def test_redactor_masks_the_signature_of_a_pre_signed_url() -> None:
+    """A STAC asset signed for a while (Azure's `sig`, S3's, GCS's) is fetched by whoever
+    has its URL: the signature never reaches a log line; the rest of the URL does."""
+    r = Redactor()
+    azure = r("https://acct.blob.core.windows.net/c/a.tif?st=2026-11-30&se=2026-12-01"
+              "&sp=r&sig=Xy%2Fz123secret")
+    s3 = r("https://b.s3.amazonaws.com/k.tif?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+           "&X-Amz-Credential=AKIAEXAMPLE%2F20261130&X-Amz-Signature=abcdef0123"
+           "&X-Amz-Security-Token=FQoGZXIvYXdzEJr")
+    assert "Xy%2Fz123secret" not in azure and "se=2026-12-01" in azure
+    for secret in ("AKIAEXAMPLE", "abcdef0123", "FQoGZXIvYXdzEJr"):
+        assert secret not in s3
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in s3
+
+
 def test_redactor_quick_check_never_skips_text_a_pattern_masks() -> None:
     from asyncsat import logs
 
     shapes = ["ftp://u:p@h/x", "HTTPS://A:B@c", "?TOKEN=abc", "access_token: 'x1'",
               "Passwd=zz", "PWD = q", "client_SECRET=s", "apiKey=k", "api_key:k",
-              "X-Auth-Token: t", "AUTHORIZATION: Basic dXNlcjpw", "authorization=Bearer b"]
+              "X-Auth-Token: t", "AUTHORIZATION: Basic dXNlcjpw", "authorization=Bearer b",
+              "&sig=s1", "?X-Amz-Signature=ab12", "&x-amz-credential=AK%2F1",
+              "&X-Amz-Security-Token=FQo", "?X-Goog-Signature=9f"]
     for text in shapes + [f"download done {s} at 3" for s in shapes]:
         full = text
         for pattern in logs._PATTERNS:
