@@ -22,12 +22,12 @@ _PATTERNS = (
     re.compile(
         r"(?P<keep>(?i:[?&;\s\"']?(?:access_token|refresh_token|token|password|passwd|pwd|"
         r"secret|apikey|api_key|client_secret|x-auth-token|x-amz-signature|x-amz-credential|"
-        r"x-amz-security-token|x-goog-signature|x-goog-credential|sig|signature)"
+        r"x-amz-security-token|x-goog-signature|x-goog-credential|sig|signature|__token__|hdnts)"
         r"[\"']?\s*[=:]\s*[\"']?))[^&\s\"',;}]+"
     ),
     re.compile(r"(?P<keep>(?i:authorization[\"']?\s*[=:]\s*[\"']?(?:basic|bearer)?\s*))[^\s\"',;}]+"),
 )
-_ANY = re.compile(r"(?i)@|token|passw|pwd|secret|api_?key|authorization|sig|x-amz|x-goog")
+_ANY = re.compile(r"(?i)@|token|passw|pwd|secret|api_?key|authorization|sig|x-amz|x-goog|hdnts")
 """What every pattern needs (userinfo's `@`, a secret's name): text without it is left as
 it is after one search instead of three substitutions (two log lines per file). The
 signatures of pre-signed URLs (S3's `X-Amz-Signature`, Azure's `sig`, GCS's) are secrets

@@ -34,6 +34,23 @@ class ProductRef:
     watermark moves to the newest one."""
 
 
+class PageRepeats:
+    """The pages of a search paged by an offset, told apart. The same page (the same ids in
+    the same order) three times running is a server that ignores the offset: it would be
+    paged for ever. Once or twice may be a page that products published meanwhile pushed
+    back (its repeats are dropped as the search goes on)."""
+
+    def __init__(self) -> None:
+        self._before: list[str] = []
+        self._runs = 0
+
+    def same_again(self, ids: list[str]) -> bool:
+        """Whether the page of `ids` is the third of the same in a row."""
+        self._runs = self._runs + 1 if ids and ids == self._before else 0
+        self._before = ids
+        return self._runs >= 2
+
+
 MAX_SIZE = (1 << 63) - 1
 """The largest size a download row holds (bigint): a larger one is no file's."""
 

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from asyncsat.auth.base import Auth
-from asyncsat.catalogs.base import Filter, ProductRef, Query, page_size, root_url
+from asyncsat.catalogs.base import Filter, PageRepeats, ProductRef, Query, page_size, root_url
 from asyncsat.catalogs.client import JsonClient
 from asyncsat.errors import (
     CatalogError,
@@ -53,17 +53,15 @@ class DhusCatalog:
             AsyncGenerator[ProductRef, None]:
         q = query_for(query, since)
         start = 0
-        listed: set[str] = set()
+        repeats = PageRepeats()
         while True:
             page = await self._client.get(f"{self._root}search", auth, {
                 "q": q, "start": str(start), "rows": str(self._rows), "format": "json",
                 "orderby": "beginposition asc"}, policy=self._policy)
             entries = _entries(page)
-            ids = {_uuid(entry) for entry in entries}
-            if entries and ids <= listed:  # a hub that ignores `start` would be paged for ever
-                raise CatalogError(f"the hub answered start={start} with the products of an "
-                                   "earlier page: the search would never end")
-            listed |= ids
+            if repeats.same_again([_uuid(entry) for entry in entries]):  # `start` ignored
+                raise CatalogError(f"the hub answered start={start} with the products of the "
+                                   "pages before: the search would never end")
             for entry in entries:
                 ref = await self._product(entry, auth)
                 if ref is not None:

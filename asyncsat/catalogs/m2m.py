@@ -19,7 +19,7 @@ import structlog
 
 from asyncsat.auth.base import ANONYMOUS, Auth
 from asyncsat.auth.m2m import EXPIRED, envelope_error
-from asyncsat.catalogs.base import ProductRef, Query, page_size, root_url
+from asyncsat.catalogs.base import PageRepeats, ProductRef, Query, page_size, root_url
 from asyncsat.catalogs.client import JsonClient
 from asyncsat.errors import CatalogError, OfflineError, PermanentError, UsageError
 from asyncsat.models import Download, Provider
@@ -65,7 +65,7 @@ class M2MCatalog:
             AsyncGenerator[ProductRef, None]:
         body = scene_search(query, since, self._page)
         start = 1
-        listed: set[str] = set()
+        repeats = PageRepeats()
         while True:
             data = await self.call("scene-search", {**body, "startingNumber": start}, auth)
             if not isinstance(data, dict):
@@ -73,11 +73,10 @@ class M2MCatalog:
             results = data.get("results") or []
             if not isinstance(results, list):
                 raise CatalogError("scene-search answered without a list of results")
-            ids = {str(scene.get("entityId")) for scene in results if isinstance(scene, dict)}
-            if results and ids <= listed:  # one that ignores startingNumber: for ever
+            if repeats.same_again([str(scene.get("entityId")) for scene in results
+                                   if isinstance(scene, dict)]):  # startingNumber ignored
                 raise CatalogError(f"scene-search answered startingNumber={start} with the "
-                                   "scenes of an earlier page: the search would never end")
-            listed |= ids
+                                   "scenes of the pages before: the search would never end")
             for scene in results:
                 if isinstance(scene, dict) and scene.get("entityId"):
                     yield self._ref(query.collection, scene)

@@ -20,7 +20,14 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 import structlog
 
 from asyncsat.auth.base import ANONYMOUS, Auth
-from asyncsat.catalogs.base import Filter, ProductRef, Query, page_size, root_url
+from asyncsat.catalogs.base import (
+    Filter,
+    PageRepeats,
+    ProductRef,
+    Query,
+    page_size,
+    root_url,
+)
 from asyncsat.catalogs.client import JsonClient, same_origin, shown
 from asyncsat.errors import CatalogError, OfflineError, UsageError
 from asyncsat.models import Checksum, Download, Provider
@@ -92,7 +99,7 @@ class ODataCatalog:
             "$filter": where, "$orderby": ORDER, "$top": str(self._page)}
         skip = 0
         read: set[str] = set()
-        listed: set[str] = set()
+        repeats = PageRepeats()
         while True:
             page_key = url if params is None else f"{url}?{urlencode(params)}"
             if page_key in read:  # a next link back to a page read: it would never end
@@ -105,11 +112,10 @@ class ODataCatalog:
             items = page.get("value") if isinstance(page, dict) else None
             if not isinstance(items, list):
                 raise CatalogError("the catalogue answered without a `value` list")
-            ids = {str(item.get("Id")) for item in items if isinstance(item, dict)}
-            if items and ids <= listed:  # a server that ignores $skip: paged for ever
+            if repeats.same_again([str(item.get("Id")) for item in items
+                                   if isinstance(item, dict)]):  # $skip ignored
                 raise CatalogError(f"the catalogue answered $skip={skip} with the products "
-                                   "of an earlier page: the search would never end")
-            listed |= ids
+                                   "of the pages before: the search would never end")
             for item in items:
                 if isinstance(item, dict):
                     yield item

@@ -328,11 +328,12 @@ async def request_follow_next(
     db: Any, request_id: int, *, watermark: Any, interval: float, urls: None = None
 ) -> None:
     """A standing request ran: its watermark moves on (never past now: one product dated in
-    the future would make every later run search from then on), its next run is due in
-    `interval`."""
+    the future would make every later run search from then on; one that an earlier release
+    left in the future comes back to now), its next run is due in `interval`."""
     await db.execute(
         "UPDATE request SET status = 'following', error = NULL, runs = runs + 1,"
-        " watermark = greatest(watermark, CASE WHEN $2 > now() THEN now() ELSE $2 END),"
+        " watermark = CASE WHEN greatest(watermark, $2) > now() THEN now()"
+        "  ELSE greatest(watermark, $2) END,"
         " next_run = now() + make_interval(secs => $3)"
         " WHERE id = $1",
         request_id, watermark, interval,

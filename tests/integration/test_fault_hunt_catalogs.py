@@ -218,6 +218,52 @@ async def test_a_publication_date_in_the_future_does_not_move_the_watermark_past
     assert watermark[0] is True
 
 
+async def test_a_watermark_an_earlier_release_left_in_the_future_comes_back_to_now(
+        dsn: str) -> None:
+    """Capping only what a run found left a request stuck at year 9999 by an earlier
+    release there for ever."""
+    conn = await connect(dsn)
+    try:
+        rid = await conn.fetchval(
+            "INSERT INTO request (search, status, watermark)"
+            " VALUES ('{\"collection\": \"c\"}', 'following', '9999-01-01') RETURNING id")
+        await queries.request_follow_next(
+            conn, rid, watermark=await conn.fetchval("SELECT now() - interval '1 hour'"),
+            interval=900)
+        assert await conn.fetchval(
+            "SELECT watermark <= now() FROM request WHERE id = $1", rid) is True
+        other = await conn.fetchval(
+            "INSERT INTO request (search, status) VALUES ('{\"collection\": \"c\"}',"
+            " 'following') RETURNING id")
+        await queries.request_follow_next(conn, other, watermark=None, interval=900)
+        assert await conn.fetchval(  # (nothing found yet: no watermark yet)
+            "SELECT watermark FROM request WHERE id = $1", other) is None
+    finally:
+        await conn.close()
+
+
+async def test_a_page_pushed_back_by_a_product_published_meanwhile_is_no_endless_search(
+        hostile: Hostile, dsn: str, settings: Settings) -> None:
+    """Offset paging on a catalogue that grows: one product published between two pages
+    with an earlier sensing time pushes the next page back, so that it repeats the page
+    before. Its repeats are dropped and the search goes on; it failed as a server that
+    ignores `$skip`."""
+    store = [odata_item(5), odata_item(6), odata_item(7)]
+
+    def products(request: web.Request) -> dict[str, Any]:
+        skip = int(request.query.get("$skip", "0"))
+        page = {"value": store[skip:skip + 1]}
+        if skip == 0 and len(store) == 3:
+            store.insert(0, odata_item(1))  # (published meanwhile, sensed earlier)
+        return page
+
+    hostile.routes["/odata/v1/Products"] = products
+    pid = await provider(dsn, "cdse", "odata", f"{hostile.url}odata/v1/", page_size=1)
+    rid = await search(dsn, pid, Query("SENTINEL-2"))
+    await drain(settings, timeout=20)
+    state = await summary(dsn, rid)  # (its products are not served: they fail, later)
+    assert state["products"] == 3 and "never end" not in str(state), state
+
 
 async def test_a_stac_item_with_wrong_typed_roles_is_skipped_not_fatal_to_the_search(
         hostile: Hostile, dsn: str, settings: Settings) -> None:
@@ -265,8 +311,8 @@ async def test_a_hub_that_ignores_start_and_gives_no_total_fails_the_search_not_
     await drain(settings, timeout=20)  # it paged for ever
     state = await summary(dsn, rid)
     assert state["status"] == "failed"
-    assert "with the products of an earlier page" in state["error"]
-    assert searches(hostile, "/dhus/search") == 2
+    assert "with the products of the pages before" in state["error"]
+    assert searches(hostile, "/dhus/search") == 3
 
 
 async def test_an_m2m_search_that_ignores_starting_number_fails_instead_of_looping(
@@ -278,8 +324,8 @@ async def test_an_m2m_search_that_ignores_starting_number_fails_instead_of_loopi
     await drain(settings, timeout=20)  # it paged for ever
     state = await summary(dsn, rid)
     assert state["status"] == "failed"
-    assert "the scenes of an earlier page" in state["error"]
-    assert searches(hostile, "/m2m/scene-search") == 2
+    assert "the scenes of the pages before" in state["error"]
+    assert searches(hostile, "/m2m/scene-search") == 3
 
 
 async def test_an_odata_id_with_dot_segments_cannot_send_the_token_to_another_path(
@@ -308,5 +354,5 @@ async def test_an_odata_server_that_ignores_skip_fails_the_search_at_once(
     # sensing start time'
     state = await summary(dsn, rid)
     assert state["status"] == "failed"
-    assert "$skip=1 with the products of an earlier page" in state["error"]
-    assert searches(hostile, "/odata/v1/Products") == 2
+    assert "$skip=2 with the products of the pages before" in state["error"]
+    assert searches(hostile, "/odata/v1/Products") == 3

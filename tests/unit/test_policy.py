@@ -196,7 +196,8 @@ def test_redactor_quick_check_never_skips_text_a_pattern_masks() -> None:
               "Passwd=zz", "PWD = q", "client_SECRET=s", "apiKey=k", "api_key:k",
               "X-Auth-Token: t", "AUTHORIZATION: Basic dXNlcjpw", "authorization=Bearer b",
               "&sig=s1", "?X-Amz-Signature=ab12", "&x-amz-credential=AK%2F1",
-              "&X-Amz-Security-Token=FQo", "?X-Goog-Signature=9f"]
+              "&X-Amz-Security-Token=FQo", "?X-Goog-Signature=9f",
+              "?__token__=exp=1~hmac=ab", "&hdnts=exp%3D1~hmac%3Dab"]
     for text in shapes + [f"download done {s} at 3" for s in shapes]:
         full = text
         for pattern in logs._PATTERNS:
