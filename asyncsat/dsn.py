@@ -6,12 +6,10 @@ import re
 from collections.abc import Iterable
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-# keyword/value form: `host=db port=5432 password='it''s' dbname=x`
-_KEYWORD = re.compile(r"\s*(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']*)")
-
 
 def split_password(dsn: str) -> tuple[str, str | None]:
-    """(the DSN without its password, the password or None), for URIs and keyword strings."""
+    """(the DSN without its password, the password or None), for URIs and keyword strings
+    (read as `as_uri` reads them: ValueError for a malformed one)."""
     if "://" in dsn:
         parts = urlsplit(dsn)
         password = unquote(parts.password) if parts.password is not None else None
@@ -30,15 +28,10 @@ def split_password(dsn: str) -> tuple[str, str | None]:
         shown = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{kept}" if kept else "") + \
             (f"#{parts.fragment}" if parts.fragment else "")
         return shown, password or None
-    password = None
-    kept_pairs = []
-    for match in _KEYWORD.finditer(dsn):
-        key, value = match.group(1), match.group(2)
-        if key == "password":
-            password = _unquote_keyword(value)
-        else:
-            kept_pairs.append(f"{key}={value}")
-    return " ".join(kept_pairs), password or None
+    pairs = _keywords(dsn)  # (keywords: `host=db password='it\\'s' dbname=x`)
+    password = next((value for key, value in pairs if key == "password"), None)
+    kept = " ".join(f"{key}={_quoted(value)}" for key, value in pairs if key != "password")
+    return kept, password or None
 
 
 _URI_PREFIXES = ("postgresql://", "postgres://")
@@ -136,12 +129,13 @@ def _keywords(dsn: str) -> list[tuple[str, str]]:
         pairs.append((key, "".join(value)))
 
 
-def _unquote_keyword(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] == "'":
-        return re.sub(r"\\(.)", r"\1", value[1:-1])
-    return value
-
-
 def describe(dsn: str) -> str:
     """`postgresql://user@host:5432/db` (no password), for log lines and `status`."""
     return split_password(dsn)[0]
+
+
+def _quoted(value: str) -> str:
+    """A keyword's value as libpq reads it back: quoted when it must be."""
+    if value and not re.search(r"[\s'\\]", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
