@@ -232,8 +232,46 @@ class PartFile:
             os.close(self._fd)
             self._fd = None
 
+    async def write_whole(self, chunks: list[bytes], expected_size: int | None, name: str,
+                          fenced: Callable[[], bool]) -> Path:
+        """A new file held whole in memory: created, written, verified, flushed and renamed in
+        one worker-thread step, as `open(0, fenced)`, `write` and `finish` would do, its
+        body let go once written (`chunks` emptied). Nothing of it runs on the event loop,
+        which every transfer shares: a file's creation alone cost the loop 0.3-0.5 ms of
+        system time per file on this project's VM (ext4), a fifth of its time with many
+        small files."""
+        if self.checksum is not None:  # (an unknown algorithm fails before a file is made)
+            self._hasher = new_hasher(self.checksum.algo)
+        self.size = 0
+        self._head = b""
+
+        def whole() -> None:
+            self._open(0, fenced)
+            while chunks:
+                self._write(chunks.pop(0))
+            self._verify(expected_size)
+            self._seal(name)
+
+        try:
+            await _in_thread(whole)
+        except OSError as exc:
+            self.close()
+            raise _local_error(self.path, exc) from None
+        return self.final
+
     async def finish(self, expected_size: int | None, name: str) -> Path:
         """Verify size, checksum and content, fsync, rename to the final name, fsync the folder."""
+        self._verify(expected_size)
+        try:
+            await _in_thread(lambda: self._seal(name))
+        except OSError as exc:
+            self.close()
+            raise _local_error(self.path, exc) from None
+        return self.final
+
+    def _verify(self, expected_size: int | None) -> None:
+        """Size and checksum as expected, else the part is closed (and dropped when it
+        cannot be the file: too large, or another checksum)."""
         assert self._fd is not None
         if expected_size is not None and self.size != expected_size:
             self.close()
@@ -249,12 +287,6 @@ class PartFile:
                 raise ChecksumError(
                     f"{self.checksum.algo} mismatch: got {digest}, expected {self.checksum.value}",
                     evidence=f"{self.checksum.algo}:{digest}")
-        try:
-            await _in_thread(lambda: self._seal(name))
-        except OSError as exc:
-            self.close()
-            raise _local_error(self.path, exc) from None
-        return self.final
 
     def _seal(self, name: str) -> None:
         assert self._fd is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ HOLD_SECONDS = 0.25
 chunk past this many seconds: one that ends by then records its name with its slot's
 hand-over (one statement, not two); one that takes longer is written as it comes,
 resumable like any other. (At most `HOLD_MOST` bytes and a chunk are held.)"""
+HELD_WRITING = 16
+"""New files held whole that are written to disk at once, at most (their bodies, up to
+`HOLD_MOST` each, are in memory until written)."""
 OVERLAP = 4096
 """Bytes fetched again at a resume that no size can verify, and compared with the kept ones."""
 
@@ -170,25 +174,34 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
         # the body is in and its connection given back: the account's slot goes too, and the
         # next file starts while this one is checked, flushed to disk and renamed
         if held is not None:
-            # (a row named already keeps its name: no other download of the folder has it)
-            chosen = await events.sealing(Naming(proposed, total, opened.validator))
-            assert chosen is not None
-            name = chosen
-            part = PartFile(job.folder, name, job.checksum, keep_cache=job.keep_cache)
-            attempt.part = part.path
-            start = 0
-            # locked while the row is surely still this claim's, and kept locked until the
-            # rename (the fence the sealing statement checked, as a streamed file's is)
-            await part.open(0, events.fenced)
-            await _write_held(part, held, events, attempt, total)
+            # the slot goes on to the next file only once this body has a writer: bodies
+            # waiting for the disk are never more than `HELD_WRITING` (a slow disk holds
+            # the transfers back, not the memory)
+            async with _writers():
+                # (a row named already keeps its name: no other download of the folder
+                # has it)
+                chosen = await events.sealing(Naming(proposed, total, opened.validator))
+                assert chosen is not None
+                name = chosen
+                part = PartFile(job.folder, name, job.checksum, keep_cache=job.keep_cache)
+                attempt.part = part.path
+                start = 0
+                # locked while the row is surely still this claim's, and kept locked until
+                # the rename (the fence the sealing statement checked, as a streamed
+                # file's is)
+                try:
+                    path = await part.write_whole(held, total, name, events.fenced)
+                finally:
+                    attempt.size = part.size
+            await events.progress(part.size, total)
         else:
             assert part is not None
             await events.sealing()
-        try:
-            path = await part.finish(total, name)
-        except RetryableError:
-            attempt.size = part.size
-            raise
+            try:
+                path = await part.finish(total, name)
+            except RetryableError:
+                attempt.size = part.size
+                raise
     finally:
         if part is not None:
             part.close()
@@ -196,14 +209,17 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                    restarted=offset > 0 and start == 0)
 
 
-async def _write_held(part: PartFile, held: list[bytes], events: Events, attempt: Attempt,
-                      total: int | None) -> None:
-    """Write a held body (and let it go: the file may wait a while for its fsync)."""
-    while held:
-        chunk = held.pop(0)
-        await part.write(chunk)
-        attempt.size = part.size
-        await events.progress(part.size, total)
+def _writers() -> asyncio.Semaphore:
+    """This loop's writers of held bodies (`HELD_WRITING` at once)."""
+    loop = asyncio.get_running_loop()
+    writers = _WRITERS.get(loop)
+    if writers is None:
+        writers = _WRITERS[loop] = asyncio.Semaphore(HELD_WRITING)
+    return writers
+
+
+_WRITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = \
+    weakref.WeakKeyDictionary()
 
 
 def _same_name(name: str, chosen: str) -> None:

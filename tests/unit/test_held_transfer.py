@@ -115,23 +115,69 @@ async def test_a_daemon_paused_after_its_seal_never_replaces_the_file_of_the_one
 
 async def test_a_held_body_is_let_go_before_its_fsync(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Files wait for their fsync in a queue: they must not keep their bodies meanwhile."""
+    """Files wait for their fsync: they must not keep their bodies meanwhile."""
     data = b"x" * 200_000
+    bodies: list[list[bytes]] = []
     kept: list[int] = []
-    real = files.PartFile.finish
+    real_whole = files.PartFile.write_whole
+    real_fsync = files.os.fsync
 
-    async def finish(self: files.PartFile, expected: int | None, name: str) -> Path:
-        caller = sys._getframe(1)  # the transfer's frame
-        kept.append(sum(len(v) for v in caller.f_locals.values() if isinstance(v, bytes)))
-        kept.append(sum(len(c) for v in caller.f_locals.values() if isinstance(v, list)
-                        for c in v if isinstance(c, bytes)))
-        return await real(self, expected, name)
+    async def write_whole(self: files.PartFile, chunks: list[bytes], *args: Any) -> Path:
+        bodies.append(chunks)  # (the list the transfer holds its body in)
+        return await real_whole(self, chunks, *args)
 
-    monkeypatch.setattr(files.PartFile, "finish", finish)
+    def fsync(fd: int) -> None:
+        kept.append(sum(len(c) for body in bodies for c in body))
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.PartFile, "write_whole", write_whole)
+    monkeypatch.setattr(files.os, "fsync", fsync)
     done = await transfer(_Driver(_body_of(data), len(data)), _job(tmp_path), _Events(),
                           Attempt(), CHUNK)
-    assert kept == [0, 0]
+    assert len(bodies) == 1 and kept and set(kept) == {0}
     assert done.path.read_bytes() == data
+
+
+async def test_bodies_waiting_for_the_disk_are_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk slower than the network holds the transfers back (before their slot goes on),
+    not their bodies in memory: no more than `HELD_WRITING` are written at once."""
+    monkeypatch.setattr(runner, "HELD_WRITING", 3)
+    gate = asyncio.Event()
+    writing = 0
+    most = 0
+    real_whole = files.PartFile.write_whole
+
+    async def write_whole(self: files.PartFile, *args: Any) -> Path:
+        nonlocal writing, most
+        writing += 1
+        most = max(most, writing)
+        await gate.wait()  # (a disk that does not answer yet)
+        try:
+            return await real_whole(self, *args)
+        finally:
+            writing -= 1
+
+    monkeypatch.setattr(files.PartFile, "write_whole", write_whole)
+    sealed: list[str] = []
+
+    class Events(_Events):
+        async def sealing(self, naming: Naming | None = None) -> str | None:
+            assert naming is not None
+            sealed.append(naming.name)
+            return naming.name
+
+    data = b"y" * 5000
+    jobs = [asyncio.create_task(transfer(
+        _Driver(_body_of(data), len(data)), _job(tmp_path / str(i)), Events(), Attempt(),
+        CHUNK)) for i in range(8)]
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert most == 3 and len(sealed) == 3  # the others wait before their slot goes on
+    gate.set()
+    done = await asyncio.gather(*jobs)
+    assert most == 3 and len(sealed) == 8
+    assert all(d.path.read_bytes() == data for d in done)
 
 
 async def test_no_more_than_the_announced_size_is_held(
