@@ -77,7 +77,8 @@ class Events(Protocol):
         ...
 
     async def progress(self, done: int, total: int | None) -> None:
-        """`done` bytes of the file are on disk (called per chunk; throttle in the callee)."""
+        """`done` bytes of the file are on disk (called per chunk; throttle in the callee).
+        A file held whole is told once, when its body is in, before it is written."""
         ...
 
     def fenced(self) -> bool:
@@ -174,6 +175,9 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
         # the body is in and its connection given back: the account's slot goes too, and the
         # next file starts while this one is checked, flushed to disk and renamed
         if held is not None:
+            # (counted as it came, before the disk: a write that fails lost it all the same)
+            assert total is not None  # (a body is held only when its size is known)
+            await events.progress(total, total)
             # the slot goes on to the next file only once this body has a writer: bodies
             # waiting for the disk are never more than `HELD_WRITING` (a slow disk holds
             # the transfers back, not the memory)
@@ -193,7 +197,6 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                     path = await part.write_whole(held, total, name, events.fenced)
                 finally:
                     attempt.size = part.size
-            await events.progress(part.size, total)
         else:
             assert part is not None
             await events.sealing()
