@@ -12,6 +12,7 @@ import stat
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import TypeVar
 
@@ -58,11 +59,14 @@ times both took about 0.2): slices cost a few more system calls and never measur
 T = TypeVar("T")
 
 
-async def _in_thread(fn: Callable[[], T]) -> T:
-    """Run a step on the file descriptor in a worker thread, to its end even if the task is
-    cancelled meanwhile (then cancelled after): the descriptor must not be closed, and its
-    number reused by another file, under a write or an fsync."""
-    done, cancelled = await run_to_end(asyncio.to_thread(fn))
+async def _in_thread(fn: Callable[[], T], threads: Executor | None = None) -> T:
+    """Run a step on the file descriptor in a worker thread (of `threads`, else of the
+    loop's default pool), to its end even if the task is cancelled meanwhile (then
+    cancelled after): the descriptor must not be closed, and its number reused by another
+    file, under a write or an fsync."""
+    step = asyncio.to_thread(fn) if threads is None else \
+        asyncio.get_running_loop().run_in_executor(threads, fn)
+    done, cancelled = await run_to_end(step)
     if cancelled:
         if not done.cancelled():
             done.exception()  # (retrieved: the stop wins over the step's failure)
@@ -233,13 +237,15 @@ class PartFile:
             self._fd = None
 
     async def write_whole(self, chunks: list[bytes], expected_size: int | None, name: str,
-                          fenced: Callable[[], bool]) -> Path:
+                          fenced: Callable[[], bool], threads: Executor | None = None) -> Path:
         """A new file held whole in memory: created, written, verified, flushed and renamed in
         one worker-thread step, as `open(0, fenced)`, `write` and `finish` would do, its
         body let go once written (`chunks` emptied). Nothing of it runs on the event loop,
         which every transfer shares: a file's creation alone cost the loop 0.3-0.5 ms of
         system time per file on this project's VM (ext4), a fifth of its time with many
-        small files."""
+        small files. `fenced` is checked in the worker, as the file is locked: the step
+        must start at once (`threads`: a pool with a worker free for it), not after
+        whatever else waits for a worker of a shared pool."""
         if self.checksum is not None:  # (an unknown algorithm fails before a file is made)
             self._hasher = new_hasher(self.checksum.algo)
         self.size = 0
@@ -253,7 +259,7 @@ class PartFile:
             self._seal(name)
 
         try:
-            await _in_thread(whole)
+            await _in_thread(whole, threads)
         except OSError as exc:
             self.close()
             raise _local_error(self.path, exc) from None

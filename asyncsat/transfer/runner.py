@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -194,7 +195,8 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                 # the rename (the fence the sealing statement checked, as a streamed
                 # file's is)
                 try:
-                    path = await part.write_whole(held, total, name, events.fenced)
+                    path = await part.write_whole(held, total, name, events.fenced,
+                                                  _WRITER_THREADS)
                 finally:
                     attempt.size = part.size
         else:
@@ -223,6 +225,15 @@ def _writers() -> asyncio.Semaphore:
 
 _WRITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = \
     weakref.WeakKeyDictionary()
+
+
+_WRITER_THREADS = ThreadPoolExecutor(max_workers=HELD_WRITING,
+                                     thread_name_prefix="asyncsat-held")
+"""The workers of the held bodies' writers, one free for each (`HELD_WRITING`): not the
+loop's default pool, where a write would wait behind copies, hashes of large resumed
+files and their fsyncs while its fence lapses (it is checked in the worker, as the file is
+locked: lapsed, the row goes back to the queue and the file is fetched again). Its
+threads start as they are first needed."""
 
 
 def _same_name(name: str, chosen: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,32 @@ async def test_a_lone_daemon_stalled_past_its_lease_after_a_seal_gets_its_row_ba
     assert not [e for e, _ in told if "another daemon" in e], told
     assert Path(row["path"]).read_bytes() == body
     assert len(_gets(server, "a.nc")) == 2
+
+
+async def test_a_held_file_waits_for_no_worker_of_the_loops_thread_pool(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    """Every worker of the loop's default thread pool is busy for a while (copies of
+    products into other requests' folders, hashes of large `.part` files resumed, large
+    files' fsyncs run there): a small file held whole and sealed meanwhile waited behind
+    them for its write, whose fence (checked as the file is locked) had lapsed by then, and
+    its row went back to the queue ("lease lapsed") to be fetched again, as every one did
+    while the pool stayed busy. Its writer waits for no other work."""
+    await add_provider(dsn, "local", server.base, {"max_connections": 4})
+    data = {f"w{i}.nc": os.urandom(20_000 + i) for i in range(4)}
+    for name, body in data.items():
+        server.add(name, body)
+    await queue(dsn, *(server.url(n) for n in data))
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+    busy = [loop.run_in_executor(None, time.sleep, 4.0) for _ in range(2)]
+    try:
+        with capture_logs() as logs:
+            await drain(replace(settings, lease_timeout=2.0))
+    finally:
+        await asyncio.gather(*busy)
+    lapsed = [e for e in logs if e.get("reason") == "lease lapsed"]
+    assert not lapsed, lapsed
+    assert {name: len(_gets(server, name)) for name in data} == dict.fromkeys(data, 1)
+    for row in await rows(dsn):
+        assert row["status"] == "done", row
+        assert Path(row["path"]).read_bytes() == data[row["name"]]
