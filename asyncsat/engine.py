@@ -62,6 +62,13 @@ DONE_WINDOW = 0.005
 to the next file already). 2,000 files of 64 KiB end about every millisecond."""
 DONE_MOST = 100
 """Files recorded done in one statement at most."""
+RUN = 4
+"""Rows a slot claims at once after a small file (held whole): the next one and up to
+`RUN - 1` after it, taken in turn over its one connection (one hand-over statement for
+them, not one each; small files come in runs)."""
+RUN_WAIT = 1.0
+"""Seconds a row claimed in a run waits for its turn at most (the row before it is slower
+than a small file): it then goes back to the queue, for any free slot, as it was."""
 
 
 class ProgressSink(Protocol):
@@ -124,6 +131,11 @@ class Engine:
             window=DONE_WINDOW, most=DONE_MOST)
         """Files at their final path, recorded done together (one statement for the files
         that end within `DONE_WINDOW` of each other)."""
+        self._seals: Batcher[queries.Seal, queries.Sealed] = Batcher(
+            lambda seals: self.store.call(queries.downloads_sealed, seals),
+            window=DONE_WINDOW, most=DONE_MOST)
+        """Bodies in of rows of runs that hand no slot over, sealed together (their slots
+        went on to the next rows already: nothing waits for the statement but the file)."""
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -303,6 +315,7 @@ class Engine:
                 await wait_any(self.wake, stop, timeout=timeout)
         finally:
             await self._stop_transfers()
+            await self._seals.aclose()
             await self._done.aclose()
             await self.catalogs.aclose()
             await self.auths.aclose()
@@ -444,9 +457,13 @@ class Engine:
                                                        download.id))
         return next_in, later
 
-    def _start(self, download: Download, lease: Lease) -> None:
-        task = asyncio.create_task(self._run_one(download, lease),
+    def _start(self, download: Download, lease: Lease, turn: _Turn | None = None) -> None:
+        turn = turn or _Turn()
+        task = asyncio.create_task(self._run_one(download, lease, turn),
                                    name=f"download-{download.id}")
+        # (a task cancelled before its first step never runs its `finally`: the next row's
+        # turn must come all the same)
+        task.add_done_callback(lambda _: turn.pass_on())
         self._tasks[download.id] = task
         self._running[download.id] = download
 
@@ -474,8 +491,67 @@ class Engine:
 
     # -- one transfer -------------------------------------------------------------------------
 
-    async def _run_one(self, d: Download, lease: Lease) -> None:
+    async def _run_one(self, d: Download, lease: Lease, turn: _Turn) -> None:
         bound = log.bind(download_id=d.id, request_id=d.request_id, provider=d.provider)
+        handed_over = False
+        try:
+            if await self._take_turn(d, turn, bound):
+                handed_over = await self._transfer(d, lease, turn, bound)
+        finally:
+            self._tasks.pop(d.id, None)
+            self._lost.discard(d.id)
+            self._ended.discard(d.id)
+            self._recording.discard(d.id)
+            self._running.pop(d.id, None)
+            turn.pass_on()  # (the next row of the run: once the rows before this one are done)
+            # (a slot handed over is busy again: nothing to claim; the last transfer's end
+            # may be what an idle run waits for)
+            if not handed_over or not self._tasks:
+                self.wake.set()
+            await _to_the_end(self._slot_after(d, lease, turn))
+
+    async def _take_turn(self, d: Download, turn: _Turn, bound: Any) -> bool:
+        """Wait for this row's turn in its slot's run (`RUN_WAIT` at most); a row whose turn
+        does not come, or that is stopped or cancelled meanwhile, goes back as it was (its
+        attempt unused). False: it did not start."""
+        if turn.wait is None:
+            return True
+        try:
+            await asyncio.wait([turn.wait], timeout=RUN_WAIT)  # (never cancels the turn)
+        except asyncio.CancelledError:
+            await _to_the_end(self._unclaim(d, bound, "stopped"))
+            raise
+        if turn.wait.done():
+            return True
+        await _to_the_end(self._unclaim(d, bound, "its slot is busy"))
+        return False
+
+    async def _unclaim(self, d: Download, bound: Any, reason: str) -> None:
+        if d.claimed_from == "offline":  # (a look at an offline product: offline again)
+            await self.store.call(queries.download_unclaim_offline, d.id, self._fence(d))
+            status = await self.store.call(queries.download_status, d.id)
+        else:
+            status = await self.store.call(queries.download_unclaim, d.id, self._fence(d))
+        if status == "offline":
+            bound.info("download offline", reason=reason)
+        elif status == "cancelled":
+            bound.info("download cancelled", bytes_done=d.bytes_done)
+        elif status == "queued":
+            bound.info("download queued", bytes_done=d.bytes_done, reason=reason)
+        elif status is not None:  # (another daemon's now: its lease lapsed)
+            bound.warning("lease lost: another daemon took the download over", now=status)
+        self._finished(d, "queued" if status in (None, "running") else status)
+
+    async def _slot_after(self, d: Download, lease: Lease, turn: _Turn) -> None:
+        """The slot of a transfer that ended goes back unless it went on: by the run's last
+        row (its lease), once the rows before it have given the connection back."""
+        if self.leases.holds(lease, d.id):
+            if turn.wait is not None and not turn.wait.done():
+                await asyncio.wait([turn.wait])
+            await self.leases.release(lease, d.id)
+
+    async def _transfer(self, d: Download, lease: Lease, turn: _Turn, bound: Any) -> bool:
+        """Run one download; True when its slot went on to the next one."""
         provider = self._providers[d.provider_id]
         if d.login_user:  # the download's own login (a URL's userinfo)
             auth = self.auths.for_account(provider, f"login:{d.login_user}", d.login_user,
@@ -485,7 +561,7 @@ class Engine:
                                           lease.login.secret)
         folder = Path(d.dest or self.settings.default_dest) / d.provider
         attempt = Attempt(start_size=d.bytes_done, size=d.bytes_done)
-        events = _RowEvents(self, d, bound, lease)
+        events = _RowEvents(self, d, bound, lease, turn)
         if d.claimed_from == "offline":
             bound.info("offline download looked at", checks=d.offline_checks)
         else:
@@ -539,16 +615,7 @@ class Engine:
             await _to_the_end(self._record_done(d, outcome, bound))
         finally:
             self.metrics.transfer_ended(d.provider)
-            self._tasks.pop(d.id, None)
-            self._lost.discard(d.id)
-            self._ended.discard(d.id)
-            self._recording.discard(d.id)
-            self._running.pop(d.id, None)
-            # (a slot handed over is busy again: nothing to claim; the last transfer's end
-            # may be what an idle run waits for)
-            if not events.handed_over or not self._tasks:
-                self.wake.set()
-            await _to_the_end(self.leases.release(lease, d.id))
+        return events.handed_over
 
     async def _record_done(self, d: Download, outcome: Outcome, bound: Any) -> None:
         self._recording.add(d.id)  # (its fence is checked by the statement that records it)
@@ -689,16 +756,46 @@ def _one_line(text: str, limit: int = 1000) -> str:
     return "".join(c if c.isprintable() else " " for c in text)[:limit]
 
 
+class _Turn:
+    """A row's place in its slot's run (rows claimed together, taken in turn over the
+    slot's one connection): it starts once the row before it gives the connection back."""
+
+    def __init__(self, wait: asyncio.Future[None] | None = None,
+                 then: asyncio.Future[None] | None = None) -> None:
+        self.wait = wait
+        """Done when the row before it gave the connection back (None: its turn now)."""
+        self.then = then
+        """Set by this row when it gives the connection back (None: the run's last)."""
+
+    def pass_on(self) -> None:
+        """The connection is free as far as this row goes: the next row's turn, once the
+        rows before this one are done with it too (at once when this one ran)."""
+        then = self.then
+        if then is None or then.done():
+            return
+        if self.wait is None or self.wait.done():
+            _open(then)
+        else:  # (never started: the next row's turn comes with this one's)
+            self.wait.add_done_callback(lambda _: _open(then))
+
+
+def _open(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class _RowEvents:
     """Transfer events recorded in the download row (progress throttled)."""
 
-    def __init__(self, engine: Engine, download: Download, bound: Any, lease: Lease) -> None:
+    def __init__(self, engine: Engine, download: Download, bound: Any, lease: Lease,
+                 turn: _Turn) -> None:
         self._engine = engine
         self._download = download
         self._bound = bound
         self._lease = lease
+        self._turn = turn
         self.handed_over = False
-        """The slot went on to the next download (`sealing`)."""
+        """The slot went on to the next download (`sealing`), or the next row of its run."""
         self._fenced_until = 0.0
         """Until when the row is surely still this claim's (monotonic; set by `sealing`)."""
         self._name = download.name or ""
@@ -743,28 +840,46 @@ class _RowEvents:
                      "etag": naming.validator.etag,
                      "last_modified": naming.validator.last_modified}
         sent = time.monotonic()
+        if self._turn.then is not None:  # a row of a run, not its last: the next row goes
+            # now, and this one is sealed with the others that end meanwhile (the run's
+            # last row hands the slot over)
+            self._turn.pass_on()
+            self.handed_over = True
+            seal = queries.Seal(d.id, self._fence) if naming is None else queries.Seal(
+                d.id, self._fence, self._names(naming.name), naming.size,
+                naming.validator.etag, naming.validator.last_modified)
+            return self._sealed(await engine._seals.put(seal), sent, naming)
         # run to its end even if this transfer is cancelled meanwhile: a slot handed over
         # must reach the next transfer (started, then stopped in turn if the daemon stops)
         step, cancelled = await run_to_end(engine.store.call(
             queries.download_sealing, d.id, self._fence, self._lease.id,
             lease_seconds=engine.settings.lease_timeout,
             default_dest=str(engine.settings.default_dest), hand_over=not engine._stopping,
-            **extra))
+            more=RUN - 1 if naming is not None and not engine._stopping else 0, **extra))
         sealed = step.result()
-        if sealed.following is None:
-            engine.leases.given_back(self._lease, d.id)
-        else:  # the slot goes on to the provider's next download, started now
-            following = sealed.following[0]
-            engine.leases.handed_over(self._lease, following.id)
-            engine._start(following, self._lease)
+        if sealed.following:  # the slot goes on to the provider's next downloads, started
+            # now: the first at once, each of the others when the one before it is through
+            rows = [row for row, _account, _lease in sealed.following]
+            engine.leases.handed_over(self._lease, rows[-1].id)
+            wait: asyncio.Future[None] | None = None
+            for i, row in enumerate(rows):
+                then = asyncio.get_running_loop().create_future() \
+                    if i < len(rows) - 1 else None
+                engine._start(row, self._lease, _Turn(wait, then))
+                wait = then
             self.handed_over = True
+        elif not self.handed_over:
+            engine.leases.given_back(self._lease, d.id)
         if cancelled:
             raise asyncio.CancelledError
+        return self._sealed(sealed, sent, naming)
+
+    def _sealed(self, sealed: queries.Sealed, sent: float, naming: Naming | None) -> str | None:
         if not sealed.owned:
             raise LeaseLost()
         # (the database counted the lease from a moment after this statement was sent)
         self._fenced_until = sent + (sealed.lease_left or 0.0) - \
-            min(2.0, engine.settings.lease_timeout / 4)
+            min(2.0, self._engine.settings.lease_timeout / 4)
         return None if naming is None else self._chosen(naming.name, sealed.name)
 
     def fenced(self) -> bool:

@@ -96,8 +96,12 @@ class Leases:
         return Lease(lease_id, provider_id, account, self._accounts.login(account))
 
     def handed_over(self, lease: Lease, download_id: int) -> None:
-        """The lease went on to the next download (`asyncsat_hand_over`)."""
+        """The lease went on to the next download (`asyncsat_hand_over`; a run's last)."""
         self._holders[lease.id] = (download_id, lease.provider_id)
+
+    def holds(self, lease: Lease, download_id: int) -> bool:
+        """Whether the lease is still this download's (not handed on, not given back)."""
+        return self._holders.get(lease.id, (None, 0))[0] == download_id
 
     async def take(self, provider_id: int) -> Lease:
         """A slot of the provider's accounts, waiting until one is free (a freed lease

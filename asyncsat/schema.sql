@@ -580,10 +580,13 @@ $$;
 -- account is gone or over its cap (max_connections lowered), a listing or a search waits
 -- for a slot of the provider, or this daemon holds its share of the account already (the
 -- account's cap divided among the live daemons: the others get the slots it lets go); the
--- lease then ends.
+-- lease then ends. With `p_more`, up to that many due rows after the next one are claimed
+-- too: a run, which the slot takes in turn over its one connection (small files: one
+-- statement for several); the lease is then the run's last row's, whose own hand-over
+-- passes the slot on (the others' find it no longer theirs: they hand nothing over).
 CREATE OR REPLACE FUNCTION asyncsat_hand_over(
     p_daemon text, p_lease bigint, p_current bigint, p_seconds double precision,
-    p_default_dest text, p_next boolean)
+    p_default_dest text, p_next boolean, p_more integer)
 RETURNS SETOF asyncsat_claimed LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_lease record;
@@ -592,6 +595,7 @@ DECLARE
     v_mine integer;
     v_daemons integer;
     v_row record;
+    v_rows bigint[] := '{}';
 BEGIN
     PERFORM set_config('lock_timeout', '5s', true);
     -- (locked: a claim's sweep of lapsed leases cannot delete it under this statement)
@@ -616,14 +620,19 @@ BEGIN
              WHERE stopped_at IS NULL
                AND heartbeat_at > now() - make_interval(secs => lease_timeout);
             IF v_used <= v_cap AND v_mine <= ceil(v_cap::float8 / greatest(v_daemons, 1)) THEN
-                SELECT * INTO v_row FROM asyncsat_due(p_daemon, v_lease.provider_id, 1);
-                IF FOUND THEN
-                    UPDATE lease SET download_id = v_row.id,
-                           expires_at = now() + make_interval(secs => p_seconds)
-                     WHERE id = p_lease;
+                -- the next row, and up to p_more after it (a run: the slot takes them in
+                -- turn, the lease is the last one's, which hands it over or gives it back)
+                FOR v_row IN SELECT * FROM asyncsat_due(p_daemon, v_lease.provider_id,
+                                                        1 + greatest(p_more, 0)) LOOP
+                    v_rows := v_rows || v_row.id;
                     RETURN QUERY SELECT * FROM asyncsat_take(
                         p_daemon, p_lease, v_lease.account, v_row.id, v_row.was, p_seconds,
                         p_default_dest);
+                END LOOP;
+                IF cardinality(v_rows) > 0 THEN
+                    UPDATE lease SET download_id = v_rows[cardinality(v_rows)],
+                           expires_at = now() + make_interval(secs => p_seconds)
+                     WHERE id = p_lease;
                     RETURN;
                 END IF;
             END IF;
@@ -631,6 +640,15 @@ BEGIN
     END IF;
     DELETE FROM lease WHERE id = p_lease;
 END;
+$$;
+
+-- Schema 4's hand-over (no runs), for its daemons still running while a fleet is upgraded.
+CREATE OR REPLACE FUNCTION asyncsat_hand_over(
+    p_daemon text, p_lease bigint, p_current bigint, p_seconds double precision,
+    p_default_dest text, p_next boolean)
+RETURNS SETOF asyncsat_claimed LANGUAGE sql AS $$
+    SELECT * FROM asyncsat_hand_over(p_daemon, p_lease, p_current, p_seconds, p_default_dest,
+                                     p_next, 0)
 $$;
 
 -- What the server told at the start of a file, recorded while the row is still its claim's:
@@ -665,6 +683,45 @@ BEGIN
         END;
     END LOOP;
     RETURN '';
+END;
+$$;
+
+-- The bodies of rows of a run that hand no slot over (the run's last row does): for each,
+-- whether it is still its claim's, and how long its lease has left (its file gets its final
+-- name only within it); a file held whole in memory records its name, size and validators
+-- too (`asyncsat_named`, with its name or `p_others`'s when another download of the folder
+-- has it). Several in one statement, as `asyncsat_done` records them: rows another
+-- transaction holds are skipped, never waited for while others are held; the daemon then
+-- seals each alone with `p_wait`, which waits for that one row (5 s at most). Returns each
+-- row sealed that is still its claim's.
+CREATE OR REPLACE FUNCTION asyncsat_sealed(
+    p_ids bigint[], p_owners text[], p_attempts integer[], p_names text[], p_others text[],
+    p_sizes bigint[], p_etags text[], p_last_modified text[], p_wait boolean)
+RETURNS TABLE (sealed_id bigint, lease_left double precision, named text)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v record;
+BEGIN
+    IF p_wait THEN  -- (one record)
+        PERFORM set_config('lock_timeout', '5s', true);
+        PERFORM 1 FROM download WHERE id = p_ids[1] FOR UPDATE;
+    END IF;
+    FOR v IN
+        SELECT u.*, extract(epoch FROM d.lease_expires - now())::float8 AS left_s
+          FROM unnest(p_ids, p_owners, p_attempts, p_names, p_others, p_sizes, p_etags,
+                      p_last_modified) AS u (id, owner, attempt, name, other, size, etag, lm)
+          JOIN download d ON d.id = u.id
+         WHERE d.status = 'running' AND d.owner = u.owner AND d.attempts = u.attempt
+         ORDER BY u.id
+           FOR UPDATE OF d SKIP LOCKED  -- (not the row locked just above)
+    LOOP
+        sealed_id := v.id;
+        lease_left := v.left_s;
+        named := CASE WHEN v.name IS NOT NULL THEN asyncsat_named(
+                          v.id, v.owner, v.attempt, ARRAY[v.name, v.other], v.size, v.etag,
+                          v.lm) END;
+        RETURN NEXT;
+    END LOOP;
 END;
 $$;
 
@@ -741,5 +798,5 @@ CREATE TABLE IF NOT EXISTS asyncsat_schema (
     one     boolean PRIMARY KEY DEFAULT true CHECK (one),
     version integer NOT NULL
 );
-INSERT INTO asyncsat_schema (version) VALUES (4)
+INSERT INTO asyncsat_schema (version) VALUES (5)
     ON CONFLICT (one) DO UPDATE SET version = greatest(asyncsat_schema.version, EXCLUDED.version);

@@ -790,8 +790,9 @@ class Sealed(NamedTuple):
 
     owned: bool
     """The row is still this claim's (its file may get its final name)."""
-    following: tuple[Download, str, int] | None
-    """The provider's next download, claimed into the slot, as `claim` gives it."""
+    following: list[tuple[Download, str, int]]
+    """The provider's next downloads claimed into the slot, as `claim` gives them: none,
+    the next one, or a run of them (`more`), to be run in turn."""
     name: str | None = None
     """With `names`: the name recorded ('' when every one is taken; None when not owned)."""
     lease_left: float | None = None
@@ -800,28 +801,71 @@ class Sealed(NamedTuple):
 
 async def download_sealing(
     db: Any, download_id: int, fence: Fence, lease_id: int, *, lease_seconds: float,
-    default_dest: str, hand_over: bool, names: Sequence[str] | None = None,
+    default_dest: str, hand_over: bool, more: int = 0, names: Sequence[str] | None = None,
     size: int | None = None, etag: str | None = None, last_modified: str | None = None,
 ) -> Sealed:
     """A transfer's body is in: whether the row is still this claim's (checked before the
     file gets its name), and its account slot handed over to the provider's next due row
     (`asyncsat_hand_over`; `hand_over` false, or the row lost: the slot is given back).
     With `names`, a file held whole in memory records its name, size and validators in the
-    same statement (`download_named`: nothing of it is on disk yet). One statement."""
-    row = await db.fetchrow(
+    same statement (`download_named`: nothing of it is on disk yet). With `more`, up to
+    that many rows after the next one are claimed too (a run). One statement."""
+    rows = await db.fetch(
         "SELECT o.lease_left > 0 AS owned, o.lease_left, o.named, n.* FROM (SELECT (SELECT"
         " extract(epoch FROM lease_expires - now())::float8 FROM download WHERE id = $1"
         + _FENCED.format(o="$2", a="$3") + ") AS lease_left, CASE WHEN $8::text[] IS NOT NULL"
         " THEN asyncsat_named($1, $2, $3, $8, $9, $10, $11) END AS named) o"
         " LEFT JOIN LATERAL asyncsat_hand_over($2, $4, $1, $5, $6,"
-        " $7 AND coalesce(o.lease_left > 0, false)) n ON true",
+        " $7 AND coalesce(o.lease_left > 0, false), $12) n ON true",
         download_id, fence.owner, fence.attempt, lease_id, lease_seconds, default_dest,
-        hand_over, None if names is None else list(names), size, etag, last_modified)
-    following = None
-    if row["download_id"] is not None:
-        following = (_download(row, id_column="download_id"), row["account"], row["lease_id"])
+        hand_over, None if names is None else list(names), size, etag, last_modified, more)
+    row = rows[0]  # (one row at least: the left join keeps it)
+    following = [(_download(r, id_column="download_id"), r["account"], r["lease_id"])
+                 for r in rows if r["download_id"] is not None]
     owned = bool(row["owned"])
     return Sealed(owned, following, row["named"], row["lease_left"] if owned else None)
+
+
+@dataclass(frozen=True)
+class Seal:
+    """The body of a row of a run that hands no slot over is in (`downloads_sealed`)."""
+
+    download_id: int
+    fence: Fence
+    names: tuple[str, str] | None = None
+    """A file held whole: the name proposed, and the one taken when another download of
+    the folder has it (recorded with its size and validators)."""
+    size: int | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+async def downloads_sealed(db: Any, seals: Sequence[Seal]) -> list[Sealed]:
+    """For rows of a run whose bodies are in (the run's last row hands the slot over, with
+    `download_sealing`): whether each is still its claim's, and how long its lease has
+    left; a held file's name recorded too. One statement (`asyncsat_sealed`) for the rows
+    nobody else holds now; each of the others alone, waiting for it (5 s at most)."""
+    found = await _downloads_sealed(db, seals, wait=False)
+    for seal in seals:
+        if seal.download_id not in found:  # (not the claim's any more, or held meanwhile)
+            found.update(await _downloads_sealed(db, [seal], wait=True))
+    sealed = []
+    for seal in seals:
+        named, left = found.get(seal.download_id, (None, None))
+        owned = left is not None and left > 0  # (as `download_sealing` tells it)
+        sealed.append(Sealed(owned, [], named, left if owned else None))
+    return sealed
+
+
+async def _downloads_sealed(db: Any, seals: Sequence[Seal], *, wait: bool) -> \
+        dict[int, tuple[str | None, float | None]]:
+    rows = await db.fetch(
+        "SELECT * FROM asyncsat_sealed($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        [s.download_id for s in seals], [s.fence.owner for s in seals],
+        [s.fence.attempt for s in seals], [s.names[0] if s.names else None for s in seals],
+        [s.names[1] if s.names else None for s in seals], [s.size for s in seals],
+        [s.etag for s in seals], [s.last_modified for s in seals], wait)
+    return {r["sealed_id"]: (r["named"], r["lease_left"]) for r in rows}
 
 
 @dataclass(frozen=True)
@@ -997,6 +1041,17 @@ async def download_offline(
         download_id, error, bytes_done, delay, fence.owner, fence.attempt,
     )
     return _changed(result)
+
+
+async def download_unclaim(db: Any, download_id: int, fence: Fence) -> str | None:
+    """A row claimed in a run that never started (its turn did not come, or it was stopped
+    first): back in the queue as it was, due now, no attempt used. Its status after (None:
+    removed with its provider)."""
+    value: str | None = await db.fetchval(
+        "UPDATE download SET status = 'queued', attempts = greatest(0, attempts - 1),"
+        " not_before = now(), owner = NULL WHERE id = $1" + _FENCED.format(o="$2", a="$3")
+        + " RETURNING status", download_id, fence.owner, fence.attempt)
+    return value if value is not None else await download_status(db, download_id)
 
 
 async def download_unclaim_offline(db: Any, download_id: int, fence: Fence) -> bool:

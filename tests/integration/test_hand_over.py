@@ -44,12 +44,12 @@ async def test_a_repeated_hand_over_hands_nothing_over_twice(dsn: str) -> None:
         fence = queries.Fence("D", d.attempts)
         sealed = await queries.download_sealing(
             conn, d.id, fence, lease, lease_seconds=30, default_dest="/d", hand_over=True)
-        assert sealed.owned and sealed.following is not None
-        following = sealed.following
+        assert sealed.owned and len(sealed.following) == 1
+        following = sealed.following[0]
         assert sealed.lease_left is not None and 28 < sealed.lease_left <= 30
         again = await queries.download_sealing(
             conn, d.id, fence, lease, lease_seconds=30, default_dest="/d", hand_over=True)
-        assert (again.owned, again.following) == (True, None)
+        assert (again.owned, again.following) == (True, [])
         assert [(r["id"], r["status"]) for r in await sql(
             dsn, "SELECT id, status FROM download ORDER BY id")] == \
             [(d.id, "running"), (following[0].id, "running"), (following[0].id + 1, "queued")]
@@ -68,7 +68,7 @@ async def test_a_waiting_search_gets_the_next_slot(dsn: str) -> None:
         fence = queries.Fence("D", d.attempts)
         sealed = await queries.download_sealing(
             conn, d.id, fence, lease, lease_seconds=30, default_dest="/d", hand_over=True)
-        assert (sealed.owned, sealed.following, sealed.name) == (True, None, None)
+        assert (sealed.owned, sealed.following, sealed.name) == (True, [], None)
         # nor does a claim take the slot the search waits for
         assert await queries.claim(conn, "D", provider.id, 5, 30, "/d") == []
         taken = await queries.lease_take(conn, "D", provider.id, 30)
@@ -214,7 +214,7 @@ async def test_a_held_file_is_named_with_its_hand_over_only_while_it_is_the_clai
         sealed = await queries.download_sealing(
             conn, d.id, stale, lease, lease_seconds=30, default_dest="/d", hand_over=True,
             names=["c.nc"], size=10, etag='"e"', last_modified=None)
-        assert sealed == (False, None, None, None)  # (and its slot is given back)
+        assert sealed == (False, [], None, None)  # (and its slot is given back)
         fence = queries.Fence("D", d.attempts)
         sealed = await queries.download_sealing(
             conn, d.id, fence, lease, lease_seconds=30, default_dest="/d", hand_over=True,

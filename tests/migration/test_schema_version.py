@@ -34,6 +34,7 @@ KNOWN = {
     2: "00258ba85c8ce0d9358c61c6cdb67723908d31bcf1a5c0edf411f392727fe1e3",
     3: "068f39f015bc63348d79a3472985dc9c18f1a1f83b6290bc6882c96204585019",
     4: "12c2e4a5c9988a6845f7927e9c0f0e1c8377b66f6badfa0b6bd278b42d8d3e28",
+    5: "087a8ec52a8508fc6e288e3351e7d2f852f7f6e0f2a282aeaf376b7a236bae3a",
 }
 """schema.sql's SHA-256 for each version (append-only): a change of the file must raise its
 version."""
