@@ -105,8 +105,8 @@ async def daemon(dsn: str, name: str, providers: list[int], stop_at: float,
                 handovers.append(time.perf_counter() - began)
             await queries.downloads_done(conn, [queries.Done(download.id, fence, 0, "/d/x")])
             claims.append(1)
-            if sealed.following is not None:
-                slots.append(sealed.following)
+            if sealed.following:  # (no run asked for: the next row alone)
+                slots.append(sealed.following[0])
     return pid, conn
 
 
