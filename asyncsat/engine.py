@@ -521,10 +521,14 @@ class Engine:
         except asyncio.CancelledError:
             await _to_the_end(self._unclaim(d, bound, "stopped"))
             raise
-        if turn.wait.done():
-            return True
-        await _to_the_end(self._unclaim(d, bound, "its slot is busy"))
-        return False
+        if not turn.wait.done():
+            await _to_the_end(self._unclaim(d, bound, "its slot is busy"))
+            return False
+        provider = self._providers.get(d.provider_id)
+        if provider is None or provider.paused:  # (paused meanwhile: no new transfer)
+            await _to_the_end(self._unclaim(d, bound, "provider paused"))
+            return False
+        return True
 
     async def _unclaim(self, d: Download, bound: Any, reason: str) -> None:
         if d.claimed_from == "offline":  # (a look at an offline product: offline again)

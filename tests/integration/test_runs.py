@@ -255,3 +255,42 @@ async def test_rows_of_a_run_are_sealed_together_never_waiting_while_holding(
     finally:
         await other.close()
         await conn.close()
+
+
+async def test_rows_waiting_their_turn_do_not_start_once_their_provider_is_paused(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
+    await add_provider(dsn, "local", server.base, {"max_connections": 1})
+    data, urls = _slow_run(server)
+    sealings = _sealings(monkeypatch)
+    await queue(dsn, *urls)
+    part = settings.dest / "local" / "b.nc.part" if settings.dest else Path()
+    paused = False
+
+    async def given_back() -> bool:
+        nonlocal paused
+        if not paused and part.exists():
+            await sql(dsn, "UPDATE provider SET paused = true WHERE name = 'local'")
+            paused = True
+        states = {r["url"]: r["status"] for r in await rows(dsn)}
+        return states.get(urls[1]) == "done" and \
+            states.get(urls[2]) == states.get(urls[3]) == "queued"
+
+    with capture_logs() as logs:
+        await asyncio.wait_for(daemon.serve(settings, Redactor(), until=given_back), 30)
+
+    assert paused and sealings[0] == (engine.RUN - 1, 3)  # a's hand-over claimed b, c, d
+    by_name = await _by_name(dsn)
+    assert by_name["b.nc"]["status"] == "done"  # (the running one finished)
+    for name in ("c.nc", "d.nc"):
+        assert (by_name[name]["status"], by_name[name]["attempts"]) == ("queued", 0), name
+    assert sorted(e["download_id"] for e in logs if e.get("reason") == "provider paused") == \
+        sorted([by_name["c.nc"]["id"], by_name["d.nc"]["id"]])
+    assert [r["path"] for r in server.requests] == ["/files/a.nc", "/files/b.nc"]
+    assert await sql(dsn, "SELECT * FROM lease") == []
+
+    await sql(dsn, "UPDATE provider SET paused = false WHERE name = 'local'")
+    await drain(settings)
+    for name, row in (await _by_name(dsn)).items():
+        assert row["status"] == "done" and Path(row["path"]).read_bytes() == data[name]
