@@ -131,6 +131,11 @@ class Engine:
             window=DONE_WINDOW, most=DONE_MOST)
         """Files at their final path, recorded done together (one statement for the files
         that end within `DONE_WINDOW` of each other)."""
+        self._runs_end: dict[int, asyncio.Future[str]] = {}
+        """Per provider: told (with the reason) when the rows of its runs that have not
+        started are to go back unused, the provider paused or an account's cap lowered
+        since their hand-over was sent (a claim would not take them now). Each run holds
+        the one of its hand-over's moment; a new one is made after it is told."""
         self._seals: Batcher[queries.Seal, queries.Sealed] = Batcher(
             lambda seals: self.store.call(queries.downloads_sealed, seals),
             window=DONE_WINDOW, most=DONE_MOST)
@@ -342,8 +347,28 @@ class Engine:
                          provider=provider.name,
                          running=sum(1 for d in self._running.values()
                                      if d.provider_id == provider.id))
+            caps = self.accounts.caps(provider.id)
             self._providers[provider.id] = provider
             self.accounts.load(provider, credentials)
+            now = self.accounts.caps(provider.id)
+            # (rows of runs that have not started are no running transfers: they go back)
+            if provider.paused:
+                self._end_runs(provider.id, "provider paused")
+            elif any(now.get(account, 0) < cap for account, cap in caps.items()):
+                self._end_runs(provider.id, "the account's cap was lowered")
+
+    def _run_end(self, provider_id: int) -> asyncio.Future[str]:
+        """What ends the runs of a provider claimed from now on (`_runs_end`)."""
+        end = self._runs_end.get(provider_id)
+        if end is None:
+            end = self._runs_end[provider_id] = asyncio.get_running_loop().create_future()
+        return end
+
+    def _end_runs(self, provider_id: int, reason: str) -> None:
+        """The rows of the provider's runs that have not started go back (`_runs_end`)."""
+        end = self._runs_end.pop(provider_id, None)
+        if end is not None and not end.done():
+            end.set_result(reason)
 
     async def _resolve_requests(self) -> bool:
         """Turn queued requests into downloads. True when more may be waiting."""
@@ -516,19 +541,20 @@ class Engine:
         attempt unused). False: it did not start."""
         if turn.wait is None:
             return True
-        try:
-            await asyncio.wait([turn.wait], timeout=RUN_WAIT)  # (never cancels the turn)
+        waits: list[asyncio.Future[Any]] = [turn.wait] if turn.end is None else \
+            [turn.wait, turn.end]
+        try:  # (never cancels the turn, nor the end)
+            await asyncio.wait(waits, timeout=RUN_WAIT, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             await _to_the_end(self._unclaim(d, bound, "stopped"))
             raise
-        if not turn.wait.done():
-            await _to_the_end(self._unclaim(d, bound, "its slot is busy"))
+        if turn.end is not None and turn.end.done():  # (paused, a cap lowered: not now)
+            await _to_the_end(self._unclaim(d, bound, turn.end.result()))
             return False
-        provider = self._providers.get(d.provider_id)
-        if provider is None or provider.paused:  # (paused meanwhile: no new transfer)
-            await _to_the_end(self._unclaim(d, bound, "provider paused"))
-            return False
-        return True
+        if turn.wait.done():
+            return True
+        await _to_the_end(self._unclaim(d, bound, "its slot is busy"))
+        return False
 
     async def _unclaim(self, d: Download, bound: Any, reason: str) -> None:
         if d.claimed_from == "offline":  # (a look at an offline product: offline again)
@@ -765,11 +791,15 @@ class _Turn:
     slot's one connection): it starts once the row before it gives the connection back."""
 
     def __init__(self, wait: asyncio.Future[None] | None = None,
-                 then: asyncio.Future[None] | None = None) -> None:
+                 then: asyncio.Future[None] | None = None,
+                 end: asyncio.Future[str] | None = None) -> None:
         self.wait = wait
         """Done when the row before it gave the connection back (None: its turn now)."""
         self.then = then
         """Set by this row when it gives the connection back (None: the run's last)."""
+        self.end = end
+        """Done (with the reason) when the run's rows that have not started are to go
+        back: its provider paused, or an account's cap lowered (`Engine._runs_end`)."""
 
     def pass_on(self) -> None:
         """The connection is free as far as this row goes: the next row's turn, once the
@@ -853,6 +883,9 @@ class _RowEvents:
                 d.id, self._fence, self._names(naming.name), naming.size,
                 naming.validator.etag, naming.validator.last_modified)
             return self._sealed(await engine._seals.put(seal), sent, naming)
+        # (a pause or a cap lowered after this moment ends the run the hand-over claims: its
+        # statement may not have seen it)
+        end = engine._run_end(d.provider_id)
         # run to its end even if this transfer is cancelled meanwhile: a slot handed over
         # must reach the next transfer (started, then stopped in turn if the daemon stops)
         step, cancelled = await run_to_end(engine.store.call(
@@ -869,7 +902,7 @@ class _RowEvents:
             for i, row in enumerate(rows):
                 then = asyncio.get_running_loop().create_future() \
                     if i < len(rows) - 1 else None
-                engine._start(row, self._lease, _Turn(wait, then))
+                engine._start(row, self._lease, _Turn(wait, then, end))
                 wait = then
             self.handed_over = True
         elif not self.handed_over:

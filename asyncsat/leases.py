@@ -50,6 +50,7 @@ class Accounts:
         self._redactor = redactor
         self._logins: dict[str, Login] = {}
         self._caps: dict[int, int] = {}
+        self._account_caps: dict[int, dict[str, int]] = {}
 
     def load(self, provider: Provider, credentials: list[Credential]) -> None:
         enabled = [c for c in credentials if c.enabled]
@@ -57,12 +58,13 @@ class Accounts:
             self._redactor.add_login(c.username, c.secret)
             self._logins[f"credential:{c.id}"] = Login(c.username, c.secret)
         if enabled:
-            self._caps[provider.id] = sum(c.max_connections for c in enabled)
+            caps = {f"credential:{c.id}": c.max_connections for c in enabled}
         else:
             cap = provider.settings.get("max_connections", ANONYMOUS_CONNECTIONS)
             ok = isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1
-            self._caps[provider.id] = cap if ok and isinstance(cap, int) else \
-                ANONYMOUS_CONNECTIONS
+            caps = {ANONYMOUS: cap if ok and isinstance(cap, int) else ANONYMOUS_CONNECTIONS}
+        self._caps[provider.id] = sum(caps.values())
+        self._account_caps[provider.id] = caps
 
     def login(self, account: str) -> Login:
         """The login of an account (anonymous for one unknown: a credential removed)."""
@@ -70,6 +72,10 @@ class Accounts:
 
     def capacity(self, provider_id: int) -> int:
         return self._caps.get(provider_id, 0)
+
+    def caps(self, provider_id: int) -> dict[str, int]:
+        """The cap of each of a provider's accounts (none known: empty)."""
+        return dict(self._account_caps.get(provider_id, {}))
 
 
 class Leases:

@@ -1,0 +1,319 @@
+"""Fault hunt: runs of small files (`asyncsat_hand_over` with `p_more`) against failures,
+cancels, pauses, a lowered cap, lost leases, stops, offline rows and a second daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from asyncsat import daemon, engine
+from asyncsat.config import Settings
+from asyncsat.db import queries
+from asyncsat.logs import Redactor
+from tests.helpers import FAST, add_provider, drain, queue, rows, sql
+from tests.servers import FileServer
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def _by_name(dsn: str) -> dict[str, dict[str, Any]]:
+    return {Path(r["url"]).name: r for r in await rows(dsn)}
+
+
+async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition never met")
+
+
+def _runs(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The ids of the rows of every run a hand-over claimed (more than one row)."""
+    runs: list[list[int]] = []
+    real = queries.download_sealing
+
+    async def seen(*args: Any, **kw: Any) -> queries.Sealed:
+        sealed = await real(*args, **kw)
+        if len(sealed.following) > 1:
+            runs.append([d.id for d, _a, _l in sealed.following])
+        return sealed
+
+    monkeypatch.setattr(queries, "download_sealing", seen)
+    return runs
+
+
+def _starts(server: FileServer) -> list[tuple[str, int, float]]:
+    """(file, requests being served as it starts, when) of every answer the server sends."""
+    seen: list[tuple[str, int, float]] = []
+    real = server._send
+
+    async def send(request: Any, product: Any) -> Any:
+        seen.append((request.match_info["name"], server.active["anonymous"], time.monotonic()))
+        return await real(request, product)
+
+    server._send = send  # type: ignore[method-assign]
+    return seen
+
+
+async def _clean(dsn: str) -> None:
+    """No lease left, no row owned."""
+    assert await sql(dsn, "SELECT * FROM lease") == []
+    assert await sql(dsn, "SELECT id, status, owner FROM download"
+                          " WHERE owner IS NOT NULL OR status = 'running'") == []
+
+
+def _slow_run(server: FileServer, slow: dict[str, int] | None = None) -> \
+        tuple[dict[str, bytes], list[str]]:
+    """a (small, held: its hand-over claims a run), then b (slow), c, d."""
+    names = ["a.nc", "b.nc", "c.nc", "d.nc"]
+    data = {n: os.urandom(10_000) for n in names}
+    data["b.nc"] = os.urandom(600_000)
+    rates = {"b.nc": 200_000, **(slow or {})}
+    for name in names:
+        if name in rates and name != "b.nc":
+            data[name] = os.urandom(200_000)
+        server.add(name, data[name], **({"rate": rates[name]} if name in rates else {}))
+    return data, [server.url(n) for n in names]
+
+
+# -- failures in the middle of a run ------------------------------------------------------------
+
+async def test_a_run_goes_on_past_a_row_that_fails_404_or_500(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await add_provider(dsn, "local", server.base, {"max_connections": 1, **FAST})
+    data = {n: os.urandom(10_000) for n in ("a.nc", "c.nc", "d.nc", "e.nc")}
+    for name, body in data.items():
+        server.add(name, body)
+    server.products["c.nc"].statuses = [(500, {}, b"boom")]  # (b.nc: 404)
+    runs = _runs(monkeypatch)
+    await queue(dsn, *(server.url(n) for n in ("a.nc", "b.nc", "c.nc", "d.nc", "e.nc")))
+    await drain(settings)
+
+    by_name = await _by_name(dsn)
+    assert runs and [by_name[n]["id"] for n in ("b.nc", "c.nc", "d.nc", "e.nc")] == runs[0]
+    assert by_name["b.nc"]["status"] == "failed"
+    for name, body in data.items():
+        assert by_name[name]["status"] == "done", name
+        assert Path(by_name[name]["path"]).read_bytes() == body
+    assert by_name["c.nc"]["attempts"] == 2  # (the 500, then the file)
+    assert server.peak["anonymous"] == 1
+    await _clean(dsn)
+
+
+# -- a pause, a lowered cap ------------------------------------------------------------------
+
+async def test_a_pause_starts_no_row_of_a_run_that_waits_its_turn(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A paused provider starts no transfer (running ones finish): the rows of a run that
+    have not started go back to the queue, unused."""
+    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
+    await add_provider(dsn, "local", server.base, {"max_connections": 1})
+    data, urls = _slow_run(server)
+    runs = _runs(monkeypatch)
+    await queue(dsn, *urls)
+    part = settings.dest / "local" / "b.nc.part" if settings.dest else Path()
+
+    async def b_done() -> bool:
+        return (await _by_name(dsn)).get("b.nc", {}).get("status") == "done"
+
+    with capture_logs() as logs:
+        serving = asyncio.create_task(daemon.serve(settings, Redactor(), until=b_done))
+        try:
+            await _until(lambda: asyncio.sleep(0, part.exists()))
+            await sql(dsn, "UPDATE provider SET paused = true WHERE name = 'local'")
+            await asyncio.wait_for(serving, 30)
+        finally:
+            serving.cancel()
+    assert any(e["event"] == "provider paused" for e in logs)
+    assert runs and len(runs[0]) == 3
+    await asyncio.sleep(0.3)
+    by_name = await _by_name(dsn)
+    assert by_name["b.nc"]["status"] == "done"
+    assert Path(by_name["b.nc"]["path"]).read_bytes() == data["b.nc"]
+    assert [r["path"] for r in server.requests] == ["/files/a.nc", "/files/b.nc"]
+    for name in ("c.nc", "d.nc"):
+        assert (by_name[name]["status"], by_name[name]["attempts"]) == ("queued", 0), name
+    await _clean(dsn)
+
+
+async def test_a_lowered_cap_opens_no_connection_of_a_run_over_it(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two slots, each with a run whose first row is slow; max_connections lowered to 1
+    meanwhile: the running rows finish, but no row of the runs starts a connection while
+    the account has as many as its new cap."""
+    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    names = ["a1.nc", "a2.nc", "b1.nc", "c1.nc", "d1.nc", "e1.nc", "b2.nc", "c2.nc", "d2.nc",
+             "e2.nc"]
+    data = {n: os.urandom(10_000 if n.startswith("a") else 150_000) for n in names}
+    for name, body in data.items():
+        server.add(name, body, **({} if name.startswith("a") else {"rate": 300_000}))
+    starts = _starts(server)
+    runs = _runs(monkeypatch)
+    await queue(dsn, *(server.url(n) for n in names))
+    lowered_at: list[float] = []
+
+    async def lower() -> None:
+        await _until(lambda: asyncio.sleep(0, len(runs) == 2 and len(starts) >= 4))
+        await sql(dsn, "UPDATE provider SET settings = settings || '{\"max_connections\": 1}'"
+                       " WHERE name = 'local'")
+        await asyncio.sleep(0.1)  # (the daemon reads the accounts again)
+        lowered_at.append(time.monotonic())
+
+    lowering = asyncio.create_task(lower())
+    await drain(settings)
+    await lowering
+
+    for name, row in (await _by_name(dsn)).items():
+        assert row["status"] == "done", name
+        assert Path(row["path"]).read_bytes() == data[name]
+    over = [(n, active) for n, active, t in starts if t > lowered_at[0] and active > 1]
+    assert over == []
+    await _clean(dsn)
+
+
+# -- a lost lease ----------------------------------------------------------------------------
+
+async def test_a_run_taken_over_by_another_daemon_is_let_go_and_fetched_once(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While b runs, another daemon owns b, c and d (their leases lapsed and were taken
+    over: set with SQL): b is let go, c and d are never started here; each file is
+    fetched whole once they come back."""
+    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
+    settings = dataclasses.replace(settings, lease_timeout=3.0)
+    await add_provider(dsn, "local", server.base, {"max_connections": 1})
+    data, urls = _slow_run(server)
+    runs = _runs(monkeypatch)
+    await queue(dsn, *urls)
+    part = settings.dest / "local" / "b.nc.part" if settings.dest else Path()
+
+    async def all_done() -> bool:
+        return {r["status"] for r in await rows(dsn)} == {"done"}
+
+    with capture_logs() as logs:
+        serving = asyncio.create_task(daemon.serve(settings, Redactor(), until=all_done))
+        try:
+            await _until(lambda: asyncio.sleep(0, part.exists()))
+            await sql(dsn, "INSERT INTO daemon (id, host, pid, version, lease_timeout)"
+                           " VALUES ('other', 'elsewhere', 1, 't', 3)")
+            taken = await sql(dsn, "UPDATE download SET owner = 'other',"
+                                   " lease_expires = now() + interval '2 seconds'"
+                                   " WHERE status = 'running' RETURNING id")
+            assert sorted(r["id"] for r in taken) == sorted(runs[0])
+            await asyncio.wait_for(serving, 40)
+        finally:
+            serving.cancel()
+    lost = {e["download_id"] for e in logs if e["event"].startswith("lease lost")}
+    assert set(runs[0]) <= lost
+    by_name = await _by_name(dsn)
+    for name, row in by_name.items():
+        assert row["status"] == "done"
+        assert Path(row["path"]).read_bytes() == data[name]
+    paths = [r["path"] for r in server.requests]
+    assert paths.count("/files/c.nc") == 1 and paths.count("/files/d.nc") == 1
+    assert server.peak["anonymous"] == 1
+    await _clean(dsn)
+
+
+# -- stops ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("at", [2, 3, 4])
+async def test_a_stop_at_any_moment_of_a_run_leaves_no_lease_no_owned_row(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
+    monkeypatch.setattr(engine, "UNTIL_EVERY", 0.01)
+    await add_provider(dsn, "local", server.base, {"max_connections": 1})
+    data, urls = _slow_run(server, {"c.nc": 200_000, "d.nc": 200_000})
+    runs = _runs(monkeypatch)
+    await queue(dsn, *urls)
+
+    async def requests_seen() -> bool:
+        return len(server.requests) >= at
+
+    await asyncio.wait_for(daemon.serve(settings, Redactor(), until=requests_seen), 30)
+    assert runs and len(runs[0]) == 3
+    await _clean(dsn)
+    requested = {Path(str(r["path"])).name for r in server.requests}
+    for name, row in (await _by_name(dsn)).items():
+        assert row["status"] in ("done", "queued"), name
+        if name not in requested:
+            assert row["attempts"] == 0, name
+    await drain(settings)
+    for name, row in (await _by_name(dsn)).items():
+        assert row["status"] == "done"
+        assert Path(row["path"]).read_bytes() == data[name]
+    await _clean(dsn)
+
+
+# -- offline rows ----------------------------------------------------------------------------
+
+async def test_an_offline_row_of_a_run_whose_turn_does_not_come_stays_offline_unused(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "RUN_WAIT", 0.3)
+    await add_provider(dsn, "local", server.base, {"max_connections": 1})
+    data, urls = _slow_run(server)
+    for i, url in enumerate(urls):
+        await sql(dsn, "INSERT INTO download (provider_id, url, status, not_before)"
+                       " SELECT id, $1, $2, now() - make_interval(secs => $3) FROM provider"
+                       " WHERE name = 'local'", url, "offline" if i == 2 else "queued",
+                  10.0 - i)
+    runs = _runs(monkeypatch)
+    with capture_logs() as logs:
+        await drain(settings)
+    by_name = await _by_name(dsn)
+    assert runs[0] == [by_name[n]["id"] for n in ("b.nc", "c.nc", "d.nc")]
+    back = [e for e in logs if e.get("download_id") == by_name["c.nc"]["id"]
+            and e.get("reason") == "its slot is busy"]
+    assert [e["event"] for e in back] == ["download offline"]
+    for name, row in by_name.items():
+        assert (row["status"], row["attempts"]) == ("done", 1), name
+        assert Path(row["path"]).read_bytes() == data[name]
+    assert [r["path"] for r in server.requests].count("/files/c.nc") == 1
+    await _clean(dsn)
+
+
+# -- two daemons -----------------------------------------------------------------------------
+
+async def test_two_daemons_share_a_capped_account_with_many_small_files(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # (two daemons of one process: each would take the other's pid for a dead one's)
+    monkeypatch.setattr(daemon, "process_alive", lambda pid: True)
+    await add_provider(dsn, "local", server.base, {"max_connections": 3})
+    data = {f"s{i:03}.nc": os.urandom(8_000 + i) for i in range(120)}
+    for name, body in data.items():
+        server.add(name, body)
+    runs = _runs(monkeypatch)
+    await queue(dsn, *(server.url(n) for n in data))
+
+    async def both() -> None:
+        await asyncio.gather(
+            daemon.serve(settings, Redactor(), exit_when_idle=True),
+            daemon.serve(settings, Redactor(), exit_when_idle=True))
+
+    await asyncio.wait_for(both(), 60)
+    by_name = await _by_name(dsn)
+    for name, row in by_name.items():
+        assert (row["status"], row["attempts"]) == ("done", 1), name
+        assert Path(row["path"]).read_bytes() == data[name]
+    paths = [r["path"] for r in server.requests]
+    assert sorted(paths) == sorted(f"/files/{n}" for n in data)  # each once
+    assert server.peak["anonymous"] <= 3
+    assert runs  # (runs were claimed)
+    await _clean(dsn)
