@@ -1045,21 +1045,27 @@ async def download_offline(
 
 async def download_unclaim(db: Any, download_id: int, fence: Fence) -> str | None:
     """A row claimed in a run that never started (its turn did not come, or it was stopped
-    first): back in the queue as it was, due now, no attempt used. Its status after (None:
-    removed with its provider)."""
+    first): back in the queue, due now, no attempt used; one the user cancelled meanwhile
+    stays cancelled, its claim ended all the same (no owner, the attempt given back). Its
+    status after (None: removed with its provider)."""
     value: str | None = await db.fetchval(
-        "UPDATE download SET status = 'queued', attempts = greatest(0, attempts - 1),"
-        " not_before = now(), owner = NULL WHERE id = $1" + _FENCED.format(o="$2", a="$3")
-        + " RETURNING status", download_id, fence.owner, fence.attempt)
+        "UPDATE download SET attempts = greatest(0, attempts - 1), owner = NULL,"
+        " status = CASE WHEN status = 'running' THEN 'queued' ELSE status END,"
+        " not_before = CASE WHEN status = 'running' THEN now() ELSE not_before END"
+        " WHERE id = $1 AND status IN ('running', 'cancelled') AND owner = $2"
+        " AND attempts = $3 RETURNING status", download_id, fence.owner, fence.attempt)
     return value if value is not None else await download_status(db, download_id)
 
 
 async def download_unclaim_offline(db: Any, download_id: int, fence: Fence) -> bool:
-    """A look at an offline product was stopped: offline again, due now, no attempt used."""
+    """A look at an offline product was stopped: offline again, due now, no attempt used
+    (one the user cancelled meanwhile stays cancelled, its claim ended all the same)."""
     result: str = await db.execute(
-        "UPDATE download SET status = 'offline', attempts = greatest(0, attempts - 1),"
-        " not_before = now(), owner = NULL WHERE id = $1" + _FENCED.format(o="$2", a="$3"),
-        download_id, fence.owner, fence.attempt,
+        "UPDATE download SET attempts = greatest(0, attempts - 1), owner = NULL,"
+        " status = CASE WHEN status = 'running' THEN 'offline' ELSE status END,"
+        " not_before = CASE WHEN status = 'running' THEN now() ELSE not_before END"
+        " WHERE id = $1 AND status IN ('running', 'cancelled') AND owner = $2"
+        " AND attempts = $3", download_id, fence.owner, fence.attempt,
     )
     return _changed(result)
 

@@ -111,6 +111,36 @@ async def test_a_run_goes_on_past_a_row_that_fails_404_or_500(
     await _clean(dsn)
 
 
+# -- a cancel of the run's last row (the lease's) while it waits -----------------------------
+
+async def test_the_runs_last_row_cancelled_while_it_waits_ends_its_claim_and_slot(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
+    await add_provider(dsn, "local", server.base, {"max_connections": 1})
+    data, urls = _slow_run(server)
+    runs = _runs(monkeypatch)
+    await queue(dsn, *urls)
+    part = settings.dest / "local" / "b.nc.part" if settings.dest else Path()
+    serving = asyncio.create_task(daemon.serve(settings, Redactor(), exit_when_idle=True))
+    try:
+        await _until(lambda: asyncio.sleep(0, part.exists()))
+        await sql(dsn, "UPDATE download SET status = 'cancelled' WHERE url = $1", urls[3])
+        await asyncio.wait_for(serving, 30)
+    finally:
+        serving.cancel()
+
+    by_name = await _by_name(dsn)
+    assert runs[0] == [by_name[n]["id"] for n in ("b.nc", "c.nc", "d.nc")]  # (d: the lease's)
+    assert (by_name["d.nc"]["status"], by_name["d.nc"]["attempts"]) == ("cancelled", 0)
+    for name in ("a.nc", "b.nc", "c.nc"):
+        assert by_name[name]["status"] == "done"
+        assert Path(by_name[name]["path"]).read_bytes() == data[name]
+    assert "/files/d.nc" not in [r["path"] for r in server.requests]
+    assert server.peak["anonymous"] == 1
+    await _clean(dsn)
+
+
 # -- a pause, a lowered cap ------------------------------------------------------------------
 
 async def test_a_pause_starts_no_row_of_a_run_that_waits_its_turn(
