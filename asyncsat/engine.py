@@ -484,13 +484,32 @@ class Engine:
 
     def _start(self, download: Download, lease: Lease, turn: _Turn | None = None) -> None:
         turn = turn or _Turn()
-        task = asyncio.create_task(self._run_one(download, lease, turn),
-                                   name=f"download-{download.id}")
-        # (a task cancelled before its first step never runs its `finally`: the next row's
-        # turn must come all the same)
-        task.add_done_callback(lambda _: turn.pass_on())
-        self._tasks[download.id] = task
-        self._running[download.id] = download
+        self._spawn(self._run_one(download, lease, turn), download, lease, turn)
+
+    def _spawn(self, step: Coroutine[Any, Any, None], d: Download, lease: Lease,
+               turn: _Turn) -> None:
+        task = asyncio.create_task(step, name=f"download-{d.id}")
+        task.add_done_callback(lambda done: self._task_done(done, d, lease, turn))
+        self._tasks[d.id] = task
+        self._running[d.id] = d
+
+    def _task_done(self, task: asyncio.Task[None], d: Download, lease: Lease,
+                   turn: _Turn) -> None:
+        """A task cancelled before its first step (a user's cancel whose NOTIFY came with
+        the claim's answer) never runs its handlers: the next row's turn must come all the
+        same, and its row go back and its slot (a run's last row's) be given back, by a
+        task of their own; else the row stays `running` and its slot held (the heartbeat
+        renews both) for as long as the daemon runs, which no longer drains."""
+        turn.pass_on()
+        if self._tasks.get(d.id) is task:  # (a task that ran is no longer there)
+            self._spawn(self._never_started(d, lease, turn), d, lease, turn)
+
+    async def _never_started(self, d: Download, lease: Lease, turn: _Turn) -> None:
+        bound = log.bind(download_id=d.id, request_id=d.request_id, provider=d.provider)
+        try:
+            await _to_the_end(self._unclaim(d, bound, "stopped"))
+        finally:
+            await self._task_ended(d, lease, turn, handed_over=False)
 
     async def _stop_transfers(self) -> None:
         """Cancel running transfers; each puts its row back in the queue, resumable."""
@@ -523,17 +542,21 @@ class Engine:
             if await self._take_turn(d, turn, bound):
                 handed_over = await self._transfer(d, lease, turn, bound)
         finally:
-            self._tasks.pop(d.id, None)
-            self._lost.discard(d.id)
-            self._ended.discard(d.id)
-            self._recording.discard(d.id)
-            self._running.pop(d.id, None)
-            turn.pass_on()  # (the next row of the run: once the rows before this one are done)
-            # (a slot handed over is busy again: nothing to claim; the last transfer's end
-            # may be what an idle run waits for)
-            if not handed_over or not self._tasks:
-                self.wake.set()
-            await _to_the_end(self._slot_after(d, lease, turn))
+            await self._task_ended(d, lease, turn, handed_over=handed_over)
+
+    async def _task_ended(self, d: Download, lease: Lease, turn: _Turn, *,
+                          handed_over: bool) -> None:
+        self._tasks.pop(d.id, None)
+        self._lost.discard(d.id)
+        self._ended.discard(d.id)
+        self._recording.discard(d.id)
+        self._running.pop(d.id, None)
+        turn.pass_on()  # (the next row of the run: once the rows before this one are done)
+        # (a slot handed over is busy again: nothing to claim; the last transfer's end may be
+        # what an idle run waits for)
+        if not handed_over or not self._tasks:
+            self.wake.set()
+        await _to_the_end(self._slot_after(d, lease, turn))
 
     async def _take_turn(self, d: Download, turn: _Turn, bound: Any) -> bool:
         """Wait for this row's turn in its slot's run (`RUN_WAIT` at most); a row whose turn

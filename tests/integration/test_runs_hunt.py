@@ -347,3 +347,39 @@ async def test_two_daemons_share_a_capped_account_with_many_small_files(
     assert server.peak["anonymous"] <= 3
     assert runs  # (runs were claimed)
     await _clean(dsn)
+
+
+# -- a task cancelled before its first step ------------------------------------------------
+
+@pytest.mark.parametrize("position", [0, 1, 2])
+async def test_a_run_row_whose_task_is_cancelled_before_it_starts_goes_back(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch, position: int) -> None:
+    """A cancel that reaches a row's task before its first step (a user's cancel whose
+    NOTIFY comes with the hand-over's answer): the task never runs its own handlers; the
+    row must not stay `running`, its slot must not stay held, the daemon must drain."""
+    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
+    await add_provider(dsn, "local", server.base, {"max_connections": 1})
+    data, urls = _slow_run(server)
+    server.products["b.nc"].rate = 2_000_000
+    real = engine.Engine._start
+    hit: list[int] = []
+
+    def start(self: engine.Engine, download: Any, lease: Any, turn: Any = None) -> None:
+        real(self, download, lease, turn)
+        if turn is not None and not hit:
+            index = self._starting = getattr(self, "_starting", -1) + 1
+            if index == position:
+                hit.append(download.id)
+                self._tasks[download.id].cancel("cancelled by user")
+            if turn.then is None:
+                self._starting = -1
+
+    monkeypatch.setattr(engine.Engine, "_start", start)
+    await queue(dsn, *urls)
+    await drain(settings, timeout=30)
+    assert hit
+    for name, row in (await _by_name(dsn)).items():  # (the cancelled one: back unused)
+        assert (row["status"], row["attempts"]) == ("done", 1), name
+        assert Path(row["path"]).read_bytes() == data[name]
+    await _clean(dsn)
