@@ -492,6 +492,10 @@ class Engine:
         task.add_done_callback(lambda done: self._task_done(done, d, lease, turn))
         self._tasks[d.id] = task
         self._running[d.id] = d
+        # (a row claimed again while its last task ends: that one's marks are not this one's)
+        self._lost.discard(d.id)
+        self._ended.discard(d.id)
+        self._recording.discard(d.id)
 
     def _task_done(self, task: asyncio.Task[None], d: Download, lease: Lease,
                    turn: _Turn) -> None:
@@ -546,11 +550,14 @@ class Engine:
 
     async def _task_ended(self, d: Download, lease: Lease, turn: _Turn, *,
                           handed_over: bool) -> None:
-        self._tasks.pop(d.id, None)
-        self._lost.discard(d.id)
-        self._ended.discard(d.id)
-        self._recording.discard(d.id)
-        self._running.pop(d.id, None)
+        # (the row given back may be another task's already: claimed again while this one
+        # ended, which must not untrack it; the heartbeat would take its row for an orphan)
+        if self._tasks.get(d.id) is asyncio.current_task():
+            del self._tasks[d.id]
+            self._lost.discard(d.id)
+            self._ended.discard(d.id)
+            self._recording.discard(d.id)
+            self._running.pop(d.id, None)
         turn.pass_on()  # (the next row of the run: once the rows before this one are done)
         # (a slot handed over is busy again: nothing to claim; the last transfer's end may be
         # what an idle run waits for)

@@ -383,3 +383,49 @@ async def test_a_run_row_whose_task_is_cancelled_before_it_starts_goes_back(
         assert (row["status"], row["attempts"]) == ("done", 1), name
         assert Path(row["path"]).read_bytes() == data[name]
     await _clean(dsn)
+
+
+# -- a row given back and claimed again before its old task has ended -----------------------
+
+async def test_a_row_claimed_again_while_its_old_task_ends_stays_tracked(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An offline row of a run whose turn does not come is given back in two statements
+    (offline again, then its status read): another slot's hand-over may claim it again in
+    between. The old task's end must not untrack the new one (else the heartbeat takes its
+    row for an orphan: put back, its slot freed, while it transfers)."""
+    monkeypatch.setattr(engine, "RUN_WAIT", 0.3)
+    settings = dataclasses.replace(settings, lease_timeout=3.0)
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    names = ["a.nc", "s.nc", "b.nc", "c.nc", "d.nc"]
+    data = {n: os.urandom(10_000) for n in names}
+    data["s.nc"] = os.urandom(100_000)  # (0.5 s: its hand-over claims c again)
+    data["b.nc"] = os.urandom(600_000)  # (3 s: c and d do not get their turn)
+    data["c.nc"] = os.urandom(500_000)  # (2.5 s: heartbeats meanwhile)
+    for name in names:
+        server.add(name, data[name], **({} if name in ("a.nc", "d.nc") else
+                                        {"rate": 200_000}))
+    for i, name in enumerate(names):
+        await sql(dsn, "INSERT INTO download (provider_id, url, status, not_before)"
+                       " SELECT id, $1, $2, now() - make_interval(secs => $3) FROM provider"
+                       " WHERE name = 'local'", server.url(name),
+                  "offline" if name == "c.nc" else "queued", 10.0 - i)
+    real = queries.download_status
+
+    async def slow_status(db: Any, download_id: int) -> str | None:
+        await asyncio.sleep(0.5)  # (a slow round trip)
+        return await real(db, download_id)
+
+    monkeypatch.setattr(queries, "download_status", slow_status)
+    runs = _runs(monkeypatch)
+    with capture_logs() as logs:
+        await drain(settings)
+    by_name = await _by_name(dsn)
+    assert runs[0] == [by_name[n]["id"] for n in ("b.nc", "c.nc", "d.nc")]
+    assert not [e for e in logs if e["event"].startswith("downloads owned with no transfer")]
+    for name, row in by_name.items():
+        assert row["status"] == "done", name
+        assert Path(row["path"]).read_bytes() == data[name]
+    assert [r["path"] for r in server.requests].count("/files/c.nc") == 1
+    assert server.peak["anonymous"] <= 2
+    await _clean(dsn)
