@@ -429,3 +429,61 @@ async def test_a_row_claimed_again_while_its_old_task_ends_stays_tracked(
     assert [r["path"] for r in server.requests].count("/files/c.nc") == 1
     assert server.peak["anonymous"] <= 2
     await _clean(dsn)
+
+
+# -- the migration: schema 4 -> 5, a schema 4 daemon's hand-over -----------------------------
+
+_OLD_SEALING = (  # (schema 4's download_sealing: six arguments, one row handed over)
+    "SELECT o.lease_left > 0 AS owned, o.lease_left, o.named, n.* FROM (SELECT (SELECT"
+    " extract(epoch FROM lease_expires - now())::float8 FROM download WHERE id = $1"
+    " AND status = 'running' AND owner = $2 AND attempts = $3) AS lease_left,"
+    " CASE WHEN $8::text[] IS NOT NULL THEN asyncsat_named($1, $2, $3, $8, $9, $10, $11)"
+    " END AS named) o LEFT JOIN LATERAL asyncsat_hand_over($2, $4, $1, $5, $6,"
+    " $7 AND coalesce(o.lease_left > 0, false)) n ON true")
+
+
+async def test_a_schema_4_database_upgraded_serves_both_releases_hand_overs(
+        pg: Any) -> None:
+    import subprocess
+
+    from asyncsat.db.pool import apply_schema, database_schema_version
+    from tests.migration.shape import new_database
+
+    old = subprocess.run(["git", "-C", str(Path(__file__).parents[2]), "show",
+                          "989f95d~1:asyncsat/schema.sql"], capture_output=True, text=True,
+                         check=True).stdout
+    _dsn, conn = await new_database(pg)
+    try:
+        await conn.execute(old)
+        assert await database_schema_version(conn) == 4
+        assert await apply_schema(conn, always=True)
+        assert await apply_schema(conn, always=True)  # (again: idempotent)
+        assert await database_schema_version(conn) == 5
+        await conn.execute("INSERT INTO provider (name, protocol, url, settings) VALUES"
+                           " ('hub', 'http', 'http://127.0.0.1:9/', '{\"max_connections\": 1}')")
+        await queries.daemon_register(conn, "old", host="h", pid=1, version="t",
+                                      lease_timeout=30)
+        provider = await queries.provider_get(conn, "hub")
+        assert provider is not None
+        for i in range(6):
+            await conn.execute("INSERT INTO download (provider_id, url, dest)"
+                               " VALUES ($1, $2, '/d')", provider.id, f"http://127.0.0.1:9/{i}")
+        [(first, _account, lease)] = await queries.claim(conn, "old", provider.id, 5, 30, "/d")
+        # a daemon of schema 4: its statement, six arguments, one row handed over
+        got = await conn.fetch(_OLD_SEALING, first.id, "old", first.attempts, lease, 30.0,
+                               "/d", True, ["x.nc"], 10, None, None)
+        assert [r["download_id"] for r in got] == [first.id + 1] and got[0]["owned"]
+        assert [tuple(r) for r in await conn.fetch("SELECT id, download_id FROM lease")] == \
+            [(lease, first.id + 1)]
+        # this release's: a run
+        nxt = await queries.download_status(conn, first.id + 1)
+        assert nxt == "running"
+        sealed = await queries.download_sealing(
+            conn, first.id + 1, queries.Fence("old", 1), lease, lease_seconds=30,
+            default_dest="/d", hand_over=True, more=engine.RUN - 1)
+        assert [d.id for d, _a, _l in sealed.following] == \
+            [first.id + 2, first.id + 3, first.id + 4, first.id + 5]
+        assert [tuple(r) for r in await conn.fetch("SELECT id, download_id FROM lease")] == \
+            [(lease, first.id + 5)]
+    finally:
+        await conn.close()
