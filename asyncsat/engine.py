@@ -67,8 +67,10 @@ RUN = 4
 `RUN - 1` after it, taken in turn over its one connection (one hand-over statement for
 them, not one each; small files come in runs)."""
 RUN_WAIT = 1.0
-"""Seconds a row claimed in a run waits for its turn at most (the row before it is slower
-than a small file): it then goes back to the queue, for any free slot, as it was."""
+"""Seconds a row claimed in a run waits for its turn at most, counted from the hand-over that
+claimed the run (the rows before it in the run share them: one of them is slower than a
+small file): it then goes back to the queue for any free slot, due now (behind the rows due
+before it), its attempt unused."""
 
 
 class ProgressSink(Protocol):
@@ -893,10 +895,13 @@ class _RowEvents:
 
     async def sealing(self, naming: Naming | None = None) -> str | None:
         """The body is in and its connection given back: the account's slot goes on to the
-        provider's next file now, or back (the next file starts while this one is flushed
-        and renamed). The file gets its final name only while the row is still this
-        claim's (a daemon paused past its lease must not rename it). A file held whole in
-        memory records its name in the same statement (`naming`): returns it."""
+        provider's next file now (a held file's: to a run of them), or back (the next file
+        starts while this one is flushed and renamed); a row of a run but its last gives
+        the connection to the run's next row instead, and is sealed with the others that
+        end meanwhile (`asyncsat_sealed`, no hand-over). The file gets its final name only
+        while the row is still this claim's (a daemon paused past its lease must not
+        rename it). A file held whole in memory records its name in the same statement
+        (`naming`): returns it."""
         engine, d = self._engine, self._download
         extra: dict[str, Any] = {}
         if naming is not None:

@@ -844,7 +844,9 @@ async def downloads_sealed(db: Any, seals: Sequence[Seal]) -> list[Sealed]:
     """For rows of a run whose bodies are in (the run's last row hands the slot over, with
     `download_sealing`): whether each is still its claim's, and how long its lease has
     left; a held file's name recorded too. One statement (`asyncsat_sealed`) for the rows
-    nobody else holds now; each of the others alone, waiting for it (5 s at most)."""
+    nobody else holds now; each of the others alone, waiting for it (5 s at most: then
+    `LockNotAvailableError`, at once, the rows after it unsealed; the Batcher then seals
+    each of the batch alone, those sealed already again, which changes nothing)."""
     found = await _downloads_sealed(db, seals, wait=False)
     for seal in seals:
         if seal.download_id not in found:  # (not the claim's any more, or held meanwhile)

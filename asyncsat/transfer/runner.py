@@ -21,8 +21,9 @@ HOLD_MOST = 1 << 20
 HOLD_SECONDS = 0.25
 """A new file no larger than a chunk is held in memory while it comes in, until the first
 chunk past this many seconds: one that ends by then records its name with its slot's
-hand-over (one statement, not two); one that takes longer is written as it comes,
-resumable like any other. (At most `HOLD_MOST` bytes and a chunk are held.)"""
+hand-over (one statement, not two; a row of a run but its last, with the seals of the
+others that end meanwhile); one that takes longer is written as it comes, resumable like
+any other. (At most `HOLD_MOST` bytes and a chunk are held.)"""
 HELD_WRITING = 16
 """New files held whole that are written to disk at once, at most (their bodies, up to
 `HOLD_MOST` each, are in memory until written)."""
