@@ -487,3 +487,70 @@ async def test_a_schema_4_database_upgraded_serves_both_releases_hand_overs(
             [(lease, first.id + 5)]
     finally:
         await conn.close()
+
+
+async def test_a_stop_while_a_runs_seals_are_being_written_leaves_no_claim(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seal of a run's row (not its last) takes long (a busy database): a stop then
+    finds the row waiting for it; nothing is left claimed, and the next daemon fetches
+    every file whole."""
+    monkeypatch.setattr(engine, "UNTIL_EVERY", 0.01)
+    await add_provider(dsn, "local", server.base, {"max_connections": 1})
+    data = {n: os.urandom(10_000) for n in ("a.nc", "b.nc", "c.nc", "d.nc", "e.nc")}
+    for name, body in data.items():
+        server.add(name, body)
+    real = queries.downloads_sealed
+    pending: list[int] = []
+
+    async def slow(db: Any, seals: list[queries.Seal]) -> list[queries.Sealed]:
+        pending.extend(s.download_id for s in seals)
+        await asyncio.sleep(1.0)
+        return await real(db, seals)
+
+    monkeypatch.setattr(queries, "downloads_sealed", slow)
+    await queue(dsn, *(server.url(n) for n in data))
+
+    async def sealing() -> bool:
+        return bool(pending)
+
+    await asyncio.wait_for(daemon.serve(settings, Redactor(), until=sealing), 30)
+    assert pending
+    await _clean(dsn)
+    for name, row in (await _by_name(dsn)).items():
+        assert row["status"] in ("done", "queued"), name
+        if row["status"] == "done":
+            assert Path(row["path"]).read_bytes() == data[name]
+    monkeypatch.setattr(queries, "downloads_sealed", real)
+    await drain(settings)
+    for name, row in (await _by_name(dsn)).items():
+        assert row["status"] == "done"
+        assert Path(row["path"]).read_bytes() == data[name]
+    await _clean(dsn)
+
+
+@pytest.mark.parametrize("stop_after", [5, 30])
+async def test_two_daemons_one_stopping_mid_run_keep_the_cap_and_fetch_every_file(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch, stop_after: int) -> None:
+    monkeypatch.setattr(daemon, "process_alive", lambda pid: True)
+    monkeypatch.setattr(engine, "UNTIL_EVERY", 0.01)
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    data = {f"s{i:03}.nc": os.urandom(8_000 + i) for i in range(80)}
+    for name, body in data.items():
+        server.add(name, body, **({"rate": 400_000} if name.endswith("3.nc") else {}))
+    runs = _runs(monkeypatch)
+    await queue(dsn, *(server.url(n) for n in data))
+
+    async def enough() -> bool:
+        return len(server.requests) >= stop_after
+
+    await asyncio.wait_for(asyncio.gather(
+        daemon.serve(settings, Redactor(), until=enough),
+        daemon.serve(settings, Redactor(), exit_when_idle=True)), 60)
+    for name, row in (await _by_name(dsn)).items():
+        assert row["status"] == "done", name
+        assert Path(row["path"]).read_bytes() == data[name]
+    assert server.peak["anonymous"] <= 2
+    assert runs
+    await _clean(dsn)
