@@ -195,7 +195,9 @@ class Engine:
                 return
             # only the transfers claimed before this heartbeat: a claim committed while it
             # runs is not in its answer
-            working = {i for i in self._tasks
+            # (each with its task: a row given back meanwhile and claimed again by this
+            # daemon is another transfer's, which this heartbeat's answer does not know)
+            working = {i: t for i, t in self._tasks.items()
                        if i not in self._ended and i not in self._recording}
             sent = time.monotonic()
             try:
@@ -207,16 +209,17 @@ class Engine:
             if owned is None:  # the database is away: writes are fenced, but connections
                 # are not; they end before the leases lapse and another daemon opens its own
                 if renewal.lapsing(time.monotonic()):
-                    self._let_go(working)
+                    self._let_go(set(working))
                 continue
             renewal.renewed(sent)
             await self._renew_requests(renewal)
             await self._put_back_orphans(owned)
             await self._put_back_strays()
-            for download_id in working - owned - self._ended:
+            for download_id in working.keys() - owned - self._ended:
                 task = self._tasks.get(download_id)
                 # (one let go meanwhile is stopping already)
-                if task is not None and not task.done() and not task.cancelling():
+                if task is working[download_id] and not task.done() and \
+                        not task.cancelling():
                     log.warning("lease lost: the download is let go", download_id=download_id)
                     self._lost.add(download_id)
                     task.cancel("lease lost")

@@ -4,6 +4,7 @@ cancels, pauses, a lowered cap, lost leases, stops, offline rows and a second da
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import time
@@ -553,4 +554,67 @@ async def test_two_daemons_one_stopping_mid_run_keep_the_cap_and_fetch_every_fil
         assert Path(row["path"]).read_bytes() == data[name]
     assert server.peak["anonymous"] <= 2
     assert runs
+    await _clean(dsn)
+
+
+async def test_a_row_given_back_and_claimed_again_during_a_heartbeat_is_not_lost(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A heartbeat looks at the transfers running as it starts; a row of a run given back
+    (its turn did not come) and claimed again by this daemon while the heartbeat's
+    statement runs is owned by a new transfer: the heartbeat must not take it for lost."""
+    monkeypatch.setattr(engine, "RUN_WAIT", 1.2)  # (given back after the heartbeat began)
+    settings = dataclasses.replace(settings, lease_timeout=3.0)  # (a heartbeat a second)
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    names = ["a.nc", "s.nc", "b.nc", "c.nc"]
+    data = {n: os.urandom(10_000) for n in names}
+    data["s.nc"] = os.urandom(300_000)  # (1.5 s: its hand-over claims c again)
+    data["b.nc"] = os.urandom(800_000)  # (4 s: c does not get its turn)
+    for name in names:
+        server.add(name, data[name], **({"rate": 200_000} if name in ("s.nc", "b.nc") else {}))
+    for i, name in enumerate(names):
+        await sql(dsn, "INSERT INTO download (provider_id, url, not_before) SELECT id, $1,"
+                       " now() - make_interval(secs => $2) FROM provider WHERE name = 'local'",
+                  server.url(name), 10.0 - i)
+    [c_id] = [r["id"] for r in await sql(dsn, "SELECT id FROM download WHERE url = $1",
+                                         server.url("c.nc"))]
+    given_back, claimed_again = asyncio.Event(), asyncio.Event()
+    real_unclaim, real_heartbeat = queries.download_unclaim, queries.heartbeat
+    real_start = engine.Engine._start
+    starts: list[int] = []
+
+    async def unclaim(db: Any, download_id: int, fence: queries.Fence) -> str | None:
+        status = await real_unclaim(db, download_id, fence)
+        if download_id == c_id:
+            given_back.set()
+        return status
+
+    def start(self: engine.Engine, download: Any, lease: Any, turn: Any = None) -> None:
+        real_start(self, download, lease, turn)
+        if download.id == c_id:
+            starts.append(c_id)
+            if len(starts) == 2:
+                claimed_again.set()
+
+    async def heartbeat(db: Any, daemon_id: str, lease_seconds: float) -> set[int]:
+        if len(starts) == 1 and not given_back.is_set():  # (c waits its turn)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(given_back.wait(), 0.5)
+            owned = await real_heartbeat(db, daemon_id, lease_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(claimed_again.wait(), 0.4)
+            return owned
+        return await real_heartbeat(db, daemon_id, lease_seconds)
+
+    monkeypatch.setattr(queries, "download_unclaim", unclaim)
+    monkeypatch.setattr(queries, "heartbeat", heartbeat)
+    monkeypatch.setattr(engine.Engine, "_start", start)
+    with capture_logs() as logs:
+        await drain(settings)
+    assert given_back.is_set() and claimed_again.is_set()
+    assert not [e for e in logs if e["event"].startswith("lease lost")]
+    by_name = await _by_name(dsn)
+    for name, row in by_name.items():
+        assert (row["status"], row["attempts"]) == ("done", 1), name
+        assert Path(row["path"]).read_bytes() == data[name]
     await _clean(dsn)
