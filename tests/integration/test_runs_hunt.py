@@ -618,3 +618,33 @@ async def test_a_row_given_back_and_claimed_again_during_a_heartbeat_is_not_lost
         assert (row["status"], row["attempts"]) == ("done", 1), name
         assert Path(row["path"]).read_bytes() == data[name]
     await _clean(dsn)
+
+
+async def test_an_offline_row_of_a_run_cancelled_while_it_waits_ends_its_claim(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
+    await add_provider(dsn, "local", server.base, {"max_connections": 1})
+    data, urls = _slow_run(server)
+    for i, url in enumerate(urls):
+        await sql(dsn, "INSERT INTO download (provider_id, url, status, not_before)"
+                       " SELECT id, $1, $2, now() - make_interval(secs => $3) FROM provider"
+                       " WHERE name = 'local'", url, "offline" if i == 2 else "queued",
+                  10.0 - i)
+    runs = _runs(monkeypatch)
+    part = settings.dest / "local" / "b.nc.part" if settings.dest else Path()
+    serving = asyncio.create_task(daemon.serve(settings, Redactor(), exit_when_idle=True))
+    try:
+        await _until(lambda: asyncio.sleep(0, part.exists()))
+        await sql(dsn, "UPDATE download SET status = 'cancelled' WHERE url = $1", urls[2])
+        await asyncio.wait_for(serving, 30)
+    finally:
+        serving.cancel()
+    by_name = await _by_name(dsn)
+    assert runs[0] == [by_name[n]["id"] for n in ("b.nc", "c.nc", "d.nc")]
+    assert (by_name["c.nc"]["status"], by_name["c.nc"]["attempts"]) == ("cancelled", 0)
+    for name in ("a.nc", "b.nc", "d.nc"):
+        assert by_name[name]["status"] == "done"
+        assert Path(by_name[name]["path"]).read_bytes() == data[name]
+    assert "/files/c.nc" not in [r["path"] for r in server.requests]
+    await _clean(dsn)
