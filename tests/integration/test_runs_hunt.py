@@ -648,3 +648,35 @@ async def test_an_offline_row_of_a_run_cancelled_while_it_waits_ends_its_claim(
         assert Path(by_name[name]["path"]).read_bytes() == data[name]
     assert "/files/c.nc" not in [r["path"] for r in server.requests]
     await _clean(dsn)
+
+
+# -- the plan of the run's seals on a large table ---------------------------------------------
+
+from tests.integration.test_plans import (  # noqa: E402  (their 200,000 downloads)
+    RUNNING,
+    Explained,
+    _examined,
+    _no_seq_scan,
+    big,  # noqa: F401
+    ex,  # noqa: F401
+)
+
+
+async def test_the_seals_of_a_run_read_their_rows_by_key(ex: Explained) -> None:  # noqa: F811
+    first = await ex.conn.fetchval("SELECT min(id) FROM download WHERE status = 'running'")
+    ids = [first, first + 1, first + 2]
+    assert RUNNING >= 3
+    seals = [queries.Seal(i, queries.Fence("gone", 0), (f"run{i}.nc", f"run{i}_2.nc"), 10,
+                          None, None) for i in ids]
+
+    class Undo(Exception):
+        pass
+
+    for _ in range(7):  # (a generic plan after five runs)
+        with contextlib.suppress(Undo):
+            async with ex.conn.transaction():
+                got, plans = await ex.run(queries.downloads_sealed(ex.conn, seals))
+                raise Undo
+        assert [s.name for s in got] == [f"run{i}.nc" for i in ids]
+        _no_seq_scan(plans)
+        assert _examined(plans) <= 10 * len(ids)
