@@ -320,8 +320,13 @@ class Engine:
                 until_in = max(0.0, self._until_at - time.monotonic()) \
                     if until is not None and self._tasks else None  # (a look put off)
                 recheck_in = max(0.0, self._requests_at - time.monotonic())
+                # an idle run that waits for rows other daemons run (their end sends no
+                # NOTIFY, only the lapse of their leases would wake it) looks once a second
+                idle_in = UNTIL_EVERY if exit_when_idle and not self._tasks and \
+                    next_in is not None else None
                 timeout = min((t for t in (next_in, later, follow_in, unstuck_in, until_in,
-                                           recheck_in) if t is not None), default=None)
+                                           recheck_in, idle_in) if t is not None),
+                              default=None)
                 await wait_any(self.wake, stop, timeout=timeout)
         finally:
             await self._stop_transfers()

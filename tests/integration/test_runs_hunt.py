@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from asyncsat import daemon, engine
 from asyncsat.config import Settings
 from asyncsat.db import queries
+from asyncsat.db.pool import connect
 from asyncsat.logs import Redactor
 from tests.helpers import FAST, add_provider, drain, queue, rows, sql
 from tests.servers import FileServer
@@ -338,7 +339,11 @@ async def test_two_daemons_share_a_capped_account_with_many_small_files(
             daemon.serve(settings, Redactor(), exit_when_idle=True),
             daemon.serve(settings, Redactor(), exit_when_idle=True))
 
+    started = time.monotonic()
     await asyncio.wait_for(both(), 60)
+    # (the first to be idle does not wait for the other's leases to lapse: 30 s here; the
+    # end of another daemon's transfer sends it no NOTIFY)
+    assert time.monotonic() - started < 15
     by_name = await _by_name(dsn)
     for name, row in by_name.items():
         assert (row["status"], row["attempts"]) == ("done", 1), name
@@ -680,3 +685,28 @@ async def test_the_seals_of_a_run_read_their_rows_by_key(ex: Explained) -> None:
         assert [s.name for s in got] == [f"run{i}.nc" for i in ids]
         _no_seq_scan(plans)
         assert _examined(plans) <= 10 * len(ids)
+
+
+async def test_an_idle_run_ends_soon_after_another_daemons_last_transfer(
+        dsn: str, settings: Settings) -> None:
+    """A daemon that would exit when idle, with nothing of its own to do, waits for a row
+    another live daemon runs: that row's end sends it no NOTIFY, and its lease lapses in
+    `lease_timeout` (30 s); it looks again every second instead."""
+    await add_provider(dsn, "local", "http://127.0.0.1:9/files/", {})
+    conn = await connect(dsn)
+    try:
+        await queries.daemon_register(conn, "A", host="elsewhere", pid=1, version="t",
+                                      lease_timeout=30)
+        await conn.execute(
+            "INSERT INTO download (provider_id, url, dest, status, owner, attempts,"
+            " lease_expires) SELECT id, 'http://127.0.0.1:9/files/x.nc', '/d', 'running', 'A',"
+            " 1, now() + interval '30 seconds' FROM provider WHERE name = 'local'")
+    finally:
+        await conn.close()
+    serving = asyncio.create_task(daemon.serve(settings, Redactor(), exit_when_idle=True))
+    await asyncio.sleep(1.0)
+    assert not serving.done()  # (it waits for A's row)
+    await sql(dsn, "UPDATE download SET status = 'done', owner = NULL, path = '/d/x.nc'")
+    ended = time.monotonic()
+    await asyncio.wait_for(serving, 10)
+    assert time.monotonic() - ended < 3
