@@ -21,27 +21,10 @@ from asyncsat.db import queries
 from asyncsat.db.pool import connect
 from asyncsat.logs import Redactor
 from tests.helpers import add_provider, drain, queue, rows, sql
+from tests.runs import cancel_while_b_runs, one_slot_run, rows_by_name, slow_part, spy_hand_overs
 from tests.servers import FileServer
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _sealings(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """(rows asked for after the next one, rows claimed) of every sealing statement."""
-    calls: list[tuple[int, int]] = []
-    real = queries.download_sealing
-
-    async def counted(*args: Any, **kw: Any) -> queries.Sealed:
-        sealed = await real(*args, **kw)
-        calls.append((kw.get("more", 0), len(sealed.following)))
-        return sealed
-
-    monkeypatch.setattr(queries, "download_sealing", counted)
-    return calls
-
-
-async def _by_name(dsn: str) -> dict[str, dict[str, Any]]:
-    return {Path(r["url"]).name: r for r in await rows(dsn)}
 
 
 async def test_small_files_are_claimed_in_runs_within_the_cap(
@@ -51,11 +34,11 @@ async def test_small_files_are_claimed_in_runs_within_the_cap(
     data = {f"s{i:02}.nc": os.urandom(20_000 + i) for i in range(24)}
     for name, body in data.items():
         server.add(name, body)
-    sealings = _sealings(monkeypatch)
+    sealings = spy_hand_overs(monkeypatch)
     await queue(dsn, *(server.url(n) for n in data))
     await drain(settings)
 
-    for name, row in (await _by_name(dsn)).items():
+    for name, row in (await rows_by_name(dsn)).items():
         assert (row["status"], row["attempts"]) == ("done", 1)
         assert Path(row["path"]).read_bytes() == data[name]
     assert len(server.requests) == len(data)  # every file fetched once
@@ -81,12 +64,12 @@ async def test_a_row_whose_turn_does_not_come_goes_back_unused(
     server.add("b.nc", slow, rate=150_000)  # about 1.3 s
     server.add("c.nc", small["c.nc"])
     server.add("d.nc", small["d.nc"])
-    sealings = _sealings(monkeypatch)
+    sealings = spy_hand_overs(monkeypatch)
     await queue(dsn, *(server.url(n) for n in ("a.nc", "b.nc", "c.nc", "d.nc")))
     with capture_logs() as logs:
         await drain(settings)
 
-    by_name = await _by_name(dsn)
+    by_name = await rows_by_name(dsn)
     for name, row in by_name.items():
         assert (row["status"], row["attempts"]) == ("done", 1), name
     assert Path(by_name["b.nc"]["path"]).read_bytes() == slow
@@ -102,24 +85,13 @@ async def test_a_row_whose_turn_does_not_come_goes_back_unused(
     assert await sql(dsn, "SELECT * FROM lease") == []
 
 
-def _slow_run(server: FileServer) -> tuple[dict[str, bytes], list[str]]:
-    names = ["a.nc", "b.nc", "c.nc", "d.nc"]
-    data = {n: os.urandom(10_000) for n in names}
-    data["b.nc"] = os.urandom(600_000)
-    for name in names:
-        server.add(name, data[name], **({"rate": 100_000} if name == "b.nc" else {}))
-    return data, [server.url(n) for n in names]
-
-
 async def test_a_stop_puts_the_rows_waiting_their_turn_back_unused(
         server: FileServer, dsn: str, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
-    await add_provider(dsn, "local", server.base, {"max_connections": 1})
-    data, urls = _slow_run(server)
-    sealings = _sealings(monkeypatch)
+    data, urls = await one_slot_run(dsn, server, monkeypatch, wait=30.0, rate=100_000)
+    sealings = spy_hand_overs(monkeypatch)
     await queue(dsn, *urls)
-    part = settings.dest / "local" / "b.nc.part" if settings.dest else Path()
+    part = slow_part(settings)
 
     async def slow_one_under_way() -> bool:
         return part.exists() and part.stat().st_size > 0
@@ -129,7 +101,7 @@ async def test_a_stop_puts_the_rows_waiting_their_turn_back_unused(
     assert time.monotonic() - started < 6  # (stopped, not run to the end)
     assert sealings[0] == (engine.RUN - 1, 3)  # a's hand-over claimed b, c and d
 
-    by_name = await _by_name(dsn)
+    by_name = await rows_by_name(dsn)
     assert (by_name["a.nc"]["status"], by_name["a.nc"]["attempts"]) == ("done", 1)
     assert (by_name["b.nc"]["status"], by_name["b.nc"]["attempts"]) == ("queued", 1)
     assert 0 < by_name["b.nc"]["bytes_done"] < len(data["b.nc"])
@@ -140,7 +112,7 @@ async def test_a_stop_puts_the_rows_waiting_their_turn_back_unused(
     assert await sql(dsn, "SELECT id FROM download WHERE owner IS NOT NULL") == []
 
     await drain(settings)  # the next daemon resumes the slow one and runs the others
-    for name, row in (await _by_name(dsn)).items():
+    for name, row in (await rows_by_name(dsn)).items():
         assert row["status"] == "done"
         assert Path(row["path"]).read_bytes() == data[name]
 
@@ -148,26 +120,13 @@ async def test_a_stop_puts_the_rows_waiting_their_turn_back_unused(
 async def test_a_row_cancelled_while_it_waits_its_turn_stays_cancelled(
         server: FileServer, dsn: str, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
-    await add_provider(dsn, "local", server.base, {"max_connections": 1})
-    data, urls = _slow_run(server)
-    sealings = _sealings(monkeypatch)
+    data, urls = await one_slot_run(dsn, server, monkeypatch, wait=30.0, rate=100_000)
+    sealings = spy_hand_overs(monkeypatch)
     await queue(dsn, *urls)
-    part = settings.dest / "local" / "b.nc.part" if settings.dest else Path()
-    serving = asyncio.create_task(daemon.serve(settings, Redactor(), exit_when_idle=True))
-    try:
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            if part.exists():
-                break
-        assert part.exists()
-        await sql(dsn, "UPDATE download SET status = 'cancelled' WHERE url = $1", urls[2])
-        await asyncio.wait_for(serving, 30)
-    finally:
-        serving.cancel()
+    await cancel_while_b_runs(settings, dsn, urls[2])
 
     assert sealings[0] == (engine.RUN - 1, 3)  # a's hand-over claimed b, c and d
-    by_name = await _by_name(dsn)
+    by_name = await rows_by_name(dsn)
     assert by_name["c.nc"]["status"] == "cancelled"
     for name in ("a.nc", "b.nc", "d.nc"):
         assert by_name[name]["status"] == "done"
@@ -260,12 +219,10 @@ async def test_rows_of_a_run_are_sealed_together_never_waiting_while_holding(
 async def test_rows_waiting_their_turn_do_not_start_once_their_provider_is_paused(
         server: FileServer, dsn: str, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
-    await add_provider(dsn, "local", server.base, {"max_connections": 1})
-    data, urls = _slow_run(server)
-    sealings = _sealings(monkeypatch)
+    data, urls = await one_slot_run(dsn, server, monkeypatch, wait=30.0, rate=100_000)
+    sealings = spy_hand_overs(monkeypatch)
     await queue(dsn, *urls)
-    part = settings.dest / "local" / "b.nc.part" if settings.dest else Path()
+    part = slow_part(settings)
     paused = False
 
     async def given_back() -> bool:
@@ -281,7 +238,7 @@ async def test_rows_waiting_their_turn_do_not_start_once_their_provider_is_pause
         await asyncio.wait_for(daemon.serve(settings, Redactor(), until=given_back), 30)
 
     assert paused and sealings[0] == (engine.RUN - 1, 3)  # a's hand-over claimed b, c, d
-    by_name = await _by_name(dsn)
+    by_name = await rows_by_name(dsn)
     assert by_name["b.nc"]["status"] == "done"  # (the running one finished)
     for name in ("c.nc", "d.nc"):
         assert (by_name[name]["status"], by_name[name]["attempts"]) == ("queued", 0), name
@@ -292,5 +249,5 @@ async def test_rows_waiting_their_turn_do_not_start_once_their_provider_is_pause
 
     await sql(dsn, "UPDATE provider SET paused = false WHERE name = 'local'")
     await drain(settings)
-    for name, row in (await _by_name(dsn)).items():
+    for name, row in (await rows_by_name(dsn)).items():
         assert row["status"] == "done" and Path(row["path"]).read_bytes() == data[name]

@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,37 +20,20 @@ from asyncsat.db import queries
 from asyncsat.db.pool import connect
 from asyncsat.logs import Redactor
 from tests.helpers import FAST, add_provider, drain, queue, rows, sql
+from tests.runs import (
+    cancel_while_b_runs,
+    clean,
+    offline_third,
+    one_slot_run,
+    rows_by_name,
+    slow_part,
+    slow_run,
+    spy_runs,
+    until,
+)
 from tests.servers import FileServer
 
 pytestmark = pytest.mark.timeout(90)
-
-
-async def _by_name(dsn: str) -> dict[str, dict[str, Any]]:
-    return {Path(r["url"]).name: r for r in await rows(dsn)}
-
-
-async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition never met")
-
-
-def _runs(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
-    """The ids of the rows of every run a hand-over claimed (more than one row)."""
-    runs: list[list[int]] = []
-    real = queries.download_sealing
-
-    async def seen(*args: Any, **kw: Any) -> queries.Sealed:
-        sealed = await real(*args, **kw)
-        if len(sealed.following) > 1:
-            runs.append([d.id for d, _a, _l in sealed.following])
-        return sealed
-
-    monkeypatch.setattr(queries, "download_sealing", seen)
-    return runs
 
 
 def _starts(server: FileServer) -> list[tuple[str, int, float]]:
@@ -67,27 +49,6 @@ def _starts(server: FileServer) -> list[tuple[str, int, float]]:
     return seen
 
 
-async def _clean(dsn: str) -> None:
-    """No lease left, no row owned."""
-    assert await sql(dsn, "SELECT * FROM lease") == []
-    assert await sql(dsn, "SELECT id, status, owner FROM download"
-                          " WHERE owner IS NOT NULL OR status = 'running'") == []
-
-
-def _slow_run(server: FileServer, slow: dict[str, int] | None = None) -> \
-        tuple[dict[str, bytes], list[str]]:
-    """a (small, held: its hand-over claims a run), then b (slow), c, d."""
-    names = ["a.nc", "b.nc", "c.nc", "d.nc"]
-    data = {n: os.urandom(10_000) for n in names}
-    data["b.nc"] = os.urandom(600_000)
-    rates = {"b.nc": 200_000, **(slow or {})}
-    for name in names:
-        if name in rates and name != "b.nc":
-            data[name] = os.urandom(200_000)
-        server.add(name, data[name], **({"rate": rates[name]} if name in rates else {}))
-    return data, [server.url(n) for n in names]
-
-
 # -- failures in the middle of a run ------------------------------------------------------------
 
 async def test_a_run_goes_on_past_a_row_that_fails_404_or_500(
@@ -98,11 +59,11 @@ async def test_a_run_goes_on_past_a_row_that_fails_404_or_500(
     for name, body in data.items():
         server.add(name, body)
     server.products["c.nc"].statuses = [(500, {}, b"boom")]  # (b.nc: 404)
-    runs = _runs(monkeypatch)
+    runs = spy_runs(monkeypatch)
     await queue(dsn, *(server.url(n) for n in ("a.nc", "b.nc", "c.nc", "d.nc", "e.nc")))
     await drain(settings)
 
-    by_name = await _by_name(dsn)
+    by_name = await rows_by_name(dsn)
     assert runs and [by_name[n]["id"] for n in ("b.nc", "c.nc", "d.nc", "e.nc")] == runs[0]
     assert by_name["b.nc"]["status"] == "failed"
     for name, body in data.items():
@@ -110,7 +71,7 @@ async def test_a_run_goes_on_past_a_row_that_fails_404_or_500(
         assert Path(by_name[name]["path"]).read_bytes() == body
     assert by_name["c.nc"]["attempts"] == 2  # (the 500, then the file)
     assert server.peak["anonymous"] == 1
-    await _clean(dsn)
+    await clean(dsn)
 
 
 # -- a cancel of the run's last row (the lease's) while it waits -----------------------------
@@ -118,21 +79,12 @@ async def test_a_run_goes_on_past_a_row_that_fails_404_or_500(
 async def test_the_runs_last_row_cancelled_while_it_waits_ends_its_claim_and_slot(
         server: FileServer, dsn: str, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
-    await add_provider(dsn, "local", server.base, {"max_connections": 1})
-    data, urls = _slow_run(server)
-    runs = _runs(monkeypatch)
+    data, urls = await one_slot_run(dsn, server, monkeypatch, wait=30.0)
+    runs = spy_runs(monkeypatch)
     await queue(dsn, *urls)
-    part = settings.dest / "local" / "b.nc.part" if settings.dest else Path()
-    serving = asyncio.create_task(daemon.serve(settings, Redactor(), exit_when_idle=True))
-    try:
-        await _until(lambda: asyncio.sleep(0, part.exists()))
-        await sql(dsn, "UPDATE download SET status = 'cancelled' WHERE url = $1", urls[3])
-        await asyncio.wait_for(serving, 30)
-    finally:
-        serving.cancel()
+    await cancel_while_b_runs(settings, dsn, urls[3])
 
-    by_name = await _by_name(dsn)
+    by_name = await rows_by_name(dsn)
     assert runs[0] == [by_name[n]["id"] for n in ("b.nc", "c.nc", "d.nc")]  # (d: the lease's)
     assert (by_name["d.nc"]["status"], by_name["d.nc"]["attempts"]) == ("cancelled", 0)
     for name in ("a.nc", "b.nc", "c.nc"):
@@ -140,7 +92,7 @@ async def test_the_runs_last_row_cancelled_while_it_waits_ends_its_claim_and_slo
         assert Path(by_name[name]["path"]).read_bytes() == data[name]
     assert "/files/d.nc" not in [r["path"] for r in server.requests]
     assert server.peak["anonymous"] == 1
-    await _clean(dsn)
+    await clean(dsn)
 
 
 # -- a pause, a lowered cap ------------------------------------------------------------------
@@ -150,20 +102,18 @@ async def test_a_pause_starts_no_row_of_a_run_that_waits_its_turn(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A paused provider starts no transfer (running ones finish): the rows of a run that
     have not started go back to the queue, unused."""
-    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
-    await add_provider(dsn, "local", server.base, {"max_connections": 1})
-    data, urls = _slow_run(server)
-    runs = _runs(monkeypatch)
+    data, urls = await one_slot_run(dsn, server, monkeypatch, wait=30.0)
+    runs = spy_runs(monkeypatch)
     await queue(dsn, *urls)
-    part = settings.dest / "local" / "b.nc.part" if settings.dest else Path()
+    part = slow_part(settings)
 
     async def b_done() -> bool:
-        return (await _by_name(dsn)).get("b.nc", {}).get("status") == "done"
+        return (await rows_by_name(dsn)).get("b.nc", {}).get("status") == "done"
 
     with capture_logs() as logs:
         serving = asyncio.create_task(daemon.serve(settings, Redactor(), until=b_done))
         try:
-            await _until(lambda: asyncio.sleep(0, part.exists()))
+            await until(lambda: asyncio.sleep(0, part.exists()))
             await sql(dsn, "UPDATE provider SET paused = true WHERE name = 'local'")
             await asyncio.wait_for(serving, 30)
         finally:
@@ -171,13 +121,13 @@ async def test_a_pause_starts_no_row_of_a_run_that_waits_its_turn(
     assert any(e["event"] == "provider paused" for e in logs)
     assert runs and len(runs[0]) == 3
     await asyncio.sleep(0.3)
-    by_name = await _by_name(dsn)
+    by_name = await rows_by_name(dsn)
     assert by_name["b.nc"]["status"] == "done"
     assert Path(by_name["b.nc"]["path"]).read_bytes() == data["b.nc"]
     assert [r["path"] for r in server.requests] == ["/files/a.nc", "/files/b.nc"]
     for name in ("c.nc", "d.nc"):
         assert (by_name[name]["status"], by_name[name]["attempts"]) == ("queued", 0), name
-    await _clean(dsn)
+    await clean(dsn)
 
 
 async def test_a_lowered_cap_opens_no_connection_of_a_run_over_it(
@@ -194,12 +144,12 @@ async def test_a_lowered_cap_opens_no_connection_of_a_run_over_it(
     for name, body in data.items():
         server.add(name, body, **({} if name.startswith("a") else {"rate": 300_000}))
     starts = _starts(server)
-    runs = _runs(monkeypatch)
+    runs = spy_runs(monkeypatch)
     await queue(dsn, *(server.url(n) for n in names))
     lowered_at: list[float] = []
 
     async def lower() -> None:
-        await _until(lambda: asyncio.sleep(0, len(runs) == 2 and len(starts) >= 4))
+        await until(lambda: asyncio.sleep(0, len(runs) == 2 and len(starts) >= 4))
         await sql(dsn, "UPDATE provider SET settings = settings || '{\"max_connections\": 1}'"
                        " WHERE name = 'local'")
         await asyncio.sleep(0.1)  # (the daemon reads the accounts again)
@@ -209,12 +159,12 @@ async def test_a_lowered_cap_opens_no_connection_of_a_run_over_it(
     await drain(settings)
     await lowering
 
-    for name, row in (await _by_name(dsn)).items():
+    for name, row in (await rows_by_name(dsn)).items():
         assert row["status"] == "done", name
         assert Path(row["path"]).read_bytes() == data[name]
     over = [(n, active) for n, active, t in starts if t > lowered_at[0] and active > 1]
     assert over == []
-    await _clean(dsn)
+    await clean(dsn)
 
 
 # -- a lost lease ----------------------------------------------------------------------------
@@ -228,10 +178,10 @@ async def test_a_run_taken_over_by_another_daemon_is_let_go_and_fetched_once(
     monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
     settings = dataclasses.replace(settings, lease_timeout=3.0)
     await add_provider(dsn, "local", server.base, {"max_connections": 1})
-    data, urls = _slow_run(server)
-    runs = _runs(monkeypatch)
+    data, urls = slow_run(server)
+    runs = spy_runs(monkeypatch)
     await queue(dsn, *urls)
-    part = settings.dest / "local" / "b.nc.part" if settings.dest else Path()
+    part = slow_part(settings)
 
     async def all_done() -> bool:
         return {r["status"] for r in await rows(dsn)} == {"done"}
@@ -239,7 +189,7 @@ async def test_a_run_taken_over_by_another_daemon_is_let_go_and_fetched_once(
     with capture_logs() as logs:
         serving = asyncio.create_task(daemon.serve(settings, Redactor(), until=all_done))
         try:
-            await _until(lambda: asyncio.sleep(0, part.exists()))
+            await until(lambda: asyncio.sleep(0, part.exists()))
             await sql(dsn, "INSERT INTO daemon (id, host, pid, version, lease_timeout)"
                            " VALUES ('other', 'elsewhere', 1, 't', 3)")
             taken = await sql(dsn, "UPDATE download SET owner = 'other',"
@@ -251,14 +201,14 @@ async def test_a_run_taken_over_by_another_daemon_is_let_go_and_fetched_once(
             serving.cancel()
     lost = {e["download_id"] for e in logs if e["event"].startswith("lease lost")}
     assert set(runs[0]) <= lost
-    by_name = await _by_name(dsn)
+    by_name = await rows_by_name(dsn)
     for name, row in by_name.items():
         assert row["status"] == "done"
         assert Path(row["path"]).read_bytes() == data[name]
     paths = [r["path"] for r in server.requests]
     assert paths.count("/files/c.nc") == 1 and paths.count("/files/d.nc") == 1
     assert server.peak["anonymous"] == 1
-    await _clean(dsn)
+    await clean(dsn)
 
 
 # -- stops ----------------------------------------------------------------------------------
@@ -270,8 +220,8 @@ async def test_a_stop_at_any_moment_of_a_run_leaves_no_lease_no_owned_row(
     monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
     monkeypatch.setattr(engine, "UNTIL_EVERY", 0.01)
     await add_provider(dsn, "local", server.base, {"max_connections": 1})
-    data, urls = _slow_run(server, {"c.nc": 200_000, "d.nc": 200_000})
-    runs = _runs(monkeypatch)
+    data, urls = slow_run(server, {"c.nc": 200_000, "d.nc": 200_000})
+    runs = spy_runs(monkeypatch)
     await queue(dsn, *urls)
 
     async def requests_seen() -> bool:
@@ -279,17 +229,17 @@ async def test_a_stop_at_any_moment_of_a_run_leaves_no_lease_no_owned_row(
 
     await asyncio.wait_for(daemon.serve(settings, Redactor(), until=requests_seen), 30)
     assert runs and len(runs[0]) == 3
-    await _clean(dsn)
+    await clean(dsn)
     requested = {Path(str(r["path"])).name for r in server.requests}
-    for name, row in (await _by_name(dsn)).items():
+    for name, row in (await rows_by_name(dsn)).items():
         assert row["status"] in ("done", "queued"), name
         if name not in requested:
             assert row["attempts"] == 0, name
     await drain(settings)
-    for name, row in (await _by_name(dsn)).items():
+    for name, row in (await rows_by_name(dsn)).items():
         assert row["status"] == "done"
         assert Path(row["path"]).read_bytes() == data[name]
-    await _clean(dsn)
+    await clean(dsn)
 
 
 # -- offline rows ----------------------------------------------------------------------------
@@ -297,18 +247,12 @@ async def test_a_stop_at_any_moment_of_a_run_leaves_no_lease_no_owned_row(
 async def test_an_offline_row_of_a_run_whose_turn_does_not_come_stays_offline_unused(
         server: FileServer, dsn: str, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "RUN_WAIT", 0.3)
-    await add_provider(dsn, "local", server.base, {"max_connections": 1})
-    data, urls = _slow_run(server)
-    for i, url in enumerate(urls):
-        await sql(dsn, "INSERT INTO download (provider_id, url, status, not_before)"
-                       " SELECT id, $1, $2, now() - make_interval(secs => $3) FROM provider"
-                       " WHERE name = 'local'", url, "offline" if i == 2 else "queued",
-                  10.0 - i)
-    runs = _runs(monkeypatch)
+    data, urls = await one_slot_run(dsn, server, monkeypatch, wait=0.3)
+    await offline_third(dsn, urls)
+    runs = spy_runs(monkeypatch)
     with capture_logs() as logs:
         await drain(settings)
-    by_name = await _by_name(dsn)
+    by_name = await rows_by_name(dsn)
     assert runs[0] == [by_name[n]["id"] for n in ("b.nc", "c.nc", "d.nc")]
     back = [e for e in logs if e.get("download_id") == by_name["c.nc"]["id"]
             and e.get("reason") == "its slot is busy"]
@@ -317,7 +261,7 @@ async def test_an_offline_row_of_a_run_whose_turn_does_not_come_stays_offline_un
         assert (row["status"], row["attempts"]) == ("done", 1), name
         assert Path(row["path"]).read_bytes() == data[name]
     assert [r["path"] for r in server.requests].count("/files/c.nc") == 1
-    await _clean(dsn)
+    await clean(dsn)
 
 
 # -- two daemons -----------------------------------------------------------------------------
@@ -331,7 +275,7 @@ async def test_two_daemons_share_a_capped_account_with_many_small_files(
     data = {f"s{i:03}.nc": os.urandom(8_000 + i) for i in range(120)}
     for name, body in data.items():
         server.add(name, body)
-    runs = _runs(monkeypatch)
+    runs = spy_runs(monkeypatch)
     await queue(dsn, *(server.url(n) for n in data))
 
     async def both() -> None:
@@ -344,7 +288,7 @@ async def test_two_daemons_share_a_capped_account_with_many_small_files(
     # (the first to be idle does not wait for the other's leases to lapse: 30 s here; the
     # end of another daemon's transfer sends it no NOTIFY)
     assert time.monotonic() - started < 15
-    by_name = await _by_name(dsn)
+    by_name = await rows_by_name(dsn)
     for name, row in by_name.items():
         assert (row["status"], row["attempts"]) == ("done", 1), name
         assert Path(row["path"]).read_bytes() == data[name]
@@ -352,7 +296,7 @@ async def test_two_daemons_share_a_capped_account_with_many_small_files(
     assert sorted(paths) == sorted(f"/files/{n}" for n in data)  # each once
     assert server.peak["anonymous"] <= 3
     assert runs  # (runs were claimed)
-    await _clean(dsn)
+    await clean(dsn)
 
 
 # -- a task cancelled before its first step ------------------------------------------------
@@ -364,9 +308,7 @@ async def test_a_run_row_whose_task_is_cancelled_before_it_starts_goes_back(
     """A cancel that reaches a row's task before its first step (a user's cancel whose
     NOTIFY comes with the hand-over's answer): the task never runs its own handlers; the
     row must not stay `running`, its slot must not stay held, the daemon must drain."""
-    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
-    await add_provider(dsn, "local", server.base, {"max_connections": 1})
-    data, urls = _slow_run(server)
+    data, urls = await one_slot_run(dsn, server, monkeypatch, wait=30.0)
     server.products["b.nc"].rate = 2_000_000
     real = engine.Engine._start
     hit: list[int] = []
@@ -385,10 +327,10 @@ async def test_a_run_row_whose_task_is_cancelled_before_it_starts_goes_back(
     await queue(dsn, *urls)
     await drain(settings, timeout=30)
     assert hit
-    for name, row in (await _by_name(dsn)).items():  # (the cancelled one: back unused)
+    for name, row in (await rows_by_name(dsn)).items():  # (the cancelled one: back unused)
         assert (row["status"], row["attempts"]) == ("done", 1), name
         assert Path(row["path"]).read_bytes() == data[name]
-    await _clean(dsn)
+    await clean(dsn)
 
 
 # -- a row given back and claimed again before its old task has ended -----------------------
@@ -423,10 +365,10 @@ async def test_a_row_claimed_again_while_its_old_task_ends_stays_tracked(
         return await real(db, download_id)
 
     monkeypatch.setattr(queries, "download_status", slow_status)
-    runs = _runs(monkeypatch)
+    runs = spy_runs(monkeypatch)
     with capture_logs() as logs:
         await drain(settings)
-    by_name = await _by_name(dsn)
+    by_name = await rows_by_name(dsn)
     assert runs[0] == [by_name[n]["id"] for n in ("b.nc", "c.nc", "d.nc")]
     assert not [e for e in logs if e["event"].startswith("downloads owned with no transfer")]
     for name, row in by_name.items():
@@ -434,7 +376,7 @@ async def test_a_row_claimed_again_while_its_old_task_ends_stays_tracked(
         assert Path(row["path"]).read_bytes() == data[name]
     assert [r["path"] for r in server.requests].count("/files/c.nc") == 1
     assert server.peak["anonymous"] <= 2
-    await _clean(dsn)
+    await clean(dsn)
 
 
 # -- the migration: schema 4 -> 5, a schema 4 daemon's hand-over -----------------------------
@@ -522,17 +464,17 @@ async def test_a_stop_while_a_runs_seals_are_being_written_leaves_no_claim(
 
     await asyncio.wait_for(daemon.serve(settings, Redactor(), until=sealing), 30)
     assert pending
-    await _clean(dsn)
-    for name, row in (await _by_name(dsn)).items():
+    await clean(dsn)
+    for name, row in (await rows_by_name(dsn)).items():
         assert row["status"] in ("done", "queued"), name
         if row["status"] == "done":
             assert Path(row["path"]).read_bytes() == data[name]
     monkeypatch.setattr(queries, "downloads_sealed", real)
     await drain(settings)
-    for name, row in (await _by_name(dsn)).items():
+    for name, row in (await rows_by_name(dsn)).items():
         assert row["status"] == "done"
         assert Path(row["path"]).read_bytes() == data[name]
-    await _clean(dsn)
+    await clean(dsn)
 
 
 @pytest.mark.parametrize("stop_after", [5, 30])
@@ -545,7 +487,7 @@ async def test_two_daemons_one_stopping_mid_run_keep_the_cap_and_fetch_every_fil
     data = {f"s{i:03}.nc": os.urandom(8_000 + i) for i in range(80)}
     for name, body in data.items():
         server.add(name, body, **({"rate": 400_000} if name.endswith("3.nc") else {}))
-    runs = _runs(monkeypatch)
+    runs = spy_runs(monkeypatch)
     await queue(dsn, *(server.url(n) for n in data))
 
     async def enough() -> bool:
@@ -554,12 +496,12 @@ async def test_two_daemons_one_stopping_mid_run_keep_the_cap_and_fetch_every_fil
     await asyncio.wait_for(asyncio.gather(
         daemon.serve(settings, Redactor(), until=enough),
         daemon.serve(settings, Redactor(), exit_when_idle=True)), 60)
-    for name, row in (await _by_name(dsn)).items():
+    for name, row in (await rows_by_name(dsn)).items():
         assert row["status"] == "done", name
         assert Path(row["path"]).read_bytes() == data[name]
     assert server.peak["anonymous"] <= 2
     assert runs
-    await _clean(dsn)
+    await clean(dsn)
 
 
 async def test_a_row_given_back_and_claimed_again_during_a_heartbeat_is_not_lost(
@@ -618,41 +560,28 @@ async def test_a_row_given_back_and_claimed_again_during_a_heartbeat_is_not_lost
         await drain(settings)
     assert given_back.is_set() and claimed_again.is_set()
     assert not [e for e in logs if e["event"].startswith("lease lost")]
-    by_name = await _by_name(dsn)
+    by_name = await rows_by_name(dsn)
     for name, row in by_name.items():
         assert (row["status"], row["attempts"]) == ("done", 1), name
         assert Path(row["path"]).read_bytes() == data[name]
-    await _clean(dsn)
+    await clean(dsn)
 
 
 async def test_an_offline_row_of_a_run_cancelled_while_it_waits_ends_its_claim(
         server: FileServer, dsn: str, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
-    await add_provider(dsn, "local", server.base, {"max_connections": 1})
-    data, urls = _slow_run(server)
-    for i, url in enumerate(urls):
-        await sql(dsn, "INSERT INTO download (provider_id, url, status, not_before)"
-                       " SELECT id, $1, $2, now() - make_interval(secs => $3) FROM provider"
-                       " WHERE name = 'local'", url, "offline" if i == 2 else "queued",
-                  10.0 - i)
-    runs = _runs(monkeypatch)
-    part = settings.dest / "local" / "b.nc.part" if settings.dest else Path()
-    serving = asyncio.create_task(daemon.serve(settings, Redactor(), exit_when_idle=True))
-    try:
-        await _until(lambda: asyncio.sleep(0, part.exists()))
-        await sql(dsn, "UPDATE download SET status = 'cancelled' WHERE url = $1", urls[2])
-        await asyncio.wait_for(serving, 30)
-    finally:
-        serving.cancel()
-    by_name = await _by_name(dsn)
+    data, urls = await one_slot_run(dsn, server, monkeypatch, wait=30.0)
+    await offline_third(dsn, urls)
+    runs = spy_runs(monkeypatch)
+    await cancel_while_b_runs(settings, dsn, urls[2])
+    by_name = await rows_by_name(dsn)
     assert runs[0] == [by_name[n]["id"] for n in ("b.nc", "c.nc", "d.nc")]
     assert (by_name["c.nc"]["status"], by_name["c.nc"]["attempts"]) == ("cancelled", 0)
     for name in ("a.nc", "b.nc", "d.nc"):
         assert by_name[name]["status"] == "done"
         assert Path(by_name[name]["path"]).read_bytes() == data[name]
     assert "/files/c.nc" not in [r["path"] for r in server.requests]
-    await _clean(dsn)
+    await clean(dsn)
 
 
 # -- the plan of the run's seals on a large table ---------------------------------------------
