@@ -816,7 +816,9 @@ async def download_sealing(
         + _FENCED.format(o="$2", a="$3") + ") AS lease_left, CASE WHEN $8::text[] IS NOT NULL"
         " THEN asyncsat_named($1, $2, $3, $8, $9, $10, $11) END AS named) o"
         " LEFT JOIN LATERAL asyncsat_hand_over($2, $4, $1, $5, $6,"
-        " $7 AND coalesce(o.lease_left > 0, false), $12) n ON true",
+        " $7 AND coalesce(o.lease_left > 0, false), $12) WITH ORDINALITY n ON true"
+        # (a run in the order claimed: its last row holds the lease)
+        " ORDER BY n.ordinality",
         download_id, fence.owner, fence.attempt, lease_id, lease_seconds, default_dest,
         hand_over, None if names is None else list(names), size, etag, last_modified, more)
     row = rows[0]  # (one row at least: the left join keeps it)
