@@ -597,11 +597,10 @@ class Engine:
         return False
 
     async def _unclaim(self, d: Download, bound: Any, reason: str) -> None:
-        if d.claimed_from == "offline":  # (a look at an offline product: offline again)
-            await self.store.call(queries.download_unclaim_offline, d.id, self._fence(d))
-            status = await self.store.call(queries.download_status, d.id)
-        else:
-            status = await self.store.call(queries.download_unclaim, d.id, self._fence(d))
+        # (a look at an offline product: offline again)
+        status = await self.store.call(
+            queries.download_unclaim, d.id, self._fence(d),
+            back_to="offline" if d.claimed_from == "offline" else "queued")
         if status == "offline":
             bound.info("download offline", reason=reason)
         elif status == "cancelled":
@@ -726,8 +725,8 @@ class Engine:
                           reason: str = "stopped") -> None:
         on_disk = attempt.on_disk()  # not the last progress write: what the .part holds
         if d.claimed_from == "offline":  # stopped while looking at it: offline it stays
-            await self.store.call(queries.download_unclaim_offline, d.id, self._fence(d))
-            status = await self.store.call(queries.download_status, d.id)
+            status = await self.store.call(queries.download_unclaim, d.id, self._fence(d),
+                                           back_to="offline")
         else:
             status = await self.store.call(queries.download_stopped, d.id, self._fence(d),
                                            error=d.error, failures=d.failures,
@@ -911,11 +910,6 @@ class _RowEvents:
         rename it). A file held whole in memory records its name in the same statement
         (`naming`): returns it."""
         engine, d = self._engine, self._download
-        extra: dict[str, Any] = {}
-        if naming is not None:
-            extra = {"names": self._names(naming.name), "size": naming.size,
-                     "etag": naming.validator.etag,
-                     "last_modified": naming.validator.last_modified}
         sent = time.monotonic()
         if self._turn.then is not None:  # a row of a run, not its last: the next row goes
             # now, and this one is sealed with the others that end meanwhile (the run's
@@ -926,6 +920,11 @@ class _RowEvents:
                 d.id, self._fence, self._names(naming.name), naming.size,
                 naming.validator.etag, naming.validator.last_modified)
             return self._sealed(await engine._seals.put(seal), sent, naming)
+        extra: dict[str, Any] = {}
+        if naming is not None:
+            extra = {"names": self._names(naming.name), "size": naming.size,
+                     "etag": naming.validator.etag,
+                     "last_modified": naming.validator.last_modified}
         # (a pause or a cap lowered after this moment ends the run the hand-over claims: its
         # statement may not have seen it)
         end = engine._run_end(d.provider_id)

@@ -1047,31 +1047,21 @@ async def download_offline(
     return _changed(result)
 
 
-async def download_unclaim(db: Any, download_id: int, fence: Fence) -> str | None:
-    """A row claimed in a run that never started (its turn did not come, or it was stopped
-    first): back in the queue, due now, no attempt used; one the user cancelled meanwhile
-    stays cancelled, its claim ended all the same (no owner, the attempt given back). Its
-    status after (None: removed with its provider)."""
+async def download_unclaim(db: Any, download_id: int, fence: Fence, *,
+                           back_to: str = "queued") -> str | None:
+    """A claim that never transferred, ended as if it had not been made: a row of a run
+    whose turn did not come, or that was stopped first (`back_to` queued), or a look at an
+    offline product that was stopped (`back_to` offline); due now, no attempt used. One the
+    user cancelled meanwhile stays cancelled, its claim ended all the same (no owner, the
+    attempt given back). Its status after (None: removed with its provider)."""
     value: str | None = await db.fetchval(
         "UPDATE download SET attempts = greatest(0, attempts - 1), owner = NULL,"
-        " status = CASE WHEN status = 'running' THEN 'queued' ELSE status END,"
+        " status = CASE WHEN status = 'running' THEN $4 ELSE status END,"
         " not_before = CASE WHEN status = 'running' THEN now() ELSE not_before END"
         " WHERE id = $1 AND status IN ('running', 'cancelled') AND owner = $2"
-        " AND attempts = $3 RETURNING status", download_id, fence.owner, fence.attempt)
+        " AND attempts = $3 RETURNING status", download_id, fence.owner, fence.attempt,
+        back_to)
     return value if value is not None else await download_status(db, download_id)
-
-
-async def download_unclaim_offline(db: Any, download_id: int, fence: Fence) -> bool:
-    """A look at an offline product was stopped: offline again, due now, no attempt used
-    (one the user cancelled meanwhile stays cancelled, its claim ended all the same)."""
-    result: str = await db.execute(
-        "UPDATE download SET attempts = greatest(0, attempts - 1), owner = NULL,"
-        " status = CASE WHEN status = 'running' THEN 'offline' ELSE status END,"
-        " not_before = CASE WHEN status = 'running' THEN now() ELSE not_before END"
-        " WHERE id = $1 AND status IN ('running', 'cancelled') AND owner = $2"
-        " AND attempts = $3", download_id, fence.owner, fence.attempt,
-    )
-    return _changed(result)
 
 
 async def download_status(db: Any, download_id: int) -> str | None:

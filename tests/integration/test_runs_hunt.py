@@ -530,8 +530,9 @@ async def test_a_row_given_back_and_claimed_again_during_a_heartbeat_is_not_lost
     real_start = engine.Engine._start
     starts: list[int] = []
 
-    async def unclaim(db: Any, download_id: int, fence: queries.Fence) -> str | None:
-        status = await real_unclaim(db, download_id, fence)
+    async def unclaim(db: Any, download_id: int, fence: queries.Fence,
+                      **kw: Any) -> str | None:
+        status = await real_unclaim(db, download_id, fence, **kw)
         if download_id == c_id:
             given_back.set()
         return status
