@@ -240,18 +240,27 @@ CREATE OR REPLACE TRIGGER request_notify AFTER INSERT OR UPDATE OF status ON req
     FOR EACH ROW EXECUTE FUNCTION asyncsat_notify_request();
 
 -- Status changes of downloads: history row, wake-up of the daemon for queued
--- (and cancelled) rows, and an event for anyone waiting on a download.
+-- (and cancelled) rows, and a wake-up for the `--wait` clients of a request when one of its
+-- downloads ends. The payloads carry what their listeners use and no more: PostgreSQL
+-- delivers identical notifications of one transaction once, so 2,000 rows queued by one
+-- `get` wake a daemon once, not 2,000 times, and the rows ended by one statement (done
+-- together, or cancelled with their request) wake a waiting client once. A cancelled row
+-- is named: the daemon stops its transfer.
 CREATE OR REPLACE FUNCTION asyncsat_download_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM OLD.status THEN
         INSERT INTO download_event (download_id, status, bytes_done, attempts, error)
         VALUES (NEW.id, NEW.status, NEW.bytes_done, NEW.attempts, NEW.error);
-        IF NEW.status IN ('queued', 'cancelled') THEN
+        IF NEW.status = 'queued' THEN
+            PERFORM pg_notify('asyncsat', '{"type": "download", "status": "queued"}');
+        ELSIF NEW.status = 'cancelled' THEN
             PERFORM pg_notify('asyncsat', json_build_object(
                 'type', 'download', 'id', NEW.id, 'status', NEW.status)::text);
         END IF;
-        PERFORM pg_notify('asyncsat_status', json_build_object(
-            'id', NEW.id, 'request_id', NEW.request_id, 'status', NEW.status)::text);
+        IF NEW.status IN ('done', 'failed', 'cancelled', 'offline') THEN  -- (models.TERMINAL)
+            PERFORM pg_notify('asyncsat_status', json_build_object(
+                'request_id', NEW.request_id)::text);
+        END IF;
     END IF;
     RETURN NULL;
 END;
@@ -798,5 +807,5 @@ CREATE TABLE IF NOT EXISTS asyncsat_schema (
     one     boolean PRIMARY KEY DEFAULT true CHECK (one),
     version integer NOT NULL
 );
-INSERT INTO asyncsat_schema (version) VALUES (5)
+INSERT INTO asyncsat_schema (version) VALUES (6)
     ON CONFLICT (one) DO UPDATE SET version = greatest(asyncsat_schema.version, EXCLUDED.version);

@@ -120,3 +120,46 @@ async def test_a_heartbeat_renews_a_lapsed_mark_but_never_a_cleared_one(
         "SELECT id, resolving_until FROM request")}
     assert got[lapsed] is not None and got[lapsed] > datetime.now(UTC)
     assert got[cleared] is None
+
+
+async def test_one_statement_wakes_each_listener_once_not_once_per_row(
+        dsn: str, db: Any) -> None:
+    """2,000 rows queued by one `get` sent the daemon 2,000 notifications, and the rows that
+    one statement records `done` as many to a waiting client, each read and handled by the
+    listener. The payloads now carry what the listeners use, so PostgreSQL delivers the
+    notifications of a transaction once; a cancelled row is still named (the daemon stops
+    its transfer)."""
+    import asyncio
+    import json
+
+    import asyncpg
+
+    await add_provider(dsn, "hub", "http://127.0.0.1:9/")
+    heard: list[tuple[str, dict[str, Any]]] = []
+    listener = await asyncpg.connect(dsn)
+    try:
+        for channel in ("asyncsat", "asyncsat_status"):
+            await listener.add_listener(
+                channel, lambda _c, _p, ch, payload: heard.append((ch, json.loads(payload))))
+        rid = await db.fetchval("INSERT INTO request (urls, status) VALUES ('{}', 'resolved')"
+                                " RETURNING id")
+        ids = await db.fetchval(
+            "WITH d AS (INSERT INTO download (request_id, provider_id, url)"
+            " SELECT $1, p.id, 'http://127.0.0.1:9/' || n FROM provider p,"
+            " generate_series(1, 200) n RETURNING id) SELECT array_agg(id ORDER BY id) FROM d",
+            rid)
+        await db.execute("UPDATE download SET status = 'running' WHERE id = ANY($1)", ids)
+        await db.execute("UPDATE download SET status = 'done' WHERE id = ANY($1)", ids[:150])
+        await db.execute("UPDATE download SET status = 'cancelled' WHERE id = ANY($1)",
+                         ids[150:152])
+        await asyncio.sleep(0.5)  # (notifications are delivered after the commits)
+    finally:
+        await listener.close()
+    queued = [p for ch, p in heard if ch == "asyncsat" and p.get("status") == "queued"]
+    cancelled = [p for ch, p in heard if ch == "asyncsat" and p.get("status") == "cancelled"]
+    ended = [p for ch, p in heard if ch == "asyncsat_status"]
+    assert queued == [{"type": "download", "status": "queued"}]  # one for 200 rows
+    assert cancelled == [{"type": "download", "id": i, "status": "cancelled"}
+                         for i in ids[150:152]]
+    # none for `running`; one for the 150 done, one for the 2 cancelled
+    assert ended == [{"request_id": rid}, {"request_id": rid}]

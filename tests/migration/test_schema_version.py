@@ -35,6 +35,7 @@ KNOWN = {
     3: "068f39f015bc63348d79a3472985dc9c18f1a1f83b6290bc6882c96204585019",
     4: "12c2e4a5c9988a6845f7927e9c0f0e1c8377b66f6badfa0b6bd278b42d8d3e28",
     5: "087a8ec52a8508fc6e288e3351e7d2f852f7f6e0f2a282aeaf376b7a236bae3a",
+    6: "24c55228d143a8033f8c76c7f0dafc57ee7fc1caa6dff0498dbbf20ea72b6185",
 }
 """schema.sql's SHA-256 for each version (append-only): a change of the file must raise its
 version."""
