@@ -146,11 +146,12 @@ class PartFile:
             if fenced is not None and not fenced():  # (left as it is: it may be the file
                 self.close()  # of the daemon that took the download over, just created)
                 raise LeaseLost()
-            if offset > os.fstat(self._fd).st_size:  # changed since it was measured
+            if offset and offset > os.fstat(self._fd).st_size:  # changed since it was measured
                 self.close()
                 raise RetryableError(f"{self.path} changed while it was being resumed")
             os.ftruncate(self._fd, offset)
-            os.lseek(self._fd, offset, os.SEEK_SET)
+            if offset:  # (a new descriptor is at 0: two system calls fewer for a new file,
+                os.lseek(self._fd, offset, os.SEEK_SET)  # each one a GIL hand-off there)
         except OSError as exc:
             self.close()
             raise _local_error(self.path, exc) from None

@@ -394,7 +394,12 @@ async def test_a_schema_4_database_upgraded_serves_both_releases_hand_overs(
         pg: Any) -> None:
     import subprocess
 
-    from asyncsat.db.pool import apply_schema, database_schema_version
+    from asyncsat.db.pool import (
+        apply_schema,
+        database_schema_version,
+        schema_sql,
+        schema_version,
+    )
     from tests.migration.shape import new_database
 
     old = subprocess.run(["git", "-C", str(Path(__file__).parents[2]), "show",
@@ -406,7 +411,7 @@ async def test_a_schema_4_database_upgraded_serves_both_releases_hand_overs(
         assert await database_schema_version(conn) == 4
         assert await apply_schema(conn, always=True)
         assert await apply_schema(conn, always=True)  # (again: idempotent)
-        assert await database_schema_version(conn) == 5
+        assert await database_schema_version(conn) == schema_version(schema_sql())
         await conn.execute("INSERT INTO provider (name, protocol, url, settings) VALUES"
                            " ('hub', 'http', 'http://127.0.0.1:9/', '{\"max_connections\": 1}')")
         await queries.daemon_register(conn, "old", host="h", pid=1, version="t",
