@@ -16,7 +16,7 @@ from typing import NoReturn, get_args
 
 import uvloop
 
-from asyncsat import __version__
+from asyncsat import __version__, warmup
 from asyncsat.config import LOG_FORMATS, LOG_LEVELS, Settings
 from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor, configure
@@ -211,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     redactor = Redactor()
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "run" or getattr(args, "wait", False):  # (transfers, here)
+            warmup.start()
         settings = Settings.from_env(os.environ, tty=sys.stdout.isatty(), dsn=args.dsn,
                                      home=args.home, log_format=args.log_format,
                                      log_level=args.log_level)
