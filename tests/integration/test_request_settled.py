@@ -128,7 +128,8 @@ async def test_one_statement_wakes_each_listener_once_not_once_per_row(
     one statement records `done` as many to a waiting client, each read and handled by the
     listener. The payloads now carry what the listeners use, so PostgreSQL delivers the
     notifications of a transaction once; a cancelled row is still named (the daemon stops
-    its transfer)."""
+    its transfer). Told once per statement, the changes still leave one history row and
+    one `asyncsat_done` each, in order."""
     import asyncio
     import json
 
@@ -138,7 +139,7 @@ async def test_one_statement_wakes_each_listener_once_not_once_per_row(
     heard: list[tuple[str, dict[str, Any]]] = []
     listener = await asyncpg.connect(dsn)
     try:
-        for channel in ("asyncsat", "asyncsat_status"):
+        for channel in ("asyncsat", "asyncsat_status", "asyncsat_done"):
             await listener.add_listener(
                 channel, lambda _c, _p, ch, payload: heard.append((ch, json.loads(payload))))
         rid = await db.fetchval("INSERT INTO request (urls, status) VALUES ('{}', 'resolved')"
@@ -152,6 +153,9 @@ async def test_one_statement_wakes_each_listener_once_not_once_per_row(
         await db.execute("UPDATE download SET status = 'done' WHERE id = ANY($1)", ids[:150])
         await db.execute("UPDATE download SET status = 'cancelled' WHERE id = ANY($1)",
                          ids[150:152])
+        # no status changed: no history row, no notification
+        await db.execute("UPDATE download SET bytes_done = 1 WHERE id = ANY($1)", ids)
+        await db.execute("UPDATE download SET status = status WHERE id = ANY($1)", ids)
         await asyncio.sleep(0.5)  # (notifications are delivered after the commits)
     finally:
         await listener.close()
@@ -163,3 +167,10 @@ async def test_one_statement_wakes_each_listener_once_not_once_per_row(
                          for i in ids[150:152]]
     # none for `running`; one for the 150 done, one for the 2 cancelled
     assert ended == [{"request_id": rid}, {"request_id": rid}]
+    ready = [p for ch, p in heard if ch == "asyncsat_done"]  # one per product, as before
+    assert [p["download_id"] for p in ready] == ids[:150]
+    assert ready[0]["request_id"] == rid and ready[0]["provider"] == "hub"
+    history = await db.fetch("SELECT download_id, status FROM download_event ORDER BY id")
+    assert [(r["download_id"], r["status"]) for r in history] == (
+        [(i, "queued") for i in ids] + [(i, "running") for i in ids]
+        + [(i, "done") for i in ids[:150]] + [(i, "cancelled") for i in ids[150:152]])
