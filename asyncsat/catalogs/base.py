@@ -195,6 +195,13 @@ def _filters(raw: object) -> tuple[Filter, ...]:
                      'such as {"productType": "S2MSI1C"}')
 
 
+def offline(flag: object) -> bool:
+    """An OData `Online` flag that says the product is in the long-term archive: `false`,
+    as JSON's boolean or as the string some hubs send ("false", any case). Missing or
+    anything else: online (older hubs know no flag)."""
+    return flag is False or (isinstance(flag, str) and flag.strip().lower() == "false")
+
+
 def root_url(provider: Provider) -> str:
     """The provider's URL with its trailing slash (CatalogError when it has none)."""
     if not provider.url:

@@ -17,7 +17,15 @@ from typing import Any
 import structlog
 
 from asyncsat.auth.base import Auth
-from asyncsat.catalogs.base import Filter, PageRepeats, ProductRef, Query, page_size, root_url
+from asyncsat.catalogs.base import (
+    Filter,
+    PageRepeats,
+    ProductRef,
+    Query,
+    offline,
+    page_size,
+    root_url,
+)
 from asyncsat.catalogs.client import JsonClient
 from asyncsat.errors import (
     CatalogError,
@@ -90,7 +98,7 @@ class DhusCatalog:
         return ProductRef(
             url=f"{self._root}odata/v1/Products('{uuid}')/$value", name=name, id=uuid,
             size=length or None, checksum=_checksum(entity.get("Checksum")),
-            online=entity.get("Online") is not False,
+            online=not offline(entity.get("Online")),
             seen_at=_time(_field(entry, "date", "ingestiondate"))
             or _time(_field(entry, "date", "beginposition")))
 

@@ -25,6 +25,7 @@ from asyncsat.catalogs.base import (
     PageRepeats,
     ProductRef,
     Query,
+    offline,
     page_size,
     root_url,
 )
@@ -148,7 +149,7 @@ class ODataCatalog:
             size=size if isinstance(size, int) and not isinstance(size, bool) and size > 0
             else None,
             checksum=_checksum(item.get("Checksum")), id=product_id,
-            online=item.get("Online") is not False,
+            online=not offline(item.get("Online")),
             seen_at=published or _time(_nested(item, "ContentDate", "Start")))
 
     def expand(self, pattern: str, auth: Auth) -> AsyncGenerator[ProductRef, None]:
@@ -167,7 +168,7 @@ class ODataCatalog:
                                       policy=self._policy)
         if isinstance(item, dict) and isinstance(item.get("d"), dict):
             item = item["d"]
-        if not isinstance(item, dict) or item.get("Online") is False:
+        if not isinstance(item, dict) or offline(item.get("Online")):
             raise OfflineError("the catalogue reports the product offline (in the long-term "
                                "archive)")
         return Source(download.url, auth)
