@@ -111,8 +111,21 @@ class LineWriter:
             self._flush_on = loop
             loop.call_soon(self.flush)
 
-    log = debug = info = warn = warning = msg
-    fatal = failure = err = error = critical = exception = msg
+    def urgent(self, message: str) -> None:
+        """A warning or worse: written at once, after the lines pending before it. A step's
+        lines wait for its end, and a step may never end: a blocking call that hangs the
+        loop, then systemd's watchdog abort (no atexit) would take the line that tells why
+        with it. (Rare: the many lines of a busy daemon are `info`.)"""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # (no loop in this thread: as `msg`)
+            self._write([message])
+            return
+        self._lines.append(message)
+        self.flush()
+
+    log = debug = info = msg
+    warn = warning = fatal = failure = err = error = critical = exception = urgent
 
     def flush(self) -> None:
         self._flush_on = None

@@ -99,3 +99,43 @@ def test_the_last_lines_are_written_at_exit() -> None:
                           timeout=60, check=True)
     assert [json.loads(line)["event"] for line in done.stdout.splitlines()] == \
         ["the last words"]
+
+
+def test_a_warning_is_written_at_once_after_the_lines_before_it(out: CountingStream) -> None:
+    """A step's lines wait for its end; a step that never ends (a blocking call that hangs
+    the loop, then systemd's watchdog abort) must not take the warning or error that tells
+    why with it. The info lines logged before it come first."""
+    log = structlog.get_logger()
+
+    async def main() -> None:
+        log.info("before")
+        log.warning("the disk does not answer")
+        assert _events(out) == ["before", "the disk does not answer"]
+        assert out.writes == 1
+        log.info("after")
+        log.error("it failed")
+        assert _events(out)[-2:] == ["after", "it failed"]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert _events(out) == ["before", "the disk does not answer", "after", "it failed"]
+
+    asyncio.run(main())
+
+
+def test_an_error_logged_before_the_loop_hangs_and_is_aborted_is_written() -> None:
+    """`WatchdogSec=` ends a hung loop with SIGABRT: no atexit, no flush."""
+    code = (
+        "import asyncio, os, time\n"
+        "import structlog\n"
+        "from asyncsat import logs\n"
+        "logs.configure(logs.Redactor())\n"
+        "async def main():\n"
+        "    structlog.get_logger().error('the disk does not answer')\n"
+        "    os.abort()  # (the step never ends)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    assert [json.loads(line)["event"] for line in done.stdout.splitlines()] == \
+        ["the disk does not answer"]
