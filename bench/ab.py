@@ -63,12 +63,20 @@ def main() -> int:
     results: dict[Path, list[tuple[float, float, float, int]]] = {t: [] for t in args.trees}
     try:
         def asyncsat(tree: Path, home: Path, *argv: str) -> list[str]:
-            return [sys.executable, "-m", "asyncsat", "--home", str(home), *argv]
+            # (-P: `-m` would put the current folder first on sys.path, before PYTHONPATH,
+            # and run the checkout the bench was started from for every tree)
+            return [sys.executable, "-P", "-m", "asyncsat", "--home", str(home), *argv]
 
         def env(tree: Path) -> dict[str, str]:
             return {**os.environ, "PYTHONPATH": str(tree.resolve())}
 
         homes = {t: work / f"home-{n}" for n, t in enumerate(args.trees)}
+        for tree in args.trees:  # (which code each tree runs: its own, or the bench is void)
+            found = subprocess.run(
+                [sys.executable, "-P", "-c", "import asyncsat; print(asyncsat.__file__)"],
+                env=env(tree), check=True, capture_output=True, text=True).stdout.strip()
+            if not Path(found).resolve().is_relative_to(tree.resolve()):
+                raise SystemExit(f"ab: {tree} runs {found}, not its own asyncsat")
         for tree, home in homes.items():
             subprocess.run(asyncsat(tree, home, "init"), env=env(tree), check=True,
                            capture_output=True)
