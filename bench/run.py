@@ -740,6 +740,7 @@ def report_transfer(s: Scenario) -> str:
                  + ("" if throttled else "  (target <= 1.5)"))
     if per_file:
         lines.append(_cpu_per_file(s.results, s.fixed_cost))
+        lines.append(_cpu_bound(s.results))
     lines.append(_server_load(s.results))
     if s.protocol == "ftp":
         lines.append(_ftp_commands(s.results))
@@ -769,6 +770,33 @@ def _cpu_per_file(results: Sequence[Result], fixed: Result | None) -> str:
     note = ("asyncsat's fixed cost not counted" if start is not None
             else "asyncsat's fixed cost counted: its run failed or did not run")
     return f"CPU per file (medians; {note}): " + ", ".join(parts)
+
+
+def _cpu_bound(results: Sequence[Result]) -> str:
+    """Whether the machine's cores, not latency, set a tool's wall time: the CPU its runs
+    used with the file server's and (asyncsat) its PostgreSQL's, as a share of every core
+    for the run's wall time (medians of the verified runs). A tool cannot end before that
+    CPU divided by the cores: asyncsat's bound set beside aria2c's wall time tells whether a
+    target is within reach on this machine at the present CPU per file."""
+    cores = os.cpu_count() or 1
+    parts, floor = [], None
+    for tool in TOOLS:
+        runs = [r for r in results if r.tool == tool and r.verified and r.wall]
+        if not runs:
+            continue
+        used = statistics.median(r.cpu + (r.db_cpu or 0.0) + r.server_cpu for r in runs)
+        busy = statistics.median((r.cpu + (r.db_cpu or 0.0) + r.server_cpu) / (cores * r.wall)
+                                 for r in runs)
+        parts.append(f"{tool} {used:.2f} s ({busy:.0%})")
+        if tool == "asyncsat":
+            floor = used / cores
+    line = (f"CPU of a run with the file server's and PostgreSQL's (medians; share of "
+            f"{cores} cores over its wall time): " + ", ".join(parts))
+    aria2c = [r.wall for r in results if r.tool == "aria2c" and r.verified]
+    if floor is not None and aria2c:
+        line += (f"\n  asyncsat cannot end before {floor:.2f} s at that CPU on {cores} cores "
+                 f"(aria2c's median wall: {statistics.median(aria2c):.2f} s)")
+    return line
 
 
 def _paired(results: Sequence[Result]) -> list[float]:

@@ -4,6 +4,7 @@ figures (a change of an API they call broke `bench/claims.py` once, unseen)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,9 @@ def test_the_transfer_benchmark_runs_against_pyfloor(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=150, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "asyncsat wall / pyfloor wall" in result.stdout
+    # (small files: the CPU of each tool's runs with the server's and PostgreSQL's)
+    bound = next(line for line in result.stdout.splitlines() if line.startswith("CPU of a run"))
+    assert re.search(r"asyncsat \d+\.\d\d s \(\d+%\), pyfloor \d+\.\d\d s", bound), bound
     runs = json.loads(report.read_text())["scenarios"][0]["results"]
     assert sorted((r["tool"], r["verified"]) for r in runs) == [
         ("asyncsat", True), ("pyfloor", True)]
