@@ -59,6 +59,16 @@ times both took about 0.2): slices cost a few more system calls and never measur
 T = TypeVar("T")
 
 
+class NameTaken(Exception):
+    """A file this download did not write is at its final name: it is never replaced (a
+    user's, another program's, or one of a download whose row was deleted). The `.part`
+    stays whole, flushed and locked, to be given another name (`move`)."""
+
+    def __init__(self, final: Path) -> None:
+        super().__init__(f"{final} is there already")
+        self.final = final
+
+
 async def _in_thread(fn: Callable[[], T], threads: Executor | None = None) -> T:
     """Run a step on the file descriptor in a worker thread (of `threads`, else of the
     loop's default pool), to its end even if the task is cancelled meanwhile (then
@@ -290,6 +300,18 @@ class PartFile:
             raise _local_error(self.path, exc) from None
         return self.final
 
+    async def move(self, name: str) -> None:
+        """Give the whole, flushed `.part` another name (its final one was taken: the
+        `NameTaken` it raised); it stays open and locked."""
+        final = self.final.with_name(name)
+        path = final.with_name(name + PART_SUFFIX)
+        try:
+            await _in_thread(lambda: os.replace(self.path, path))
+        except OSError as exc:
+            self.close()
+            raise _local_error(self.path, exc, f"rename {self.path} to {path}") from None
+        self.final, self.path = final, path
+
     def _verify(self, expected_size: int | None) -> None:
         """Size and checksum as expected, else the part is closed (and dropped when it
         cannot be the file: too large, or another checksum)."""
@@ -320,6 +342,10 @@ class PartFile:
         os.fsync(self._fd)
         if not self.keep_cache:
             self._drop(0)
+        # (this download's own file from an earlier attempt became its .part at the start:
+        # `recover`; a file there now is not its own)
+        if os.path.lexists(self.final):
+            raise NameTaken(self.final)
         # renamed while still locked: a daemon that took the download over cannot open the
         # .part between the two and write into what becomes the final file
         try:

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from asyncsat.errors import RetryableError, SizeError
+from asyncsat.errors import PermanentError, RetryableError, SizeError
 from asyncsat.models import Checksum
 from asyncsat.naming import name_from_url, sanitize
 from asyncsat.transfer.base import Driver, Opened, Source, Validator
-from asyncsat.transfer.files import PartFile
+from asyncsat.transfer.files import NameTaken, PartFile
 
 HOLD_MOST = 1 << 20
 """The largest file held (`chunk_size`, if smaller)."""
@@ -76,6 +76,11 @@ class Events(Protocol):
 
         Returns the name to use: the one proposed, unless another download owns it.
         """
+        ...
+
+    async def elsewhere(self, name: str, size: int | None, validator: Validator) -> str:
+        """A file this download did not write is at `name` (never replaced): the other
+        name the file is to take, recorded (its size and validators with it), returned."""
         ...
 
     async def progress(self, done: int, total: int | None) -> None:
@@ -198,13 +203,20 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
                 try:
                     path = await part.write_whole(held, total, name, events.fenced,
                                                   _WRITER_THREADS)
+                except NameTaken:
+                    name, path = await _elsewhere(part, attempt, events, name, total,
+                                                  opened.validator)
                 finally:
                     attempt.size = part.size
         else:
             assert part is not None
             await events.sealing()
             try:
-                path = await part.finish(total, name)
+                try:
+                    path = await part.finish(total, name)
+                except NameTaken:
+                    name, path = await _elsewhere(part, attempt, events, name, total,
+                                                  opened.validator)
             except RetryableError:
                 attempt.size = part.size
                 raise
@@ -235,6 +247,22 @@ loop's default pool, where a write would wait behind copies, hashes of large res
 files and their fsyncs while its fence lapses (it is checked in the worker, as the file is
 locked: lapsed, the row goes back to the queue and the file is fetched again). Its
 threads start as they are first needed."""
+
+
+async def _elsewhere(part: PartFile, attempt: Attempt, events: Events, name: str,
+                     total: int | None, validator: Validator) -> tuple[str, Path]:
+    """The file's final name is taken by a file this download did not write: its `.part`
+    (whole, flushed) takes the other name the row records, and that name. A file at that
+    one too fails the download: nothing is replaced."""
+    other = await events.elsewhere(name, total, validator)
+    await part.move(other)
+    attempt.part = part.path
+    try:
+        return other, await part.finish(total, other)
+    except NameTaken:
+        part.close()
+        raise PermanentError(f"files this download did not write are at {name!r} and at "
+                             f"{other!r}: neither is replaced") from None
 
 
 def _same_name(name: str, chosen: str) -> None:

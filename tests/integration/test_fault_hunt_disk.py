@@ -57,9 +57,10 @@ async def test_a_directory_at_the_final_name_is_never_moved(
         server: FileServer, dsn: str, settings: Settings) -> None:
     """A folder (someone's, with files in it) has the name a row's product is to get, and
     no `.part` is there: it was renamed to `<name>.part` as if it were a final file renamed
-    before a crash, then written into. It stays where it is; the row fails saying that
-    the final name is taken (the error named the `.part`, not the folder in the way)."""
-    server.add("a.nc", os.urandom(3000))
+    before a crash, then written into. It stays where it is, and the product takes another
+    name (the row failed once, "Is a directory", when nothing else was at the name)."""
+    data = os.urandom(3000)
+    server.add("a.nc", data)
     blocker = _folder(settings) / "a.nc"
     blocker.mkdir(parents=True)
     (blocker / "keep.txt").write_text("mine")
@@ -67,9 +68,12 @@ async def test_a_directory_at_the_final_name_is_never_moved(
     await drain(settings)
     [row] = await rows(dsn)
     assert (blocker / "keep.txt").read_text() == "mine"
-    assert not (_folder(settings) / "a.nc.part").is_dir()
-    assert row["status"] == "failed", row
-    assert f"to {blocker}: Is a directory" in row["error"], row["error"]
+    assert sorted(p.name for p in blocker.iterdir()) == ["keep.txt"]
+    assert not (_folder(settings) / "a.nc.part").exists()
+    assert row["status"] == "done", row
+    assert row["name"] == f"a_{row['id']}.nc"
+    assert Path(row["path"]) == _folder(settings) / row["name"]
+    assert Path(row["path"]).read_bytes() == data
 
 
 async def test_a_smaller_foreign_file_at_the_final_name_is_not_resumed_from(
@@ -77,16 +81,19 @@ async def test_a_smaller_foreign_file_at_the_final_name_is_not_resumed_from(
     """A row named by a catalog, with its size, finds a shorter file of other content at
     its final name (no `.part`): it was taken for its own file renamed before a crash and
     resumed from its end, and the product of foreign head and served tail, of the right
-    size, was marked done. A file that cannot be the sealed product is not resumed from."""
-    data = os.urandom(300_000)
+    size, was marked done. A file that cannot be the sealed product is not resumed from,
+    nor replaced: the product takes another name."""
+    data, foreign = os.urandom(300_000), os.urandom(100_000)
     server.add("b.nc", data)
     (_folder(settings)).mkdir(parents=True)
-    (_folder(settings) / "b.nc").write_bytes(os.urandom(100_000))
+    (_folder(settings) / "b.nc").write_bytes(foreign)
     await _named_row(dsn, settings, server.url("b.nc"), "b.nc", size=len(data))
     await drain(settings)
     [row] = await rows(dsn)
     assert row["status"] == "done", row
     assert Path(row["path"]).read_bytes() == data
+    assert row["name"] == f"b_{row['id']}.nc"
+    assert (_folder(settings) / "b.nc").read_bytes() == foreign
 
 
 async def test_a_folder_removed_while_its_file_is_written_starts_again(

@@ -1,0 +1,66 @@
+"""A file the daemon did not write at a product's final name (a user's, another program's,
+one of a download whose row was deleted) is never replaced: the product takes another
+name, recorded in its row, and the daemon says so in its log."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from asyncsat.config import Settings
+from tests.helpers import add_provider, drain, queue, rows, sql
+from tests.servers import FileServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _folder(settings: Settings) -> Path:
+    assert settings.dest is not None
+    return settings.dest / "local"
+
+
+@pytest.mark.parametrize("size", [40_000, 2_500_000], ids=["held", "streamed"])
+async def test_a_file_of_a_user_at_the_name_is_kept(
+        server: FileServer, dsn: str, settings: Settings, size: int) -> None:
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    data, mine = os.urandom(size), b"my notes, not a product\n"
+    server.add("a.nc", data)
+    _folder(settings).mkdir(parents=True)
+    (_folder(settings) / "a.nc").write_bytes(mine)
+    await queue(dsn, server.url("a.nc"))
+    with capture_logs() as logs:
+        await drain(settings)
+
+    [row] = await rows(dsn)
+    assert row["status"] == "done", row
+    assert row["name"] == f"a_{row['id']}.nc"
+    assert Path(row["path"]) == _folder(settings) / row["name"]
+    assert Path(row["path"]).read_bytes() == data
+    assert (_folder(settings) / "a.nc").read_bytes() == mine
+    assert sorted(p.name for p in _folder(settings).iterdir()) == ["a.nc", row["name"]]
+    [taken] = [e for e in logs if e["event"].startswith("a file this download did not")]
+    assert taken["log_level"] == "warning"
+    assert (taken["download_id"], taken["name"], taken["now"]) == \
+        (row["id"], "a.nc", row["name"])
+
+
+async def test_files_at_both_names_fail_the_download_and_stay(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    server.add("b.nc", os.urandom(30_000))
+    [inserted] = await sql(  # (a row with no name, as psql inserts one)
+        dsn, "INSERT INTO download (provider_id, url, dest) SELECT id, $1, $2 FROM provider"
+             " WHERE name = 'local' RETURNING id", server.url("b.nc"), str(settings.dest))
+    _folder(settings).mkdir(parents=True)
+    first, second = _folder(settings) / "b.nc", _folder(settings) / f"b_{inserted['id']}.nc"
+    first.write_text("one")
+    second.write_text("two")
+    await drain(settings)
+
+    [row] = await rows(dsn)
+    assert row["status"] == "failed", row
+    assert "neither is replaced" in row["error"], row["error"]
+    assert (first.read_text(), second.read_text()) == ("one", "two")
