@@ -1,0 +1,60 @@
+"""Review of 20509fc (a file the daemon did not write at a product's final name is never
+replaced): flows where that promise, or the row's name and the file on disk, do not hold."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from asyncsat.config import Settings
+from tests.helpers import FAST, add_provider, drain, rows, sql
+from tests.servers import FileServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def server(dsn: str) -> AsyncIterator[FileServer]:
+    srv = await FileServer().start()
+    await add_provider(dsn, "local", f"http://127.0.0.1:{srv.port}/", FAST)
+    yield srv
+    await srv.stop()
+
+
+def _folder(settings: Settings) -> Path:
+    assert settings.dest is not None
+    return settings.dest / "local"
+
+
+async def _named_row(dsn: str, settings: Settings, url: str, name: str,
+                     size: int | None = None, checksum: tuple[str, str] | None = None) -> int:
+    """A download row inserted with psql, naming its file (and its size, as a catalog does)."""
+    algo, value = checksum or (None, None)
+    [row] = await sql(
+        dsn, "INSERT INTO download (provider_id, url, name, size, checksum_algo,"
+             " checksum_value, dest) SELECT id, $1, $2, $3, $4, $5, $6 FROM provider"
+             " WHERE name = 'local' RETURNING id",
+        url, name, size, algo, value, str(settings.dest))
+    return int(row["id"])
+
+
+@pytest.mark.parametrize("size", [3000, 2_500_000], ids=["held", "streamed"])
+async def test_a_users_file_at_a_named_rows_name_of_unknown_size_is_kept(
+        server: FileServer, dsn: str, settings: Settings, size: int) -> None:
+    """A row named by a catalog that could not size it (or queued by psql with a name)
+    finds a user's file at its final name: `recover` takes any regular file there for the
+    product's own, renamed before a crash, when no size is known; the resume's overlap
+    check then finds other bytes and empties it. The user's file is gone."""
+    data, mine = os.urandom(size), os.urandom(5000)
+    server.add("a.nc", data)
+    _folder(settings).mkdir(parents=True)
+    (_folder(settings) / "a.nc").write_bytes(mine)
+    await _named_row(dsn, settings, server.url("a.nc"), "a.nc")
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert (_folder(settings) / "a.nc").read_bytes() == mine
+    assert row["status"] == "done", row
+    assert Path(row["path"]).read_bytes() == data
