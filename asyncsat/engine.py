@@ -653,7 +653,10 @@ class Engine:
                 job = Job(source, folder, d.name, d.size, d.checksum,
                           Validator(d.etag, d.last_modified), fallback_name=f"download-{d.id}",
                           size_from_server=d.size_from_server,
-                          keep_cache=self.settings.keep_page_cache)
+                          keep_cache=self.settings.keep_page_cache,
+                          # (the claim counted this attempt; one that never transferred
+                          # gave its number back)
+                          tried=d.attempts > 1)
                 outcome = await transfer(self.drivers.for_url(source.url), job, events, attempt,
                                          self.settings.chunk_size)
         except asyncio.CancelledError:

@@ -105,16 +105,18 @@ class PartFile:
         self._head: bytes | None = None
         """The file's first bytes, as written by this attempt (None: it resumed)."""
 
-    def recover(self, size: int | None = None) -> int:
+    def recover(self, size: int | None = None, *, adopt: bool = True) -> int:
         """Bytes of the part file already on disk (0 when there is none).
 
         A final file without its part was renamed before a crash but never recorded as
         done: it becomes the part again, to be verified like any other. Only a regular file
         of the file's size (`size`, when it is known) can be that: anything else at the
-        final name (a folder, a shorter file of someone else's) is not resumed from.
+        final name (a folder, a shorter file of someone else's) is not resumed from. Nor is
+        anything when no earlier attempt can have renamed the file (`adopt` false: the
+        download's first): a file there is someone else's, of whatever size.
         """
         try:
-            if not self.path.exists():
+            if adopt and not self.path.exists():
                 try:
                     there = self.final.lstat()
                 except FileNotFoundError:

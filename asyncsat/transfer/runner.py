@@ -46,6 +46,10 @@ class Job:
     """`size` was announced by the server in an earlier attempt (not by a catalog)."""
     keep_cache: bool = False
     """Leave the file in the page cache (`keep_page_cache`); else its pages are dropped."""
+    tried: bool = True
+    """An earlier attempt may have renamed the file to its final name and stopped before it
+    was recorded done; false on the download's first attempt, when nothing at the final
+    name can be its own (a user's file there is never taken for its `.part`)."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
     part = PartFile(job.folder, name, job.checksum, keep_cache=job.keep_cache) \
         if name and name == job.name else None
     attempt.part = part.path if part is not None else None
-    offset = part.recover(job.size) if part is not None else 0
+    offset = part.recover(job.size, adopt=job.tried) if part is not None else 0
     attempt.start_size = attempt.size = offset
     validator = job.validator if offset else Validator()
     # with no size to check the result against, a resume starts a little early and the
