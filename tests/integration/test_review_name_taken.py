@@ -3,6 +3,7 @@ replaced): flows where that promise, or the row's name and the file on disk, do 
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -58,3 +59,42 @@ async def test_a_users_file_at_a_named_rows_name_of_unknown_size_is_kept(
     assert (_folder(settings) / "a.nc").read_bytes() == mine
     assert row["status"] == "done", row
     assert Path(row["path"]).read_bytes() == data
+
+
+@pytest.mark.parametrize("size", [40_000, 2_500_000], ids=["held", "streamed"])
+async def test_a_stop_as_the_other_name_is_recorded_keeps_the_part_with_the_row(
+        server: FileServer, dsn: str, settings: Settings, size: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon is stopped just as the other name is recorded (the statement committed,
+    its answer not yet taken): the row says `a_<id>.nc` but the whole `.part` is still
+    `a.nc.part`. The next attempt looks for `a_<id>.nc.part`, finds nothing and fetches the
+    file again from zero; `a.nc.part` stays in the folder for good."""
+    from asyncsat import engine
+
+    data, mine = os.urandom(size), b"my notes\n"
+    server.add("a.nc", data)
+    _folder(settings).mkdir(parents=True)
+    (_folder(settings) / "a.nc").write_bytes(mine)
+    original = engine._RowEvents.elsewhere
+    stopped: list[str] = []
+
+    async def stop_after(self: engine._RowEvents, *args: object, **kw: object) -> str:
+        other = await original(self, *args, **kw)  # type: ignore[arg-type]
+        if not stopped:
+            stopped.append(other)
+            raise asyncio.CancelledError  # (as a stop delivered with the answer does)
+        return other
+
+    monkeypatch.setattr(engine._RowEvents, "elsewhere", stop_after)
+    from tests.helpers import queue
+    await queue(dsn, server.url("a.nc"), provider="local")
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert stopped
+    assert row["status"] == "done", row
+    assert row["name"] == f"a_{row['id']}.nc"
+    assert Path(row["path"]).read_bytes() == data
+    assert sorted(p.name for p in _folder(settings).iterdir()) == ["a.nc", row["name"]]
+    assert (_folder(settings) / "a.nc").read_bytes() == mine
+    gets = [r for r in server.requests if r["path"] == "/files/a.nc"]
+    assert len(gets) == 1 or gets[-1]["range"] == f"bytes={size}-", gets  # not fetched again
