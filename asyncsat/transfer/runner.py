@@ -14,6 +14,7 @@ from asyncsat.errors import PermanentError, RetryableError, SizeError
 from asyncsat.models import Checksum
 from asyncsat.naming import name_from_url, sanitize
 from asyncsat.transfer.base import Driver, Opened, Source, Validator
+from asyncsat.tasks import run_to_end
 from asyncsat.transfer.files import NameTaken, PartFile
 
 HOLD_MOST = 1 << 20
@@ -258,9 +259,19 @@ async def _elsewhere(part: PartFile, attempt: Attempt, events: Events, name: str
     """The file's final name is taken by a file this download did not write: its `.part`
     (whole, flushed) takes the other name the row records, and that name. A file at that
     one too fails the download: nothing is replaced."""
-    other = await events.elsewhere(name, total, validator)
-    await part.move(other)
+    async def rename() -> str:
+        other = await events.elsewhere(name, total, validator)
+        await part.move(other)
+        return other
+
+    # the name recorded and the `.part`'s go together, whatever stops the transfer
+    # meanwhile: recorded, then stopped, the whole `.part` would keep a name no attempt
+    # looks for (and the file be fetched again)
+    step, cancelled = await run_to_end(rename())
     attempt.part = part.path
+    other = step.result()
+    if cancelled:
+        raise asyncio.CancelledError
     try:
         return other, await part.finish(total, other)
     except NameTaken:
