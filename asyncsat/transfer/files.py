@@ -308,7 +308,11 @@ class PartFile:
         final = self.final.with_name(name)
         path = final.with_name(name + PART_SUFFIX)
         try:
-            await _in_thread(lambda: os.replace(self.path, path))
+            await _in_thread(lambda: _rename_new(self.path, path))
+        except FileExistsError:  # (its lock is on the file, not its name)
+            self.close()
+            raise RetryableError(f"another process is writing {path}", throttled=True) \
+                from None
         except OSError as exc:
             self.close()
             raise _local_error(self.path, exc, f"rename {self.path} to {path}") from None
@@ -453,6 +457,24 @@ def place(source: Path, target: Path) -> str:
     finally:
         temporary.unlink(missing_ok=True)
     return "copied"
+
+
+def _rename_new(source: Path, target: Path) -> None:
+    """Rename `source` to `target`, which must not exist (FileExistsError): a hard link then
+    an unlink, as a rename never does (a file system without hard links: looked at first)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) \
+                from None
+        os.replace(source, target)
+        return
+    os.unlink(source)
 
 
 def _local_error(path: Path, exc: OSError, doing: str | None = None) -> TransferError:
