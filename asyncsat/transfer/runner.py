@@ -13,8 +13,8 @@ from typing import Protocol
 from asyncsat.errors import PermanentError, RetryableError, SizeError
 from asyncsat.models import Checksum
 from asyncsat.naming import name_from_url, sanitize
-from asyncsat.transfer.base import Driver, Opened, Source, Validator
 from asyncsat.tasks import run_to_end
+from asyncsat.transfer.base import Driver, Opened, Source, Validator
 from asyncsat.transfer.files import NameTaken, PartFile
 
 HOLD_MOST = 1 << 20

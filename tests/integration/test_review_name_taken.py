@@ -20,7 +20,8 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 async def server(dsn: str) -> AsyncIterator[FileServer]:
     srv = await FileServer().start()
-    await add_provider(dsn, "local", f"http://127.0.0.1:{srv.port}/", FAST)
+    fast: dict[str, object] = {**FAST}
+    await add_provider(dsn, "local", f"http://127.0.0.1:{srv.port}/", fast)
     yield srv
     await srv.stop()
 
