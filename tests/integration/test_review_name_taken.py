@@ -100,3 +100,39 @@ async def test_a_stop_as_the_other_name_is_recorded_keeps_the_part_with_the_row(
     assert (_folder(settings) / "a.nc").read_bytes() == mine
     gets = [r for r in server.requests if r["path"] == "/files/a.nc"]
     assert len(gets) == 1 or gets[-1]["range"] == f"bytes={size}-", gets  # not fetched again
+
+
+async def test_a_part_renamed_by_the_daemon_it_was_taken_from_is_found_at_the_final_name(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Daemon A's lease lapsed while it flushed the whole `.part` (no database to renew it);
+    daemon B took the download over and measured A's `.part`, then A renamed it to the final
+    name (it held the lock: it may). B's open of the `.part` to resume it created an empty
+    one (`O_CREAT`), and said it changed. Its next attempt resumes that empty `.part`, not
+    the product's own file at the final name, fetches it all again, and finds its final
+    name taken by its own file: the product is then in the folder twice, under two names."""
+    from asyncsat.transfer import files
+
+    data = os.urandom(200_000)
+    server.add("a.nc", data)
+    _folder(settings).mkdir(parents=True)
+    (_folder(settings) / "a.nc.part").write_bytes(data)  # A's, whole
+    download_id = await _named_row(dsn, settings, server.url("a.nc"), "a.nc", size=len(data))
+    await sql(dsn, "UPDATE download SET attempts = 1 WHERE id = $1", download_id)  # (A's)
+    original = files.PartFile.open
+    renamed: list[Path] = []
+
+    async def after_a_renamed(self: files.PartFile, offset: int, *args: object) -> None:
+        if offset and not renamed:  # A's rename lands between B's measure and its open
+            os.replace(self.path, self.final)
+            renamed.append(self.final)
+        await original(self, offset, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(files.PartFile, "open", after_a_renamed)
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert renamed
+    assert row["status"] == "done", row
+    assert (row["name"], Path(row["path"])) == ("a.nc", _folder(settings) / "a.nc")
+    assert Path(row["path"]).read_bytes() == data
+    assert sorted(p.name for p in _folder(settings).iterdir()) == ["a.nc"]
