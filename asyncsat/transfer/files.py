@@ -154,7 +154,11 @@ class PartFile:
         made = offset == 0
         try:
             try:
-                self._fd = self._create(os.O_EXCL if made else 0)
+                # (a .part measured to be resumed is never made anew: gone since, it may be
+                # the final file now, renamed by the daemon the download was taken from,
+                # which the next attempt finds there; an empty .part would hide it)
+                self._fd = self._create(os.O_EXCL) if made else \
+                    os.open(self.path, os.O_WRONLY)
             except FileExistsError:  # (a .part of an earlier attempt: emptied once locked)
                 made = False
                 self._fd = self._create(0)
