@@ -136,3 +136,29 @@ async def test_a_part_renamed_by_the_daemon_it_was_taken_from_is_found_at_the_fi
     assert (row["name"], Path(row["path"])) == ("a.nc", _folder(settings) / "a.nc")
     assert Path(row["path"]).read_bytes() == data
     assert sorted(p.name for p in _folder(settings).iterdir()) == ["a.nc"]
+@pytest.mark.parametrize("blocker", ["folder", "smaller file"])
+async def test_a_row_tried_before_takes_no_foreign_thing_at_its_name_for_its_own(
+        server: FileServer, dsn: str, settings: Settings, blocker: str) -> None:
+    """`recover`'s own checks, on a row an earlier attempt may have renamed the file of
+    (a first attempt takes nothing there for its own: the tests of test_fault_hunt_disk no
+    longer reach them): a folder, or a file shorter than the row's size, stays."""
+    data = os.urandom(300_000)
+    server.add("b.nc", data)
+    _folder(settings).mkdir(parents=True)
+    there = _folder(settings) / "b.nc"
+    if blocker == "folder":
+        there.mkdir()
+        (there / "keep.txt").write_text("mine")
+    else:
+        there.write_bytes(b"mine" * 25_000)
+    download_id = await _named_row(dsn, settings, server.url("b.nc"), "b.nc", size=len(data))
+    await sql(dsn, "UPDATE download SET attempts = 1 WHERE id = $1", download_id)
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert row["status"] == "done", row
+    assert row["name"] == f"b_{row['id']}.nc"
+    assert Path(row["path"]).read_bytes() == data
+    if blocker == "folder":
+        assert (there / "keep.txt").read_text() == "mine"
+    else:
+        assert there.read_bytes() == b"mine" * 25_000
