@@ -136,6 +136,8 @@ async def test_a_part_renamed_by_the_daemon_it_was_taken_from_is_found_at_the_fi
     assert (row["name"], Path(row["path"])) == ("a.nc", _folder(settings) / "a.nc")
     assert Path(row["path"]).read_bytes() == data
     assert sorted(p.name for p in _folder(settings).iterdir()) == ["a.nc"]
+
+
 @pytest.mark.parametrize("blocker", ["folder", "smaller file"])
 async def test_a_row_tried_before_takes_no_foreign_thing_at_its_name_for_its_own(
         server: FileServer, dsn: str, settings: Settings, blocker: str) -> None:
