@@ -893,12 +893,13 @@ class _RowEvents:
 
     async def elsewhere(self, name: str, size: int | None, validator: Validator) -> str:
         other = _unique_name(name, self._download.id)
-        self._bound.warning("a file this download did not write has its name: it takes "
-                            "another", name=name, now=other)
         named = await self._engine.store.call(
             queries.download_named, self._download.id, self._fence, names=(other,),
             size=size, etag=validator.etag, last_modified=validator.last_modified)
-        return self._chosen(other, named)
+        chosen = self._chosen(other, named)  # (raises: the row lost, or the name taken)
+        self._bound.warning("a file this download did not write has its name: it takes "
+                            "another", name=name, now=chosen)
+        return chosen
 
     def _names(self, name: str) -> tuple[str, str]:
         """The name proposed, then the one taken when another download of the folder has it."""
