@@ -25,7 +25,7 @@ from asyncsat.dsn import split_password
 from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor
 from asyncsat.models import TERMINAL, Provider
-from asyncsat.naming import ftp_path
+from asyncsat.naming import ftp_path, unique_name
 from asyncsat.presets import preset
 from asyncsat.render import (
     PLACED,
@@ -39,6 +39,7 @@ from asyncsat.render import (
     status_table,
     totals_line,
 )
+from asyncsat.transfer.files import placed
 
 
 def _emit(data: object) -> None:
@@ -347,7 +348,11 @@ def _done_path(row: dict[str, Any], wanted: str | None) -> tuple[str, bool]:
             not row["name"]:
         return row["path"], True
     target = Path(wanted) / row["provider"] / row["name"]
-    return (str(target), True) if target.exists() else (row["path"], False)
+    # (someone else's file at the name is not the product: it took the other name there)
+    for there in (target, target.with_name(unique_name(row["name"], row["id"]))):
+        if row["path"] is not None and placed(Path(row["path"]), there):
+            return str(there), True
+    return row["path"], False
 
 
 async def search(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:

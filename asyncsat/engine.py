@@ -40,6 +40,7 @@ from asyncsat.leases import Accounts, Lease, Leases, Renewal
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Recorder
 from asyncsat.models import Download, Provider, Request
+from asyncsat.naming import unique_name
 from asyncsat.progress import RateMeter, eta
 from asyncsat.resolver import Resolver, settled
 from asyncsat.retry import Policy, budget, decide
@@ -817,12 +818,6 @@ def _what(evidence: str | None) -> str:
     return "size" if evidence and evidence.startswith("size:") else "checksum"
 
 
-def _unique_name(name: str, download_id: int) -> str:
-    """`TCI.tif` -> `TCI_17.tif`: for a product whose name another download owns."""
-    path = Path(name)
-    return f"{path.stem}_{download_id}{path.suffix}"
-
-
 def _one_line(text: str, limit: int = 1000) -> str:
     """An error fit for a log line and a text column: printable, one line, bounded."""
     return "".join(c if c.isprintable() else " " for c in text)[:limit]
@@ -892,7 +887,7 @@ class _RowEvents:
         return self._chosen(name, named)
 
     async def elsewhere(self, name: str, size: int | None, validator: Validator) -> str:
-        other = _unique_name(name, self._download.id)
+        other = unique_name(name, self._download.id)
         named = await self._engine.store.call(
             queries.download_named, self._download.id, self._fence, names=(other,),
             size=size, etag=validator.etag, last_modified=validator.last_modified)
@@ -903,7 +898,7 @@ class _RowEvents:
 
     def _names(self, name: str) -> tuple[str, str]:
         """The name proposed, then the one taken when another download of the folder has it."""
-        return name, _unique_name(name, self._download.id)
+        return name, unique_name(name, self._download.id)
 
     def _chosen(self, name: str, named: str | None) -> str:
         if named is None:

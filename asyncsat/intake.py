@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,9 +20,10 @@ from asyncsat.naming import (
     implicit_provider_name,
     sanitize,
     split_login,
+    unique_name,
     without_login,
 )
-from asyncsat.transfer.files import place
+from asyncsat.transfer.files import NOT_THE_PRODUCT, place
 
 
 def match_provider(url: str, providers: Sequence[Provider]) -> Provider | None:
@@ -126,6 +127,11 @@ def deliver(links: Sequence[Link]) -> list[tuple[Link, str]]:
     for link in links:
         try:
             how = place(link.source, link.target)
+            if how == NOT_THE_PRODUCT:  # (someone else's file: the other name, as a
+                # download takes it)
+                other = replace(link, target=link.target.with_name(
+                    unique_name(link.target.name, link.download_id)))
+                how, link = place(other.source, other.target), other
         except OSError as exc:
             how = f"not put there: {exc.strerror or exc}"
         results.append((link, how))

@@ -6,6 +6,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from email.message import Message
+from pathlib import PurePath
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from asyncsat.errors import UsageError
@@ -31,6 +32,13 @@ def sanitize(name: str) -> str:
         name = name.encode()[: MAX_NAME - len(keep) - 1].decode(errors="ignore") + (
             "." + keep if keep else "")
     return name
+
+
+def unique_name(name: str, download_id: int) -> str:
+    """`TCI.tif` -> `TCI_17.tif`: for a product whose name another download owns, or a
+    file the daemon did not write has."""
+    path = PurePath(name)
+    return f"{path.stem}_{download_id}{path.suffix}"
 
 
 def name_from_url(url: str) -> str:

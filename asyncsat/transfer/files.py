@@ -428,17 +428,19 @@ _NO_LINKS = (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP)
 def place(source: Path, target: Path) -> str:
     """Put a done product's file at `target` as well: a hard link (the same file, no space
     used), else (another file system) a copy written under a temporary name, fsynced and
-    linked into place. Nothing is ever overwritten. Returns `linked`, `copied`, or `there`
-    when a file already has that name. Blocking (a copy may take long): run it in a thread.
+    linked into place. Nothing is ever overwritten. Returns `linked`, `copied`, `there`
+    when the product is at that name already (`placed`), else why it was not put there
+    (`NOT_THE_PRODUCT`: someone else's file has the name). Blocking (a copy may take
+    long): run it in a thread.
     """
-    if target.exists():
-        return "there"
+    if target.exists() or target.is_symlink():
+        return _already(source, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, target)
         return "linked"
     except FileExistsError:
-        return "there"
+        return _already(source, target)
     except OSError as exc:
         if exc.errno != errno.EXDEV and exc.errno not in _NO_LINKS:
             raise
@@ -453,7 +455,7 @@ def place(source: Path, target: Path) -> str:
         try:
             os.link(temporary, target)  # unlike a rename, never replaces a file
         except FileExistsError:
-            return "there"
+            return _already(source, target)
         except OSError as exc:  # a file system without hard links
             if exc.errno not in _NO_LINKS or target.exists():
                 raise
@@ -461,6 +463,27 @@ def place(source: Path, target: Path) -> str:
     finally:
         temporary.unlink(missing_ok=True)
     return "copied"
+
+
+NOT_THE_PRODUCT = "not put there: a file that is not this product has its name"
+
+
+def placed(source: Path, target: Path) -> bool:
+    """Whether `target` is the done product at `source` put there: the same file (a link),
+    or one of its size (a copy; a file of another size at the name is someone else's)."""
+    try:
+        if os.path.samefile(source, target):
+            return True
+        there = target.stat()
+        return stat.S_ISREG(there.st_mode) and there.st_size == source.stat().st_size
+    except OSError:  # (either gone, a broken link)
+        return False
+
+
+def _already(source: Path, target: Path) -> str:
+    """What is at a product's name in the folder it is to be put into: the product put there
+    before (`there`), or someone else's file, left alone (why it was not put there)."""
+    return "there" if placed(source, target) else NOT_THE_PRODUCT
 
 
 def _rename_new(source: Path, target: Path) -> None:

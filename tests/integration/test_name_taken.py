@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from asyncsat.commands import _done_path
 from asyncsat.config import Settings
 from tests.helpers import add_provider, drain, queue, rows, sql
 from tests.servers import FileServer
@@ -64,3 +65,28 @@ async def test_files_at_both_names_fail_the_download_and_stay(
     assert row["status"] == "failed", row
     assert "neither is replaced" in row["error"], row["error"]
     assert (first.read_text(), second.read_text()) == ("one", "two")
+
+
+async def test_a_users_file_in_another_requests_folder_is_kept(
+        server: FileServer, dsn: str, settings: Settings, tmp_path: Path) -> None:
+    """Two requests want one product, into two folders; the second folder has a user's file
+    at the product's name. The product is fetched once, and put into the second folder
+    under the other name (it was taken for the product there, and the second request's
+    `get --wait` showed the user's file as its product)."""
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    data, mine = os.urandom(40_000), b"my notes\n"
+    server.add("a.nc", data)
+    other = tmp_path / "other"
+    (other / "local").mkdir(parents=True)
+    (other / "local" / "a.nc").write_bytes(mine)
+    await queue(dsn, server.url("a.nc"), dest=settings.dest)
+    await queue(dsn, server.url("a.nc"), dest=other)
+    await drain(settings)
+
+    [row] = await rows(dsn)
+    assert row["status"] == "done", row
+    assert (other / "local" / "a.nc").read_bytes() == mine
+    copy = other / "local" / f"a_{row['id']}.nc"
+    assert copy.read_bytes() == data
+    assert _done_path(row, str(other)) == (str(copy), True)
+    assert _done_path(row, str(settings.dest)) == (row["path"], True)
