@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
+import functools
 import os
 import shutil
 import stat
@@ -352,15 +354,15 @@ class PartFile:
         os.fsync(self._fd)
         if not self.keep_cache:
             self._drop(0)
-        # (this download's own file from an earlier attempt became its .part at the start:
-        # `recover`; a file there now is not its own)
-        if os.path.lexists(self.final):
-            raise NameTaken(self.final)
         # renamed while still locked: a daemon that took the download over cannot open the
-        # .part between the two and write into what becomes the final file
+        # .part between the two and write into what becomes the final file; never over
+        # anything at the final name (this download's own file from an earlier attempt
+        # became its .part at the start, `recover`: a file there now is not its own)
         try:
-            os.replace(self.path, self.final)
-        except OSError as exc:  # (a folder in the way: name it, not the .part)
+            _rename_new(self.path, self.final)
+        except FileExistsError:
+            raise NameTaken(self.final) from None
+        except OSError as exc:
             self.close()
             raise _local_error(self.path, exc, f"rename {self.path} to {self.final}") from None
         self.close()
@@ -486,10 +488,24 @@ def _already(source: Path, target: Path) -> str:
     return "there" if placed(source, target) else NOT_THE_PRODUCT
 
 
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
 def _rename_new(source: Path, target: Path) -> None:
-    """Rename `source` to `target`, which must not exist (FileExistsError): a hard link then
-    an unlink, as a rename never does (a file system without hard links: looked at first)."""
-    try:
+    """Rename `source` to `target`, never over anything there (FileExistsError): one atomic
+    system call where the kernel and file system have it (Linux's `renameat2` with
+    `RENAME_NOREPLACE`: no more calls than a rename), else a hard link then an unlink (a
+    file system without hard links: looked at, then renamed)."""
+    renameat2 = _c_renameat2()
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
+                     _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(source), None, str(target))
+    try:  # (a kernel or file system without it)
         os.link(source, target)
     except FileExistsError:
         raise
@@ -502,6 +518,21 @@ def _rename_new(source: Path, target: Path) -> None:
         os.replace(source, target)
         return
     os.unlink(source)
+
+
+@functools.cache
+def _c_renameat2() -> Callable[..., int] | None:
+    """Linux's renameat2(2) from the C library (looked up once), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # (a C library without it)
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
 
 
 def _local_error(path: Path, exc: OSError, doing: str | None = None) -> TransferError:

@@ -3,12 +3,15 @@ stays whole and locked, and takes another name."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import os
 from pathlib import Path
 
 import pytest
 
+from asyncsat.transfer import files
 from asyncsat.transfer.files import PART_SUFFIX, NameTaken, PartFile
 
 
@@ -49,3 +52,39 @@ async def test_a_held_file_keeps_a_folder_or_a_link_at_its_name(tmp_path: Path) 
         part.close()
     assert (tmp_path / "b.nc").is_dir()
     assert (tmp_path / "c.nc").is_symlink()
+
+
+def _both(tmp_path: Path) -> tuple[Path, Path]:
+    source, target = tmp_path / "x.nc.part", tmp_path / "x.nc"
+    source.write_bytes(b"product")
+    target.write_bytes(b"someone's")
+    return source, target
+
+
+def test_the_rename_is_one_call_that_never_replaces(tmp_path: Path) -> None:
+    assert files._c_renameat2() is not None  # (Linux: renameat2 with RENAME_NOREPLACE)
+    source, target = _both(tmp_path)
+    with pytest.raises(FileExistsError):
+        files._rename_new(source, target)
+    assert (source.read_bytes(), target.read_bytes()) == (b"product", b"someone's")
+    target.unlink()
+    files._rename_new(source, target)
+    assert target.read_bytes() == b"product" and not source.exists()
+
+
+@pytest.mark.parametrize("kernel", ["no renameat2", "a file system without it"])
+def test_without_renameat2_a_link_then_an_unlink_never_replaces(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
+    def refused(*_args: object) -> int:
+        ctypes.set_errno(errno.EINVAL)  # (what such a file system answers)
+        return -1
+
+    monkeypatch.setattr(files, "_c_renameat2",
+                        lambda: None if kernel == "no renameat2" else refused)
+    source, target = _both(tmp_path)
+    with pytest.raises(FileExistsError):
+        files._rename_new(source, target)
+    assert (source.read_bytes(), target.read_bytes()) == (b"product", b"someone's")
+    target.unlink()
+    files._rename_new(source, target)
+    assert target.read_bytes() == b"product" and not source.exists()
