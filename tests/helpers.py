@@ -59,6 +59,25 @@ async def sql(dsn: str, query: str, *args: object) -> list[Any]:
         await conn.close()
 
 
+async def named_row(dsn: str, settings: Settings, url: str, name: str | None,
+                    size: int | None = None, checksum: tuple[str, str] | None = None) -> int:
+    """A download row of provider `local` inserted with psql, naming its file (and its size,
+    as a catalog does; no name: as a URL's row); its id."""
+    algo, value = checksum or (None, None)
+    [row] = await sql(
+        dsn, "INSERT INTO download (provider_id, url, name, size, checksum_algo,"
+             " checksum_value, dest) SELECT id, $1, $2, $3, $4, $5, $6 FROM provider"
+             " WHERE name = 'local' RETURNING id",
+        url, name, size, algo, value, str(settings.dest))
+    return int(row["id"])
+
+
+def local_folder(settings: Settings) -> Path:
+    """Where the files of provider `local` land."""
+    assert settings.dest is not None
+    return settings.dest / "local"
+
+
 async def drain(settings: Settings, timeout: float = 60) -> None:
     """Run the daemon in this process until the queue is empty."""
     await asyncio.wait_for(daemon.serve(settings, Redactor(), exit_when_idle=True), timeout)

@@ -26,7 +26,7 @@ from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.logs import Redactor
 from asyncsat.transfer import files
-from tests.helpers import FAST, add_provider, drain, queue, rows, sql
+from tests.helpers import FAST, add_provider, drain, local_folder, named_row, queue, rows
 from tests.servers import FileServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,19 +40,6 @@ async def server(dsn: str) -> AsyncIterator[FileServer]:
     await srv.stop()
 
 
-def _folder(settings: Settings) -> Path:
-    assert settings.dest is not None
-    return settings.dest / "local"
-
-
-async def _named_row(dsn: str, settings: Settings, url: str, name: str,
-                     size: int | None = None) -> None:
-    """A download row inserted with psql, naming its file (and its size, as a catalog does)."""
-    await sql(dsn, "INSERT INTO download (provider_id, url, name, size, dest) SELECT id, $1,"
-                   " $2, $3, $4 FROM provider WHERE name = 'local'",
-              url, name, size, str(settings.dest))
-
-
 async def test_a_directory_at_the_final_name_is_never_moved(
         server: FileServer, dsn: str, settings: Settings) -> None:
     """A folder (someone's, with files in it) has the name a row's product is to get, and
@@ -61,18 +48,18 @@ async def test_a_directory_at_the_final_name_is_never_moved(
     name (the row failed once, "Is a directory", when nothing else was at the name)."""
     data = os.urandom(3000)
     server.add("a.nc", data)
-    blocker = _folder(settings) / "a.nc"
+    blocker = local_folder(settings) / "a.nc"
     blocker.mkdir(parents=True)
     (blocker / "keep.txt").write_text("mine")
-    await _named_row(dsn, settings, server.url("a.nc"), "a.nc")
+    await named_row(dsn, settings, server.url("a.nc"), "a.nc")
     await drain(settings)
     [row] = await rows(dsn)
     assert (blocker / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in blocker.iterdir()) == ["keep.txt"]
-    assert not (_folder(settings) / "a.nc.part").exists()
+    assert not (local_folder(settings) / "a.nc.part").exists()
     assert row["status"] == "done", row
     assert row["name"] == f"a_{row['id']}.nc"
-    assert Path(row["path"]) == _folder(settings) / row["name"]
+    assert Path(row["path"]) == local_folder(settings) / row["name"]
     assert Path(row["path"]).read_bytes() == data
 
 
@@ -85,15 +72,15 @@ async def test_a_smaller_foreign_file_at_the_final_name_is_not_resumed_from(
     nor replaced: the product takes another name."""
     data, foreign = os.urandom(300_000), os.urandom(100_000)
     server.add("b.nc", data)
-    (_folder(settings)).mkdir(parents=True)
-    (_folder(settings) / "b.nc").write_bytes(foreign)
-    await _named_row(dsn, settings, server.url("b.nc"), "b.nc", size=len(data))
+    (local_folder(settings)).mkdir(parents=True)
+    (local_folder(settings) / "b.nc").write_bytes(foreign)
+    await named_row(dsn, settings, server.url("b.nc"), "b.nc", size=len(data))
     await drain(settings)
     [row] = await rows(dsn)
     assert row["status"] == "done", row
     assert Path(row["path"]).read_bytes() == data
     assert row["name"] == f"b_{row['id']}.nc"
-    assert (_folder(settings) / "b.nc").read_bytes() == foreign
+    assert (local_folder(settings) / "b.nc").read_bytes() == foreign
 
 
 async def test_a_folder_removed_while_its_file_is_written_starts_again(
@@ -105,12 +92,12 @@ async def test_a_folder_removed_while_its_file_is_written_starts_again(
     server.add("c.nc", data, rate=1_000_000)
     await queue(dsn, server.url("c.nc"))
     task = asyncio.create_task(drain(settings))
-    part = _folder(settings) / "c.nc.part"
+    part = local_folder(settings) / "c.nc.part"
     for _ in range(500):
         if part.exists() and part.stat().st_size > 100_000:
             break
         await asyncio.sleep(0.01)
-    shutil.rmtree(_folder(settings))
+    shutil.rmtree(local_folder(settings))
     await task
     [row] = await rows(dsn)
     assert row["status"] == "done", row
@@ -171,7 +158,7 @@ async def test_a_full_disk_is_waited_out_saying_so(
         [row] = await rows(dsn)
         assert row["status"] in ("queued", "running"), row
         assert "no space left" in row["error"], row
-        assert (_folder(settings) / "e.nc.part").stat().st_size == 700_000
+        assert (local_folder(settings) / "e.nc.part").stat().st_size == 700_000
         room["left"] = 1 << 40
         await asyncio.wait_for(task, 30)
     [retry] = [e for e in logs if e.get("reason") == "retry"][:1]
@@ -200,7 +187,7 @@ async def test_a_claim_refused_by_a_full_database_disk_is_tried_again_soon(
         return await real(db, *args, **kw)
 
     monkeypatch.setattr(queries, "claim", claim)
-    await _named_row(dsn, settings, server.url("f.nc"), "f.nc")  # (queued before the start)
+    await named_row(dsn, settings, server.url("f.nc"), "f.nc")  # (queued before the start)
     with capture_logs() as logs:
         await drain(settings, timeout=20)
     [row] = await rows(dsn)

@@ -12,15 +12,10 @@ from structlog.testing import capture_logs
 
 from asyncsat.commands import _done_path
 from asyncsat.config import Settings
-from tests.helpers import add_provider, drain, queue, rows, sql
+from tests.helpers import add_provider, drain, local_folder, named_row, queue, rows
 from tests.servers import FileServer
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _folder(settings: Settings) -> Path:
-    assert settings.dest is not None
-    return settings.dest / "local"
 
 
 @pytest.mark.parametrize("size", [40_000, 2_500_000], ids=["held", "streamed"])
@@ -29,8 +24,8 @@ async def test_a_file_of_a_user_at_the_name_is_kept(
     await add_provider(dsn, "local", server.base, {"max_connections": 2})
     data, mine = os.urandom(size), b"my notes, not a product\n"
     server.add("a.nc", data)
-    _folder(settings).mkdir(parents=True)
-    (_folder(settings) / "a.nc").write_bytes(mine)
+    local_folder(settings).mkdir(parents=True)
+    (local_folder(settings) / "a.nc").write_bytes(mine)
     await queue(dsn, server.url("a.nc"))
     with capture_logs() as logs:
         await drain(settings)
@@ -38,10 +33,10 @@ async def test_a_file_of_a_user_at_the_name_is_kept(
     [row] = await rows(dsn)
     assert row["status"] == "done", row
     assert row["name"] == f"a_{row['id']}.nc"
-    assert Path(row["path"]) == _folder(settings) / row["name"]
+    assert Path(row["path"]) == local_folder(settings) / row["name"]
     assert Path(row["path"]).read_bytes() == data
-    assert (_folder(settings) / "a.nc").read_bytes() == mine
-    assert sorted(p.name for p in _folder(settings).iterdir()) == ["a.nc", row["name"]]
+    assert (local_folder(settings) / "a.nc").read_bytes() == mine
+    assert sorted(p.name for p in local_folder(settings).iterdir()) == ["a.nc", row["name"]]
     [taken] = [e for e in logs if e["event"].startswith("a file this download did not")]
     assert taken["log_level"] == "warning"
     assert (taken["download_id"], taken["name"], taken["now"]) == \
@@ -52,11 +47,9 @@ async def test_files_at_both_names_fail_the_download_and_stay(
         server: FileServer, dsn: str, settings: Settings) -> None:
     await add_provider(dsn, "local", server.base, {"max_connections": 2})
     server.add("b.nc", os.urandom(30_000))
-    [inserted] = await sql(  # (a row with no name, as psql inserts one)
-        dsn, "INSERT INTO download (provider_id, url, dest) SELECT id, $1, $2 FROM provider"
-             " WHERE name = 'local' RETURNING id", server.url("b.nc"), str(settings.dest))
-    _folder(settings).mkdir(parents=True)
-    first, second = _folder(settings) / "b.nc", _folder(settings) / f"b_{inserted['id']}.nc"
+    row_id = await named_row(dsn, settings, server.url("b.nc"), None)  # (as psql inserts it)
+    local_folder(settings).mkdir(parents=True)
+    first, second = local_folder(settings) / "b.nc", local_folder(settings) / f"b_{row_id}.nc"
     first.write_text("one")
     second.write_text("two")
     await drain(settings)

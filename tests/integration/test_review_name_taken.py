@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from asyncsat.config import Settings
-from tests.helpers import FAST, add_provider, drain, rows, sql
+from tests.helpers import FAST, add_provider, drain, local_folder, named_row, rows, sql
 from tests.servers import FileServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,27 +20,9 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 async def server(dsn: str) -> AsyncIterator[FileServer]:
     srv = await FileServer().start()
-    fast: dict[str, object] = {**FAST}
-    await add_provider(dsn, "local", f"http://127.0.0.1:{srv.port}/", fast)
+    await add_provider(dsn, "local", f"http://127.0.0.1:{srv.port}/", {**FAST})
     yield srv
     await srv.stop()
-
-
-def _folder(settings: Settings) -> Path:
-    assert settings.dest is not None
-    return settings.dest / "local"
-
-
-async def _named_row(dsn: str, settings: Settings, url: str, name: str,
-                     size: int | None = None, checksum: tuple[str, str] | None = None) -> int:
-    """A download row inserted with psql, naming its file (and its size, as a catalog does)."""
-    algo, value = checksum or (None, None)
-    [row] = await sql(
-        dsn, "INSERT INTO download (provider_id, url, name, size, checksum_algo,"
-             " checksum_value, dest) SELECT id, $1, $2, $3, $4, $5, $6 FROM provider"
-             " WHERE name = 'local' RETURNING id",
-        url, name, size, algo, value, str(settings.dest))
-    return int(row["id"])
 
 
 @pytest.mark.parametrize("size", [3000, 2_500_000], ids=["held", "streamed"])
@@ -52,12 +34,12 @@ async def test_a_users_file_at_a_named_rows_name_of_unknown_size_is_kept(
     check then finds other bytes and empties it. The user's file is gone."""
     data, mine = os.urandom(size), os.urandom(5000)
     server.add("a.nc", data)
-    _folder(settings).mkdir(parents=True)
-    (_folder(settings) / "a.nc").write_bytes(mine)
-    await _named_row(dsn, settings, server.url("a.nc"), "a.nc")
+    local_folder(settings).mkdir(parents=True)
+    (local_folder(settings) / "a.nc").write_bytes(mine)
+    await named_row(dsn, settings, server.url("a.nc"), "a.nc")
     await drain(settings)
     [row] = await rows(dsn)
-    assert (_folder(settings) / "a.nc").read_bytes() == mine
+    assert (local_folder(settings) / "a.nc").read_bytes() == mine
     assert row["status"] == "done", row
     assert Path(row["path"]).read_bytes() == data
 
@@ -74,8 +56,8 @@ async def test_a_stop_as_the_other_name_is_recorded_keeps_the_part_with_the_row(
 
     data, mine = os.urandom(size), b"my notes\n"
     server.add("a.nc", data)
-    _folder(settings).mkdir(parents=True)
-    (_folder(settings) / "a.nc").write_bytes(mine)
+    local_folder(settings).mkdir(parents=True)
+    (local_folder(settings) / "a.nc").write_bytes(mine)
     original = engine._RowEvents.elsewhere
     stopped: list[str] = []
 
@@ -96,8 +78,8 @@ async def test_a_stop_as_the_other_name_is_recorded_keeps_the_part_with_the_row(
     assert row["status"] == "done", row
     assert row["name"] == f"a_{row['id']}.nc"
     assert Path(row["path"]).read_bytes() == data
-    assert sorted(p.name for p in _folder(settings).iterdir()) == ["a.nc", row["name"]]
-    assert (_folder(settings) / "a.nc").read_bytes() == mine
+    assert sorted(p.name for p in local_folder(settings).iterdir()) == ["a.nc", row["name"]]
+    assert (local_folder(settings) / "a.nc").read_bytes() == mine
     gets = [r for r in server.requests if r["path"] == "/files/a.nc"]
     assert len(gets) == 1 or gets[-1]["range"] == f"bytes={size}-", gets  # not fetched again
 
@@ -115,9 +97,9 @@ async def test_a_part_renamed_by_the_daemon_it_was_taken_from_is_found_at_the_fi
 
     data = os.urandom(200_000)
     server.add("a.nc", data)
-    _folder(settings).mkdir(parents=True)
-    (_folder(settings) / "a.nc.part").write_bytes(data)  # A's, whole
-    download_id = await _named_row(dsn, settings, server.url("a.nc"), "a.nc", size=len(data))
+    local_folder(settings).mkdir(parents=True)
+    (local_folder(settings) / "a.nc.part").write_bytes(data)  # A's, whole
+    download_id = await named_row(dsn, settings, server.url("a.nc"), "a.nc", size=len(data))
     await sql(dsn, "UPDATE download SET attempts = 1 WHERE id = $1", download_id)  # (A's)
     original = files.PartFile.open
     renamed: list[Path] = []
@@ -133,9 +115,9 @@ async def test_a_part_renamed_by_the_daemon_it_was_taken_from_is_found_at_the_fi
     [row] = await rows(dsn)
     assert renamed
     assert row["status"] == "done", row
-    assert (row["name"], Path(row["path"])) == ("a.nc", _folder(settings) / "a.nc")
+    assert (row["name"], Path(row["path"])) == ("a.nc", local_folder(settings) / "a.nc")
     assert Path(row["path"]).read_bytes() == data
-    assert sorted(p.name for p in _folder(settings).iterdir()) == ["a.nc"]
+    assert sorted(p.name for p in local_folder(settings).iterdir()) == ["a.nc"]
 
 
 @pytest.mark.parametrize("blocker", ["folder", "smaller file"])
@@ -146,14 +128,14 @@ async def test_a_row_tried_before_takes_no_foreign_thing_at_its_name_for_its_own
     longer reach them): a folder, or a file shorter than the row's size, stays."""
     data = os.urandom(300_000)
     server.add("b.nc", data)
-    _folder(settings).mkdir(parents=True)
-    there = _folder(settings) / "b.nc"
+    local_folder(settings).mkdir(parents=True)
+    there = local_folder(settings) / "b.nc"
     if blocker == "folder":
         there.mkdir()
         (there / "keep.txt").write_text("mine")
     else:
         there.write_bytes(b"mine" * 25_000)
-    download_id = await _named_row(dsn, settings, server.url("b.nc"), "b.nc", size=len(data))
+    download_id = await named_row(dsn, settings, server.url("b.nc"), "b.nc", size=len(data))
     await sql(dsn, "UPDATE download SET attempts = 1 WHERE id = $1", download_id)
     await drain(settings)
     [row] = await rows(dsn)
