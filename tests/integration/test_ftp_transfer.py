@@ -427,3 +427,22 @@ async def test_a_silent_data_connection_times_out_and_the_next_attempt_resumes(
     assert len(received) == 120_000
     offset, rest = await _fetch(driver, Source(ftp.url("stall.nc")), len(received))
     assert offset == 120_000 and bytes(received) + rest == data
+
+
+@pytest.mark.parametrize("size", [40_000, 2_500_000], ids=["held", "streamed"])
+async def test_a_users_file_at_the_name_is_kept_over_ftp(
+        ftp: FtpServer, dsn: str, settings: Settings, size: int) -> None:
+    """As over HTTP: a file the daemon did not write at the product's name stays, and the
+    product takes `<stem>_<id><suffix>`."""
+    data, mine = os.urandom(size), b"my own notes\n"
+    ftp.add("a.nc", data)
+    _final(settings, "a.nc").parent.mkdir(parents=True)
+    _final(settings, "a.nc").write_bytes(mine)
+    await queue(dsn, ftp.url("a.nc"))
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert row["status"] == "done", row
+    assert row["name"] == f"a_{row['id']}.nc"
+    assert _final(settings, row["name"]).read_bytes() == data
+    assert _final(settings, "a.nc").read_bytes() == mine
+    assert _parts(settings) == []
