@@ -23,7 +23,7 @@ from asyncsat.naming import (
     unique_name,
     without_login,
 )
-from asyncsat.transfer.files import NOT_THE_PRODUCT, place
+from asyncsat.transfer.files import NOT_THE_PRODUCT, place, placed
 
 
 def match_provider(url: str, providers: Sequence[Provider]) -> Provider | None:
@@ -109,7 +109,10 @@ async def _settle(conn: Any, request_id: int, added: Added, provider: Provider, 
             asked.queued.append(added.id)
         return
     target = folder / provider.name / added.name if added.name else None
-    if target is not None and target.exists():
+    # (someone else's file at the name in the folder asked for is not the product: it is put
+    # there under the other name, `deliver`)
+    if target is not None and target.exists() and (
+            not added.path or Path(added.path) == target or placed(Path(added.path), target)):
         asked.done.append((added.id, str(target)))
     elif target is not None and added.path and Path(added.path).exists():
         asked.links.append(Link(added.id, Path(added.path), target))

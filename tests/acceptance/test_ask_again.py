@@ -93,6 +93,32 @@ async def test_another_dest_gets_the_done_file_without_fetching_it_again(
     assert not (first / provider / "g.nc").exists()
 
 
+async def test_another_dest_with_a_users_file_at_the_name_gets_the_other_name(
+        server: FileServer, dsn: str, tmp_path: Path) -> None:
+    """A done product asked for into another folder where a user's file has its name: the
+    user's file was taken for the product ("1 done already, the file in ..."), and `get
+    --wait` printed it as the product. It stays; the product is linked beside it under the
+    other name, and printed there."""
+    data, mine = os.urandom(200_000), b"my notes\n"
+    server.add("g.nc", data)
+    provider = f"127.0.0.1_{server.port}"
+    first, other = tmp_path / "first", tmp_path / "other"
+    r = await asyncio.to_thread(cli, "get", server.url("g.nc"), "--dest", str(first), "--wait",
+                                dsn=dsn, home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (other / provider).mkdir(parents=True)
+    (other / provider / "g.nc").write_bytes(mine)
+
+    r = await asyncio.to_thread(cli, "get", server.url("g.nc"), "--dest", str(other), "--wait",
+                                dsn=dsn, home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[-1] == f"request 2: 1 done already, linked into {other}: 1"
+    assert r.stdout.splitlines()[-1] == f"done    {other / provider / 'g_1.nc'}"
+    assert (other / provider / "g.nc").read_bytes() == mine
+    assert os.path.samefile(first / provider / "g.nc", other / provider / "g_1.nc")
+    assert _gets(server, "g.nc") == 1
+
+
 async def test_another_dest_while_it_downloads_gets_it_once_done(
         server: FileServer, dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
     data = os.urandom(2_000_000)
