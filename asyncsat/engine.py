@@ -881,20 +881,24 @@ class _RowEvents:
         self._logged = (started, download.bytes_done)
 
     async def named(self, name: str, size: int | None, validator: Validator) -> str:
-        named = await self._engine.store.call(
-            queries.download_named, self._download.id, self._fence, names=self._names(name),
-            size=size, etag=validator.etag, last_modified=validator.last_modified)
-        return self._chosen(name, named)
+        return await self._record(name, self._names(name), size, validator)
 
     async def elsewhere(self, name: str, size: int | None, validator: Validator) -> str:
         other = unique_name(name, self._download.id)
-        named = await self._engine.store.call(
-            queries.download_named, self._download.id, self._fence, names=(other,),
-            size=size, etag=validator.etag, last_modified=validator.last_modified)
-        chosen = self._chosen(other, named)  # (raises: the row lost, or the name taken)
+        chosen = await self._record(other, (other,), size, validator)  # (raises: the row
+        # lost, or the name taken)
         self._bound.warning("a file this download did not write has its name: it takes "
                             "another", name=name, now=chosen)
         return chosen
+
+    async def _record(self, name: str, names: tuple[str, ...], size: int | None,
+                      validator: Validator) -> str:
+        """The first of `names` no other download of the folder has, recorded with the
+        size and validators (`download_named`); `name` is the one proposed."""
+        named = await self._engine.store.call(
+            queries.download_named, self._download.id, self._fence, names=names,
+            size=size, etag=validator.etag, last_modified=validator.last_modified)
+        return self._chosen(name, named)
 
     def _names(self, name: str) -> tuple[str, str]:
         """The name proposed, then the one taken when another download of the folder has it."""

@@ -111,8 +111,8 @@ async def _settle(conn: Any, request_id: int, added: Added, provider: Provider, 
     target = folder / provider.name / added.name if added.name else None
     # (someone else's file at the name in the folder asked for is not the product: it is put
     # there under the other name, `deliver`)
-    if target is not None and target.exists() and (
-            not added.path or Path(added.path) == target or placed(Path(added.path), target)):
+    if target is not None and (placed(Path(added.path), target) if added.path
+                               else target.exists()):
         asked.done.append((added.id, str(target)))
     elif target is not None and added.path and Path(added.path).exists():
         asked.links.append(Link(added.id, Path(added.path), target))

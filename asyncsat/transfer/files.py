@@ -435,7 +435,7 @@ def place(source: Path, target: Path) -> str:
     (`NOT_THE_PRODUCT`: someone else's file has the name). Blocking (a copy may take
     long): run it in a thread.
     """
-    if target.exists() or target.is_symlink():
+    if os.path.lexists(target):
         return _already(source, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
