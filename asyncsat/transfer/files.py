@@ -12,9 +12,9 @@ import os
 import shutil
 import stat
 import sys
-import threading
+import weakref
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -278,7 +278,8 @@ class PartFile:
         2,000 files of 64 KiB), a fifth of its time with many small files. `fenced` is
         checked in the worker, as the file is locked: the step must start at once
         (`threads`: a pool with a worker free for it), not after whatever else waits for a
-        worker of a shared pool."""
+        worker of a shared pool. Its folder is flushed apart (`synced`): the writer is free
+        for the next file meanwhile."""
         if self.checksum is not None:  # (an unknown algorithm fails before a file is made)
             self._hasher = new_hasher(self.checksum.algo)
         self.size = 0
@@ -299,7 +300,8 @@ class PartFile:
         return self.final
 
     async def finish(self, expected_size: int | None, name: str) -> Path:
-        """Verify size, checksum and content, fsync, rename to the final name, fsync the folder."""
+        """Verify size, checksum and content, fsync, rename to the final name (its folder is
+        flushed apart: `synced`)."""
         self._verify(expected_size)
         try:
             await _in_thread(lambda: self._seal(name))
@@ -366,43 +368,80 @@ class PartFile:
             self.close()
             raise _local_error(self.path, exc, f"rename {self.path} to {self.final}") from None
         self.close()
-        _FOLDERS.sync(self.final.parent)
 
 
 class _FolderSync:
-    """fsync of folders, shared: a rename is durable once an fsync of its folder that
-    started after it has ended, so the renames made while one runs share the next one
-    (group commit). Transfers that end together in one folder (many small files) pay for
-    one fsync instead of one each. Called from worker threads."""
+    """fsync of folders, shared (group commit), on the event loop: a rename is durable once
+    an fsync of its folder that started after it has ended, so the files renamed while one
+    runs share the next one. Each fsync is one worker-thread step, and its waiters are told
+    together on the loop. (The writer threads used to share it through a condition
+    variable, each waiting in its thread: every fsync's end woke them all, and each then
+    took the GIL back from the busy loop in turn. 2,000 files of 64 KiB: 13 % less wall
+    time and 27 % fewer context switches without any folder fsync; see `synced`.)"""
 
     def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._issued: dict[Path, int] = {}
-        """Per folder: renames announced so far."""
-        self._synced: dict[Path, int] = {}
-        """Per folder: renames an ended fsync covers."""
-        self._running: set[Path] = set()
+        self._waiting: dict[Path, list[asyncio.Future[None]]] = {}
+        """Per folder: the callers waiting for an fsync that has not started yet."""
+        self._running: dict[Path, asyncio.Task[None]] = {}
 
-    def sync(self, folder: Path) -> None:
+    async def sync(self, folder: Path) -> None:
         """Return once the renames made in `folder` before this call are durable."""
-        with self._changed:
-            ticket = self._issued[folder] = self._issued.get(folder, 0) + 1
-            while self._synced.get(folder, 0) < ticket:
-                if folder in self._running:
-                    self._changed.wait()
-                    continue
-                self._running.add(folder)
-                covers = self._issued[folder]
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(folder, []).append(waiter)
+        if folder not in self._running:
+            self._running[folder] = asyncio.create_task(self._syncs(folder))
+        await waiter
+
+    async def _syncs(self, folder: Path) -> None:
+        """fsync `folder` until nobody waits for it: each fsync covers the callers that came
+        before it started."""
+        waiters: list[asyncio.Future[None]] = []
+        try:
+            while waiters := self._waiting.pop(folder, []):
                 try:
-                    self._changed.release()
-                    try:
-                        _fsync_folder(folder)
-                    finally:
-                        self._changed.acquire()
-                    self._synced[folder] = max(self._synced.get(folder, 0), covers)
-                finally:
-                    self._running.discard(folder)
-                    self._changed.notify_all()
+                    await asyncio.get_running_loop().run_in_executor(
+                        _SYNC_THREADS, _fsync_folder, folder)
+                except OSError as exc:
+                    for waiter in waiters:  # (an exception of its own each: raised apart)
+                        if not waiter.done():
+                            waiter.set_exception(OSError(exc.errno, exc.strerror, str(folder)))
+                else:
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_result(None)
+        finally:  # (the loop's end: nobody is left waiting for ever)
+            del self._running[folder]
+            for waiter in waiters + self._waiting.pop(folder, []):
+                waiter.cancel()
+
+
+_SYNC_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="asyncsat-fsync")
+"""The workers of folder fsyncs (one at a time per folder): not the loop's default pool,
+where an fsync that every file of the folder waits for would queue behind copies and the
+hashes of large resumed files."""
+
+_FOLDERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _FolderSync] = \
+    weakref.WeakKeyDictionary()
+
+
+async def synced(folder: Path) -> None:
+    """Return once the renames made in `folder` before this call are on disk (an fsync of
+    the folder, shared with the files renamed meanwhile); a cancel waits for it, then is
+    passed on. A file is recorded done only after this: its name, not only its bytes,
+    survives a power cut."""
+    loop = asyncio.get_running_loop()
+    folders = _FOLDERS.get(loop)
+    if folders is None:
+        folders = _FOLDERS[loop] = _FolderSync()
+    step, cancelled = await run_to_end(folders.sync(folder))
+    if cancelled:
+        if not step.cancelled():
+            step.exception()  # (retrieved: the stop wins over the fsync's failure)
+        raise asyncio.CancelledError
+    try:
+        step.result()
+    except OSError as exc:
+        raise _local_error(folder, exc, f"flush the folder {folder}") from None
 
 
 _NO_FOLDER_SYNC = (errno.EINVAL, errno.EBADF, errno.EOPNOTSUPP, errno.ENOTSUP)
@@ -419,9 +458,6 @@ def _fsync_folder(folder: Path) -> None:
             raise
     finally:
         os.close(dir_fd)
-
-
-_FOLDERS = _FolderSync()
 
 
 _NO_LINKS = (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP)

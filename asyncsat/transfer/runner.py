@@ -15,7 +15,7 @@ from asyncsat.models import Checksum
 from asyncsat.naming import name_from_url, sanitize
 from asyncsat.tasks import run_to_end
 from asyncsat.transfer.base import Driver, Opened, Source, Validator
-from asyncsat.transfer.files import NameTaken, PartFile
+from asyncsat.transfer.files import NameTaken, PartFile, synced
 
 HOLD_MOST = 1 << 20
 """The largest file held (`chunk_size`, if smaller)."""
@@ -228,6 +228,9 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
     finally:
         if part is not None:
             part.close()
+    # the rename on disk too before the row says done (an fsync of the folder, shared with
+    # the files renamed meanwhile; the writer of a held body is free for the next one)
+    await synced(path.parent)
     return Outcome(path=path, name=name, size=part.size, resumed_from=start,
                    restarted=offset > 0 and start == 0)
 
