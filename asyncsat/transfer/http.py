@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from types import SimpleNamespace
 
 import aiohttp
 import yarl
@@ -175,11 +174,9 @@ class HttpDriver:
     @classmethod
     def create(cls, *, connect_timeout: float = 30.0, read_timeout: float = 60.0) -> HttpDriver:
         """A driver with its own session; the slots, not the connector, limit concurrency."""
-        redirects = aiohttp.TraceConfig()
-        redirects.on_request_redirect.append(_refuse_downgrade)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-            trace_configs=[redirects],
+            middlewares=(_refuse_downgrade,),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
                                           sock_read=read_timeout),
             auto_decompress=False,
@@ -228,17 +225,18 @@ class HttpDriver:
     async def _get(self, source: Source, headers: dict[str, str], *, ok_416: bool = False,
                    ) -> aiohttp.ClientResponse:
         auth, url = source.auth, _target(source.url)
-        follows = _Redirects(source.allow_insecure_redirects)
+        # (None: the session's middleware; a provider that allows redirects to http: none)
+        follows = () if source.allow_insecure_redirects else None
         sent = await auth.headers()
         response = await self._session.get(url, headers={**sent, **headers},
-                                           trace_request_ctx=follows)
+                                           middlewares=follows)
         if response.status == 401 and auth.rejected(sent):
             # a token that expired (or was revoked) before its time: one renewal, same
             # request; a resume goes on from the same offset under the new token
             response.release()
             sent = await auth.headers()
             response = await self._session.get(url, headers={**sent, **headers},
-                                               trace_request_ctx=follows)
+                                               middlewares=follows)
         if response.status >= 400 and not (ok_416 and response.status == 416):
             detail = await _error_detail(response)
             response.release()
@@ -273,34 +271,34 @@ class HttpDriver:
         return Opened(offset=0, total=response.content_length, name=name, validator=validator)
 
 
-@dataclass(frozen=True)
-class _Redirects:
-    """What one request may follow (its `trace_request_ctx`)."""
-
-    insecure: bool = False
-    """A redirect from https:// to http:// is followed (provider allow_insecure_redirects)."""
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
-async def _refuse_downgrade(_session: aiohttp.ClientSession, context: SimpleNamespace,
-                            params: aiohttp.TraceRequestRedirectParams) -> None:
+async def _refuse_downgrade(request: aiohttp.ClientRequest,
+                            handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
     """Refuse, before it is followed, a redirect that would drop TLS: the product (and a
-    pre-signed URL in the Location) would travel unprotected."""
-    policy = context.trace_request_ctx
-    if params.url.scheme != "https" or (isinstance(policy, _Redirects) and policy.insecure):
-        return
-    location = params.response.headers.get("Location") or params.response.headers.get("URI")
+    pre-signed URL in the Location) would travel unprotected. A client middleware: it sees
+    every hop of a request's redirects (a request of a provider that allows them is sent
+    without it). (A trace config did this before: aiohttp then built and sent its trace
+    events for every request to look at redirects only, 0.02 ms of CPU per request more
+    than this, measured with 2,000 requests to a loopback server.)"""
+    response = await handler(request)
+    if response.status not in _REDIRECTS or request.url.scheme != "https":
+        return response
+    location = response.headers.get("Location") or response.headers.get("URI")
     if not location:
-        return
+        return response
     try:
-        target = params.url.join(yarl.URL(location))
+        target = request.url.join(yarl.URL(location))
     except ValueError:
-        return  # aiohttp refuses a Location that is not a URL by itself
+        return response  # aiohttp refuses a Location that is not a URL by itself
     if target.scheme == "http":
-        params.response.close()
+        response.close()
         raise PermanentError(
-            f"refused a redirect from https to http ({_shown(params.url)} -> {_shown(target)})"
-            ": the file would travel unencrypted; set allow_insecure_redirects=true on the "
-            "provider to allow it")
+            f"refused a redirect from https to http ({_shown(request.url)} -> "
+            f"{_shown(target)}): the file would travel unencrypted; set "
+            "allow_insecure_redirects=true on the provider to allow it")
+    return response
 
 
 def _shown(url: yarl.URL) -> str:
