@@ -574,7 +574,8 @@ class Engine:
         # what an idle run waits for)
         if not handed_over or not self._tasks:
             self.wake.set()
-        await _to_the_end(self._slot_after(d, lease, turn))
+        if self.leases.holds(lease, d.id):  # (most rows' slot went on: no step, no task)
+            await _to_the_end(self._slot_after(d, lease, turn))
 
     async def _take_turn(self, d: Download, turn: _Turn, bound: Any) -> bool:
         """Wait for this row's turn in its slot's run (`RUN_WAIT` at most); a row whose turn
@@ -613,12 +614,11 @@ class Engine:
         self._finished(d, "queued" if status in (None, "running") else status)
 
     async def _slot_after(self, d: Download, lease: Lease, turn: _Turn) -> None:
-        """The slot of a transfer that ended goes back unless it went on: by the run's last
-        row (its lease), once the rows before it have given the connection back."""
-        if self.leases.holds(lease, d.id):
-            if turn.wait is not None and not turn.wait.done():
-                await asyncio.wait([turn.wait])
-            await self.leases.release(lease, d.id)
+        """The slot of a transfer that ended goes back (it did not go on): by the run's
+        last row (its lease), once the rows before it have given the connection back."""
+        if turn.wait is not None and not turn.wait.done():
+            await asyncio.wait([turn.wait])
+        await self.leases.release(lease, d.id)
 
     async def _transfer(self, d: Download, lease: Lease, turn: _Turn, bound: Any) -> bool:
         """Run one download; True when its slot went on to the next one."""

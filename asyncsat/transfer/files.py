@@ -384,13 +384,13 @@ class _FolderSync:
         """Per folder: the callers waiting for an fsync that has not started yet."""
         self._running: dict[Path, asyncio.Task[None]] = {}
 
-    async def sync(self, folder: Path) -> None:
-        """Return once the renames made in `folder` before this call are durable."""
+    def waiter(self, folder: Path) -> asyncio.Future[None]:
+        """Done once the renames made in `folder` before this call are durable."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(folder, []).append(waiter)
         if folder not in self._running:
             self._running[folder] = asyncio.create_task(self._syncs(folder))
-        await waiter
+        return waiter
 
     async def _syncs(self, folder: Path) -> None:
         """fsync `folder` until nobody waits for it: each fsync covers the callers that came
@@ -433,7 +433,7 @@ async def synced(folder: Path) -> None:
     folders = _FOLDERS.get(loop)
     if folders is None:
         folders = _FOLDERS[loop] = _FolderSync()
-    step, cancelled = await run_to_end(folders.sync(folder))
+    step, cancelled = await run_to_end(folders.waiter(folder))  # (a future: no task)
     if cancelled:
         if not step.cancelled():
             step.exception()  # (retrieved: the stop wins over the fsync's failure)
