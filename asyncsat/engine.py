@@ -63,15 +63,26 @@ DONE_WINDOW = 0.005
 to the next file already). 2,000 files of 64 KiB end about every millisecond."""
 DONE_MOST = 100
 """Files recorded done in one statement at most."""
-RUN = 4
-"""Rows a slot claims at once after a small file (held whole): the next one and up to
-`RUN - 1` after it, taken in turn over its one connection (one hand-over statement for
-them, not one each; small files come in runs)."""
+RUN = 16
+"""Rows a slot claims at once after a small file (held whole), at most: the next one and up
+to `RUN - 1` after it, taken in turn over its one connection (one hand-over statement for
+them, not one each; small files come in runs). A run is as long as the pace of the file
+that claims it fits in half of `RUN_WAIT` (`run_more`). 3,000 files of 64 KiB, against
+runs of 4: 9 % less wall time, 22 % less CPU of PostgreSQL (A/B, 5 runs each)."""
 RUN_WAIT = 1.0
 """Seconds a row claimed in a run waits for its turn at most, counted from the hand-over that
 claimed the run (the rows before it in the run share them: one of them is slower than a
 small file): it then goes back to the queue for any free slot, due now (behind the rows due
 before it), its attempt unused."""
+
+
+def run_more(took: float) -> int:
+    """Rows a slot claims after its next one, when its last file took `took` seconds (from
+    its request to its body in): as many as that pace takes in turn within half of
+    `RUN_WAIT`, `RUN - 1` at most. (Slower files in a run as long as the fastest's would
+    wait past `RUN_WAIT` and go back unused: two statements each, for nothing.)"""
+    fits = int(RUN_WAIT / 2 / max(took, 1e-6)) - 1
+    return max(0, min(RUN - 1, fits))
 
 
 class ProgressSink(Protocol):
@@ -872,7 +883,7 @@ class _RowEvents:
         self._name = download.name or ""
         self._on_disk = download.bytes_done
         self._fence = engine._fence(download)
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         self._last = started
         """The first progress write comes `progress_interval` after the start: a file that
         ends sooner costs no write (its end records its bytes)."""
@@ -946,7 +957,8 @@ class _RowEvents:
             queries.download_sealing, d.id, self._fence, self._lease.id,
             lease_seconds=engine.settings.lease_timeout,
             default_dest=str(engine.settings.default_dest), hand_over=not engine._stopping,
-            more=RUN - 1 if naming is not None and not engine._stopping else 0, **extra))
+            more=run_more(sent - self._started) if naming is not None and not engine._stopping
+            else 0, **extra))
         sealed = step.result()
         if sealed.following:  # the slot goes on to the provider's next downloads, started
             # now: the first at once, each of the others when the one before it is through

@@ -43,7 +43,7 @@ async def test_small_files_are_claimed_in_runs_within_the_cap(
         assert Path(row["path"]).read_bytes() == data[name]
     assert len(server.requests) == len(data)  # every file fetched once
     # runs were claimed: fewer hand-overs than files, some of several rows
-    assert all(more == engine.RUN - 1 for more, _n in sealings)
+    assert all(0 <= more <= engine.RUN - 1 for more, _n in sealings)
     assert max(n for _more, n in sealings) > 1
     assert sum(1 for _more, n in sealings if n) < len(data) - 2
     assert server.peak["anonymous"] <= 2  # the account's cap, never exceeded

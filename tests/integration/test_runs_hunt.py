@@ -137,6 +137,7 @@ async def test_a_lowered_cap_opens_no_connection_of_a_run_over_it(
     meanwhile: the running rows finish, but no row of the runs starts a connection while
     the account has as many as its new cap."""
     monkeypatch.setattr(engine, "RUN_WAIT", 30.0)
+    monkeypatch.setattr(engine, "RUN", 4)  # (runs of 4: each slot's run takes half the rows)
     await add_provider(dsn, "local", server.base, {"max_connections": 2})
     names = ["a1.nc", "a2.nc", "b1.nc", "c1.nc", "d1.nc", "e1.nc", "b2.nc", "c2.nc", "d2.nc",
              "e2.nc"]

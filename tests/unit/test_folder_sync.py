@@ -52,7 +52,7 @@ async def test_folders_are_synced_apart_and_a_failed_fsync_is_raised(
     monkeypatch.setattr(files, "_fsync_folder", fsync)
     await files.synced(tmp_path / "a")
     await files.synced(tmp_path / "b")
-    with pytest.raises(PermanentError, match="cannot flush the folder .*bad.*Input/output"):
+    with pytest.raises(PermanentError, match=r"cannot flush the folder .*bad.*Input/output"):
         await files.synced(tmp_path / "bad")
     await files.synced(tmp_path / "a")  # a second rename in `a` needs a new fsync
     assert seen == [tmp_path / "a", tmp_path / "b", tmp_path / "bad", tmp_path / "a"]
