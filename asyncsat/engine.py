@@ -666,9 +666,9 @@ class Engine:
                           Validator(d.etag, d.last_modified), fallback_name=f"download-{d.id}",
                           size_from_server=d.size_from_server,
                           keep_cache=self.settings.keep_page_cache,
-                          # (the claim counted this attempt; one that never transferred
-                          # gave its number back)
-                          tried=d.attempts > 1)
+                          # (an earlier attempt got as far as renaming its file: a file at
+                          # the final name may be its own; else it is someone else's)
+                          tried=d.sealed_attempt is not None)
                 outcome = await transfer(self.drivers.for_url(source.url), job, events, attempt,
                                          self.settings.chunk_size)
         except asyncio.CancelledError:

@@ -86,6 +86,10 @@ class Download:
     """When the product was ordered from the provider's long-term archive (None: never)."""
     last_mismatch: str | None = None
     """The wrong bytes the last attempt received (`md5:<digest>`, `size:<n>`), if any."""
+    sealed_attempt: int | None = None
+    """The attempt that got as far as sealing its file (it may have renamed it to its final
+    name) and was not recorded done: a file at the final name may be this download's own
+    only then."""
 
 
 @dataclass(frozen=True)

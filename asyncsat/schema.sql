@@ -143,6 +143,24 @@ CREATE INDEX IF NOT EXISTS archive_order_account_idx
 -- an order the provider refused for its quota: the account sends none for a while
 ALTER TABLE archive_order ADD COLUMN IF NOT EXISTS refused boolean NOT NULL DEFAULT false;
 
+-- 0.6: the attempt that got as far as sealing its file (its body in, checked as still its
+-- claim's: the file may then be renamed to its final name) and was not recorded done. Only
+-- then is a file at the row's final name taken for its own by a later attempt (renamed
+-- before a crash, never recorded done); else a file there is someone else's (a user's that
+-- appeared after an attempt that failed early) and is never touched. Rows of an earlier
+-- release that ran an attempt may have: they keep adopting, as they did.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = current_schema() AND table_name = 'download'
+                     AND column_name = 'sealed_attempt') THEN
+        ALTER TABLE download ADD COLUMN sealed_attempt integer;
+        UPDATE download SET sealed_attempt = attempts
+         WHERE status <> 'done' AND attempts > 0;
+    END IF;
+END;
+$$;
+
 -- what the claim reads: due rows of a provider, queued or offline (to be looked at again)
 DROP INDEX IF EXISTS download_queued_idx;
 CREATE INDEX IF NOT EXISTS download_due_idx
@@ -455,6 +473,10 @@ BEGIN
             size_origin text, product_id text, offline_checks integer,
             ordered_at timestamptz, last_mismatch text);
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'asyncsat_claimed'::regclass
+                   AND attname = 'sealed_attempt') THEN
+        ALTER TYPE asyncsat_claimed ADD ATTRIBUTE sealed_attempt integer;
+    END IF;
     -- (an earlier hand-over took no current download)
     DROP FUNCTION IF EXISTS asyncsat_hand_over(text, bigint, double precision, text, boolean);
     -- (0.4's claim returned four columns: a changed result type needs a new function)
@@ -514,7 +536,7 @@ BEGIN
                   d.name, d.dest, d.size, d.checksum_algo, d.checksum_value, d.status,
                   d.bytes_done, d.attempts, d.failures, d.error, d.path, d.etag,
                   d.last_modified, d.login_user, d.login_secret, d.size_origin, d.product_id,
-                  d.offline_checks, d.ordered_at, d.last_mismatch;
+                  d.offline_checks, d.ordered_at, d.last_mismatch, d.sealed_attempt;
 END;
 $$;
 
@@ -664,9 +686,12 @@ $$;
 -- the first of `p_names` that no other download of the folder has (the unique file index
 -- decides), its size (one a catalog or a user gave stays) and validators. Returns the name,
 -- '' when every one is taken, NULL when the row is no longer the claim's.
+-- With `p_sealing` (a file held whole, its body in: it is renamed next), the row records
+-- that this attempt may have renamed its file (`sealed_attempt`), in the same update.
+DROP FUNCTION IF EXISTS asyncsat_named(bigint, text, integer, text[], bigint, text, text);
 CREATE OR REPLACE FUNCTION asyncsat_named(
     p_id bigint, p_owner text, p_attempt integer, p_names text[], p_size bigint,
-    p_etag text, p_last_modified text)
+    p_etag text, p_last_modified text, p_sealing boolean DEFAULT false)
 RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     v_name text;
@@ -677,7 +702,8 @@ BEGIN
             UPDATE download SET name = v_name, etag = p_etag, last_modified = p_last_modified,
                    size = CASE WHEN size IS NULL OR size_origin = 'server'
                                THEN coalesce(p_size, size) ELSE size END,
-                   size_origin = CASE WHEN size IS NULL THEN 'server' ELSE size_origin END
+                   size_origin = CASE WHEN size IS NULL THEN 'server' ELSE size_origin END,
+                   sealed_attempt = CASE WHEN p_sealing THEN p_attempt ELSE sealed_attempt END
              WHERE id = p_id AND status = 'running' AND owner = p_owner
                AND attempts = p_attempt;
             IF NOT FOUND THEN
@@ -693,6 +719,16 @@ BEGIN
     END LOOP;
     RETURN '';
 END;
+$$;
+
+-- A streamed file's body is in (checked as still its claim's): it may be renamed from now
+-- on (`sealed_attempt`). The seconds its lease has left; NULL when the row is no longer the
+-- claim's.
+CREATE OR REPLACE FUNCTION asyncsat_sealing(p_id bigint, p_owner text, p_attempt integer)
+RETURNS double precision LANGUAGE sql AS $$
+    UPDATE download SET sealed_attempt = p_attempt
+     WHERE id = p_id AND status = 'running' AND owner = p_owner AND attempts = p_attempt
+    RETURNING extract(epoch FROM lease_expires - now())::float8
 $$;
 
 -- The bodies of rows of a run that hand no slot over (the run's last row does): for each,
@@ -726,9 +762,13 @@ BEGIN
     LOOP
         sealed_id := v.id;
         lease_left := v.left_s;
-        named := CASE WHEN v.name IS NOT NULL THEN asyncsat_named(
-                          v.id, v.owner, v.attempt, ARRAY[v.name, v.other], v.size, v.etag,
-                          v.lm) END;
+        IF v.name IS NOT NULL THEN
+            named := asyncsat_named(v.id, v.owner, v.attempt, ARRAY[v.name, v.other], v.size,
+                                    v.etag, v.lm, true);
+        ELSE
+            named := NULL;
+            PERFORM asyncsat_sealing(v.id, v.owner, v.attempt);
+        END IF;
         RETURN NEXT;
     END LOOP;
 END;
@@ -764,7 +804,7 @@ BEGIN
                   FOR NO KEY UPDATE OF d SKIP LOCKED),  -- (not the rows locked just above)
         done AS (UPDATE download d SET status = 'done', bytes_done = v.size, size = v.size,
                         path = v.path, error = NULL, failures = 0, finished_at = now(),
-                        owner = NULL
+                        owner = NULL, sealed_attempt = NULL
                    FROM v WHERE d.id = v.id AND d.id IN (SELECT id FROM mine)
                     AND d.status = 'running' AND d.owner = v.owner AND d.attempts = v.attempt
                  RETURNING d.id),
@@ -807,5 +847,5 @@ CREATE TABLE IF NOT EXISTS asyncsat_schema (
     one     boolean PRIMARY KEY DEFAULT true CHECK (one),
     version integer NOT NULL
 );
-INSERT INTO asyncsat_schema (version) VALUES (6)
+INSERT INTO asyncsat_schema (version) VALUES (7)
     ON CONFLICT (one) DO UPDATE SET version = greatest(asyncsat_schema.version, EXCLUDED.version);

@@ -55,6 +55,7 @@ def _download(row: Any, *, id_column: str = "id") -> Download:
         offline_checks=row["offline_checks"], ordered_at=row["ordered_at"],
         last_mismatch=row["last_mismatch"],
         claimed_from=row.get("claimed_from") or row["status"],
+        sealed_attempt=row.get("sealed_attempt"),
     )
 
 
@@ -811,10 +812,13 @@ async def download_sealing(
     same statement (`download_named`: nothing of it is on disk yet). With `more`, up to
     that many rows after the next one are claimed too (a run). One statement."""
     rows = await db.fetch(
-        "SELECT o.lease_left > 0 AS owned, o.lease_left, o.named, n.* FROM (SELECT (SELECT"
+        # (either way the row records that this attempt may rename its file from now on:
+        # `sealed_attempt`, which a later attempt's adoption of a file at the name needs)
+        "SELECT o.lease_left > 0 AS owned, o.lease_left, o.named, n.* FROM (SELECT CASE WHEN"
+        " $8::text[] IS NULL THEN asyncsat_sealing($1, $2, $3) ELSE (SELECT"
         " extract(epoch FROM lease_expires - now())::float8 FROM download WHERE id = $1"
-        + _FENCED.format(o="$2", a="$3") + ") AS lease_left, CASE WHEN $8::text[] IS NOT NULL"
-        " THEN asyncsat_named($1, $2, $3, $8, $9, $10, $11) END AS named) o"
+        + _FENCED.format(o="$2", a="$3") + ") END AS lease_left, CASE WHEN $8::text[] IS NOT"
+        " NULL THEN asyncsat_named($1, $2, $3, $8, $9, $10, $11, true) END AS named) o"
         " LEFT JOIN LATERAL asyncsat_hand_over($2, $4, $1, $5, $6,"
         " $7 AND coalesce(o.lease_left > 0, false), $12) WITH ORDINALITY n ON true"
         # (a run in the order claimed: its last row holds the lease)

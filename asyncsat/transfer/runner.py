@@ -49,8 +49,9 @@ class Job:
     """Leave the file in the page cache (`keep_page_cache`); else its pages are dropped."""
     tried: bool = True
     """An earlier attempt may have renamed the file to its final name and stopped before it
-    was recorded done; false on the download's first attempt, when nothing at the final
-    name can be its own (a user's file there is never taken for its `.part`)."""
+    was recorded done (it got as far as sealing it: the row's `sealed_attempt`); false when
+    none did, and nothing at the final name can be its own (a user's file there is never
+    taken for its `.part`)."""
 
 
 @dataclass(frozen=True)

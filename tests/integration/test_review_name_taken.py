@@ -100,7 +100,9 @@ async def test_a_part_renamed_by_the_daemon_it_was_taken_from_is_found_at_the_fi
     local_folder(settings).mkdir(parents=True)
     (local_folder(settings) / "a.nc.part").write_bytes(data)  # A's, whole
     download_id = await named_row(dsn, settings, server.url("a.nc"), "a.nc", size=len(data))
-    await sql(dsn, "UPDATE download SET attempts = 1 WHERE id = $1", download_id)  # (A's)
+    # (A's attempt, which got as far as sealing its file)
+    await sql(dsn, "UPDATE download SET attempts = 1, sealed_attempt = 1 WHERE id = $1",
+              download_id)
     original = files.PartFile.open
     renamed: list[Path] = []
 
@@ -136,7 +138,8 @@ async def test_a_row_tried_before_takes_no_foreign_thing_at_its_name_for_its_own
     else:
         there.write_bytes(b"mine" * 25_000)
     download_id = await named_row(dsn, settings, server.url("b.nc"), "b.nc", size=len(data))
-    await sql(dsn, "UPDATE download SET attempts = 1 WHERE id = $1", download_id)
+    await sql(dsn, "UPDATE download SET attempts = 1, sealed_attempt = 1 WHERE id = $1",
+              download_id)
     await drain(settings)
     [row] = await rows(dsn)
     assert row["status"] == "done", row

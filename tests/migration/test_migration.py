@@ -68,3 +68,46 @@ async def test_upgrade_from_0_4_replaces_the_claim_function(pg: PgCluster) -> No
     finally:
         await fresh.close()
         await old.close()
+
+
+async def test_upgrade_from_the_previous_release_keeps_its_rows_adopting(
+        pg: PgCluster) -> None:
+    """Schema 7 records which attempt may have renamed a file (`sealed_attempt`): a later
+    attempt takes a file at the final name for its own only then. Rows of the previous
+    release that ran an attempt may have: they keep adopting, as they did; done rows and
+    rows never tried do not. A daemon of the previous release still names its files (its
+    call of `asyncsat_named` has one argument fewer)."""
+    (_, fresh), (_, old) = await new_database(pg), await new_database(pg)
+    try:
+        await apply_schema(fresh, always=True)
+        await old.execute(OLD.with_name("schema_0_6.sql").read_text())
+        provider = await old.fetchval(
+            "INSERT INTO provider (name, protocol, url) VALUES ('p', 'http', 'http://h/')"
+            " RETURNING id")
+        for name, status, attempts in [("run", "running", 1), ("again", "queued", 2),
+                                       ("done", "done", 1), ("new", "queued", 0)]:
+            await old.execute("INSERT INTO download (provider_id, url, name, status, attempts)"
+                              " VALUES ($1, $2, $3, $4, $5)",
+                              provider, f"http://h/{name}.nc", name, status, attempts)
+        await apply_schema(old, always=True)
+        await apply_schema(old, always=True)  # and again: the rows are not marked anew
+        assert await shape(old) == await shape(fresh)
+        marked = {r["name"]: r["sealed_attempt"]
+                  for r in await old.fetch("SELECT name, sealed_attempt FROM download")}
+        assert marked == {"run": 1, "again": 2, "done": None, "new": None}
+        await old.execute("INSERT INTO daemon (id, host, pid, version, lease_timeout)"
+                          " VALUES ('d1', 'h', 1, 'test', 30)")
+        claimed = await old.fetch("SELECT * FROM asyncsat_claim('d1', $1, 5, 30, '/data')",
+                                  provider)
+        # (the running row of a daemon of the previous release is taken over at once)
+        assert {r["name"]: r["sealed_attempt"] for r in claimed} == \
+            {"run": 1, "again": 2, "new": None}
+        row = next(r for r in claimed if r["name"] == "new")
+        assert await old.fetchval(  # (the previous release's call: seven arguments)
+            "SELECT asyncsat_named($1, 'd1', $2, ARRAY['new.nc'], 10, NULL, NULL)",
+            row["download_id"], row["attempts"]) == "new.nc"
+        assert await old.fetchval("SELECT sealed_attempt FROM download WHERE id = $1",
+                                  row["download_id"]) is None  # (named at its start)
+    finally:
+        await fresh.close()
+        await old.close()

@@ -36,6 +36,7 @@ KNOWN = {
     4: "12c2e4a5c9988a6845f7927e9c0f0e1c8377b66f6badfa0b6bd278b42d8d3e28",
     5: "087a8ec52a8508fc6e288e3351e7d2f852f7f6e0f2a282aeaf376b7a236bae3a",
     6: "24c55228d143a8033f8c76c7f0dafc57ee7fc1caa6dff0498dbbf20ea72b6185",
+    7: "e9aeed0336a10ffa8cab4f0fe6e5b18cc1078d12b7853cb483a268ed2fcc88e7",
 }
 """schema.sql's SHA-256 for each version (append-only): a change of the file must raise its
 version."""
@@ -87,8 +88,8 @@ async def test_init_never_applies_its_schema_to_a_newer_releases_database(
         await conn.execute("UPDATE asyncsat_schema SET version = 999")
         await conn.execute("CREATE OR REPLACE FUNCTION asyncsat_named(p_id bigint, p_owner"
                            " text, p_attempt integer, p_names text[], p_size bigint, p_etag"
-                           " text, p_last_modified text) RETURNS text LANGUAGE sql AS"
-                           " $$ SELECT 'newer' $$")
+                           " text, p_last_modified text, p_sealing boolean DEFAULT false)"
+                           " RETURNS text LANGUAGE sql AS $$ SELECT 'newer' $$")
         with pytest.raises(DatabaseError, match="newer asyncsat release"):
             await apply_schema(conn, always=True)
         assert await conn.fetchval(

@@ -1,0 +1,94 @@
+"""A file at a download's final name is taken for its own only when an earlier attempt got as
+far as sealing it (it may have renamed it, then stopped before it was recorded done): the
+row's `sealed_attempt`. Else it is someone else's, and is never touched."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from asyncsat.config import Settings
+from asyncsat.db import queries
+from tests.helpers import FAST, add_provider, drain, local_folder, named_row, rows, sql
+from tests.servers import FileServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def server(dsn: str) -> AsyncIterator[FileServer]:
+    srv = await FileServer().start()
+    await add_provider(dsn, "local", f"http://127.0.0.1:{srv.port}/", {**FAST})
+    yield srv
+    await srv.stop()
+
+
+@pytest.mark.parametrize("size", [3000, 2_500_000], ids=["held", "streamed"])
+async def test_a_users_file_that_appears_after_an_attempt_failed_early_is_kept(
+        server: FileServer, dsn: str, settings: Settings, size: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row named by a catalog that gave no size; its first attempt gets a 503 (nothing
+    written, nothing sealed); a user's file then appears at its name. The second attempt
+    must not take it for a file an earlier attempt renamed: the product takes the other
+    name, and the user's file keeps its bytes. (Before, any attempt after the first took
+    any regular file there for its own when no size was known, and emptied it.)"""
+    data, mine = os.urandom(size), os.urandom(5000)
+    server.add("a.nc", data, statuses=[(503, {"Retry-After": "0"}, b"busy")])
+    local_folder(settings).mkdir(parents=True)
+    users = local_folder(settings) / "a.nc"
+    real = queries.download_requeue
+
+    async def then_the_user(*args: Any, **kw: Any) -> Any:
+        done = await real(*args, **kw)
+        users.write_bytes(mine)  # (between the two attempts)
+        return done
+
+    monkeypatch.setattr(queries, "download_requeue", then_the_user)
+    download_id = await named_row(dsn, settings, server.url("a.nc"), "a.nc")
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert (row["status"], row["attempts"]) == ("done", 2), row
+    assert row["name"] == f"a_{download_id}.nc"
+    assert Path(row["path"]).read_bytes() == data
+    assert users.read_bytes() == mine
+    [marked] = await sql(dsn, "SELECT sealed_attempt FROM download")
+    assert marked["sealed_attempt"] is None  # (done: no attempt is left to adopt a file)
+
+
+@pytest.mark.parametrize("size", [3000, 2_500_000], ids=["held", "streamed"])
+async def test_a_file_an_attempt_renamed_before_it_was_recorded_done_is_adopted(
+        server: FileServer, dsn: str, settings: Settings, size: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first attempt seals and renames its file, then its record fails (the database
+    refuses it once): the row goes back to the queue, marked as sealed by attempt 1. The
+    second attempt takes the file at the final name for its own, verifies it and fetches
+    nothing: one file, at its name, fetched once."""
+    data = os.urandom(size)
+    server.add("b.nc", data)
+    real = queries.downloads_done
+    refused: list[int] = []
+
+    async def refused_once(db: Any, done: Any) -> Any:
+        if not refused:
+            [marked] = await sql(db_dsn, "SELECT sealed_attempt FROM download")
+            refused.append(marked["sealed_attempt"])
+            raise RuntimeError("the database refused the record")
+        return await real(db, done)
+
+    db_dsn = dsn
+    settings = dataclasses.replace(settings, lease_timeout=2.0)  # (put back sooner)
+    monkeypatch.setattr(queries, "downloads_done", refused_once)
+    await named_row(dsn, settings, server.url("b.nc"), "b.nc")
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert refused == [1]  # (the first attempt had sealed when its record failed)
+    assert (row["status"], row["attempts"], row["name"]) == ("done", 2, "b.nc"), row
+    assert Path(row["path"]).read_bytes() == data
+    assert sorted(p.name for p in local_folder(settings).iterdir()) == ["b.nc"]
+    # (the second attempt asked for what follows the whole file: nothing came twice)
+    assert [r["range"] for r in server.requests] == [None, f"bytes={size}-"]
