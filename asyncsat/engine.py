@@ -745,7 +745,7 @@ class Engine:
         else:
             status = await self.store.call(queries.download_stopped, d.id, self._fence(d),
                                            error=d.error, failures=d.failures,
-                                           bytes_done=on_disk)
+                                           bytes_done=on_disk, unsealed=not attempt.renaming)
         # (running: another daemon's now; queued: its lease lapsed and nobody took it, put
         # back here)
         if status == "running" or (d.id in self._lost and status != "queued"):
@@ -781,14 +781,16 @@ class Engine:
         if decision.action == "retry":
             await self.store.call(queries.download_requeue, d.id, self._fence(d), error=error,
                                   failures=decision.failures, bytes_done=attempt.size,
-                                  delay=decision.delay, mismatch=mismatch)
+                                  delay=decision.delay, mismatch=mismatch,
+                                  unsealed=not attempt.renaming)
             bound.warning("download queued", reason="retry", error=error,
                           retry_in=round(decision.delay, 2), attempt=d.attempts, budget=told,
                           bytes_done=attempt.size)
             self.metrics.retried(d.provider, exc)
             return
         await self.store.call(queries.download_end, d.id, self._fence(d), status="failed",
-                              error=error, failures=decision.failures, bytes_done=attempt.size)
+                              error=error, failures=decision.failures, bytes_done=attempt.size,
+                              unsealed=not attempt.renaming)
         bound.error("download failed", error=error, attempts=d.attempts, budget=told)
         self._finished(d, "failed")
 

@@ -922,18 +922,26 @@ async def _downloads_done(db: Any, done: Sequence[Done], *, wait: bool) -> \
             for r in rows}
 
 
+_UNSEALED = (" sealed_attempt = CASE WHEN {u} AND sealed_attempt = {a} THEN NULL"
+             " ELSE sealed_attempt END,")
+"""An attempt that never tried its file's rename (`unsealed`) takes back the mark it set
+when it sealed the file: nothing of it is at the final name (a checksum that failed, a stop
+between the two), and a file that appears there later is someone else's."""
+
+
 async def download_requeue(
     db: Any, download_id: int, fence: Fence, *, error: str | None, failures: int,
-    bytes_done: int, delay: float, mismatch: str | None = None,
+    bytes_done: int, delay: float, mismatch: str | None = None, unsealed: bool = False,
 ) -> bool:
     """Back to the queue, due after `delay` seconds (a retry, or a clean stop); `mismatch`:
     the wrong bytes this attempt received, remembered to tell a bad copy at the source."""
     result: str = await db.execute(
         "UPDATE download SET status = 'queued', error = $2, failures = $3, bytes_done = $4,"
-        " not_before = now() + make_interval(secs => $5),"
-        " last_mismatch = coalesce($6, last_mismatch), owner = NULL"
+        " not_before = now() + make_interval(secs => $5)," + _UNSEALED.format(u="$9", a="$8")
+        + " last_mismatch = coalesce($6, last_mismatch), owner = NULL"
         " WHERE id = $1" + _FENCED.format(o="$7", a="$8"),
         download_id, error, failures, bytes_done, delay, mismatch, fence.owner, fence.attempt,
+        unsealed,
     )
     return _changed(result)
 
@@ -1005,33 +1013,34 @@ async def archive_ordered(db: Any, download_id: int, provider_id: int, account: 
 
 async def download_stopped(
     db: Any, download_id: int, fence: Fence, *, error: str | None, failures: int,
-    bytes_done: int,
+    bytes_done: int, unsealed: bool = False,
 ) -> str | None:
     """A transfer was stopped: by the daemon's stop (the row goes back to the queue, due
     now) or by the user's cancel (it stays cancelled). Either way the bytes on disk are
     recorded. The row's status after (None: it was removed with its provider)."""
     value: str | None = await db.fetchval(
-        "UPDATE download SET bytes_done = $4, owner = NULL,"
-        " status = CASE WHEN status = 'running' THEN 'queued' ELSE status END,"
+        "UPDATE download SET bytes_done = $4, owner = NULL," + _UNSEALED.format(u="$7", a="$6")
+        + " status = CASE WHEN status = 'running' THEN 'queued' ELSE status END,"
         " error = CASE WHEN status = 'running' THEN $2 ELSE error END,"
         " failures = CASE WHEN status = 'running' THEN $3 ELSE failures END,"
         " not_before = CASE WHEN status = 'running' THEN now() ELSE not_before END"
         " WHERE id = $1 AND status IN ('running', 'cancelled') AND owner = $5"
         " AND attempts = $6 RETURNING status",
-        download_id, error, failures, bytes_done, fence.owner, fence.attempt,
+        download_id, error, failures, bytes_done, fence.owner, fence.attempt, unsealed,
     )
     return value if value is not None else await download_status(db, download_id)
 
 
 async def download_end(
     db: Any, download_id: int, fence: Fence, *, status: str, error: str, failures: int,
-    bytes_done: int,
+    bytes_done: int, unsealed: bool = False,
 ) -> bool:
     """A final failure: `failed`."""
     result: str = await db.execute(
         "UPDATE download SET status = $2, error = $3, failures = $4, bytes_done = $5,"
-        " finished_at = now(), owner = NULL WHERE id = $1" + _FENCED.format(o="$6", a="$7"),
-        download_id, status, error, failures, bytes_done, fence.owner, fence.attempt,
+        + _UNSEALED.format(u="$8", a="$7")
+        + " finished_at = now(), owner = NULL WHERE id = $1" + _FENCED.format(o="$6", a="$7"),
+        download_id, status, error, failures, bytes_done, fence.owner, fence.attempt, unsealed,
     )
     return _changed(result)
 

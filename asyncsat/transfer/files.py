@@ -106,6 +106,8 @@ class PartFile:
         """The size at which the pages written so far are dropped from the page cache."""
         self._head: bytes | None = None
         """The file's first bytes, as written by this attempt (None: it resumed)."""
+        self.renaming = False
+        """Its rename to the final name was tried (it may be there now)."""
 
     def recover(self, size: int | None = None, *, adopt: bool = True) -> int:
         """Bytes of the part file already on disk (0 when there is none).
@@ -360,9 +362,11 @@ class PartFile:
         # .part between the two and write into what becomes the final file; never over
         # anything at the final name (this download's own file from an earlier attempt
         # became its .part at the start, `recover`: a file there now is not its own)
+        self.renaming = True
         try:
             _rename_new(self.path, self.final)
-        except FileExistsError:
+        except FileExistsError:  # (nothing renamed)
+            self.renaming = False
             raise NameTaken(self.final) from None
         except OSError as exc:
             self.close()

@@ -118,6 +118,10 @@ class Attempt:
     size: int = 0
     part: Path | None = None
     """The `.part` file, once its name is known: its size on disk is the true byte count."""
+    renaming: bool = False
+    """The file's rename to its final name was tried: it may be there, whatever ended the
+    attempt (else a mark the attempt set when it sealed the file can go: the download's
+    `sealed_attempt`)."""
 
     @property
     def progressed(self) -> bool:
@@ -229,6 +233,7 @@ async def transfer(driver: Driver, job: Job, events: Events, attempt: Attempt,
     finally:
         if part is not None:
             part.close()
+            attempt.renaming = attempt.renaming or part.renaming
     # the rename on disk too before the row says done (an fsync of the folder, shared with
     # the files renamed meanwhile; the writer of a held body is free for the next one)
     await synced(path.parent)

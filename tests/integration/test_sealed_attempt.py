@@ -5,6 +5,7 @@ row's `sealed_attempt`. Else it is someone else's, and is never touched."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -92,3 +93,39 @@ async def test_a_file_an_attempt_renamed_before_it_was_recorded_done_is_adopted(
     assert sorted(p.name for p in local_folder(settings).iterdir()) == ["b.nc"]
     # (the second attempt asked for what follows the whole file: nothing came twice)
     assert [r["range"] for r in server.requests] == [None, f"bytes={size}-"]
+
+
+@pytest.mark.parametrize("size", [3000, 2_500_000], ids=["held", "streamed"])
+async def test_a_users_file_after_an_attempt_that_sealed_but_renamed_nothing_is_kept(
+        server: FileServer, dsn: str, settings: Settings, size: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first attempt seals its file, then finds the wrong checksum: the `.part` goes,
+    nothing was renamed, and the mark it set when it sealed goes with it. A user's file of
+    the product's size then appears at the name: the next attempt leaves it alone (before,
+    it took it for a file renamed before a crash, found the wrong checksum, and deleted
+    it). (Found by a review.)"""
+    data, wrong, mine = os.urandom(size), os.urandom(size), os.urandom(size)
+    product = server.add("c.nc", wrong)
+    local_folder(settings).mkdir(parents=True)
+    users = local_folder(settings) / "c.nc"
+    real = queries.download_requeue
+    once: list[bool] = []
+
+    async def then_the_user(*args: Any, **kw: Any) -> Any:
+        done = await real(*args, **kw)
+        if not once:
+            once.append(True)
+            assert not users.exists()  # (attempt 1 renamed nothing)
+            product.data = data
+            users.write_bytes(mine)
+        return done
+
+    monkeypatch.setattr(queries, "download_requeue", then_the_user)
+    download_id = await named_row(dsn, settings, server.url("c.nc"), "c.nc", size=size,
+                                  checksum=("md5", hashlib.md5(data).hexdigest()))
+    await drain(settings)
+    [row] = await rows(dsn)
+    assert (row["status"], row["attempts"]) == ("done", 2), row
+    assert row["name"] == f"c_{download_id}.nc"
+    assert Path(row["path"]).read_bytes() == data
+    assert users.read_bytes() == mine
