@@ -69,6 +69,14 @@ async def server() -> AsyncIterator[FileServer]:
     await srv.stop()
 
 
+@pytest.fixture
+async def local_server(server: FileServer, dsn: str) -> FileServer:
+    """`server`, added as provider `local` with quick retries (`FAST`)."""
+    from tests.helpers import FAST, add_provider
+    await add_provider(dsn, "local", f"http://127.0.0.1:{server.port}/", {**FAST})
+    return server
+
+
 def _drops_pages(folder: Path) -> bool:
     """Whether the page cache advice works in `folder` (tmpfs keeps every page: a file
     there is its pages; macOS has no posix_fadvise)."""

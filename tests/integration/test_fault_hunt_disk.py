@@ -13,7 +13,6 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +25,24 @@ from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.logs import Redactor
 from asyncsat.transfer import files
-from tests.helpers import FAST, add_provider, drain, local_folder, named_row, queue, rows
+from tests.helpers import drain, local_folder, named_row, queue, rows
 from tests.servers import FileServer
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def server(dsn: str) -> AsyncIterator[FileServer]:
-    srv = await FileServer().start()
-    await add_provider(dsn, "local", f"http://127.0.0.1:{srv.port}/", FAST)
-    yield srv
-    await srv.stop()
-
-
 async def test_a_directory_at_the_final_name_is_never_moved(
-        server: FileServer, dsn: str, settings: Settings) -> None:
+        local_server: FileServer, dsn: str, settings: Settings) -> None:
     """A folder (someone's, with files in it) has the name a row's product is to get, and
     no `.part` is there: it was renamed to `<name>.part` as if it were a final file renamed
     before a crash, then written into. It stays where it is, and the product takes another
     name (the row failed once, "Is a directory", when nothing else was at the name)."""
     data = os.urandom(3000)
-    server.add("a.nc", data)
+    local_server.add("a.nc", data)
     blocker = local_folder(settings) / "a.nc"
     blocker.mkdir(parents=True)
     (blocker / "keep.txt").write_text("mine")
-    await named_row(dsn, settings, server.url("a.nc"), "a.nc")
+    await named_row(dsn, settings, local_server.url("a.nc"), "a.nc")
     await drain(settings)
     [row] = await rows(dsn)
     assert (blocker / "keep.txt").read_text() == "mine"
@@ -64,17 +55,17 @@ async def test_a_directory_at_the_final_name_is_never_moved(
 
 
 async def test_a_smaller_foreign_file_at_the_final_name_is_not_resumed_from(
-        server: FileServer, dsn: str, settings: Settings) -> None:
+        local_server: FileServer, dsn: str, settings: Settings) -> None:
     """A row named by a catalog, with its size, finds a shorter file of other content at
     its final name (no `.part`): it was taken for its own file renamed before a crash and
     resumed from its end, and the product of foreign head and served tail, of the right
     size, was marked done. A file that cannot be the sealed product is not resumed from,
     nor replaced: the product takes another name."""
     data, foreign = os.urandom(300_000), os.urandom(100_000)
-    server.add("b.nc", data)
+    local_server.add("b.nc", data)
     (local_folder(settings)).mkdir(parents=True)
     (local_folder(settings) / "b.nc").write_bytes(foreign)
-    await named_row(dsn, settings, server.url("b.nc"), "b.nc", size=len(data))
+    await named_row(dsn, settings, local_server.url("b.nc"), "b.nc", size=len(data))
     await drain(settings)
     [row] = await rows(dsn)
     assert row["status"] == "done", row
@@ -84,13 +75,13 @@ async def test_a_smaller_foreign_file_at_the_final_name_is_not_resumed_from(
 
 
 async def test_a_folder_removed_while_its_file_is_written_starts_again(
-        server: FileServer, dsn: str, settings: Settings) -> None:
+        local_server: FileServer, dsn: str, settings: Settings) -> None:
     """`rm -rf DEST/provider` (a clean-up) while a file is written into it: the rename at
     the end found no `.part` and the row failed for good ("cannot write ...: No such file
     or directory"). The file starts again, in the folder made again."""
     data = os.urandom(1_500_000)
-    server.add("c.nc", data, rate=1_000_000)
-    await queue(dsn, server.url("c.nc"))
+    local_server.add("c.nc", data, rate=1_000_000)
+    await queue(dsn, local_server.url("c.nc"))
     task = asyncio.create_task(drain(settings))
     part = local_folder(settings) / "c.nc.part"
     for _ in range(500):
@@ -105,14 +96,14 @@ async def test_a_folder_removed_while_its_file_is_written_starts_again(
 
 
 async def test_a_file_system_that_refuses_to_fsync_folders(
-        server: FileServer, dsn: str, settings: Settings,
+        local_server: FileServer, dsn: str, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Some file systems (FUSE, CIFS, ...) answer fsync(2) of a folder with EINVAL: the file
     was verified, flushed and renamed, then the row failed for good ("cannot write
     x.part: Invalid argument") with the product at its final name. Such a refusal is
     ignored, as PostgreSQL ignores it."""
     data = os.urandom(3000)
-    server.add("d.nc", data)
+    local_server.add("d.nc", data)
     real = os.fsync
 
     def fsync(fd: int) -> None:
@@ -121,7 +112,7 @@ async def test_a_file_system_that_refuses_to_fsync_folders(
         real(fd)
 
     monkeypatch.setattr(files.os, "fsync", fsync)
-    await queue(dsn, server.url("d.nc"))
+    await queue(dsn, local_server.url("d.nc"))
     await drain(settings)
     [row] = await rows(dsn)
     assert row["status"] == "done", row
@@ -129,14 +120,14 @@ async def test_a_file_system_that_refuses_to_fsync_folders(
 
 
 async def test_a_full_disk_is_waited_out_saying_so(
-        server: FileServer, dsn: str, settings: Settings,
+        local_server: FileServer, dsn: str, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """write(2) answers ENOSPC half-way: the row goes back to the queue, its `.part` kept,
     saying the disk is full (the log line said the retry budget was spared because "the
     server limits requests or connections"); once there is room again it resumes from the
     bytes on disk and is done."""
     data = os.urandom(2_000_000)
-    server.add("e.nc", data)
+    local_server.add("e.nc", data)
     real = os.write
     room = {"left": 700_000}
 
@@ -148,7 +139,7 @@ async def test_a_full_disk_is_waited_out_saying_so(
         return n
 
     monkeypatch.setattr(files.os, "write", write)
-    await queue(dsn, server.url("e.nc"))
+    await queue(dsn, local_server.url("e.nc"))
     with capture_logs() as logs:
         task = asyncio.create_task(daemon.serve(settings, Redactor(), exit_when_idle=True))
         for _ in range(500):
@@ -166,17 +157,17 @@ async def test_a_full_disk_is_waited_out_saying_so(
     [row] = await rows(dsn)
     assert row["status"] == "done", row
     assert Path(row["path"]).read_bytes() == data
-    ranges = [r["range"] for r in server.requests]
+    ranges = [r["range"] for r in local_server.requests]
     assert "bytes=700000-" in ranges, ranges
 
 
 async def test_a_claim_refused_by_a_full_database_disk_is_tried_again_soon(
-        server: FileServer, dsn: str, settings: Settings,
+        local_server: FileServer, dsn: str, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """PostgreSQL's own disk full: the claim fails (`DiskFullError: could not extend file`)
     and the dispatcher waited for the requests' recheck, a minute, before it claimed again,
     with the space back long before. It claims again within seconds."""
-    server.add("f.nc", os.urandom(3000))
+    local_server.add("f.nc", os.urandom(3000))
     real = queries.claim
     refused: list[int] = []
 
@@ -187,7 +178,7 @@ async def test_a_claim_refused_by_a_full_database_disk_is_tried_again_soon(
         return await real(db, *args, **kw)
 
     monkeypatch.setattr(queries, "claim", claim)
-    await named_row(dsn, settings, server.url("f.nc"), "f.nc")  # (queued before the start)
+    await named_row(dsn, settings, local_server.url("f.nc"), "f.nc")  # (queued before the start)
     with capture_logs() as logs:
         await drain(settings, timeout=20)
     [row] = await rows(dsn)

@@ -5,38 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from asyncsat.config import Settings
-from tests.helpers import FAST, add_provider, drain, local_folder, named_row, rows, sql
+from tests.helpers import drain, local_folder, named_row, rows, sql
 from tests.servers import FileServer
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def server(dsn: str) -> AsyncIterator[FileServer]:
-    srv = await FileServer().start()
-    await add_provider(dsn, "local", f"http://127.0.0.1:{srv.port}/", {**FAST})
-    yield srv
-    await srv.stop()
-
-
 @pytest.mark.parametrize("size", [3000, 2_500_000], ids=["held", "streamed"])
 async def test_a_users_file_at_a_named_rows_name_of_unknown_size_is_kept(
-        server: FileServer, dsn: str, settings: Settings, size: int) -> None:
+        local_server: FileServer, dsn: str, settings: Settings, size: int) -> None:
     """A row named by a catalog that could not size it (or queued by psql with a name)
     finds a user's file at its final name: `recover` takes any regular file there for the
     product's own, renamed before a crash, when no size is known; the resume's overlap
     check then finds other bytes and empties it. The user's file is gone."""
     data, mine = os.urandom(size), os.urandom(5000)
-    server.add("a.nc", data)
+    local_server.add("a.nc", data)
     local_folder(settings).mkdir(parents=True)
     (local_folder(settings) / "a.nc").write_bytes(mine)
-    await named_row(dsn, settings, server.url("a.nc"), "a.nc")
+    await named_row(dsn, settings, local_server.url("a.nc"), "a.nc")
     await drain(settings)
     [row] = await rows(dsn)
     assert (local_folder(settings) / "a.nc").read_bytes() == mine
@@ -46,7 +37,7 @@ async def test_a_users_file_at_a_named_rows_name_of_unknown_size_is_kept(
 
 @pytest.mark.parametrize("size", [40_000, 2_500_000], ids=["held", "streamed"])
 async def test_a_stop_as_the_other_name_is_recorded_keeps_the_part_with_the_row(
-        server: FileServer, dsn: str, settings: Settings, size: int,
+        local_server: FileServer, dsn: str, settings: Settings, size: int,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon is stopped just as the other name is recorded (the statement committed,
     its answer not yet taken): the row says `a_<id>.nc` but the whole `.part` is still
@@ -55,7 +46,7 @@ async def test_a_stop_as_the_other_name_is_recorded_keeps_the_part_with_the_row(
     from asyncsat import engine
 
     data, mine = os.urandom(size), b"my notes\n"
-    server.add("a.nc", data)
+    local_server.add("a.nc", data)
     local_folder(settings).mkdir(parents=True)
     (local_folder(settings) / "a.nc").write_bytes(mine)
     original = engine._RowEvents.elsewhere
@@ -71,7 +62,7 @@ async def test_a_stop_as_the_other_name_is_recorded_keeps_the_part_with_the_row(
 
     monkeypatch.setattr(engine._RowEvents, "elsewhere", stop_after)
     from tests.helpers import queue
-    await queue(dsn, server.url("a.nc"), provider="local")
+    await queue(dsn, local_server.url("a.nc"), provider="local")
     await drain(settings)
     [row] = await rows(dsn)
     assert stopped
@@ -80,12 +71,12 @@ async def test_a_stop_as_the_other_name_is_recorded_keeps_the_part_with_the_row(
     assert Path(row["path"]).read_bytes() == data
     assert sorted(p.name for p in local_folder(settings).iterdir()) == ["a.nc", row["name"]]
     assert (local_folder(settings) / "a.nc").read_bytes() == mine
-    gets = [r for r in server.requests if r["path"] == "/files/a.nc"]
+    gets = [r for r in local_server.requests if r["path"] == "/files/a.nc"]
     assert len(gets) == 1 or gets[-1]["range"] == f"bytes={size}-", gets  # not fetched again
 
 
 async def test_a_part_renamed_by_the_daemon_it_was_taken_from_is_found_at_the_final_name(
-        server: FileServer, dsn: str, settings: Settings,
+        local_server: FileServer, dsn: str, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Daemon A's lease lapsed while it flushed the whole `.part` (no database to renew it);
     daemon B took the download over and measured A's `.part`, then A renamed it to the final
@@ -96,10 +87,10 @@ async def test_a_part_renamed_by_the_daemon_it_was_taken_from_is_found_at_the_fi
     from asyncsat.transfer import files
 
     data = os.urandom(200_000)
-    server.add("a.nc", data)
+    local_server.add("a.nc", data)
     local_folder(settings).mkdir(parents=True)
     (local_folder(settings) / "a.nc.part").write_bytes(data)  # A's, whole
-    download_id = await named_row(dsn, settings, server.url("a.nc"), "a.nc", size=len(data))
+    download_id = await named_row(dsn, settings, local_server.url("a.nc"), "a.nc", size=len(data))
     # (A's attempt, which got as far as sealing its file)
     await sql(dsn, "UPDATE download SET attempts = 1, sealed_attempt = 1 WHERE id = $1",
               download_id)
@@ -124,12 +115,12 @@ async def test_a_part_renamed_by_the_daemon_it_was_taken_from_is_found_at_the_fi
 
 @pytest.mark.parametrize("blocker", ["folder", "smaller file"])
 async def test_a_row_tried_before_takes_no_foreign_thing_at_its_name_for_its_own(
-        server: FileServer, dsn: str, settings: Settings, blocker: str) -> None:
+        local_server: FileServer, dsn: str, settings: Settings, blocker: str) -> None:
     """`recover`'s own checks, on a row an earlier attempt may have renamed the file of
     (a first attempt takes nothing there for its own: the tests of test_fault_hunt_disk no
     longer reach them): a folder, or a file shorter than the row's size, stays."""
     data = os.urandom(300_000)
-    server.add("b.nc", data)
+    local_server.add("b.nc", data)
     local_folder(settings).mkdir(parents=True)
     there = local_folder(settings) / "b.nc"
     if blocker == "folder":
@@ -137,7 +128,7 @@ async def test_a_row_tried_before_takes_no_foreign_thing_at_its_name_for_its_own
         (there / "keep.txt").write_text("mine")
     else:
         there.write_bytes(b"mine" * 25_000)
-    download_id = await named_row(dsn, settings, server.url("b.nc"), "b.nc", size=len(data))
+    download_id = await named_row(dsn, settings, local_server.url("b.nc"), "b.nc", size=len(data))
     await sql(dsn, "UPDATE download SET attempts = 1, sealed_attempt = 1 WHERE id = $1",
               download_id)
     await drain(settings)

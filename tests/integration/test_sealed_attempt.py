@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +14,15 @@ import pytest
 
 from asyncsat.config import Settings
 from asyncsat.db import queries
-from tests.helpers import FAST, add_provider, drain, local_folder, named_row, rows, sql
+from tests.helpers import drain, local_folder, named_row, rows, sql
 from tests.servers import FileServer
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def server(dsn: str) -> AsyncIterator[FileServer]:
-    srv = await FileServer().start()
-    await add_provider(dsn, "local", f"http://127.0.0.1:{srv.port}/", {**FAST})
-    yield srv
-    await srv.stop()
-
-
 @pytest.mark.parametrize("size", [3000, 2_500_000], ids=["held", "streamed"])
 async def test_a_users_file_that_appears_after_an_attempt_failed_early_is_kept(
-        server: FileServer, dsn: str, settings: Settings, size: int,
+        local_server: FileServer, dsn: str, settings: Settings, size: int,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A row named by a catalog that gave no size; its first attempt gets a 503 (nothing
     written, nothing sealed); a user's file then appears at its name. The second attempt
@@ -39,7 +30,7 @@ async def test_a_users_file_that_appears_after_an_attempt_failed_early_is_kept(
     name, and the user's file keeps its bytes. (Before, any attempt after the first took
     any regular file there for its own when no size was known, and emptied it.)"""
     data, mine = os.urandom(size), os.urandom(5000)
-    server.add("a.nc", data, statuses=[(503, {"Retry-After": "0"}, b"busy")])
+    local_server.add("a.nc", data, statuses=[(503, {"Retry-After": "0"}, b"busy")])
     local_folder(settings).mkdir(parents=True)
     users = local_folder(settings) / "a.nc"
     real = queries.download_requeue
@@ -50,7 +41,7 @@ async def test_a_users_file_that_appears_after_an_attempt_failed_early_is_kept(
         return done
 
     monkeypatch.setattr(queries, "download_requeue", then_the_user)
-    download_id = await named_row(dsn, settings, server.url("a.nc"), "a.nc")
+    download_id = await named_row(dsn, settings, local_server.url("a.nc"), "a.nc")
     await drain(settings)
     [row] = await rows(dsn)
     assert (row["status"], row["attempts"]) == ("done", 2), row
@@ -63,14 +54,14 @@ async def test_a_users_file_that_appears_after_an_attempt_failed_early_is_kept(
 
 @pytest.mark.parametrize("size", [3000, 2_500_000], ids=["held", "streamed"])
 async def test_a_file_an_attempt_renamed_before_it_was_recorded_done_is_adopted(
-        server: FileServer, dsn: str, settings: Settings, size: int,
+        local_server: FileServer, dsn: str, settings: Settings, size: int,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The first attempt seals and renames its file, then its record fails (the database
     refuses it once): the row goes back to the queue, marked as sealed by attempt 1. The
     second attempt takes the file at the final name for its own, verifies it and fetches
     nothing: one file, at its name, fetched once."""
     data = os.urandom(size)
-    server.add("b.nc", data)
+    local_server.add("b.nc", data)
     real = queries.downloads_done
     refused: list[int] = []
 
@@ -84,7 +75,7 @@ async def test_a_file_an_attempt_renamed_before_it_was_recorded_done_is_adopted(
     db_dsn = dsn
     settings = dataclasses.replace(settings, lease_timeout=2.0)  # (put back sooner)
     monkeypatch.setattr(queries, "downloads_done", refused_once)
-    await named_row(dsn, settings, server.url("b.nc"), "b.nc")
+    await named_row(dsn, settings, local_server.url("b.nc"), "b.nc")
     await drain(settings)
     [row] = await rows(dsn)
     assert refused == [1]  # (the first attempt had sealed when its record failed)
@@ -92,12 +83,12 @@ async def test_a_file_an_attempt_renamed_before_it_was_recorded_done_is_adopted(
     assert Path(row["path"]).read_bytes() == data
     assert sorted(p.name for p in local_folder(settings).iterdir()) == ["b.nc"]
     # (the second attempt asked for what follows the whole file: nothing came twice)
-    assert [r["range"] for r in server.requests] == [None, f"bytes={size}-"]
+    assert [r["range"] for r in local_server.requests] == [None, f"bytes={size}-"]
 
 
 @pytest.mark.parametrize("size", [3000, 2_500_000], ids=["held", "streamed"])
 async def test_a_users_file_after_an_attempt_that_sealed_but_renamed_nothing_is_kept(
-        server: FileServer, dsn: str, settings: Settings, size: int,
+        local_server: FileServer, dsn: str, settings: Settings, size: int,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The first attempt seals its file, then finds the wrong checksum: the `.part` goes,
     nothing was renamed, and the mark it set when it sealed goes with it. A user's file of
@@ -105,7 +96,7 @@ async def test_a_users_file_after_an_attempt_that_sealed_but_renamed_nothing_is_
     it took it for a file renamed before a crash, found the wrong checksum, and deleted
     it). (Found by a review.)"""
     data, wrong, mine = os.urandom(size), os.urandom(size), os.urandom(size)
-    product = server.add("c.nc", wrong)
+    product = local_server.add("c.nc", wrong)
     local_folder(settings).mkdir(parents=True)
     users = local_folder(settings) / "c.nc"
     real = queries.download_requeue
@@ -121,7 +112,7 @@ async def test_a_users_file_after_an_attempt_that_sealed_but_renamed_nothing_is_
         return done
 
     monkeypatch.setattr(queries, "download_requeue", then_the_user)
-    download_id = await named_row(dsn, settings, server.url("c.nc"), "c.nc", size=size,
+    download_id = await named_row(dsn, settings, local_server.url("c.nc"), "c.nc", size=size,
                                   checksum=("md5", hashlib.md5(data).hexdigest()))
     await drain(settings)
     [row] = await rows(dsn)
