@@ -659,9 +659,14 @@ async def cancel(args: argparse.Namespace, settings: Settings, redactor: Redacto
 
 
 def _doing(d: dict[str, Any]) -> str:
-    """`3 running` / `3 running, searching request 7`: what a live daemon is doing."""
+    """`3 running` / `3 running, searching request 7`: what a live daemon is doing. Small
+    files are claimed in runs that take one connection in turn: `64 running on 4
+    connections` when the rows running outnumber them (the others wait their turn)."""
     ids = d.get("resolving") or []
-    return f"{d['running']} running" + (
+    running, connections = d["running"], d.get("connections", d["running"])
+    on = f" on {connections} connection{'s' if connections != 1 else ''}" \
+        if running > connections else ""
+    return f"{running} running{on}" + (
         f", searching request{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
         if ids else "")
 

@@ -746,11 +746,15 @@ async def heartbeat(db: Any, daemon_id: str, lease_seconds: float) -> set[int]:
 
 async def live_daemons(db: Any) -> list[dict[str, Any]]:
     """The daemons whose heartbeat is younger than their lease timeout, with what each
-    is doing (running downloads, requests it searches or lists)."""
+    is doing (running downloads and the connections they hold, requests it searches or
+    lists)."""
     rows = await db.fetch(
         "SELECT d.id, d.host, d.pid, d.version, d.machine, d.started_at, d.heartbeat_at,"
         " (SELECT count(*) FROM download w WHERE w.owner = d.id AND w.status = 'running')"
         "  AS running,"
+        # (the connections its transfers hold: a run's rows share one, in turn)
+        " (SELECT count(*) FROM lease l WHERE l.daemon_id = d.id AND l.download_id IS NOT NULL"
+        "  AND l.expires_at > now()) AS connections,"
         " array(SELECT r.id FROM request r WHERE r.resolver = d.id"
         "  AND r.resolving_until > now() ORDER BY r.id) AS resolving"
         " FROM daemon d WHERE d.stopped_at IS NULL"
