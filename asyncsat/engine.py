@@ -666,8 +666,9 @@ class Engine:
                           Validator(d.etag, d.last_modified), fallback_name=f"download-{d.id}",
                           size_from_server=d.size_from_server,
                           keep_cache=self.settings.keep_page_cache,
-                          # (an earlier attempt got as far as renaming its file: a file at
-                          # the final name may be its own; else it is someone else's)
+                          # (an earlier attempt got as far as sealing its file, and may
+                          # have renamed it: a file at the final name may be its own; else
+                          # it is someone else's)
                           tried=d.sealed_attempt is not None)
                 outcome = await transfer(self.drivers.for_url(source.url), job, events, attempt,
                                          self.settings.chunk_size)
