@@ -13,7 +13,7 @@ import shutil
 import stat
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -78,6 +78,12 @@ async def _in_thread(fn: Callable[[], T], threads: Executor | None = None) -> T:
     file, under a write or an fsync."""
     step = asyncio.to_thread(fn) if threads is None else \
         asyncio.get_running_loop().run_in_executor(threads, fn)
+    return await _to_its_end(step)
+
+
+async def _to_its_end(step: Awaitable[T]) -> T:
+    """`step`'s result, awaited to its end even if the task is cancelled meanwhile; the
+    cancel is then passed on (and wins over the step's failure)."""
     done, cancelled = await run_to_end(step)
     if cancelled:
         if not done.cancelled():
@@ -437,13 +443,8 @@ async def synced(folder: Path) -> None:
     folders = _FOLDERS.get(loop)
     if folders is None:
         folders = _FOLDERS[loop] = _FolderSync()
-    step, cancelled = await run_to_end(folders.waiter(folder))  # (a future: no task)
-    if cancelled:
-        if not step.cancelled():
-            step.exception()  # (retrieved: the stop wins over the fsync's failure)
-        raise asyncio.CancelledError
     try:
-        step.result()
+        await _to_its_end(folders.waiter(folder))  # (a future: no task)
     except OSError as exc:
         raise _local_error(folder, exc, f"flush the folder {folder}") from None
 

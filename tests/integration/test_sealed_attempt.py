@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,26 @@ from tests.helpers import drain, local_folder, named_row, rows, sql
 from tests.servers import FileServer
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def _users_file_after_the_first_requeue(monkeypatch: pytest.MonkeyPatch, users: Path,
+                                        mine: bytes, then: Callable[[], None] | None = None,
+                                        ) -> None:
+    """Once the first attempt's row is back in the queue (`then` run first), a user's file
+    (`mine`) appears at `users`: between the two attempts."""
+    real = queries.download_requeue
+    once: list[bool] = []
+
+    async def requeued(*args: Any, **kw: Any) -> Any:
+        done = await real(*args, **kw)
+        if not once:
+            once.append(True)
+            if then is not None:
+                then()
+            users.write_bytes(mine)
+        return done
+
+    monkeypatch.setattr(queries, "download_requeue", requeued)
 
 
 @pytest.mark.parametrize("size", [3000, 2_500_000], ids=["held", "streamed"])
@@ -33,14 +54,7 @@ async def test_a_users_file_that_appears_after_an_attempt_failed_early_is_kept(
     local_server.add("a.nc", data, statuses=[(503, {"Retry-After": "0"}, b"busy")])
     local_folder(settings).mkdir(parents=True)
     users = local_folder(settings) / "a.nc"
-    real = queries.download_requeue
-
-    async def then_the_user(*args: Any, **kw: Any) -> Any:
-        done = await real(*args, **kw)
-        users.write_bytes(mine)  # (between the two attempts)
-        return done
-
-    monkeypatch.setattr(queries, "download_requeue", then_the_user)
+    _users_file_after_the_first_requeue(monkeypatch, users, mine)
     download_id = await named_row(dsn, settings, local_server.url("a.nc"), "a.nc")
     await drain(settings)
     [row] = await rows(dsn)
@@ -99,19 +113,12 @@ async def test_a_users_file_after_an_attempt_that_sealed_but_renamed_nothing_is_
     product = local_server.add("c.nc", wrong)
     local_folder(settings).mkdir(parents=True)
     users = local_folder(settings) / "c.nc"
-    real = queries.download_requeue
-    once: list[bool] = []
 
-    async def then_the_user(*args: Any, **kw: Any) -> Any:
-        done = await real(*args, **kw)
-        if not once:
-            once.append(True)
-            assert not users.exists()  # (attempt 1 renamed nothing)
-            product.data = data
-            users.write_bytes(mine)
-        return done
+    def then() -> None:
+        assert not users.exists()  # (attempt 1 renamed nothing)
+        product.data = data
 
-    monkeypatch.setattr(queries, "download_requeue", then_the_user)
+    _users_file_after_the_first_requeue(monkeypatch, users, mine, then)
     download_id = await named_row(dsn, settings, local_server.url("c.nc"), "c.nc", size=size,
                                   checksum=("md5", hashlib.md5(data).hexdigest()))
     await drain(settings)
