@@ -611,9 +611,9 @@ class Engine:
 
     async def _unclaim(self, d: Download, bound: Any, reason: str) -> None:
         # (a look at an offline product: offline again)
-        status = await self.store.call(
-            queries.download_unclaim, d.id, self._fence(d),
-            back_to="offline" if d.claimed_from == "offline" else "queued")
+        _sent, status = await self._give_back(  # (not sent: None, said by `_give_back`)
+            queries.download_unclaim, d, bound, back_to="offline"
+            if d.claimed_from == "offline" else "queued")
         if status == "offline":
             bound.info("download offline", reason=reason)
         elif status == "cancelled":
@@ -623,6 +623,19 @@ class Engine:
         elif status is not None:  # (another daemon's now: its lease lapsed)
             bound.warning("lease lost: another daemon took the download over", now=status)
         self._finished(d, "queued" if status in (None, "running") else status)
+
+    async def _give_back(self, fn: Callable[..., Awaitable[Any]], d: Download, bound: Any,
+                         **kwargs: Any) -> tuple[bool, Any]:
+        """Send a statement that gives the claim's attempt back (`attempts - 1`) once:
+        sent again after a lost connection, one that committed the first time would match
+        this daemon's next claim of the row (the same owner and attempt, the same fence)
+        and end it under its transfer. One that did not commit leaves the row `running`
+        with no transfer: the heartbeat puts it back (`_put_back_orphans`)."""
+        sent, result = await self.store.once(fn, d.id, self._fence(d), **kwargs)
+        if not sent:
+            bound.warning("the download was not given back (the database connection was "
+                          "lost): the heartbeat puts it back in the queue")
+        return sent, result
 
     async def _slot_after(self, d: Download, lease: Lease, turn: _Turn) -> None:
         """The slot of a transfer that ended goes back (it did not go on): by the run's
@@ -741,8 +754,11 @@ class Engine:
                           reason: str = "stopped") -> None:
         on_disk = attempt.on_disk()  # not the last progress write: what the .part holds
         if d.claimed_from == "offline":  # stopped while looking at it: offline it stays
-            status = await self.store.call(queries.download_unclaim, d.id, self._fence(d),
-                                           back_to="offline")
+            sent, status = await self._give_back(queries.download_unclaim, d, bound,
+                                                 back_to="offline")
+            if not sent:
+                self._finished(d, "queued")
+                return
         else:
             status = await self.store.call(queries.download_stopped, d.id, self._fence(d),
                                            error=d.error, failures=d.failures,
@@ -802,8 +818,11 @@ class Engine:
         """Archived: wait (no attempt used), ordering it first where the catalog can."""
         delay, note = await self.archive.park(d, provider, exc, auth, account)
         error = _one_line(self.redactor(note))
-        await self.store.call(queries.download_offline, d.id, self._fence(d), error=error,
-                              delay=delay, bytes_done=attempt.size)
+        sent, _ = await self._give_back(queries.download_offline, d, bound, error=error,
+                                        delay=delay, bytes_done=attempt.size)
+        if not sent:
+            self._finished(d, "queued")
+            return
         bound.info("download offline", error=error, look_again_in=round(delay, 1))
         self._finished(d, "offline")
 
@@ -811,7 +830,9 @@ class Engine:
         return Fence(self.owner, d.attempts)
 
     def _finished(self, d: Download, status: str) -> None:
-        self._ended.add(d.id)
+        if self._running.get(d.id) is d:  # (not a later claim of the row, started while
+            # this one was given back: the heartbeat keeps watching that one)
+            self._ended.add(d.id)
         if status != "queued":  # a stop puts it back: not an end
             self.metrics.download_ended(d.provider, status)
         if self.sink is not None:

@@ -139,10 +139,11 @@ class Leases:
                 self.held[provider_id] = max(0, self.held.get(provider_id, 1) - 1)
 
     async def release(self, lease: Lease, download_id: int | None = None) -> None:
-        """Give a slot back (if the database is away, the lease expires by itself); a
-        transfer's lease only while it is still that download's."""
+        """Give a slot back, sent again while the database is away (the heartbeat renews
+        every lease of the daemon: one left behind would hold its slot for as long as the
+        daemon runs); a transfer's lease only while it is still that download's."""
         if self.given_back(lease, download_id):
-            await self._store.try_call(queries.lease_release, lease.id, download_id)
+            await self._store.call(queries.lease_release, lease.id, download_id)
 
 
 class Renewal:

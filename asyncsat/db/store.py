@@ -64,6 +64,19 @@ class Store:
 
         return await self.call(run)
 
+    async def once(
+        self, fn: Callable[Concatenate[Any, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> tuple[bool, T | None]:
+        """A statement that must not be sent again after a lost connection: it may have
+        committed the first time, and a second run would act on what changed since.
+        (False, None) when the connection was lost under it."""
+        try:
+            return True, await fn(self.pool, *args, **kwargs)
+        except CONNECTION_ERRORS as exc:
+            log.warning("database unavailable, statement not sent again",
+                        error=f"{type(exc).__name__}: {exc}")
+            return False, None
+
     async def try_call(
         self, fn: Callable[Concatenate[Any, P], Awaitable[T]], *args: P.args, **kwargs: P.kwargs
     ) -> T | None:

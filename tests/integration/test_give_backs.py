@@ -1,0 +1,217 @@
+"""Give-backs under races and lost connections: a row given back while it is claimed
+again, a give-back whose connection is cut after its commit, a slot whose give-back is cut
+(found by a fault hunt, 2026-12-01)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from asyncsat import daemon, engine
+from asyncsat.config import Settings
+from asyncsat.db import queries
+from asyncsat.db.pool import connect
+from asyncsat.logs import Redactor
+from tests.helpers import add_provider, drain, sql
+from tests.runs import rows_by_name, spy_runs, until
+from tests.servers import FileServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- a row given back, claimed again before the give-back's answer is in ----------------------
+
+async def test_a_row_claimed_again_before_its_give_back_answers_is_still_watched(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two slots. a's hand-over claims the run [b (slow), c]; c's turn does not come
+    (RUN_WAIT) and it goes back to the queue (`download_unclaim`), whose answer comes late
+    (a busy database, a slow network). Meanwhile s's slot claims c again: a new transfer of
+    c runs. The old task's give-back then marks c as ended (`Engine._finished` ->
+    `_ended`), which the new transfer never clears: the heartbeat no longer watches it.
+    Another daemon then takes c over; the heartbeat must let this transfer go (as it does
+    for any transfer whose lease is lost), not let it run on to its end over a connection
+    of the account that is no longer this daemon's."""
+    monkeypatch.setattr(engine, "RUN_WAIT", 0.3)
+    settings = dataclasses.replace(settings, lease_timeout=3.0)  # (a heartbeat a second)
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    names = ["a.nc", "s.nc", "b.nc", "c.nc"]
+    data = {n: os.urandom(10_000) for n in names}
+    data["s.nc"] = os.urandom(100_000)  # (0.5 s: its hand-over claims c again)
+    data["b.nc"] = os.urandom(600_000)  # (3 s: c does not get its turn)
+    data["c.nc"] = os.urandom(1_600_000)  # (8 s: heartbeats meanwhile)
+    for name in names:
+        server.add(name, data[name], **({} if name == "a.nc" else {"rate": 200_000}))
+    for i, name in enumerate(names):
+        await sql(dsn, "INSERT INTO download (provider_id, url, not_before)"
+                       " SELECT id, $1, now() - make_interval(secs => $2) FROM provider"
+                       " WHERE name = 'local'", server.url(name), 10.0 - i)
+    real = queries.download_unclaim
+    given_back: list[int] = []
+
+    async def late_answer(db: Any, download_id: int, *args: Any, **kw: Any) -> Any:
+        status = await real(db, download_id, *args, **kw)  # (committed: c is due now)
+        given_back.append(download_id)
+        await asyncio.sleep(0.8)  # (its answer comes late)
+        return status
+
+    monkeypatch.setattr(queries, "download_unclaim", late_answer)
+    runs = spy_runs(monkeypatch)
+    stop = asyncio.Event()
+
+    async def stopped() -> bool:
+        return stop.is_set()
+
+    with capture_logs() as logs:
+        serving = asyncio.create_task(daemon.serve(settings, Redactor(), until=stopped))
+        try:
+            by_name: dict[str, Any] = {}
+
+            async def c_again() -> bool:
+                nonlocal by_name
+                by_name = await rows_by_name(dsn)
+                c = by_name.get("c.nc", {})
+                return bool(given_back) and c.get("status") == "running" and \
+                    c.get("attempts") == 1 and \
+                    [r["path"] for r in server.requests].count("/files/c.nc") == 1
+            await until(c_again)
+            c_id = by_name["c.nc"]["id"]
+            assert runs and runs[0] == [by_name["b.nc"]["id"], c_id]
+            await asyncio.sleep(1.0)  # (the late answer is in: the old task has ended)
+            # another daemon takes c over (its lease lapsed there, say)
+            conn = await connect(dsn)
+            try:
+                await queries.daemon_register(conn, "other", host="elsewhere", pid=1,
+                                              version="t", lease_timeout=30)
+            finally:
+                await conn.close()
+            await sql(dsn, "UPDATE download SET owner = 'other', attempts = attempts + 1,"
+                           " lease_expires = now() + interval '30 seconds' WHERE id = $1", c_id)
+            took_over = time.monotonic()
+
+            async def let_go() -> bool:
+                return any(e["event"] == "lease lost: the download is let go"
+                           and e.get("download_id") == c_id for e in logs)
+            try:
+                await until(let_go, timeout=4.0)  # (a heartbeat a second)
+            except AssertionError:
+                pytest.fail("c's transfer was not let go by the heartbeat after another "
+                            f"daemon took it over ({time.monotonic() - took_over:.1f} s)")
+        finally:
+            stop.set()
+            try:
+                await asyncio.wait_for(serving, 20)
+            finally:
+                serving.cancel()
+
+
+# -- a give-back retried after a lost connection, once the row is claimed again --------------
+
+async def test_a_give_back_retried_after_a_lost_connection_leaves_a_new_claim_alone(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """c's turn in its run does not come: it goes back (`download_unclaim`: its attempt
+    given back, 1 -> 0), but the connection is cut before the answer comes, and the store
+    sends the statement again. Meanwhile s's slot has claimed c again: attempt 1 again, by
+    the same daemon, the very fence the give-back carries. The statement sent again must
+    not end that new claim (its row put back in the queue while its transfer runs, its slot
+    still held: claimed a third time, c comes over two connections at once)."""
+    monkeypatch.setattr(engine, "RUN_WAIT", 0.3)
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    names = ["a.nc", "s.nc", "b.nc", "c.nc"]
+    data = {n: os.urandom(10_000) for n in names}
+    data["s.nc"] = os.urandom(100_000)  # (0.5 s: its hand-over claims c again)
+    data["b.nc"] = os.urandom(600_000)  # (3 s: c does not get its turn)
+    data["c.nc"] = os.urandom(600_000)  # (3 s)
+    for name in names:
+        server.add(name, data[name], **({} if name == "a.nc" else {"rate": 200_000}))
+    for i, name in enumerate(names):
+        await sql(dsn, "INSERT INTO download (provider_id, url, not_before)"
+                       " SELECT id, $1, now() - make_interval(secs => $2) FROM provider"
+                       " WHERE name = 'local'", server.url(name), 10.0 - i)
+    real = queries.download_unclaim
+    cut: list[int] = []
+    seen: list[tuple[str, int, str | None]] = []
+
+    async def cut_once(db: Any, download_id: int, *args: Any, **kw: Any) -> Any:
+        status = await real(db, download_id, *args, **kw)  # (committed)
+        if not cut:
+            cut.append(download_id)
+            await asyncio.sleep(0.6)  # (the answer never comes: the connection is cut)
+            raise ConnectionResetError("connection reset by peer")
+        return status
+
+    async def watch() -> None:  # c's row while its second transfer comes in
+        while True:
+            for row in await sql(dsn, "SELECT url, attempts, owner, status FROM download"
+                                      " WHERE url LIKE '%/c.nc'"):
+                seen.append((row["status"], row["attempts"], row["owner"]))
+            await asyncio.sleep(0.05)
+
+    monkeypatch.setattr(queries, "download_unclaim", cut_once)
+    runs = spy_runs(monkeypatch)
+    watching = asyncio.create_task(watch())
+    try:
+        await asyncio.wait_for(daemon.serve(settings, Redactor(), exit_when_idle=True), 30)
+    finally:
+        watching.cancel()
+    by_name = await rows_by_name(dsn)
+    assert runs and runs[0] == [by_name["b.nc"]["id"], by_name["c.nc"]["id"]]
+    assert cut == [by_name["c.nc"]["id"]]
+    for name, row in by_name.items():
+        assert row["status"] == "done", name
+    c_gets = [r["path"] for r in server.requests].count("/files/c.nc")
+    states = [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]]
+    assert c_gets == 1 and by_name["c.nc"]["attempts"] == 1, (c_gets, states)
+    # (queued at first, given back once, claimed again: never back in the queue under its
+    # second transfer)
+    assert [s for s in states if s[0] == "queued"] == [("queued", 0, None)] * 2, states
+    assert server.peak["anonymous"] <= 2
+    assert await sql(dsn, "SELECT * FROM lease") == []
+
+
+# -- a slot given back while the database connection is cut ---------------------------------
+
+async def test_a_slot_whose_give_back_is_cut_comes_back(
+        local_server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One slot. x fails at once (404): its slot goes back (`lease_release`, best effort),
+    but the connection is cut under that statement. The lease row stays, and this daemon's
+    heartbeat renews it with the others at every beat (`heartbeat` renews every lease of
+    the daemon): the slot is never free again, y is never claimed, and the daemon never
+    drains. A give-back that did not go through must be sent again once the database
+    answers (a lease this daemon no longer holds must not be renewed for ever)."""
+    await sql(dsn, "UPDATE provider SET settings = settings || '{\"max_connections\": 1}'"
+                   " WHERE name = 'local'")
+    settings = dataclasses.replace(settings, lease_timeout=2.0)  # (a heartbeat every 0.7 s)
+    local_server.add("y.nc", os.urandom(5000))  # (x.nc: 404)
+    real = queries.lease_release
+    cut: list[int] = []
+
+    async def cut_once(db: Any, lease_id: int, download_id: int | None = None) -> None:
+        if not cut:
+            cut.append(lease_id)
+            raise ConnectionResetError("connection reset by peer")
+        await real(db, lease_id, download_id)
+
+    monkeypatch.setattr(queries, "lease_release", cut_once)
+    for i, name in enumerate(("x.nc", "y.nc")):
+        await sql(dsn, "INSERT INTO download (provider_id, url, not_before)"
+                       " SELECT id, $1, now() - make_interval(secs => $2) FROM provider"
+                       " WHERE name = 'local'", local_server.url(name), 10.0 - i)
+    try:
+        await drain(settings, timeout=12)  # (several lease timeouts)
+    except TimeoutError:
+        leases = await sql(dsn, "SELECT id, download_id, expires_at > now() AS live"
+                                " FROM lease")
+        pytest.fail(f"never drained: the lease given back under a cut connection {cut} is"
+                    f" still held and renewed: {[dict(r) for r in leases]}")
+    by_name = await rows_by_name(dsn)
+    assert cut
+    assert (by_name["x.nc"]["status"], by_name["y.nc"]["status"]) == ("failed", "done")
