@@ -636,6 +636,13 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;  -- lapsed (another daemon may count the slot free), or handed over already
     END IF;
+    -- the row's file is renamed next: this attempt may have renamed it from now on (a
+    -- daemon of the previous release seals through here without saying so: a file it
+    -- renamed before it died is then adopted by the daemon that takes the row over, not
+    -- fetched again under another name; this release's own sealing marked it already)
+    UPDATE download SET sealed_attempt = attempts
+     WHERE id = p_current AND status = 'running' AND owner = p_daemon
+       AND sealed_attempt IS DISTINCT FROM attempts;
     IF p_next THEN
         -- SHARE: a `provider pause` waits for this statement, or this one sees the pause;
         -- hand-overs do not wait for each other (claims, rare once slots run, do)
@@ -847,5 +854,5 @@ CREATE TABLE IF NOT EXISTS asyncsat_schema (
     one     boolean PRIMARY KEY DEFAULT true CHECK (one),
     version integer NOT NULL
 );
-INSERT INTO asyncsat_schema (version) VALUES (7)
+INSERT INTO asyncsat_schema (version) VALUES (8)
     ON CONFLICT (one) DO UPDATE SET version = greatest(asyncsat_schema.version, EXCLUDED.version);

@@ -15,6 +15,7 @@ import pytest
 
 from asyncsat.config import Settings
 from asyncsat.db import queries
+from asyncsat.db.pool import connect
 from tests.helpers import drain, local_folder, named_row, rows, sql
 from tests.servers import FileServer
 
@@ -127,3 +128,52 @@ async def test_a_users_file_after_an_attempt_that_sealed_but_renamed_nothing_is_
     assert row["name"] == f"c_{download_id}.nc"
     assert Path(row["path"]).read_bytes() == data
     assert users.read_bytes() == mine
+
+
+# -- a daemon of the previous release (schema 6) on this release's schema  --------------------
+
+_SCHEMA_6_SEALING = (  # (the previous release's download_sealing: no sealed_attempt)
+    "SELECT o.lease_left > 0 AS owned, o.lease_left, o.named, n.* FROM (SELECT (SELECT"
+    " extract(epoch FROM lease_expires - now())::float8 FROM download WHERE id = $1"
+    " AND status = 'running' AND owner = $2 AND attempts = $3) AS lease_left,"
+    " CASE WHEN $8::text[] IS NOT NULL THEN asyncsat_named($1, $2, $3, $8, $9, $10, $11)"
+    " END AS named) o LEFT JOIN LATERAL asyncsat_hand_over($2, $4, $1, $5, $6,"
+    " $7 AND coalesce(o.lease_left > 0, false), $12) WITH ORDINALITY n ON true"
+    " ORDER BY n.ordinality")
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held", "streamed"])
+async def test_a_file_a_previous_release_daemon_renamed_before_its_crash_is_adopted(
+        local_server: FileServer, dsn: str, settings: Settings, held: bool) -> None:
+    """A fleet being upgraded: a daemon of the previous release (schema 6's statements; a
+    daemon starts on a newer schema) seals its file with its own hand-over statement,
+    renames it, and dies before it records it done. Its rows are taken over by a daemon of
+    this release: the file at the final name is the row's own (the earlier attempt renamed
+    it), as it was before schema 7; it must be verified and kept, not fetched again into
+    `b_<id>.nc` next to it (two copies, the first one nobody's)."""
+    data = os.urandom(3000)
+    local_server.add("b.nc", data)
+    download_id = await named_row(dsn, settings, local_server.url("b.nc"), "b.nc")
+    conn = await connect(dsn)
+    try:
+        await queries.daemon_register(conn, "old", host="elsewhere", pid=1, version="0.5",
+                                      lease_timeout=30)
+        [provider] = [p for p in await queries.provider_list(conn) if p.name == "local"]
+        [(row, _account, lease)] = await queries.claim(conn, "old", provider.id, 1, 30,
+                                                       str(settings.dest))
+        assert row.id == download_id
+        sealed = await conn.fetch(
+            _SCHEMA_6_SEALING, row.id, "old", row.attempts, lease, 30.0, str(settings.dest),
+            True, ["b.nc", f"b_{row.id}.nc"] if held else None, len(data), None, None, 0)
+        assert sealed[0]["owned"]
+        local_folder(settings).mkdir(parents=True)
+        (local_folder(settings) / "b.nc").write_bytes(data)  # (renamed; then it died)
+        await queries.daemon_gone(conn, "old")  # (found dead: taken over at once)
+    finally:
+        await conn.close()
+    await drain(settings)
+    [done] = await sql(dsn, "SELECT status, name, path, attempts FROM download")
+    assert done["status"] == "done"
+    assert sorted(p.name for p in local_folder(settings).iterdir()) == ["b.nc"], \
+        (dict(done), sorted(p.name for p in local_folder(settings).iterdir()))
+    assert done["name"] == "b.nc"
