@@ -755,7 +755,8 @@ class Engine:
         on_disk = attempt.on_disk()  # not the last progress write: what the .part holds
         if d.claimed_from == "offline":  # stopped while looking at it: offline it stays
             sent, status = await self._give_back(queries.download_unclaim, d, bound,
-                                                 back_to="offline")
+                                                 back_to="offline",
+                                                 unsealed=not attempt.renaming)
             if not sent:
                 self._finished(d, "queued")
                 return

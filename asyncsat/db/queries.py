@@ -1065,19 +1065,21 @@ async def download_offline(
 
 
 async def download_unclaim(db: Any, download_id: int, fence: Fence, *,
-                           back_to: str = "queued") -> str | None:
+                           back_to: str = "queued", unsealed: bool = False) -> str | None:
     """A claim that never transferred, ended as if it had not been made: a row of a run
     whose turn did not come, or that was stopped first (`back_to` queued), or a look at an
-    offline product that was stopped (`back_to` offline); due now, no attempt used. One the
-    user cancelled meanwhile stays cancelled, its claim ended all the same (no owner, the
-    attempt given back). Its status after (None: removed with its provider)."""
+    offline product that was stopped (`back_to` offline; `unsealed`: before it tried the
+    rename of a file it sealed); due now, no attempt used. One the user cancelled meanwhile
+    stays cancelled, its claim ended all the same (no owner, the attempt given back). Its
+    status after (None: removed with its provider)."""
     value: str | None = await db.fetchval(
         "UPDATE download SET attempts = greatest(0, attempts - 1), owner = NULL,"
-        " status = CASE WHEN status = 'running' THEN $4 ELSE status END,"
+        + _UNSEALED.format(u="$5", a="$3")
+        + " status = CASE WHEN status = 'running' THEN $4 ELSE status END,"
         " not_before = CASE WHEN status = 'running' THEN now() ELSE not_before END"
         " WHERE id = $1 AND status IN ('running', 'cancelled') AND owner = $2"
         " AND attempts = $3 RETURNING status", download_id, fence.owner, fence.attempt,
-        back_to)
+        back_to, unsealed)
     return value if value is not None else await download_status(db, download_id)
 
 

@@ -4,6 +4,7 @@ row's `sealed_attempt`. Else it is someone else's, and is never touched."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import os
@@ -13,9 +14,12 @@ from typing import Any
 
 import pytest
 
+from asyncsat import daemon
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.pool import connect
+from asyncsat.logs import Redactor
+from asyncsat.transfer import files
 from tests.helpers import drain, local_folder, named_row, rows, sql
 from tests.servers import FileServer
 
@@ -130,7 +134,36 @@ async def test_a_users_file_after_an_attempt_that_sealed_but_renamed_nothing_is_
     assert users.read_bytes() == mine
 
 
-# -- a daemon of the previous release (schema 6) on this release's schema  --------------------
+
+async def test_a_look_at_an_offline_product_stopped_before_its_rename_takes_its_mark_back(
+        local_server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look at an offline product finds it online, seals its file (the mark set), and is
+    stopped before the rename: the row goes back to `offline` with its attempt given back,
+    and the mark must go with it, as it does for a stop of any other attempt (the next
+    attempt has the same number: a user's file at the name would be taken for its own)."""
+    local_server.add("o.nc", os.urandom(2_500_000))  # (streamed: sealed, then renamed)
+    download_id = await named_row(dsn, settings, local_server.url("o.nc"), "o.nc")
+    await sql(dsn, "UPDATE download SET status = 'offline', not_before = now() WHERE id = $1",
+              download_id)
+    at_rename = asyncio.Event()
+
+    async def stalled(self: files.PartFile, *args: Any) -> Any:
+        at_rename.set()
+        await asyncio.Event().wait()  # (until the stop)
+
+    monkeypatch.setattr(files.PartFile, "finish", stalled)
+
+    async def stopping() -> bool:
+        return at_rename.is_set()
+
+    await asyncio.wait_for(daemon.serve(settings, Redactor(), until=stopping), 30)
+    [row] = await sql(dsn, "SELECT status, attempts, sealed_attempt, owner FROM download")
+    assert (row["status"], row["attempts"], row["owner"]) == ("offline", 0, None), dict(row)
+    assert row["sealed_attempt"] is None, dict(row)
+
+
+# -- a daemon of the previous release (schema 6) on this release's schema ---------------------
 
 _SCHEMA_6_SEALING = (  # (the previous release's download_sealing: no sealed_attempt)
     "SELECT o.lease_left > 0 AS owned, o.lease_left, o.named, n.* FROM (SELECT (SELECT"
