@@ -25,7 +25,7 @@ from asyncsat.dsn import split_password
 from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor
 from asyncsat.models import TERMINAL, Provider
-from asyncsat.naming import ftp_path, other_name
+from asyncsat.naming import ftp_path, unique_name
 from asyncsat.presets import preset
 from asyncsat.render import (
     PLACED,
@@ -349,7 +349,7 @@ def _done_path(row: dict[str, Any], wanted: str | None) -> tuple[str, bool]:
         return row["path"], True
     target = Path(wanted) / row["provider"] / row["name"]
     # (someone else's file at the name is not the product: it took the other name there)
-    for there in (target, target.with_name(other_name(row["name"], row["id"]))):
+    for there in (target, target.with_name(unique_name(row["name"], row["id"]))):
         if row["path"] is not None and placed(Path(row["path"]), there):
             return str(there), True
     return row["path"], False

@@ -40,7 +40,7 @@ from asyncsat.leases import Accounts, Lease, Leases, Renewal
 from asyncsat.logs import Redactor
 from asyncsat.metrics import Recorder
 from asyncsat.models import Download, Provider, Request
-from asyncsat.naming import other_name
+from asyncsat.naming import unique_name
 from asyncsat.progress import RateMeter, eta
 from asyncsat.resolver import Resolver, settled
 from asyncsat.retry import Policy, budget, decide
@@ -920,7 +920,7 @@ class _RowEvents:
         return await self._record(name, self._names(name), size, validator)
 
     async def elsewhere(self, name: str, size: int | None, validator: Validator) -> str:
-        other = other_name(name, self._download.id)
+        other = unique_name(name, self._download.id)
         chosen = await self._record(other, (other,), size, validator)  # (raises: the row
         # lost, or the name taken)
         self._bound.warning("a file this download did not write has its name: it takes "
@@ -938,7 +938,7 @@ class _RowEvents:
 
     def _names(self, name: str) -> tuple[str, str]:
         """The name proposed, then the one taken when another download of the folder has it."""
-        return name, other_name(name, self._download.id)
+        return name, unique_name(name, self._download.id)
 
     def _chosen(self, name: str, named: str | None) -> str:
         if named is None:

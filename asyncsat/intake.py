@@ -18,9 +18,9 @@ from asyncsat.naming import (
     SplitUrl,
     ftp_path,
     implicit_provider_name,
-    other_name,
     sanitize,
     split_login,
+    unique_name,
     without_login,
 )
 from asyncsat.transfer.files import NOT_THE_PRODUCT, place, placed
@@ -133,7 +133,7 @@ def deliver(links: Sequence[Link]) -> list[tuple[Link, str]]:
             if how == NOT_THE_PRODUCT:  # (someone else's file: the other name, as a
                 # download takes it)
                 other = replace(link, target=link.target.with_name(
-                    other_name(link.target.name, link.download_id)))
+                    unique_name(link.target.name, link.download_id)))
                 how, link = place(other.source, other.target), other
         except OSError as exc:
             how = f"not put there: {exc.strerror or exc}"

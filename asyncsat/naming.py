@@ -41,18 +41,6 @@ def unique_name(name: str, download_id: int) -> str:
     return f"{path.stem}_{download_id}{path.suffix}"
 
 
-def other_name(name: str, download_id: int) -> str:
-    """The name a product takes when a file it did not write has `name`: `TCI.tif` ->
-    `TCI_17.tif`, and back (`TCI_17.tif` -> `TCI.tif`): a product that took the other name
-    once, retried after both were found taken and the user moved one of the files away,
-    gets the other one back, not `TCI_17_17.tif`."""
-    path = PurePath(name)
-    tag = f"_{download_id}"
-    if path.stem.endswith(tag) and len(path.stem) > len(tag):
-        return path.stem[:-len(tag)] + path.suffix
-    return unique_name(name, download_id)
-
-
 def name_from_url(url: str) -> str:
     """The percent-decoded last segment of the URL path, sanitised."""
     path = urlsplit(url).path

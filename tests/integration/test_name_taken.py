@@ -12,8 +12,6 @@ from structlog.testing import capture_logs
 
 from asyncsat.commands import _done_path
 from asyncsat.config import Settings
-from asyncsat.db import queries
-from asyncsat.db.pool import connect
 from tests.helpers import add_provider, drain, local_folder, named_row, queue, rows
 from tests.servers import FileServer
 
@@ -60,38 +58,6 @@ async def test_files_at_both_names_fail_the_download_and_stay(
     assert row["status"] == "failed", row
     assert "neither is replaced" in row["error"], row["error"]
     assert (first.read_text(), second.read_text()) == ("one", "two")
-
-
-async def test_retried_after_a_name_is_freed_the_product_takes_it(
-        server: FileServer, dsn: str, settings: Settings) -> None:
-    """Both names taken: the download fails. The user moves their file at the plain name
-    away and retries it: the product takes the plain name back (it had `b_<id>.nc` on
-    record, whose other name was `b_<id>_<id>.nc`)."""
-    await add_provider(dsn, "local", server.base, {"max_connections": 2})
-    data = os.urandom(30_000)
-    server.add("b.nc", data)
-    row_id = await named_row(dsn, settings, server.url("b.nc"), None)
-    local_folder(settings).mkdir(parents=True)
-    first, second = local_folder(settings) / "b.nc", local_folder(settings) / f"b_{row_id}.nc"
-    first.write_text("one")
-    second.write_text("two")
-    await drain(settings)
-    [row] = await rows(dsn)
-    assert (row["status"], row["name"]) == ("failed", f"b_{row_id}.nc"), row
-
-    first.unlink()
-    conn = await connect(dsn)  # (as `asyncsat retry` does)
-    try:
-        assert await queries.retry(conn, [row_id]) == 1
-    finally:
-        await conn.close()
-    await drain(settings)
-
-    [row] = await rows(dsn)
-    assert (row["status"], row["name"]) == ("done", "b.nc"), row
-    assert first.read_bytes() == data
-    assert second.read_text() == "two"
-    assert sorted(p.name for p in local_folder(settings).iterdir()) == ["b.nc", second.name]
 
 
 async def test_a_users_file_in_another_requests_folder_is_kept(

@@ -26,7 +26,6 @@ from asyncsat.naming import (
     implicit_provider_name,
     name_from_content_disposition,
     name_from_url,
-    other_name,
     sanitize,
     split_login,
 )
@@ -118,14 +117,6 @@ def test_names_from_urls_and_headers() -> None:
     assert name_from_content_disposition(None) == ""
     assert len(sanitize("x" * 500 + ".zip").encode()) <= 200
     assert sanitize("x" * 500 + ".zip").endswith(".zip")
-
-
-def test_the_other_name_of_a_product_and_back() -> None:
-    assert other_name("TCI.tif", 17) == "TCI_17.tif"
-    assert other_name("TCI_17.tif", 17) == "TCI.tif"  # (back: not TCI_17_17.tif)
-    assert other_name("TCI_17.tif", 7) == "TCI_17_7.tif"
-    assert other_name("b_1", 1) == "b"
-    assert other_name("_17.tif", 17) == "_17_17.tif"  # (no name left without the tag)
 
 
 def test_split_login_takes_the_secret_out_of_the_url() -> None:
