@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -137,6 +137,9 @@ class Engine:
         self._stopping = False
         self._orphans: set[int] = set()
         """Rows owned with no transfer at the last heartbeat (`_put_back_orphans`)."""
+        self._unsent: dict[int, _GiveBack] = {}
+        """Give-backs of unused attempts that met a lost connection, per row: sent again
+        after the next heartbeat (`_give_backs_again`)."""
         self._requests_at = 0.0
         """When the requests are looked at again at the latest (a safety net: a request
         whose resolving transaction another daemon rolled back sends no NOTIFY)."""
@@ -224,6 +227,8 @@ class Engine:
                     self._let_go(set(working))
                 continue
             renewal.renewed(sent)
+            await self._give_backs_again()
+            await self.leases.release_again()  # (its NOTIFY wakes the claims)
             await self._renew_requests(renewal)
             await self._put_back_orphans(owned)
             await self._put_back_strays()
@@ -634,8 +639,29 @@ class Engine:
         sent, result = await self.store.once(fn, d.id, self._fence(d), **kwargs)
         if not sent:
             bound.warning("the download was not given back (the database connection was "
-                          "lost): the heartbeat puts it back in the queue")
+                          "lost): it is, once the database answers")
+            self._unsent[d.id] = _GiveBack(fn, d, kwargs, asyncio.current_task())
         return sent, result
+
+    async def _give_backs_again(self) -> None:
+        """Send the give-backs that met a lost connection again, after a heartbeat went
+        through: each unless its row was claimed again by this daemon meanwhile (that claim
+        is the row's now; the statement would match it, with the same owner and attempt).
+        A row taken over by another daemon, or put back by the heartbeat, is left as it is
+        (the fence, or its status, no longer matches)."""
+        for download_id, back in list(self._unsent.items()):
+            task = self._tasks.get(download_id)
+            if task is not None and task is not back.task:
+                del self._unsent[download_id]  # (claimed again)
+                continue
+            if task is not None:  # (the transfer that gave it back has not ended yet)
+                continue
+            sent, _ = await self.store.once(back.fn, download_id, self._fence(back.download),
+                                            **back.kwargs)
+            if not sent:
+                return
+            del self._unsent[download_id]
+            self.wake.set()
 
     async def _slot_after(self, d: Download, lease: Lease, turn: _Turn) -> None:
         """The slot of a transfer that ended goes back (it did not go on): by the run's
@@ -857,6 +883,17 @@ def _what(evidence: str | None) -> str:
 def _one_line(text: str, limit: int = 1000) -> str:
     """An error fit for a log line and a text column: printable, one line, bounded."""
     return "".join(c if c.isprintable() else " " for c in text)[:limit]
+
+
+@dataclass
+class _GiveBack:
+    """A give-back of an unused attempt not sent (`Engine._give_back`): the statement, the
+    claim's row, its arguments, and the task of the transfer that gave it back."""
+
+    fn: Callable[..., Awaitable[Any]]
+    download: Download
+    kwargs: dict[str, Any]
+    task: asyncio.Task[Any] | None
 
 
 class _Turn:

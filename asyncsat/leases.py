@@ -93,6 +93,9 @@ class Leases:
         self._holders: dict[int, tuple[int | None, int]] = {}
         """Per live lease: the download it is for (None: a listing or a search), and its
         provider."""
+        self._unreleased: dict[int, int | None] = {}
+        """Leases given back whose statement met a lost connection (lease id: its
+        download): sent again after the next heartbeat (`release_again`)."""
 
     def wrap(self, lease_id: int, provider_id: int, account: str,
              download_id: int | None = None) -> Lease:
@@ -139,11 +142,26 @@ class Leases:
                 self.held[provider_id] = max(0, self.held.get(provider_id, 1) - 1)
 
     async def release(self, lease: Lease, download_id: int | None = None) -> None:
-        """Give a slot back, sent again while the database is away (the heartbeat renews
-        every lease of the daemon: one left behind would hold its slot for as long as the
-        daemon runs); a transfer's lease only while it is still that download's."""
+        """Give a slot back; a transfer's lease only while it is still that download's.
+        Never waits for the database: one that is away gets the statement again after
+        the next heartbeat (`release_again`)."""
         if self.given_back(lease, download_id):
-            await self._store.call(queries.lease_release, lease.id, download_id)
+            sent, _ = await self._store.once(queries.lease_release, lease.id, download_id)
+            if not sent:
+                self._unreleased[lease.id] = download_id
+
+    async def release_again(self) -> bool:
+        """Send the give-backs that met a lost connection again (the heartbeat renews every
+        lease of the daemon: one left behind would hold its slot for as long as the daemon
+        runs). True when one went through (a slot is free)."""
+        freed = False
+        for lease_id, download_id in list(self._unreleased.items()):
+            sent, _ = await self._store.once(queries.lease_release, lease_id, download_id)
+            if not sent:
+                break
+            del self._unreleased[lease_id]
+            freed = True
+        return freed
 
 
 class Renewal:

@@ -5,6 +5,7 @@ again, a give-back whose connection is cut after its commit, a slot whose give-b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import time
@@ -17,7 +18,10 @@ from asyncsat import daemon, engine
 from asyncsat.config import Settings
 from asyncsat.db import queries
 from asyncsat.db.pool import connect
+from asyncsat.db.store import Store
+from asyncsat.engine import Engine
 from asyncsat.logs import Redactor
+from asyncsat.transfer.registry import Drivers
 from tests.helpers import add_provider, drain, sql
 from tests.runs import rows_by_name, spy_runs, until
 from tests.servers import FileServer
@@ -215,3 +219,109 @@ async def test_a_slot_whose_give_back_is_cut_comes_back(
     by_name = await rows_by_name(dsn)
     assert cut
     assert (by_name["x.nc"]["status"], by_name["y.nc"]["status"]) == ("failed", "done")
+
+
+# -- a stop while the database is away, a request being searched -----------------------------
+
+class _Away:
+    """A pool whose database is away: every statement fails to connect."""
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError("database away")
+
+    fetch = fetchval = fetchrow = execute
+
+    def acquire(self) -> Any:
+        raise ConnectionRefusedError("database away")
+
+
+async def test_a_stop_while_the_database_is_away_ends_within_shutdown_timeout(
+        settings: Settings) -> None:
+    """A request is being searched (its slot, a lease of the resolver, is given back at the
+    search's end: `Leases.release`). The daemon stops while the database is away: the
+    search is cancelled, and its give-back must not wait for the database (it is sent again
+    after a heartbeat, `release_again`): the stop ends within `shutdown_timeout`. (Found by
+    a review: a give-back retried while the database was away held the stop for 300 s.)"""
+    settings = dataclasses.replace(settings, shutdown_timeout=1.0)
+    eng = Engine(Store(_Away()), settings, Drivers(), Redactor(), owner="me")
+    lease = eng.leases.wrap(1, 1, "anonymous")  # (a search's: no download)
+
+    async def searching() -> None:  # (as `Resolver._find`: the slot given back at its end)
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await eng.resolver._give_back(lease)
+
+    task = asyncio.create_task(searching())
+    eng.resolver._tasks[7] = task
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(eng._stop_transfers(), settings.shutdown_timeout + 4)
+    except TimeoutError:
+        pytest.fail("the stop did not end within shutdown_timeout: the search's give-back "
+                    f"waits for the database ({time.monotonic() - started:.1f} s)")
+    finally:
+        task.cancel()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+# -- a give-back not sent, its lease lapsed meanwhile ------------------------------------------
+
+async def test_a_give_back_not_sent_whose_lease_lapsed_is_put_back(
+        server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One daemon, two slots. c's turn in its run does not come: `download_unclaim` is sent
+    once (`Store.once`) and the connection is lost under it before it commits; by the time
+    the database answers again c's lease has lapsed. The heartbeat renews no lapsed lease
+    (so c is no orphan of it), and a claim takes over the lapsed rows of other daemons
+    only: the give-back is sent again after the next heartbeat (`_give_backs_again`), and
+    c is fetched. (Found by a review.)"""
+    monkeypatch.setattr(engine, "RUN_WAIT", 0.3)
+    settings = dataclasses.replace(settings, lease_timeout=3.0)  # (a heartbeat a second)
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    names = ["a.nc", "s.nc", "b.nc", "c.nc"]
+    data = {n: os.urandom(10_000) for n in names}
+    data["s.nc"] = os.urandom(100_000)
+    data["b.nc"] = os.urandom(600_000)  # (3 s: c does not get its turn)
+    for name in names:
+        server.add(name, data[name], **({} if name == "a.nc" else {"rate": 200_000}))
+    for i, name in enumerate(names):
+        await sql(dsn, "INSERT INTO download (provider_id, url, not_before)"
+                       " SELECT id, $1, now() - make_interval(secs => $2) FROM provider"
+                       " WHERE name = 'local'", server.url(name), 10.0 - i)
+    cut: list[int] = []
+    real = queries.download_unclaim
+
+    async def lost(db: Any, download_id: int, *args: Any, **kw: Any) -> Any:
+        if cut:  # (the database is back)
+            return await real(db, download_id, *args, **kw)
+        cut.append(download_id)  # (not committed; the database away past the lease)
+        await sql(dsn, "UPDATE download SET lease_expires = now() - interval '1 second'"
+                       " WHERE id = $1", download_id)
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(queries, "download_unclaim", lost)
+    stop = asyncio.Event()
+
+    async def stopped() -> bool:
+        return stop.is_set()
+
+    serving = asyncio.create_task(daemon.serve(settings, Redactor(), until=stopped))
+    try:
+        by_name: dict[str, Any] = {}
+
+        async def all_done() -> bool:
+            nonlocal by_name
+            by_name = await rows_by_name(dsn)
+            return len(by_name) == 4 and all(r["status"] == "done" for r in by_name.values())
+        try:
+            await until(all_done, timeout=15)  # (many heartbeats)
+        except AssertionError:
+            pytest.fail(f"never put back (give-back cut for {cut}): "
+                        f"{ {n: (r['status'], r['attempts']) for n, r in by_name.items()} }")
+    finally:
+        stop.set()  # (an idle daemon looks at `until` late: cancelled after a while)
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(serving, 3)

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from asyncsat.commands import _done_path
 from asyncsat.config import Settings
-from tests.helpers import add_provider, drain, local_folder, named_row, queue, rows
+from tests.helpers import add_provider, drain, local_folder, named_row, queue, rows, sql
 from tests.servers import FileServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -83,3 +83,66 @@ async def test_a_users_file_in_another_requests_folder_is_kept(
     assert copy.read_bytes() == data
     assert _done_path(row, str(other)) == (str(copy), True)
     assert _done_path(row, str(settings.dest)) == (row["path"], True)
+
+
+async def test_a_product_named_like_an_other_name_does_not_take_another_products_name(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    """Product `x.nc` (download P) is done at `x.nc`. Product `x_<q>.nc` (download Q: its
+    own name happens to end with its id, e.g. `band_1.tif` of download 1) finds a user's
+    file at its name: it takes another name, never P's `x.nc` (a change that took the
+    other name of `x_<q>.nc` for `x.nc`, reverted, failed it: found by a review)."""
+    await add_provider(dsn, "local", server.base, {"max_connections": 1})
+    p_data = os.urandom(20_000)
+    server.add("x.nc", p_data)
+    [p] = await sql(dsn, "INSERT INTO download (provider_id, url, dest, not_before)"
+                         " SELECT id, $1, $2, now() - interval '10 seconds' FROM provider"
+                         " WHERE name = 'local' RETURNING id",
+                    server.url("x.nc"), str(settings.dest))
+    await drain(settings)
+    [q] = await sql(dsn, "INSERT INTO download (provider_id, url, dest)"
+                         " SELECT id, 'http://placeholder/', $1 FROM provider"
+                         " WHERE name = 'local' RETURNING id", str(settings.dest))
+    q_name = f"x_{q['id']}.nc"
+    q_data = os.urandom(30_000)
+    server.add(q_name, q_data)
+    await sql(dsn, "UPDATE download SET url = $2 WHERE id = $1", q["id"], server.url(q_name))
+    mine = b"a user's file, not a product\n"
+    (local_folder(settings) / q_name).write_bytes(mine)
+    await drain(settings)
+
+    by_id = {r["id"]: r for r in await rows(dsn)}
+    assert by_id[p["id"]]["status"] == "done"
+    assert (local_folder(settings) / "x.nc").read_bytes() == p_data
+    assert (local_folder(settings) / q_name).read_bytes() == mine
+    row = by_id[q["id"]]
+    assert row["status"] == "done", (row["status"], row["error"], row["name"])
+    assert row["name"] not in ("x.nc", q_name), row["name"]
+    assert Path(row["path"]).read_bytes() == q_data
+
+
+async def test_a_product_whose_other_name_holds_a_users_file_does_not_fail(
+        server: FileServer, dsn: str, settings: Settings) -> None:
+    """Two products named `x.nc` in one folder (two URLs): P has `x.nc`; Q records its other
+    name `x_<q>.nc` (the database has `x.nc` for P). A user's file sits at `x_<q>.nc`: at
+    the rename Q takes another name (`_RowEvents.elsewhere`), never P's `x.nc` (found by
+    a review of a change, reverted, that took `x.nc` for the other name of `x_<q>.nc`)."""
+    await add_provider(dsn, "local", server.base, {"max_connections": 1})
+    p_data = os.urandom(20_000)
+    server.add("x.nc", p_data)
+    await sql(dsn, "INSERT INTO download (provider_id, url, dest)"
+                   " SELECT id, $1, $2 FROM provider WHERE name = 'local'",
+              server.url("x.nc"), str(settings.dest))
+    await drain(settings)
+    [q] = await sql(dsn, "INSERT INTO download (provider_id, url, dest)"
+                         " SELECT id, $1, $2 FROM provider WHERE name = 'local' RETURNING id",
+                    server.url("x.nc") + "?copy=2", str(settings.dest))
+    mine = b"a user's file, not a product\n"
+    (local_folder(settings) / f"x_{q['id']}.nc").write_bytes(mine)
+    await drain(settings)
+
+    by_id = {r["id"]: r for r in await rows(dsn)}
+    assert (local_folder(settings) / "x.nc").read_bytes() == p_data
+    assert (local_folder(settings) / f"x_{q['id']}.nc").read_bytes() == mine
+    row = by_id[q["id"]]
+    assert row["status"] == "done", (row["status"], row["error"], row["name"])
+    assert Path(row["path"]).read_bytes() == p_data
