@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -39,7 +40,9 @@ class Batcher(Generic[T, R]):
         if len(self._pending) >= self._most:
             self._full.set()
         if self._runner is None:
-            self._runner = asyncio.create_task(self._run(), name="batcher")
+            # (it works for every caller: not in the log context of the first one)
+            self._runner = asyncio.create_task(self._run(), name="batcher",
+                                               context=contextvars.Context())
         return await future
 
     async def aclose(self) -> None:

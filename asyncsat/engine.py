@@ -7,6 +7,7 @@ transfer drivers. Signals, LISTEN and the pool are wired up by `daemon.py`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -515,7 +516,13 @@ class Engine:
 
     def _spawn(self, step: Coroutine[Any, Any, None], d: Download, lease: Lease,
                turn: _Turn) -> None:
-        task = asyncio.create_task(step, name=f"download-{d.id}")
+        # (the row's task logs with its own ids, in the layers below the engine too; not
+        # with those of the transfer whose hand-over started it, whose context it would
+        # copy)
+        context = contextvars.Context()
+        context.run(structlog.contextvars.bind_contextvars, download_id=d.id,
+                    request_id=d.request_id, provider=d.provider)
+        task = asyncio.create_task(step, name=f"download-{d.id}", context=context)
         task.add_done_callback(lambda done: self._task_done(done, d, lease, turn))
         self._tasks[d.id] = task
         self._running[d.id] = d
@@ -689,28 +696,26 @@ class Engine:
                        **({"user": auth.user} if auth.user else {}))
         self.metrics.transfer_started(d.provider)
         try:
-            with structlog.contextvars.bound_contextvars(
-                    download_id=d.id, request_id=d.request_id, provider=d.provider):
-                if d.dest and not folder.is_absolute():  # (a psql row's)
-                    raise TransferError(f"dest {d.dest!r} is not an absolute path")
-                source = Source(d.url, auth)
-                if d.product_id is not None and self.catalogs.prepares(provider):
-                    source = await self.catalogs.for_provider(provider).prepare(d, auth)
-                if provider.settings.get("allow_insecure_redirects") is True:
-                    source = replace(source, allow_insecure_redirects=True)
-                if d.claimed_from == "offline":
-                    bound.info("download running", url=source.url, attempt=d.attempts,
-                               reason="online again")
-                job = Job(source, folder, d.name, d.size, d.checksum,
-                          Validator(d.etag, d.last_modified), fallback_name=f"download-{d.id}",
-                          size_from_server=d.size_from_server,
-                          keep_cache=self.settings.keep_page_cache,
-                          # (an earlier attempt got as far as sealing its file, and may
-                          # have renamed it: a file at the final name may be its own; else
-                          # it is someone else's)
-                          tried=d.sealed_attempt is not None)
-                outcome = await transfer(self.drivers.for_url(source.url), job, events, attempt,
-                                         self.settings.chunk_size)
+            if d.dest and not folder.is_absolute():  # (a psql row's)
+                raise TransferError(f"dest {d.dest!r} is not an absolute path")
+            source = Source(d.url, auth)
+            if d.product_id is not None and self.catalogs.prepares(provider):
+                source = await self.catalogs.for_provider(provider).prepare(d, auth)
+            if provider.settings.get("allow_insecure_redirects") is True:
+                source = replace(source, allow_insecure_redirects=True)
+            if d.claimed_from == "offline":
+                bound.info("download running", url=source.url, attempt=d.attempts,
+                           reason="online again")
+            job = Job(source, folder, d.name, d.size, d.checksum,
+                      Validator(d.etag, d.last_modified), fallback_name=f"download-{d.id}",
+                      size_from_server=d.size_from_server,
+                      keep_cache=self.settings.keep_page_cache,
+                      # (an earlier attempt got as far as sealing its file, and may
+                      # have renamed it: a file at the final name may be its own; else
+                      # it is someone else's)
+                      tried=d.sealed_attempt is not None)
+            outcome = await transfer(self.drivers.for_url(source.url), job, events, attempt,
+                                     self.settings.chunk_size)
         except asyncio.CancelledError:
             # (a lost lease too: the fenced write does nothing if another daemon has the row,
             # and puts it back in the queue if nobody took it)

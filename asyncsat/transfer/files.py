@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import errno
 import fcntl
@@ -399,7 +400,8 @@ class _FolderSync:
         waiter = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(folder, []).append(waiter)
         if folder not in self._running:
-            self._running[folder] = asyncio.create_task(self._syncs(folder))
+            self._running[folder] = asyncio.create_task(  # (every file's: no one's context)
+                self._syncs(folder), context=contextvars.Context())
         return waiter
 
     async def _syncs(self, folder: Path) -> None:

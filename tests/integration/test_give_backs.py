@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from asyncsat import daemon, engine
@@ -308,6 +309,16 @@ async def test_a_give_back_not_sent_whose_lease_lapsed_is_put_back(
     async def stopped() -> bool:
         return stop.is_set()
 
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        await _serve_until_all_done(settings, dsn, stopped, stop, cut)
+    # (every line of a transfer names its own download, those of the lower layers too:
+    # a row started by another's hand-over does not inherit that one's log context)
+    [not_sent] = [e for e in logs if e["event"].startswith("database unavailable, statement")]
+    assert not_sent.get("download_id") == cut[0], not_sent
+
+
+async def _serve_until_all_done(settings: Settings, dsn: str, stopped: Any,
+                                stop: asyncio.Event, cut: list[int]) -> None:
     serving = asyncio.create_task(daemon.serve(settings, Redactor(), until=stopped))
     try:
         by_name: dict[str, Any] = {}
