@@ -642,7 +642,7 @@ BEGIN
     -- fetched again under another name; this release's own sealing marked it already)
     UPDATE download SET sealed_attempt = attempts
      WHERE id = p_current AND status = 'running' AND owner = p_daemon
-       AND sealed_attempt IS DISTINCT FROM attempts;
+       AND lease_expires > now() AND sealed_attempt IS DISTINCT FROM attempts;
     IF p_next THEN
         -- SHARE: a `provider pause` waits for this statement, or this one sees the pause;
         -- hand-overs do not wait for each other (claims, rare once slots run, do)
