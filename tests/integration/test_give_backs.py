@@ -30,6 +30,19 @@ from tests.servers import FileServer
 pytestmark = pytest.mark.timeout(60)
 
 
+async def _a_run_whose_last_row_waits(server: FileServer, dsn: str, *, c_size: int) -> None:
+    """Two slots. a (quick) hands its slot over to the run [b, c]; b is slow (3 s), so c's
+    turn does not come within `RUN_WAIT` and it goes back to the queue; s (0.5 s), on the
+    other slot, then claims c again with its own hand-over."""
+    await add_provider(dsn, "local", server.base, {"max_connections": 2})
+    sizes = {"a.nc": 10_000, "s.nc": 100_000, "b.nc": 600_000, "c.nc": c_size}
+    for i, (name, size) in enumerate(sizes.items()):
+        server.add(name, os.urandom(size), **({} if name == "a.nc" else {"rate": 200_000}))
+        await sql(dsn, "INSERT INTO download (provider_id, url, not_before)"
+                       " SELECT id, $1, now() - make_interval(secs => $2) FROM provider"
+                       " WHERE name = 'local'", server.url(name), 10.0 - i)
+
+
 # -- a row given back, claimed again before the give-back's answer is in ----------------------
 
 async def test_a_row_claimed_again_before_its_give_back_answers_is_still_watched(
@@ -45,18 +58,7 @@ async def test_a_row_claimed_again_before_its_give_back_answers_is_still_watched
     of the account that is no longer this daemon's."""
     monkeypatch.setattr(engine, "RUN_WAIT", 0.3)
     settings = dataclasses.replace(settings, lease_timeout=3.0)  # (a heartbeat a second)
-    await add_provider(dsn, "local", server.base, {"max_connections": 2})
-    names = ["a.nc", "s.nc", "b.nc", "c.nc"]
-    data = {n: os.urandom(10_000) for n in names}
-    data["s.nc"] = os.urandom(100_000)  # (0.5 s: its hand-over claims c again)
-    data["b.nc"] = os.urandom(600_000)  # (3 s: c does not get its turn)
-    data["c.nc"] = os.urandom(1_600_000)  # (8 s: heartbeats meanwhile)
-    for name in names:
-        server.add(name, data[name], **({} if name == "a.nc" else {"rate": 200_000}))
-    for i, name in enumerate(names):
-        await sql(dsn, "INSERT INTO download (provider_id, url, not_before)"
-                       " SELECT id, $1, now() - make_interval(secs => $2) FROM provider"
-                       " WHERE name = 'local'", server.url(name), 10.0 - i)
+    await _a_run_whose_last_row_waits(server, dsn, c_size=1_600_000)  # (c: 8 s)
     real = queries.download_unclaim
     given_back: list[int] = []
 
@@ -128,18 +130,7 @@ async def test_a_give_back_retried_after_a_lost_connection_leaves_a_new_claim_al
     not end that new claim (its row put back in the queue while its transfer runs, its slot
     still held: claimed a third time, c comes over two connections at once)."""
     monkeypatch.setattr(engine, "RUN_WAIT", 0.3)
-    await add_provider(dsn, "local", server.base, {"max_connections": 2})
-    names = ["a.nc", "s.nc", "b.nc", "c.nc"]
-    data = {n: os.urandom(10_000) for n in names}
-    data["s.nc"] = os.urandom(100_000)  # (0.5 s: its hand-over claims c again)
-    data["b.nc"] = os.urandom(600_000)  # (3 s: c does not get its turn)
-    data["c.nc"] = os.urandom(600_000)  # (3 s)
-    for name in names:
-        server.add(name, data[name], **({} if name == "a.nc" else {"rate": 200_000}))
-    for i, name in enumerate(names):
-        await sql(dsn, "INSERT INTO download (provider_id, url, not_before)"
-                       " SELECT id, $1, now() - make_interval(secs => $2) FROM provider"
-                       " WHERE name = 'local'", server.url(name), 10.0 - i)
+    await _a_run_whose_last_row_waits(server, dsn, c_size=600_000)  # (c: 3 s)
     real = queries.download_unclaim
     cut: list[int] = []
     seen: list[tuple[str, int, str | None]] = []
@@ -281,17 +272,7 @@ async def test_a_give_back_not_sent_whose_lease_lapsed_is_put_back(
     c is fetched. (Found by a review.)"""
     monkeypatch.setattr(engine, "RUN_WAIT", 0.3)
     settings = dataclasses.replace(settings, lease_timeout=3.0)  # (a heartbeat a second)
-    await add_provider(dsn, "local", server.base, {"max_connections": 2})
-    names = ["a.nc", "s.nc", "b.nc", "c.nc"]
-    data = {n: os.urandom(10_000) for n in names}
-    data["s.nc"] = os.urandom(100_000)
-    data["b.nc"] = os.urandom(600_000)  # (3 s: c does not get its turn)
-    for name in names:
-        server.add(name, data[name], **({} if name == "a.nc" else {"rate": 200_000}))
-    for i, name in enumerate(names):
-        await sql(dsn, "INSERT INTO download (provider_id, url, not_before)"
-                       " SELECT id, $1, now() - make_interval(secs => $2) FROM provider"
-                       " WHERE name = 'local'", server.url(name), 10.0 - i)
+    await _a_run_whose_last_row_waits(server, dsn, c_size=10_000)
     cut: list[int] = []
     real = queries.download_unclaim
 
