@@ -229,7 +229,7 @@ class Engine:
                 continue
             renewal.renewed(sent)
             await self._give_backs_again()
-            await self.leases.release_again()  # (its NOTIFY wakes the claims)
+            await self.leases.release_again()
             await self._renew_requests(renewal)
             await self._put_back_orphans(owned)
             await self._put_back_strays()
@@ -639,10 +639,11 @@ class Engine:
     async def _give_back(self, fn: Callable[..., Awaitable[Any]], d: Download, bound: Any,
                          **kwargs: Any) -> tuple[bool, Any]:
         """Send a statement that gives the claim's attempt back (`attempts - 1`) once:
-        sent again after a lost connection, one that committed the first time would match
-        this daemon's next claim of the row (the same owner and attempt, the same fence)
-        and end it under its transfer. One that did not commit leaves the row `running`
-        with no transfer: the heartbeat puts it back (`_put_back_orphans`)."""
+        sent again at once after a lost connection, one that committed the first time
+        could match this daemon's next claim of the row (the same owner and attempt, the
+        same fence) and end it under its transfer. One that met a lost connection is sent
+        again after the next heartbeat, unless the row was claimed again meanwhile
+        (`_give_backs_again`)."""
         sent, result = await self.store.once(fn, d.id, self._fence(d), **kwargs)
         if not sent:
             bound.warning("the download was not given back (the database connection was "

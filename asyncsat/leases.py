@@ -150,18 +150,15 @@ class Leases:
             if not sent:
                 self._unreleased[lease.id] = download_id
 
-    async def release_again(self) -> bool:
+    async def release_again(self) -> None:
         """Send the give-backs that met a lost connection again (the heartbeat renews every
         lease of the daemon: one left behind would hold its slot for as long as the daemon
-        runs). True when one went through (a slot is free)."""
-        freed = False
+        runs). A lease that ends tells every daemon (NOTIFY): the claims wake."""
         for lease_id, download_id in list(self._unreleased.items()):
             sent, _ = await self._store.once(queries.lease_release, lease_id, download_id)
             if not sent:
-                break
+                return
             del self._unreleased[lease_id]
-            freed = True
-        return freed
 
 
 class Renewal:
