@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a known service: fills protocol, URL and settings")
     padd.add_argument("--url")
     padd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pset = prov.add_parser("set", help="change a provider's URL or settings (running "
+                           "daemons apply them at once)")
+    pset.add_argument("name")
+    pset.add_argument("--url", help="the new base URL (downloads queued already keep theirs)")
+    pset.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pset.add_argument("--unset", action="append", default=[], metavar="KEY",
+                      help="back to the setting's default")
     prov.add_parser("list", help="list providers").add_argument("--json", action="store_true")
     prov.add_parser("pause", help="start no new transfer of this provider (running ones "
                     "finish)").add_argument("name")

@@ -79,27 +79,75 @@ async def provider_add(args: argparse.Namespace, settings: Settings, redactor: R
         protocol, url = args.protocol, args.url
     config = provider_settings.validate(protocol, given)
     if url is not None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https", "ftp", "ftps") or not parts.hostname:
-            raise UsageError(f"invalid provider URL {url!r}: use http(s):// or ftp:// with a host")
-        if parts.username or parts.password:
-            raise UsageError("put logins in a credential (asyncsat credential add), not the URL")
+        _check_url(url)
     async with daemon.connection(settings) as conn:
         if url is not None:
-            same = _same_url(url, await queries.provider_list(conn))
-            if same is not None:
-                raise UsageError(f"provider {same.name} already has the URL {same.url}: "
-                                 "one URL, one provider")
+            _url_free(url, await queries.provider_list(conn))
         provider = await queries.provider_add(conn, args.name, protocol, url, config)
     print(f"provider {provider.name} added")
     return 0
 
 
-def _same_url(url: str, providers: list[Provider]) -> Provider | None:
-    """The explicit provider with the same base URL (as `get` matches them), if any."""
+async def provider_set(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    """Change a provider's URL or settings in place: its credentials, requests and download
+    rows stay (`remove` then `add` would delete them). Running daemons apply the change at
+    once (the provider_notify trigger); rows queued already keep the URL they were given."""
+    given = dict(_setting(s) for s in args.set)
+    dropped = set(args.unset)
+    if args.url is None and not given and not dropped:
+        raise UsageError("nothing to change: give --url, --set KEY=VALUE or --unset KEY")
+    if both := sorted(dropped & set(given)):
+        raise UsageError(f"setting {both[0]} is both set and unset")
+    if args.url is not None:
+        _check_url(args.url)
+    async with daemon.connection(settings) as conn, conn.transaction():
+        provider = await queries.provider_get(conn, args.name, lock=True)
+        if provider is None:
+            raise UsageError(f"unknown provider {args.name!r}")
+        known = provider_settings.KEYS.get(provider.protocol, {})
+        for key in sorted(dropped):
+            if key not in known:
+                raise UsageError(f"unknown setting {key!r} for {provider.protocol} providers; "
+                                 "known: " + ", ".join(sorted(known)))
+        if args.url is not None and provider.implicit:
+            raise UsageError(f"provider {provider.name} is the implicit provider of its "
+                             "host: its URL is the host's")
+        config = provider_settings.validate(provider.protocol, {
+            **{k: v for k, v in provider.settings.items() if k not in dropped}, **given})
+        if args.url is not None:
+            _url_free(args.url, [p for p in await queries.provider_list(conn)
+                                 if p.id != provider.id])
+        url = provider.url if args.url is None else args.url
+        await queries.provider_update(conn, provider.id, url, config)
+    changes = ([f"URL {url}"] if url != provider.url else []) + [
+        f"{k}={json.dumps(config[k])}" for k in sorted(given)
+        if provider.settings.get(k, _UNSET) != config[k]] + [
+        f"{k} back to its default" for k in sorted(dropped) if k in provider.settings]
+    print(f"provider {provider.name}: " + ("; ".join(changes) if changes else "no change")
+          + ("" if not changes or url == provider.url else
+             " (downloads queued already keep their URLs)"))
+    return 0
+
+
+_UNSET = object()
+
+
+def _check_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "ftp", "ftps") or not parts.hostname:
+        raise UsageError(f"invalid provider URL {url!r}: use http(s):// or ftp:// with a host")
+    if parts.username or parts.password:
+        raise UsageError("put logins in a credential (asyncsat credential add), not the URL")
+
+
+def _url_free(url: str, providers: list[Provider]) -> None:
+    """No other explicit provider has the same base URL (as `get` matches them)."""
     key = url.rstrip("/").lower()
-    return next((p for p in providers
+    same = next((p for p in providers
                  if p.url and not p.implicit and p.url.rstrip("/").lower() == key), None)
+    if same is not None:
+        raise UsageError(f"provider {same.name} already has the URL {same.url}: "
+                         "one URL, one provider")
 
 
 async def provider_list(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:

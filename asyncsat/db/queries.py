@@ -97,9 +97,19 @@ async def provider_list(db: Any) -> list[Provider]:
     return [_provider(r) for r in await db.fetch("SELECT * FROM provider ORDER BY name")]
 
 
-async def provider_get(db: Any, name: str) -> Provider | None:
-    row = await db.fetchrow("SELECT * FROM provider WHERE name = $1", name)
+async def provider_get(db: Any, name: str, *, lock: bool = False) -> Provider | None:
+    """A provider by name; `lock`: its row locked until the transaction ends (a change
+    made from what it was)."""
+    row = await db.fetchrow("SELECT * FROM provider WHERE name = $1"
+                            + (" FOR NO KEY UPDATE" if lock else ""), name)
     return _provider(row) if row else None
+
+
+async def provider_update(db: Any, provider_id: int, url: str | None,
+                          settings: dict[str, object]) -> None:
+    """A provider's URL and settings: the provider_notify trigger tells running daemons."""
+    await db.execute("UPDATE provider SET url = $2, settings = $3 WHERE id = $1",
+                     provider_id, url, settings)
 
 
 async def provider_ensure_implicit(db: Any, name: str, protocol: str, url: str) -> Provider:
