@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
+import random
 import sys
+import uuid
 import zipfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +30,9 @@ def product(name: str, megabytes: int) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         zf.writestr(f"{name}/manifest.safe", "<xfdu:XFDU/>")
-        zf.writestr(f"{name}/GRANULE/band.jp2", os.urandom(megabytes * 1_000_000))
+        # (the same bytes on every start: a product is the same product each time)
+        zf.writestr(f"{name}/GRANULE/band.jp2",
+                    random.Random(name).randbytes(megabytes * 1_000_000))
     return buf.getvalue()
 
 
@@ -44,7 +47,9 @@ async def main() -> None:
             name, product(name, 8), start=start + timedelta(days=day),
             footprint=FAR if far else COAST, rate=4_000_000.0,
             attributes={"productType": "S2MSI1C", "cloudCover": 64.0 if cloudy else 3.5 * day},
-            drop_after=[3_000_000] if day == 0 else []))
+            drop_after=[3_000_000] if day == 0 else [],
+            # a catalogue's product ids are stable: the demo run again finds what it has
+            id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"demo-cdse/{name}"))))
     print(emu.catalogue_url, emu.token_url, emu.download_url, flush=True)
     await asyncio.Event().wait()
 
