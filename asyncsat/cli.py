@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     secret.add_argument("--password-file", metavar="PATH")
     secret.add_argument("--password-stdin", action="store_true")
     cadd.add_argument("--max-connections", type=_connections)
+    cset = cred.add_parser("set", help="change an account's connections, or take it out of "
+                           "use and back (its secret kept)")
+    cset.add_argument("provider")
+    cset.add_argument("--user", required=True)
+    cset.add_argument("--max-connections", type=_connections)
+    use = cset.add_mutually_exclusive_group()
+    use.add_argument("--disable", dest="enabled", action="store_false", default=None,
+                     help="no new transfer uses it (running ones finish)")
+    use.add_argument("--enable", dest="enabled", action="store_true")
     cred.add_parser("list", help="list credentials").add_argument("--json", action="store_true")
     crem = cred.add_parser("remove", help="remove an account of a provider")
     crem.add_argument("provider")

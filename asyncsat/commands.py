@@ -254,6 +254,30 @@ async def credential_add(args: argparse.Namespace, settings: Settings, redactor:
     return 0
 
 
+async def credential_set(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
+    """An account's cap, or whether it is used, changed without its secret; running daemons
+    apply it at once (the credential's trigger)."""
+    if args.max_connections is None and args.enabled is None:
+        raise UsageError("nothing to change: give --max-connections N, --disable or --enable")
+    async with daemon.connection(settings) as conn, conn.transaction():
+        provider = await queries.provider_get(conn, args.provider)
+        if provider is None:
+            raise UsageError(f"unknown provider {args.provider!r}")
+        changed = await queries.credential_update(conn, provider.id, args.user,
+                                                  args.max_connections, args.enabled)
+        if changed is None:
+            raise UsageError(f"provider {provider.name} has no credential for user "
+                             f"{args.user!r}")
+    cap, enabled, others = changed
+    line = (f"credential {args.user} of {provider.name}: {cap} connection(s), "
+            + ("enabled" if enabled else "disabled (running transfers finish)"))
+    if not enabled and not others:
+        line += (f"; provider {provider.name} has no enabled credential left: its downloads "
+                 f"go out anonymously (asyncsat provider pause {provider.name} holds them)")
+    print(line)
+    return 0
+
+
 async def credential_remove(args: argparse.Namespace, settings: Settings,
                             redactor: Redactor) -> int:
     async with daemon.connection(settings) as conn:

@@ -196,6 +196,22 @@ async def provider_remove(db: Any, provider_id: int) -> tuple[int, int]:
     return int(credentials.split()[-1]), int(downloads.split()[-1])
 
 
+async def credential_update(db: Any, provider_id: int, username: str,
+                            max_connections: int | None, enabled: bool | None) -> \
+        tuple[int, bool, int] | None:
+    """Change an account's cap or use (None: kept): (its cap, whether it is enabled, the
+    provider's other enabled credentials), None when it has none of that user. The
+    credential_notify trigger tells running daemons."""
+    row = await db.fetchrow(
+        "WITH c AS (UPDATE credential SET max_connections = coalesce($3, max_connections),"
+        " enabled = coalesce($4, enabled) WHERE provider_id = $1 AND username = $2"
+        " RETURNING id, max_connections, enabled)"
+        " SELECT c.max_connections, c.enabled, (SELECT count(*) FROM credential o"
+        "  WHERE o.provider_id = $1 AND o.enabled AND o.id <> c.id) AS others FROM c",
+        provider_id, username, max_connections, enabled)
+    return None if row is None else (row["max_connections"], row["enabled"], row["others"])
+
+
 async def credential_remove(db: Any, provider_id: int, username: str) -> bool:
     result: str = await db.execute(
         "DELETE FROM credential WHERE provider_id = $1 AND username = $2",

@@ -1,5 +1,5 @@
-"""`provider set`: a provider's URL and settings changed in place, its rows kept, and a
-running daemon applying the change at once."""
+"""`provider set` and `credential set`: a provider or an account changed in place, its rows
+and secret kept, and a running daemon applying the change at once."""
 
 from __future__ import annotations
 
@@ -130,3 +130,68 @@ async def test_a_running_daemon_applies_a_raised_cap_at_once(
     assert server.peak["anonymous"] == 3
     # (the first file still runs: the new slots came from the NOTIFY, not its end)
     assert time.monotonic() - changed < 2
+
+
+async def test_credential_set_changes_an_account_without_its_secret(
+        dsn: str, tmp_path: Path) -> None:
+    await add_provider(dsn, "hub", "https://hub.example/", credentials=[
+        ("alice", "pw-a", 2), ("bob", "pw-b", 2)])
+
+    def run(*args: str) -> tuple[int, str, str]:
+        r = cli("credential", "set", "hub", *args, dsn=dsn, home=tmp_path)
+        return r.returncode, r.stdout, r.stderr
+
+    for args, says in [([], "--user"), (["--user", "alice"], "nothing to change"),
+                       (["--user", "carol", "--disable"], "no credential for user 'carol'"),
+                       (["--user", "alice", "--max-connections", "0"], "at least 1"),
+                       (["--user", "alice", "--enable", "--disable"], "not allowed with")]:
+        code, out, err = await asyncio.to_thread(run, *args)
+        assert (code, out) == (2, "") and says in err and err.count("\n") == 1, (args, err)
+    assert (await asyncio.to_thread(run, "--user", "alice", "--max-connections", "5"))[1] == \
+        "credential alice of hub: 5 connection(s), enabled\n"
+    assert (await asyncio.to_thread(run, "--user", "bob", "--disable"))[1] == \
+        "credential bob of hub: 2 connection(s), disabled (running transfers finish)\n"
+    code, out, _ = await asyncio.to_thread(run, "--user", "alice", "--disable")
+    assert code == 0 and out.endswith(
+        "provider hub has no enabled credential left: its downloads go out anonymously "
+        "(asyncsat provider pause hub holds them)\n")
+    listed = json.loads((await asyncio.to_thread(
+        cli, "credential", "list", "--json", dsn=dsn, home=tmp_path)).stdout)
+    assert [(c["user"], c["max_connections"], c["enabled"]) for c in listed] == [
+        ("alice", 5, False), ("bob", 2, False)]
+    conn = await asyncpg.connect(dsn)
+    try:  # (the secrets are those given to `credential add`)
+        assert await conn.fetch("SELECT username, secret FROM credential ORDER BY 1") == [
+            ("alice", "pw-a"), ("bob", "pw-b")]
+    finally:
+        await conn.close()
+
+
+async def test_a_running_daemon_stops_using_a_disabled_account(
+        dsn: str, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    """Of two accounts, one is disabled while the queue is long: its running transfers
+    finish, and no new request goes out with its login."""
+    server = await FileServer(users={"alice": "pw-a", "bob": "pw-b"}).start()
+    try:
+        names = [f"f{i}.bin" for i in range(8)]
+        for name in names:
+            server.add(name, os.urandom(400_000), rate=400_000)  # 1 s each
+        await add_provider(dsn, "local", server.base,
+                           credentials=[("alice", "pw-a", 1), ("bob", "pw-b", 1)])
+        await queue(dsn, *[server.url(n) for n in names], dest=tmp_path / "dest")
+        proc = DaemonProcess(dsn, tmp_path / "home", "--exit-when-idle")
+        daemons.append(proc)
+        deadline = time.monotonic() + 20
+        while server.peak["bob"] < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        disabled = await asyncio.to_thread(cli, "credential", "set", "local", "--user", "bob",
+                                           "--disable", dsn=dsn, home=tmp_path)
+        assert disabled.returncode == 0, disabled.stderr
+        at = time.monotonic()
+        assert await asyncio.to_thread(proc.wait, 60) == 0
+        assert {r["status"] for r in await rows(dsn)} == {"done"}
+        late = [r for r in server.requests if r["user"] == "bob" and float(r["t"]) > at + 0.5]
+        assert late == [], late
+        assert sum(r["user"] == "alice" for r in server.requests) >= 6
+    finally:
+        await server.stop()
