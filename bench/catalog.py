@@ -54,6 +54,7 @@ from run import (  # noqa: E402  (bench/run.py: the same measurements as the fil
     clean_env,
     code_version,
     measure,
+    setup_failed,
     verify,
 )
 
@@ -219,7 +220,7 @@ class Bench:
             done = subprocess.run(self.asyncsat(*argv), input=stdin.encode(), stdout=out,
                                   stderr=subprocess.STDOUT, env=clean_env(), timeout=120)
         if done.returncode:
-            raise SystemExit(f"bench: asyncsat {' '.join(argv[:2])} failed, see {log}")
+            raise setup_failed(" ".join(argv[:2]), log)
 
     def setup(self) -> None:
         """Create the schema and start the database before anything is timed."""

@@ -115,6 +115,15 @@ class Result:
 
 # -- child processes ------------------------------------------------------------------------
 
+def setup_failed(what: str, log: Path) -> SystemExit:
+    """A set-up step that failed, with the end of its log (a CI run keeps no work dir)."""
+    try:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+    except OSError:
+        tail = []
+    return SystemExit("\n".join([f"bench: asyncsat {what} failed ({log}):", *tail]))
+
+
 def clean_env() -> dict[str, str]:
     """The environment of the tools: no ASYNCSAT_* setting leaks in from the caller.
 
@@ -434,7 +443,7 @@ class Bench:
         """Start the database before anything is timed (`asyncsat init`)."""
         m = measure(self.asyncsat("init"), self.logs / "asyncsat-setup.log", 120)
         if m.returncode:
-            raise SystemExit(f"bench: asyncsat init failed, see {self.logs}/asyncsat-setup.log")
+            raise setup_failed("init", self.logs / "asyncsat-setup.log")
 
     def add_provider(self, server: Server) -> str:
         """A new provider, limited to N connections, for one timed `get`.
@@ -456,7 +465,7 @@ class Bench:
                                   f"max_connections={self.args.connections}"),
                     setup_log, 60)
         if m.returncode:
-            raise SystemExit(f"bench: asyncsat provider add failed, see {setup_log}")
+            raise setup_failed("provider add", setup_log)
         if server.user:
             with setup_log.open("ab") as out:
                 added = subprocess.run(
@@ -466,7 +475,7 @@ class Bench:
                     input=(server.password or "").encode(), stdout=out,
                     stderr=subprocess.STDOUT, env=clean_env(), timeout=60)
             if added.returncode:
-                raise SystemExit(f"bench: asyncsat credential add failed, see {setup_log}")
+                raise setup_failed("credential add", setup_log)
         return name
 
     def command(self, tool: str, urls: Sequence[str], out: Path, label: str,
