@@ -366,6 +366,7 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int,
             return await queries.request_settled(conn, request_id, sorted(TERMINAL))
 
         live = await _live(conn)
+        alone = not live
         if live:  # they share the work; this command waits for them to finish it
             print(f"{_daemons(live)} serve{'s' if len(live) == 1 else ''} this database: "
                   "waiting for the downloads to finish", file=sys.stderr)
@@ -382,10 +383,16 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int,
                 went.append(text)
                 print(redactor(text), file=sys.stderr)
 
-            await daemon.wait_for_request(settings, request_id, tick=show, note=note)
+            settled = await daemon.wait_for_request(settings, request_id, tick=show,
+                                                    note=note, served=_serving)
             if went:  # (the database restarted meanwhile: this connection went with it)
                 conn = await stack.enter_async_context(daemon.connection(settings))
-        else:
+            if not settled:  # (a daemon that died: its rows are taken over as any daemon's)
+                display.clear()
+                print("no daemon serves this database any more: this command does the work "
+                      "itself", file=sys.stderr)
+                alone = True
+        if alone:
             await daemon.serve(settings, redactor, until=request_final, sink=ProgressBar())
         rows = await queries.status_rows(conn, request_id)
         status, error, _counts = await queries.request_state(conn, request_id)
@@ -475,9 +482,6 @@ def _check_search(provider: Provider, query: Query) -> None:
 
 async def _held_back(conn: Any, request_id: int) -> str | None:
     """Why a request's downloads do not move, if something holds them back."""
-    if not await _serving(conn):
-        return ("no daemon serves this database any more: the downloads wait for asyncsat run "
-                "(or stop this command and run get --wait again)")
     paused = await queries.paused_waiting(conn, request_id)
     if paused:
         names = ", ".join(name for name, _n in paused)

@@ -338,8 +338,11 @@ async def wait_for_request(
     settings: Settings, request_id: int, *,
     tick: Callable[[Any], Awaitable[None]] | None = None,
     note: Callable[[str], None] | None = None,
-) -> None:
-    """Wait until every download of a request is final (served by a running daemon);
+    served: Callable[[Any], Awaitable[bool]] | None = None,
+) -> bool:
+    """Wait until every download of a request is final (served by a running daemon):
+    True; or, with `served(connection)`, False as soon as it says no daemon serves the
+    database any more (asked once a second: the caller may do the work itself).
     `tick(connection)` meanwhile, every `progress_interval` seconds (to show progress). A
     database that goes away (restarted, out of reach) is waited for, as the daemons wait
     for it, and `note(text)` tells why and when it is back; one that refuses (a login, a
@@ -363,8 +366,7 @@ async def wait_for_request(
         try:
             if told is not None:
                 tell("the database is back")
-            await _watch_request(conn, settings, request_id, tick)
-            return
+            return await _watch_request(conn, settings, request_id, tick, served)
         except CONNECTION_ERRORS as exc:
             if await alive(conn):  # (an error of the client's on a live connection)
                 raise
@@ -376,15 +378,20 @@ async def wait_for_request(
 
 
 async def _watch_request(conn: Any, settings: Settings, request_id: int,
-                         tick: Callable[[Any], Awaitable[None]] | None) -> None:
+                         tick: Callable[[Any], Awaitable[None]] | None,
+                         served: Callable[[Any], Awaitable[bool]] | None) -> bool:
     changed = asyncio.Event()
     await conn.add_listener("asyncsat_status", lambda *_a: changed.set())
-    ticked = float("-inf")
+    ticked = asked = float("-inf")
     while True:
         changed.clear()
         looked = time.monotonic()
         if await queries.request_settled(conn, request_id, sorted(TERMINAL)):
-            return
+            return True
+        if served is not None and looked - asked >= 1.0:
+            asked = looked
+            if not await served(conn):
+                return False
         if tick is not None and looked - ticked >= settings.progress_interval:
             await tick(conn)
             ticked = time.monotonic()  # (a slow one does not make the next one sooner)

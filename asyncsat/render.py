@@ -113,11 +113,16 @@ class DbProgress:
             self._printed = time.monotonic()
             self._write([summary], redraw=False)
 
+    def clear(self) -> None:
+        """Erase what is drawn on a terminal (another display follows)."""
+        self._write([], redraw=False)
+
     def _write(self, lines: list[str], *, redraw: bool) -> None:
         if self.tty and self._drawn:
             self.stream.write(f"\x1b[{self._drawn}F\x1b[J")  # back over the last drawing
         self._drawn = 0
-        text = "".join(line[:ProgressBar.WIDTH] + "\n" for line in lines)
+        # (lines drawn again are cut to the terminal's likely width; a note is said whole)
+        text = "".join((line[:ProgressBar.WIDTH] if redraw else line) + "\n" for line in lines)
         self.stream.write(text)
         if redraw:
             self._drawn = len(lines)

@@ -106,3 +106,40 @@ async def test_get_wait_beside_a_daemon_rides_through_a_postgresql_restart(
     finally:
         await server.stop()
         cluster.destroy()
+
+
+async def test_get_wait_does_the_work_itself_when_the_daemon_it_watched_dies(
+        server: FileServer, dsn: str, tmp_path, daemons) -> None:
+    """`get --wait` watching a daemon that is killed mid-transfer: it takes the download
+    over, resumes its `.part`, and ends 0 (it used to wait until interrupted)."""
+    import signal
+
+    from tests.conftest import DaemonProcess
+
+    daemon = DaemonProcess(dsn, tmp_path / "h")
+    daemons.append(daemon)
+    await daemon.wait_for(lambda line: line["event"] == "daemon started")
+    data = os.urandom(3_000_000)
+    server.add("long.bin", data, rate=1_000_000)  # 3 s
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(tmp_path / "h"),
+        "get", server.url("long.bin"), "--dest", str(tmp_path / "d"), "--wait",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    part = tmp_path / "d" / f"127.0.0.1_{server.port}" / "long.bin.part"
+    for _ in range(400):
+        if part.exists() and part.stat().st_size >= 1_000_000:
+            break
+        await asyncio.sleep(0.02)
+    daemon.signal(signal.SIGKILL)
+    daemon.wait()
+    out, err = await asyncio.wait_for(proc.communicate(), 40)
+    text = err.decode()
+    assert proc.returncode == 0, text
+    assert "a daemon serves this database" in text
+    assert "no daemon serves this database any more: this command does the work itself" \
+        in text
+    final = tmp_path / "d" / f"127.0.0.1_{server.port}" / "long.bin"
+    assert out.decode().splitlines()[-1] == f"done    {final}"
+    assert final.read_bytes() == data
+    resumed = [r for r in server.requests if r["range"]]
+    assert len(server.requests) == 2 and resumed and resumed[0]["range"] != "bytes=0-"
