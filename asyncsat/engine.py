@@ -270,6 +270,10 @@ class Engine:
                                                  sorted(again))
             if put_back:
                 self.leases.forget(set(put_back))
+                for download_id in put_back:  # (given back now: a give-back not sent yet
+                    # would carry the fence of the row's next claim here, a look's attempt
+                    # being given back)
+                    self._unsent.pop(download_id, None)
                 log.warning("downloads owned with no transfer put back in the queue",
                             download_ids=put_back)
                 self.wake.set()
@@ -655,8 +659,8 @@ class Engine:
         """Send the give-backs that met a lost connection again, after a heartbeat went
         through: each unless its row was claimed again by this daemon meanwhile (that claim
         is the row's now; the statement would match it, with the same owner and attempt).
-        A row taken over by another daemon, or put back by the heartbeat, is left as it is
-        (the fence, or its status, no longer matches)."""
+        A row taken over by another daemon is left as it is (the fence no longer matches);
+        one the heartbeat put back was given back there (`_put_back_orphans`)."""
         for download_id, back in list(self._unsent.items()):
             task = self._tasks.get(download_id)
             if task is not None and task is not back.task:

@@ -736,10 +736,18 @@ async def daemon_gone(db: Any, daemon_id: str) -> int:
 async def orphans_requeue(db: Any, daemon_id: str, ids: Sequence[int]) -> list[int]:
     """Put back in the queue rows this daemon owns but no transfer of it works (a claim
     whose answer was lost with the connection, a hand-over answered to a cancelled task),
-    and end their leases: the ids put back."""
+    and end their leases: the ids put back. A look at an offline product goes back as a
+    stopped one does (`download_unclaim`): offline, its attempt given back. Nothing in the
+    row tells a look from a transfer once it runs; its history does (the status the claim
+    took it from is the last one before `running`)."""
     rows = await db.fetch(
-        "WITH q AS (UPDATE download SET status = 'queued', owner = NULL, not_before = now()"
-        "  WHERE id = ANY($2::bigint[]) AND owner = $1 AND status = 'running' RETURNING id),"
+        "WITH w AS (SELECT i AS id, (SELECT e.status FROM download_event e"
+        "   WHERE e.download_id = i AND e.status <> 'running' ORDER BY e.id DESC LIMIT 1)"
+        "   = 'offline' AS look FROM unnest($2::bigint[]) i),"
+        " q AS (UPDATE download d SET owner = NULL, not_before = now(),"
+        "  status = CASE WHEN w.look THEN 'offline' ELSE 'queued' END,"
+        "  attempts = CASE WHEN w.look THEN greatest(0, d.attempts - 1) ELSE d.attempts END"
+        "  FROM w WHERE d.id = w.id AND d.owner = $1 AND d.status = 'running' RETURNING d.id),"
         " l AS (DELETE FROM lease WHERE daemon_id = $1"
         "  AND download_id IN (SELECT id FROM q))"
         " SELECT id FROM q ORDER BY id", daemon_id, list(ids))

@@ -23,7 +23,7 @@ from asyncsat.db.store import Store
 from asyncsat.engine import Engine
 from asyncsat.logs import Redactor
 from asyncsat.transfer.registry import Drivers
-from tests.helpers import add_provider, drain, sql
+from tests.helpers import add_provider, drain, named_row, sql
 from tests.runs import rows_by_name, spy_runs, until
 from tests.servers import FileServer
 
@@ -317,3 +317,43 @@ async def _serve_until_all_done(settings: Settings, dsn: str, stopped: Any,
         stop.set()  # (an idle daemon looks at `until` late: cancelled after a while)
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(serving, 3)
+
+
+# -- an offline look whose claim's answer was lost -------------------------------------------
+
+async def test_an_offline_look_put_back_by_the_heartbeat_stays_offline(
+        local_server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A product in a long-term archive (`offline`) is due for a look; the claim commits, but
+    its answer is lost with the connection: the row is this daemon's, `running`, with no
+    transfer. The heartbeat puts it back (`orphans_requeue`); it must go back as a stopped
+    look does (`download_unclaim`, back to `offline`): offline still, its attempt given back
+    (a look uses none), not queued with an attempt used that nothing tried."""
+    settings = dataclasses.replace(settings, lease_timeout=2.0)  # (a heartbeat every 0.7 s)
+    local_server.add("o.nc", os.urandom(5000))
+    download_id = await named_row(dsn, settings, local_server.url("o.nc"), "o.nc")
+    await sql(dsn, "UPDATE download SET status = 'offline', offline_checks = 1,"
+                   " not_before = now() WHERE id = $1", download_id)
+    real = queries.claim
+    lost: list[int] = []
+
+    async def answer_lost(db: Any, *args: Any, **kw: Any) -> Any:
+        claimed = await real(db, *args, **kw)  # (committed)
+        if claimed and not lost:
+            lost.extend(d.id for d, _account, _lease in claimed)
+            raise ConnectionResetError("connection reset by peer")
+        return claimed
+
+    monkeypatch.setattr(queries, "claim", answer_lost)
+    with capture_logs() as logs:
+        await drain(settings, timeout=20)
+    assert lost == [download_id]
+    assert [e for e in logs if e["event"].startswith("downloads owned with no transfer")]
+    history = [(e["status"], e["attempts"]) for e in await sql(
+        dsn, "SELECT status, attempts FROM download_event WHERE download_id = $1"
+             " ORDER BY id", download_id)]
+    # (queued as inserted, offline, looked at, put back, looked at again: found online)
+    assert history == [("queued", 0), ("offline", 0), ("running", 1), ("offline", 0),
+                       ("running", 1), ("done", 1)], history
+    [row] = await sql(dsn, "SELECT owner, offline_checks FROM download")
+    assert (row["owner"], row["offline_checks"]) == (None, 1)
