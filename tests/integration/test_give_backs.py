@@ -259,6 +259,40 @@ async def test_a_stop_while_the_database_is_away_ends_within_shutdown_timeout(
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def test_a_stop_that_leaves_a_transfer_started_by_a_hand_over_says_so(
+        settings: Settings) -> None:
+    """A transfer's hand-over is answered while the daemon stops: it starts the next row's
+    transfer, then its own end (the rename, the record) runs past `shutdown_timeout`. The
+    stop waits for it, finds the time spent and the new transfer not stopped: it must say
+    so ("transfers did not stop in time"), as it does for any transfer left running.
+    Before, the loop ended at its deadline without a word."""
+    settings = dataclasses.replace(settings, shutdown_timeout=0.3)
+    eng = Engine(Store(_Away()), settings, Drivers(), Redactor(), owner="me")
+    started: list[asyncio.Task[None]] = []
+
+    async def handing_over() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            started.append(asyncio.create_task(asyncio.sleep(3600)))  # (the next row's)
+            eng._tasks[2] = started[0]
+            time.sleep(settings.shutdown_timeout + 0.1)  # (its end: past the deadline)
+            del eng._tasks[1]
+
+    eng._tasks[1] = asyncio.create_task(handing_over())
+    await asyncio.sleep(0)
+    try:
+        with capture_logs() as logs:
+            await asyncio.wait_for(eng._stop_transfers(), settings.shutdown_timeout + 4)
+        assert list(eng._tasks) == [2]
+        told = [e.get("count") for e in logs if e["event"] == "transfers did not stop in time"]
+        assert told == [1], [e["event"] for e in logs]
+    finally:
+        for task in started:
+            task.cancel()
+        await asyncio.gather(*started, return_exceptions=True)
+
+
 # -- a give-back not sent, its lease lapsed meanwhile ------------------------------------------
 
 async def test_a_give_back_not_sent_whose_lease_lapsed_is_put_back(
