@@ -7,6 +7,7 @@ transfer drivers. Signals, LISTEN and the pool are wired up by `daemon.py`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -554,7 +555,10 @@ class Engine:
             await self._task_ended(d, lease, turn, handed_over=False)
 
     async def _stop_transfers(self) -> None:
-        """Cancel running transfers; each puts its row back in the queue, resumable."""
+        """Cancel running transfers; each puts its row back in the queue, resumable. Then the
+        give-backs that met a lost connection are sent once more (they wait for the next
+        heartbeat, which never comes now), within the same `shutdown_timeout`: the database
+        may still be away."""
         self._stopping = True  # a slot is no longer handed on to the next download
         await self.resolver.stop()
         if self._tasks:
@@ -577,6 +581,12 @@ class Engine:
         # stopped in time while those their hand-overs started meanwhile have not)
         if self._tasks:
             log.warning("transfers did not stop in time", count=len(self._tasks))
+        if self._unsent:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._give_backs_again()
+            if self._unsent:  # (their rows wait for their leases to lapse)
+                log.warning("downloads not given back", download_ids=sorted(self._unsent))
 
     # -- one transfer -------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from asyncsat.db.pool import connect
 from asyncsat.db.store import Store
 from asyncsat.engine import Engine
 from asyncsat.logs import Redactor
+from asyncsat.models import Download
 from asyncsat.transfer.registry import Drivers
 from tests.helpers import add_provider, drain, named_row, sql
 from tests.runs import rows_by_name, spy_runs, until
@@ -391,3 +392,73 @@ async def test_an_offline_look_put_back_by_the_heartbeat_stays_offline(
                        ("running", 1), ("done", 1)], history
     [row] = await sql(dsn, "SELECT owner, offline_checks FROM download")
     assert (row["owner"], row["offline_checks"]) == (None, 1)
+
+
+# -- a give-back not sent when the daemon stops -----------------------------------------------
+
+async def test_a_give_back_not_sent_is_sent_again_at_a_clean_stop(
+        local_server: FileServer, dsn: str, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon stops while it looks at an offline product (found online, coming in): the
+    look goes back to `offline`, its attempt given back (`download_unclaim`), but the
+    connection is lost under that statement, before it commits. It waits for the next
+    heartbeat (`_give_backs_again`), which never comes: the daemon is stopping. The stop
+    must send it once more: before, the row stayed `running`, its attempt used, until a
+    claim took it over as a transfer (no longer a look at an offline product)."""
+    local_server.add("o.nc", os.urandom(2_000_000), rate=200_000)  # (10 s)
+    download_id = await named_row(dsn, settings, local_server.url("o.nc"), "o.nc")
+    await sql(dsn, "UPDATE download SET status = 'offline', offline_checks = 1,"
+                   " not_before = now() WHERE id = $1", download_id)
+    real = queries.download_unclaim
+    cut: list[int] = []
+
+    async def lost_once(db: Any, download_id: int, *args: Any, **kw: Any) -> Any:
+        if not cut:  # (not committed: the database is back a moment later)
+            cut.append(download_id)
+            raise ConnectionResetError("connection reset by peer")
+        return await real(db, download_id, *args, **kw)
+
+    monkeypatch.setattr(queries, "download_unclaim", lost_once)
+
+    async def coming_in() -> bool:
+        return any(r["path"] == "/files/o.nc" for r in local_server.requests)
+
+    # (no heartbeat within the test: `lease_timeout` is 30 s)
+    await asyncio.wait_for(daemon.serve(settings, Redactor(), until=coming_in), 20)
+    assert cut == [download_id]
+    [row] = await sql(dsn, "SELECT status, attempts, owner FROM download")
+    assert (row["status"], row["attempts"], row["owner"]) == ("offline", 0, None), dict(row)
+
+
+class _Hanging(_Away):
+    """A pool whose database does not answer (its host is cut off): every statement waits."""
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.Event().wait()
+
+    fetch = fetchval = fetchrow = execute
+
+
+async def test_a_give_back_sent_again_at_a_stop_never_holds_it_past_shutdown_timeout(
+        settings: Settings) -> None:
+    """A give-back not sent is tried once more at the stop: while the database does not
+    answer, the stop still ends within `shutdown_timeout`, and says which rows were not
+    given back (they wait for their leases to lapse)."""
+    settings = dataclasses.replace(settings, shutdown_timeout=1.0)
+    eng = Engine(Store(_Hanging()), settings, Drivers(), Redactor(), owner="me")
+    row = Download(id=7, request_id=None, provider_id=1, provider="local", url="x",
+                   name=None, dest=None, size=None, checksum=None, status="running",
+                   bytes_done=0, attempts=1, failures=0, error=None, path=None, etag=None,
+                   last_modified=None, claimed_from="offline")
+    eng._unsent[7] = engine._GiveBack(queries.download_unclaim, row, {"back_to": "offline"},
+                                      None)
+    started = time.monotonic()
+    with capture_logs() as logs:
+        try:
+            await asyncio.wait_for(eng._stop_transfers(), settings.shutdown_timeout + 4)
+        except TimeoutError:
+            pytest.fail("the stop waited for the database past shutdown_timeout "
+                        f"({time.monotonic() - started:.1f} s)")
+    assert time.monotonic() - started < settings.shutdown_timeout + 0.5
+    [told] = [e for e in logs if e["event"] == "downloads not given back"]
+    assert told["download_ids"] == [7]
