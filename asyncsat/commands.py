@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from asyncsat import checksums, daemon, intake, provider_settings
+from asyncsat.auth.hosts import sends_login
 from asyncsat.catalogs.base import Filter, Query, parse_bbox, parse_time
 from asyncsat.catalogs.ftp_tree import layout
 from asyncsat.catalogs.templates import split_pattern
@@ -25,7 +26,7 @@ from asyncsat.dsn import split_password
 from asyncsat.errors import AsyncsatError, UsageError
 from asyncsat.logs import Redactor
 from asyncsat.models import TERMINAL, Provider
-from asyncsat.naming import ftp_path, unique_name
+from asyncsat.naming import SplitUrl, ftp_path, unique_name
 from asyncsat.presets import preset
 from asyncsat.render import (
     PLACED,
@@ -328,6 +329,7 @@ async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) 
             provider = await queries.provider_get(conn, args.provider)
             if provider is None:
                 raise UsageError(f"unknown provider {args.provider!r}")
+            await _logins_stay_home(conn, provider, urls)
         if patterns:  # the daemon lists the folders: the request waits for it, queued
             login = next((u for u in urls if u.user), None)
             request_id = await queries.request_insert(
@@ -418,6 +420,20 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int,
             failed += 1
             print(f"{r['status']:<7} {r['url']}: {r['error'] or 'not finished'}")
     return 0 if rows and not failed else 1
+
+
+async def _logins_stay_home(conn: Any, provider: Provider,
+                            urls: list[SplitUrl]) -> None:
+    """UsageError for a URL given `--provider` off the provider's servers while it has an
+    account: its login would not go there (`sends_login`), and the user meant it to."""
+    away = next((u.url for u in urls if not u.user and not sends_login(provider, u.url)),
+                None)
+    if away is not None and await queries.has_enabled_credential(conn, provider.id):
+        host = urlsplit(away).netloc
+        raise UsageError(
+            f"{away} is not on a server of provider {provider.name} ({provider.url}): its "
+            f"accounts' login is sent to its own servers only; to send it to {host}, "
+            f"asyncsat provider set {provider.name} --set 'auth_hosts=[\"{host}\"]'")
 
 
 def _done_path(row: dict[str, Any], wanted: str | None) -> tuple[str, bool]:

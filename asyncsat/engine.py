@@ -14,12 +14,14 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import structlog
 
 from asyncsat import intake
 from asyncsat.archive import Archive
-from asyncsat.auth.base import Auth
+from asyncsat.auth.base import ANONYMOUS, Auth
+from asyncsat.auth.hosts import sends_login
 from asyncsat.auth.registry import Auths
 from asyncsat.batcher import Batcher
 from asyncsat.catalogs.registry import Catalogs
@@ -701,6 +703,12 @@ class Engine:
         if d.login_user:  # the download's own login (a URL's userinfo)
             auth = self.auths.for_account(provider, f"login:{d.login_user}", d.login_user,
                                           d.login_secret)
+        elif d.product_id is None and lease.login.user and not sends_login(provider, d.url):
+            # (a row of the provider's whose URL is on another server: its account's login
+            # is not sent there, whoever queued it)
+            auth = ANONYMOUS
+            bound.warning("the account's login is not sent to a server outside the "
+                          "provider's: fetched without it", host=urlsplit(d.url).netloc)
         else:
             auth = self.auths.for_account(provider, lease.account, lease.login.user,
                                           lease.login.secret)

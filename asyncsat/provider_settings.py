@@ -62,6 +62,13 @@ def _names(value: object) -> str | None:
     return 'a JSON list of asset keys, such as ["B04", "B08"]'
 
 
+def _hosts(value: object) -> str | None:
+    if isinstance(value, list) and value and all(
+            isinstance(v, str) and v and not any(c in v for c in "/@ ") for v in value):
+        return None
+    return 'a JSON list of host names (host or host:port), such as ["data.example.org"]'
+
+
 def _layouts(value: object) -> str | None:
     shape = ('a JSON object of collection names and layouts, such as '
              '{"sst": "SST/{date:%Y}/*_{date:%Y%m%d}.nc"}')
@@ -103,6 +110,8 @@ _COMMON = {
                         "`failed` (default 5)"),
     "backoff_initial": Key(_seconds, "first retry delay, seconds (default 1)"),
     "backoff_max": Key(_seconds, "longest retry delay, seconds (default 60)"),
+    "auth_hosts": Key(_hosts, "hosts besides those of the provider's URL and `download_url` "
+                      "that get its accounts' login (default: none)"),
 }
 _HTTP = {
     "allow_insecure_redirects": Key(_boolean, "follow a redirect from https:// to http:// "
@@ -138,9 +147,7 @@ KEYS: dict[str, dict[str, Key]] = {
     "dhus": {**_COMMON, **_HTTP, **_CATALOG, **_ARCHIVE},
     "stac": {**_COMMON, **_HTTP, **_CATALOG, **_TOKENS,
              "assets": Key(_names, "asset keys to fetch (default: role data, else the only "
-                           "asset)"),
-             "auth_hosts": Key(_names, "hosts besides the API's own that get the account's "
-                               "login with asset downloads (default: none)")},
+                           "asset)")},
     "m2m": {**_COMMON, **_HTTP, **_CATALOG,
             "product": Key(_text, "which download option of a scene to fetch: a product name "
                            "or part of one (default `Product Bundle`)")},

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import structlog
 
 from asyncsat.auth.base import ANONYMOUS, Auth
+from asyncsat.auth.hosts import sends_login
 from asyncsat.catalogs.base import Filter, ProductRef, Query, page_size, root_url
 from asyncsat.catalogs.client import JsonClient, same_origin, shown
 from asyncsat.errors import CatalogError, PermanentError, UsageError
@@ -51,9 +52,6 @@ class StacCatalog:
         assets = settings.get("assets")
         self._assets = [str(a) for a in assets] if isinstance(assets, list) else None
         self._policy = Policy.for_provider(provider)
-        hosts = settings.get("auth_hosts")
-        self._auth_hosts = {urlsplit(self._root).hostname or ""} | (
-            {str(h).lower() for h in hosts} if isinstance(hosts, list) else set())
 
     async def search(self, query: Query, auth: Auth, since: datetime | None = None) -> \
             AsyncGenerator[ProductRef, None]:
@@ -164,10 +162,10 @@ class StacCatalog:
         raise CatalogError("this catalog cannot order archived products")
 
     async def prepare(self, download: Download, auth: Auth) -> Source:
-        """The asset's href; the account logs in only on the provider's own hosts (an
+        """The asset's href; the account logs in only on the provider's own servers (an
         asset on a public bucket or another service never sees the credential)."""
-        host = (urlsplit(download.url).hostname or "").lower()
-        return Source(download.url, auth if host in self._auth_hosts else ANONYMOUS)
+        return Source(download.url,
+                      auth if sends_login(self._provider, download.url) else ANONYMOUS)
 
 
 def check(query: Query) -> None:

@@ -212,6 +212,12 @@ async def credential_update(db: Any, provider_id: int, username: str,
     return None if row is None else (row["max_connections"], row["enabled"], row["others"])
 
 
+async def has_enabled_credential(db: Any, provider_id: int) -> bool:
+    return bool(await db.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM credential WHERE provider_id = $1 AND enabled)",
+        provider_id))
+
+
 async def credential_remove(db: Any, provider_id: int, username: str) -> bool:
     result: str = await db.execute(
         "DELETE FROM credential WHERE provider_id = $1 AND username = $2",
