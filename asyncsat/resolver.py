@@ -26,7 +26,8 @@ from typing import Any
 import structlog
 
 from asyncsat import intake
-from asyncsat.auth.base import Auth
+from asyncsat.auth.base import ANONYMOUS, Auth
+from asyncsat.auth.hosts import sends_login
 from asyncsat.auth.registry import Auths
 from asyncsat.catalogs.base import Catalog, ProductRef, Query, checked
 from asyncsat.catalogs.registry import Catalogs
@@ -300,7 +301,7 @@ class Resolver:
     def _products(self, catalog: Catalog, request: Request, provider: Provider,
                   auth: Auth) -> AsyncGenerator[ProductRef, None]:
         if request.search is None:
-            return _expand_all(catalog, request, auth)
+            return _expand_all(catalog, request, provider, auth)
         since = None
         if request.status == "following" and request.watermark is not None:
             since = request.watermark - timedelta(seconds=follow_settings(provider).overlap)
@@ -387,13 +388,15 @@ def _key(ref: ProductRef) -> str:
     return ref.id or ref.url
 
 
-async def _expand_all(catalog: Catalog, request: Request, auth: Auth) -> \
-        AsyncGenerator[ProductRef, None]:
-    """Every URL of a request: patterns expanded by the catalog, plain URLs as they are."""
+async def _expand_all(catalog: Catalog, request: Request, provider: Provider, auth: Auth) \
+        -> AsyncGenerator[ProductRef, None]:
+    """Every URL of a request: patterns expanded by the catalog (listed with the account's
+    login on the provider's own servers only), plain URLs as they are."""
     for raw in request.urls or []:
         u = split_login(raw)
         if intake.is_pattern(u.url):
-            async for ref in catalog.expand(u.url, auth):
+            home = request.login_user is not None or sends_login(provider, u.url)
+            async for ref in catalog.expand(u.url, auth if home else ANONYMOUS):
                 yield ref
         else:
             yield ProductRef(url=u.url)
