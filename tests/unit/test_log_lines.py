@@ -139,3 +139,26 @@ def test_an_error_logged_before_the_loop_hangs_and_is_aborted_is_written() -> No
     assert done.returncode != 0
     assert [json.loads(line)["event"] for line in done.stdout.splitlines()] == \
         ["the disk does not answer"]
+
+
+def test_a_librarys_log_record_is_one_of_our_json_lines(out: CountingStream) -> None:
+    """asyncpg's pool, retrying a connection while PostgreSQL is down, logs a warning with
+    its exception: one redacted JSON line on our stream, not Python's text and traceback
+    on stderr."""
+    import logging
+
+    redactor = logs.Redactor()
+    redactor.add("pw-of-the-dsn")
+    logs.configure(redactor, fmt="json", level="info", stream=out)
+    try:
+        raise ConnectionRefusedError(111, "Connect call failed: pw-of-the-dsn")
+    except ConnectionRefusedError:
+        logging.getLogger("asyncpg.pool").warning(
+            "Failed to restore the pool connection floor; retrying", exc_info=True)
+    logging.getLogger("aiohttp.client").info("not shown below warning")
+    [line] = out.getvalue().splitlines()
+    event = json.loads(line)
+    assert event["event"] == "Failed to restore the pool connection floor; retrying"
+    assert (event["level"], event["logger"]) == ("warning", "asyncpg.pool")
+    assert event["error"] == "ConnectionRefusedError: [Errno 111] Connect call failed: ***"
+    assert "timestamp" in event
