@@ -309,6 +309,19 @@ async def credential_list(args: argparse.Namespace, settings: Settings, redactor
 
 # -- work -----------------------------------------------------------------------------------
 
+def _dest(given: str | None, settings: Settings) -> Path:
+    """The folder a request's files go to; UsageError when a file stands in its way here (a
+    folder that does not exist yet is made by the daemon; whether the daemon may write it
+    is the daemon's to find: it may run as another user, on another host)."""
+    dest = Path(given).expanduser().absolute() if given else settings.default_dest
+    for folder in (dest, *dest.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UsageError(f"--dest {dest}: {folder} is a file, not a folder")
+            break
+    return dest
+
+
 async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) -> int:
     urls = intake.parse_urls(args.urls)
     for u in urls:
@@ -316,7 +329,7 @@ async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) 
     checksum = checksums.parse(args.checksum) if args.checksum else None
     if checksum is not None and len(urls) != 1:
         raise UsageError("--checksum applies to exactly one URL")
-    dest = Path(args.dest).expanduser().absolute() if args.dest else settings.default_dest
+    dest = _dest(args.dest, settings)
     patterns = [u for u in urls if intake.is_pattern(u.url)]
     if patterns:
         if checksum is not None:
@@ -457,7 +470,7 @@ async def search(args: argparse.Namespace, settings: Settings, redactor: Redacto
         end=parse_time(args.end, "end"), bbox=parse_bbox(args.bbox) if args.bbox else None,
         wkt=args.wkt, filters=filters, limit=args.limit)
     query = Query.from_json(query.to_json())  # the same checks as a request inserted by psql
-    dest = Path(args.dest).expanduser().absolute() if args.dest else settings.default_dest
+    dest = _dest(args.dest, settings)
     async with daemon.connection(settings) as conn:
         provider = await queries.provider_get(conn, args.provider)
         if provider is None:

@@ -45,6 +45,10 @@ async def _count(dsn: str) -> int:
     ["provider", "add", "x", "--protocol", "http", "--set", "bogus_key=1"],
     ["provider", "add", "x", "--protocol", "odata", "--url", "https://HUB.example/odata/v1"],
     ["status", "--request", "999"],
+    # a file where the folder would be (itself, or one of its parents)
+    ["get", "https://ok.example/a.zip", "--dest", "/etc/passwd"],
+    ["get", "https://ok.example/a.zip", "--dest", "/etc/passwd/sub/dir"],
+    ["search", "hub", "--collection", "SENTINEL-2", "--dest", "/etc/passwd"],
     ["provider", "pause", "nosuch"],
     ["provider", "resume", "nosuch"],
     ["retry", "12345"],

@@ -263,3 +263,16 @@ def test_implicit_provider_names_are_valid_provider_names() -> None:
                       ("https://Data.Example.org/z", "data.example.org")]:
         assert implicit_provider_name(url) == name
         assert valid.match(name)
+
+
+def test_redactor_leaves_a_path_or_a_word_that_ends_like_a_secrets_name() -> None:
+    """`/etc/passwd: x` names a file, not a password (a user trial: the word after it was
+    masked in an error message); a key name after `?`, `&`, a space, a quote or `_` is
+    still one."""
+    r = Redactor()
+    for text in ("unsupported URL 'file:///etc/passwd': the scheme must be one of http",
+                 "--dest /etc/passwd: /etc/passwd is a file, not a folder",
+                 "see /run/secrets/token: missing"):
+        assert r(text) == text
+    assert r("db_password=swordfish") == "db_password=***"
+    assert r('{"password": "x1"}') == '{"password": "***"}'
