@@ -80,7 +80,7 @@ async def provider_add(args: argparse.Namespace, settings: Settings, redactor: R
         protocol, url = args.protocol, args.url
     config = provider_settings.validate(protocol, given)
     if url is not None:
-        _check_url(url)
+        _check_url(url, protocol)
     async with daemon.connection(settings) as conn:
         if url is not None:
             _url_free(url, await queries.provider_list(conn))
@@ -99,12 +99,12 @@ async def provider_set(args: argparse.Namespace, settings: Settings, redactor: R
         raise UsageError("nothing to change: give --url, --set KEY=VALUE or --unset KEY")
     if both := sorted(dropped & set(given)):
         raise UsageError(f"setting {both[0]} is both set and unset")
-    if args.url is not None:
-        _check_url(args.url)
     async with daemon.connection(settings) as conn, conn.transaction():
         provider = await queries.provider_get(conn, args.name, lock=True)
         if provider is None:
             raise UsageError(f"unknown provider {args.name!r}")
+        if args.url is not None:
+            _check_url(args.url, provider.protocol)
         known = provider_settings.KEYS.get(provider.protocol, {})
         for key in sorted(dropped):
             if key not in known:
@@ -133,10 +133,14 @@ async def provider_set(args: argparse.Namespace, settings: Settings, redactor: R
 _UNSET = object()
 
 
-def _check_url(url: str) -> None:
+def _check_url(url: str, protocol: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https", "ftp", "ftps") or not parts.hostname:
         raise UsageError(f"invalid provider URL {url!r}: use http(s):// or ftp:// with a host")
+    ftp = parts.scheme in ("ftp", "ftps")
+    if ftp != (protocol == "ftp"):
+        raise UsageError(f"invalid provider URL {url!r}: a {protocol} provider's URL is "
+                         + ("ftp:// or ftps://" if protocol == "ftp" else "http(s)://"))
     if parts.username or parts.password:
         raise UsageError("put logins in a credential (asyncsat credential add), not the URL")
 

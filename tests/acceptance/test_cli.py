@@ -41,6 +41,8 @@ async def _count(dsn: str) -> int:
     ["provider", "add", "bad/name", "--protocol", "http"],
     ["provider", "add", "x", "--protocol", "gopher"],
     ["provider", "add", "x", "--protocol", "http", "--url", "nota url"],
+    ["provider", "add", "x", "--protocol", "ftp", "--url", "http://files.example/b/"],
+    ["provider", "add", "x", "--protocol", "stac", "--url", "ftp://files.example/b/"],
     ["provider", "add", "x", "--protocol", "http", "--set", "max_connections=-3"],
     ["provider", "add", "x", "--protocol", "http", "--set", "bogus_key=1"],
     ["provider", "add", "x", "--protocol", "odata", "--url", "https://HUB.example/odata/v1"],
