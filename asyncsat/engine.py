@@ -847,7 +847,12 @@ class Engine:
                           repeated=mismatch is not None and mismatch == d.last_mismatch,
                           tries=d.attempts)
         error = _one_line(self.redactor(exc.message))
-        if decision.bad_at_source:
+        if decision.bad_at_source and d.product_id is None and _what(mismatch) == "checksum":
+            # (a URL's checksum is the user's, not a catalog's: it may be the wrong one)
+            error = _one_line(self.redactor(
+                f"the same bytes twice, not those of the checksum given (is it this file's?): "
+                f"{exc.message}"))
+        elif decision.bad_at_source:
             error = _one_line(self.redactor(
                 f"bad at the source (the same wrong {_what(mismatch)} twice): {exc.message}"))
         if refused and refused.strip("'") not in error:

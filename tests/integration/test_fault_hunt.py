@@ -564,6 +564,8 @@ async def test_re_request_with_a_corrected_checksum_uses_it(
     await drain(settings)
     [row] = await rows(dsn)
     assert row["status"] == "failed" and "md5 mismatch" in row["error"]
+    # (the checksum is the user's: not blamed on the source)
+    assert row["error"].startswith("the same bytes twice, not those of the checksum given")
 
     import hashlib
 
