@@ -554,11 +554,12 @@ async def status(args: argparse.Namespace, settings: Settings, redactor: Redacto
         if args.request is not None and not await queries.request_exists(conn, args.request):
             raise UsageError(f"no request {args.request}")
         if args.requests:
-            return await _requests(conn, args, redactor)
+            return await _requests(conn, args, database, redactor)
         while True:
             if args.json:
                 running = await _status_json_rows(conn, args, statuses, settings)
                 if running and not await _serving(conn):
+                    sys.stdout.flush()  # (the array first: the note does not cut into it)
                     print(await _daemon_line(conn, args.request, False), file=sys.stderr)
             else:
                 await _status_text(conn, args, statuses, database, redactor)
@@ -722,7 +723,8 @@ async def retry(args: argparse.Namespace, settings: Settings, redactor: Redactor
     return 0
 
 
-async def _requests(conn: Any, args: argparse.Namespace, redactor: Redactor) -> int:
+async def _requests(conn: Any, args: argparse.Namespace, database: str,
+                    redactor: Redactor) -> int:
     while True:
         rows = [request_summary(r) for r in await queries.request_rows(conn, args.request)]
         if args.json:
@@ -730,6 +732,7 @@ async def _requests(conn: Any, args: argparse.Namespace, redactor: Redactor) -> 
         else:
             if args.watch and sys.stdout.isatty():
                 print("\x1b[H\x1b[2J", end="")
+            print(f"database: {database}")
             print(await _daemon_line(conn, args.request, await _serving(conn)))
             print(redactor(request_progress_table(rows)))
         if not args.watch:

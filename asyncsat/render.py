@@ -179,7 +179,15 @@ def _what(r: dict[str, Any]) -> str:
         return str(search.get("collection", ""))
     if search is not None:
         return json.dumps(search)
-    return " ".join(r["urls"] or [])
+    urls = r["urls"] or []
+    if len(urls) <= 1:
+        return urls[0] if urls else ""
+    return f"{urls[0]} (+{len(urls) - 1} more)"
+
+
+def _tail(text: str, width: int) -> str:
+    """`text` in `width` characters, its end kept (a URL's file name is at its end)."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 def requests_lines(rows: Sequence[dict[str, Any]]) -> str:
@@ -290,7 +298,8 @@ def request_progress_table(rows: Sequence[dict[str, Any]]) -> str:
         what = _what(r)
         size = f"{human(r['bytes_done'])}/{human(r['size'])}"
         line = (f"{r['id']:>6}  {r['status']:<9}  {(r['provider'] or '-')[:16]:<16}  "
-                f"{r['products']:>6}  {r['done']:>6}  {r['failed']:>6}  {size:<20}  {what[:60]}")
+                f"{r['products']:>6}  {r['done']:>6}  {r['failed']:>6}  {size:<20}  "
+                f"{_tail(what, 60)}")
         if r["offline"]:
             line += f"  [{r['offline']} offline]"
         if r["next_run"]:

@@ -1349,7 +1349,10 @@ async def request_rows(
     """
     rows = await db.fetch(
         "SELECT r.id, r.status, r.error, r.follow, r.search, r.urls, r.dest, r.created_at,"
-        " r.next_run, r.watermark, r.runs, p.name AS provider,"
+        " r.next_run, r.watermark, r.runs,"
+        # a request of URLs has no provider of its own: its products' one, when they share it
+        " coalesce(p.name, CASE WHEN min(d.provider_id) = max(d.provider_id) THEN"
+        "  (SELECT p2.name FROM provider p2 WHERE p2.id = min(d.provider_id)) END) AS provider,"
         " count(d.id) AS products,"
         " count(d.id) FILTER (WHERE d.status = 'done') AS done,"
         " count(d.id) FILTER (WHERE d.status = 'failed') AS failed,"

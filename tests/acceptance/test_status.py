@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.conftest import DaemonProcess, cli
 from tests.helpers import add_provider, queue, sql
+from tests.servers import FileServer
 
 
 async def _wait_part(path: Path, at_least: int, timeout: float = 20) -> None:
@@ -64,7 +65,9 @@ async def test_status_says_when_no_daemon_serves_the_rows_marked_running(
     assert [r["status"] for r in json.loads(as_json.stdout)] == ["running"]  # the contract
     assert as_json.stderr.startswith("daemon: none serves this database; 1 download(s)")
     requests = await asyncio.to_thread(cli, "status", "--requests", dsn=dsn, home=home)
-    assert requests.stdout.startswith("daemon: none serves this database; 1 download(s)")
+    assert requests.stdout.splitlines()[0].startswith("database: ")  # as `status` starts
+    assert requests.stdout.splitlines()[1].startswith(
+        "daemon: none serves this database; 1 download(s)")
 
     again = DaemonProcess(dsn, home, "--exit-when-idle")
     daemons.append(again)
@@ -313,3 +316,26 @@ async def test_status_shows_request_rows_of_any_shape_psql_inserted(
         shown = await asyncio.to_thread(cli, *command, dsn=dsn, home=home)
         assert shown.returncode == 0 and shown.stderr == "", (command, shown.stderr)
         assert shown.stdout.count("failed") >= 3, (command, shown.stdout)
+
+
+async def test_a_request_of_urls_shows_its_products_provider_and_its_first_url(
+        server: FileServer, dsn: str, tmp_path: Path) -> None:
+    """A request of URLs has no provider of its own: `status --requests` names its
+    products' one when they share it, and its first URL whole (the end kept when long)."""
+    for name in ("a.bin", "b.bin"):
+        server.add(name, os.urandom(1000))
+    long = "x" * 80 + ".bin"
+    server.add(long, os.urandom(1000))
+    home = tmp_path / "h"
+    for urls in ([server.url("a.bin"), server.url("b.bin")], [server.url(long)]):
+        got = await asyncio.to_thread(cli, "get", *urls, "--dest", str(tmp_path / "d"),
+                                      "--wait", dsn=dsn, home=home)
+        assert got.returncode == 0, got.stderr
+    listed = json.loads((await asyncio.to_thread(
+        cli, "status", "--requests", "--json", dsn=dsn, home=home)).stdout)
+    assert [r["provider"] for r in listed] == [f"127.0.0.1_{server.port}"] * 2
+    table = (await asyncio.to_thread(cli, "status", "--requests", dsn=dsn,
+                                     home=home)).stdout.splitlines()
+    assert table[3].endswith(f"{server.url('a.bin')} (+1 more)"), table
+    assert f" 127.0.0.1_{server.port} " in table[3]
+    assert table[4].endswith("…" + long[-59:]), table
