@@ -189,6 +189,18 @@ async def provider_remove(db: Any, provider_id: int) -> tuple[int, int]:
         " WHERE provider_id = $1 AND status IN ('queued', 'following')",
         provider_id,
     )
+    # a request that had products of this provider only is left with none: it says why
+    # (it read `done`, with nothing found): cancelled, as its downloads were
+    await db.execute(
+        "UPDATE request r SET status = 'cancelled', login_secret = NULL,"
+        " error = 'its provider was removed, with its downloads'"
+        " WHERE r.status = 'resolved' AND (r.provider_id = $1 OR r.id IN"
+        "  (SELECT rd.request_id FROM request_download rd JOIN download d"
+        "   ON d.id = rd.download_id WHERE d.provider_id = $1))"
+        " AND NOT EXISTS (SELECT 1 FROM request_download rd JOIN download d"
+        "  ON d.id = rd.download_id WHERE rd.request_id = r.id AND d.provider_id <> $1)",
+        provider_id,
+    )
     downloads = await db.execute("DELETE FROM download WHERE provider_id = $1", provider_id)
     credentials = await db.execute("DELETE FROM credential WHERE provider_id = $1",
                                    provider_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
@@ -278,6 +279,12 @@ async def test_provider_remove_refuses_while_work_is_unfinished_then_force_stops
         assert await conn.fetchval("SELECT count(*) FROM credential") == 0
     finally:
         await conn.close()
+    # its requests say why they have no product any more (the done one read `done`, with
+    # nothing found)
+    listed = json.loads((await asyncio.to_thread(
+        cli, "status", "--requests", "--json", dsn=dsn, home=tmp_path / "home")).stdout)
+    assert [(r["status"], r["products"], r["error"]) for r in listed] == [
+        ("cancelled", 0, "its provider was removed, with its downloads")] * 2
     assert (dest / "local" / "done.bin").exists() and _part(dest, "slow.bin").exists()
     assert proc.proc.poll() is None  # the daemon goes on serving
     gone = await asyncio.to_thread(cli, "provider", "remove", "local", dsn=dsn,
