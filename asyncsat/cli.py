@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     secret.add_argument("--password-env", metavar="VAR")
     secret.add_argument("--password-file", metavar="PATH")
     secret.add_argument("--password-stdin", action="store_true")
+    secret.add_argument("--password-ref", metavar="env:NAME|file:PATH",
+                        help="keep the password out of the database: each daemon reads it "
+                        "where it runs (a systemd credential, a container secret)")
     cadd.add_argument("--max-connections", type=_connections)
     cset = cred.add_parser("set", help="change an account's connections, or take it out of "
                            "use and back (its secret kept)")

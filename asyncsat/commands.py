@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from asyncsat import checksums, daemon, intake, provider_settings
+from asyncsat import checksums, daemon, intake, provider_settings, secret_refs
 from asyncsat.auth.hosts import sends_login
 from asyncsat.catalogs.base import Filter, Query, parse_bbox, parse_time
 from asyncsat.catalogs.ftp_tree import layout
@@ -247,15 +247,17 @@ async def credential_add(args: argparse.Namespace, settings: Settings, redactor:
         # command of its own) or break the Basic header
         raise UsageError(f"invalid user {args.user!r}: give a name without control "
                          "characters")
-    secret = _read_secret(args)
+    ref = secret_refs.check(args.password_ref) if args.password_ref else None
+    secret = "" if ref else _read_secret(args)
     redactor.add_login(args.user, secret)
     async with daemon.connection(settings) as conn:
         provider = await queries.provider_get(conn, args.provider)
         if provider is None:
             raise UsageError(f"unknown provider {args.provider!r}")
         await queries.credential_upsert(conn, provider.id, args.user, secret,
-                                        args.max_connections)
-    print(f"credential {args.user} for {args.provider} saved")
+                                        args.max_connections, secret_ref=ref)
+    print(f"credential {args.user} for {args.provider} saved"
+          + (f" (its password is read from {ref} where a daemon runs)" if ref else ""))
     return 0
 
 
@@ -300,14 +302,15 @@ async def credential_list(args: argparse.Namespace, settings: Settings, redactor
     async with daemon.connection(settings) as conn:
         rows = await queries.credential_list(conn)
     if args.json:
-        _emit([{k: r[k] for k in ("provider", "user", "max_connections", "enabled")}
-               for r in rows])
+        _emit([{k: r[k] for k in ("provider", "user", "max_connections", "enabled",
+                                  "secret_ref")} for r in rows])
         return 0
     if not rows:
         print("no credentials")
     for r in rows:
         state = "enabled" if r["enabled"] else "disabled"
-        print(f"{r['provider']:<24} {r['user']:<24} {r['max_connections']:>3} connections  {state}")
+        print(f"{r['provider']:<24} {r['user']:<24} {r['max_connections']:>3} connections  {state}"
+              + (f"  (password from {r['secret_ref']})" if r["secret_ref"] else ""))
     return 0
 
 

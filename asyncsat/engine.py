@@ -697,21 +697,24 @@ class Engine:
             await asyncio.wait([turn.wait])
         await self.leases.release(lease, d.id)
 
+    def _auth(self, d: Download, lease: Lease, provider: Provider, bound: Any) -> Auth:
+        """How a transfer logs in: the download's own login (a URL's userinfo), else its
+        account's, on the provider's own servers only (`sends_login`: a row whose URL is
+        on another server, whoever queued it, is fetched without it)."""
+        if d.login_user:
+            return self.auths.for_account(provider, f"login:{d.login_user}", d.login_user,
+                                          d.login_secret)
+        if d.product_id is None and lease.login.user and not sends_login(provider, d.url):
+            bound.warning("the account's login is not sent to a server outside the "
+                          "provider's: fetched without it", host=urlsplit(d.url).netloc)
+            return ANONYMOUS
+        return self.auths.for_account(provider, lease.account, lease.login.user,
+                                      lease.login.secret)
+
     async def _transfer(self, d: Download, lease: Lease, turn: _Turn, bound: Any) -> bool:
         """Run one download; True when its slot went on to the next one."""
         provider = self._providers[d.provider_id]
-        if d.login_user:  # the download's own login (a URL's userinfo)
-            auth = self.auths.for_account(provider, f"login:{d.login_user}", d.login_user,
-                                          d.login_secret)
-        elif d.product_id is None and lease.login.user and not sends_login(provider, d.url):
-            # (a row of the provider's whose URL is on another server: its account's login
-            # is not sent there, whoever queued it)
-            auth = ANONYMOUS
-            bound.warning("the account's login is not sent to a server outside the "
-                          "provider's: fetched without it", host=urlsplit(d.url).netloc)
-        else:
-            auth = self.auths.for_account(provider, lease.account, lease.login.user,
-                                          lease.login.secret)
+        auth = self._auth(d, lease, provider, bound)
         folder = Path(d.dest or self.settings.default_dest) / d.provider
         attempt = Attempt(start_size=d.bytes_done, size=d.bytes_done)
         events = _RowEvents(self, d, bound, lease, turn)
@@ -724,6 +727,9 @@ class Engine:
         try:
             if d.dest and not folder.is_absolute():  # (a psql row's)
                 raise TransferError(f"dest {d.dest!r} is not an absolute path")
+            if lease.login.unreadable and not d.login_user and auth is not ANONYMOUS:
+                # (never fetched without the login it needs)
+                raise RetryableError(lease.login.unreadable)
             source = Source(d.url, auth)
             if d.product_id is not None and self.catalogs.prepares(provider):
                 source = await self.catalogs.for_provider(provider).prepare(d, auth)

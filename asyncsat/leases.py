@@ -15,10 +15,16 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
+import structlog
+
+from asyncsat import secret_refs
 from asyncsat.db import queries
 from asyncsat.db.store import Store
+from asyncsat.errors import AsyncsatError
 from asyncsat.logs import Redactor
 from asyncsat.models import Credential, Provider
+
+log = structlog.get_logger()
 
 ANONYMOUS = "anonymous"
 ANONYMOUS_CONNECTIONS = 4
@@ -30,6 +36,9 @@ class Login:
 
     user: str | None
     secret: str | None = field(repr=False)
+    unreadable: str | None = None
+    """Why its secret, kept by reference (`env:`, `file:`), could not be read here: a
+    request of the account fails saying so (it never goes out without its login)."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,8 @@ class Accounts:
     def load(self, provider: Provider, credentials: list[Credential]) -> None:
         enabled = [c for c in credentials if c.enabled]
         for c in enabled:
-            self._redactor.add_login(c.username, c.secret)
-            self._logins[f"credential:{c.id}"] = Login(c.username, c.secret)
+            self._logins[f"credential:{c.id}"] = login = self._login(provider, c)
+            self._redactor.add_login(c.username, login.secret)
         if enabled:
             caps = {f"credential:{c.id}": c.max_connections for c in enabled}
         else:
@@ -65,6 +74,22 @@ class Accounts:
             caps = {ANONYMOUS: cap if ok and isinstance(cap, int) else ANONYMOUS_CONNECTIONS}
         self._caps[provider.id] = sum(caps.values())
         self._account_caps[provider.id] = caps
+
+    def _login(self, provider: Provider, c: Credential) -> Login:
+        """A credential's login, its secret read now when it is kept by reference (at each
+        load: a rotated file or a daemon's new environment is taken up)."""
+        if c.secret_ref is None:
+            return Login(c.username, c.secret)
+        try:
+            return Login(c.username, secret_refs.read(c.secret_ref))
+        except AsyncsatError as exc:
+            why = (f"the secret of credential {c.username} of {provider.name} "
+                   f"({c.secret_ref}) cannot be read here: {exc.message}")
+            account = f"credential:{c.id}"
+            if self._logins.get(account, Login(None, None)).unreadable != why:
+                log.error("credential secret unreadable", provider=provider.name,
+                          user=c.username, ref=c.secret_ref, error=exc.message)
+            return Login(c.username, None, unreadable=why)
 
     def login(self, account: str) -> Login:
         """The login of an account (anonymous for one unknown: a credential removed)."""

@@ -38,6 +38,8 @@ class Credential:
     secret: str | None = field(repr=False)
     max_connections: int
     enabled: bool = True
+    secret_ref: str | None = None
+    """`env:NAME` or `file:PATH`: the secret, read where the daemon runs (`secret_refs`)."""
 
 
 @dataclass(frozen=True)

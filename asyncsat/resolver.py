@@ -251,6 +251,8 @@ class Resolver:
                 auth = self._auths.for_account(provider, f"login:{login.user}", login.user,
                                                login.password)
             else:
+                if lease.login.unreadable:  # (never asked without its login)
+                    raise RetryableError(lease.login.unreadable)
                 auth = self._auths.for_account(provider, lease.account, lease.login.user,
                                                lease.login.secret)
             stream = self._products(catalog, request, provider, auth)

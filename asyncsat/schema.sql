@@ -191,6 +191,16 @@ CREATE INDEX IF NOT EXISTS request_download_download_idx ON request_download (do
 -- tests/integration/test_plans.py)
 CREATE INDEX IF NOT EXISTS download_status_idx ON download (status, id);
 
+-- 9: a credential's secret kept out of the database: `env:NAME` or `file:PATH` (first line),
+-- read by each daemon where it runs (`secret` is then empty): `credential add
+-- --password-ref`
+ALTER TABLE credential ADD COLUMN IF NOT EXISTS secret_ref text;
+DO $$ BEGIN
+    ALTER TABLE credential ADD CONSTRAINT credential_secret_ref_check
+        CHECK (secret_ref ~ '^(env|file):.');
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+
 -- 0.4: a paused provider starts no transfer (running ones finish); `provider pause NAME`,
 -- or plain `UPDATE provider SET paused = true`: the provider_notify trigger tells the daemon
 ALTER TABLE provider ADD COLUMN IF NOT EXISTS paused boolean NOT NULL DEFAULT false;
@@ -862,5 +872,5 @@ CREATE TABLE IF NOT EXISTS asyncsat_schema (
     one     boolean PRIMARY KEY DEFAULT true CHECK (one),
     version integer NOT NULL
 );
-INSERT INTO asyncsat_schema (version) VALUES (8)
+INSERT INTO asyncsat_schema (version) VALUES (9)
     ON CONFLICT (one) DO UPDATE SET version = greatest(asyncsat_schema.version, EXCLUDED.version);

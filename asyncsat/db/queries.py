@@ -149,14 +149,18 @@ async def paused_waiting(db: Any, request_id: int | None = None) -> list[tuple[s
 
 
 async def credential_upsert(
-    db: Any, provider_id: int, username: str, secret: str, max_connections: int | None
+    db: Any, provider_id: int, username: str, secret: str, max_connections: int | None,
+    *, secret_ref: str | None = None,
 ) -> None:
+    """An account added, or its secret replaced (by a value, or by a reference: `secret`
+    is then empty)."""
     await db.execute(
-        "INSERT INTO credential (provider_id, username, secret, max_connections)"
-        " VALUES ($1, $2, $3, coalesce($4, 2))"
+        "INSERT INTO credential (provider_id, username, secret, max_connections, secret_ref)"
+        " VALUES ($1, $2, $3, coalesce($4, 2), $5)"
         " ON CONFLICT (provider_id, username) DO UPDATE SET secret = EXCLUDED.secret,"
+        " secret_ref = EXCLUDED.secret_ref,"
         " max_connections = coalesce($4, credential.max_connections), enabled = true",
-        provider_id, username, secret, max_connections,
+        provider_id, username, secret, max_connections, secret_ref,
     )
 
 
@@ -240,7 +244,8 @@ async def credential_remove(db: Any, provider_id: int, username: str) -> bool:
 
 async def credential_list(db: Any) -> list[dict[str, object]]:
     rows = await db.fetch(
-        "SELECT c.id, p.name AS provider, c.username AS user, c.max_connections, c.enabled"
+        "SELECT c.id, p.name AS provider, c.username AS user, c.max_connections, c.enabled,"
+        " c.secret_ref"
         " FROM credential c JOIN provider p ON p.id = c.provider_id ORDER BY p.name, c.username"
     )
     return [dict(r) for r in rows]
@@ -255,6 +260,7 @@ async def accounts(db: Any) -> list[tuple[Provider, list[Credential]]]:
         by_provider.setdefault(r["provider_id"], []).append(Credential(
             id=r["id"], provider_id=r["provider_id"], username=r["username"],
             secret=r["secret"], max_connections=r["max_connections"], enabled=r["enabled"],
+            secret_ref=r["secret_ref"],
         ))
     return [(p, by_provider.get(p.id, [])) for p in providers]
 

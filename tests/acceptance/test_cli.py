@@ -38,6 +38,8 @@ async def _count(dsn: str) -> int:
      "--max-connections", "-1"],
     ["credential", "add", "hub", "--user", "u", "--password-file", "/nonexistent/pw"],
     ["credential", "add", "hub", "--user", "u", "--password-env", "ASYNCSAT_TEST_UNSET"],
+    ["credential", "add", "hub", "--user", "u", "--password-ref", "vault:x"],
+    ["credential", "add", "hub", "--user", "u", "--password-ref", "file:relative/pw"],
     ["provider", "add", "bad/name", "--protocol", "http"],
     ["provider", "add", "x", "--protocol", "gopher"],
     ["provider", "add", "x", "--protocol", "http", "--url", "nota url"],

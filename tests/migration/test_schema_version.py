@@ -38,6 +38,7 @@ KNOWN = {
     6: "24c55228d143a8033f8c76c7f0dafc57ee7fc1caa6dff0498dbbf20ea72b6185",
     7: "e9aeed0336a10ffa8cab4f0fe6e5b18cc1078d12b7853cb483a268ed2fcc88e7",
     8: "d8f75d737fce18cce3e5c676d8ebcda76f835fd79b08cd1c89bfbd7d6eb36881",
+    9: "d54463bd1fcf542bea0804f0de1f0308e3d0a2102773d7e676d0e42f21ff8f6c",
 }
 """schema.sql's SHA-256 for each version (append-only): a change of the file must raise its
 version."""
