@@ -187,7 +187,7 @@ def _what(r: dict[str, Any]) -> str:
 
 def _tail(text: str, width: int) -> str:
     """`text` in `width` characters, its end kept (a URL's file name is at its end)."""
-    return text if len(text) <= width else "…" + text[-(width - 1):]
+    return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
 def requests_lines(rows: Sequence[dict[str, Any]]) -> str:

@@ -338,4 +338,4 @@ async def test_a_request_of_urls_shows_its_products_provider_and_its_first_url(
                                      home=home)).stdout.splitlines()
     assert table[3].endswith(f"{server.url('a.bin')} (+1 more)"), table
     assert f" 127.0.0.1_{server.port} " in table[3]
-    assert table[4].endswith("…" + long[-59:]), table
+    assert table[4].endswith("..." + long[-57:]), table
