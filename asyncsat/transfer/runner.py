@@ -10,12 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import structlog
+
 from asyncsat.errors import PermanentError, RetryableError, SizeError
 from asyncsat.models import Checksum
 from asyncsat.naming import name_from_url, sanitize
 from asyncsat.tasks import run_to_end
 from asyncsat.transfer.base import Driver, Opened, Source, Validator
 from asyncsat.transfer.files import NameTaken, PartFile, synced
+
+log = structlog.get_logger()
 
 HOLD_MOST = 1 << 20
 """The largest file held (`chunk_size`, if smaller)."""
@@ -350,6 +354,10 @@ async def _stream(opened: Opened, chunks: AsyncIterator[bytes], part: PartFile,
         part.close()
         raise RetryableError(f"the server resumed at byte {opened.offset}, not {ask}")
     start = opened.offset
+    if offset and not start:  # (the row's ids are in the task's log context)
+        log.warning("download restarted from zero", kept=offset,
+                    reason="the server sent the file from its start (it does not resume, "
+                    "or the file changed there)")
     if overlap and opened.offset == ask:
         chunks = _after_overlap(chunks, part.read(ask, overlap), part)
         start = offset

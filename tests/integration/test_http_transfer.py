@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from asyncsat import daemon
 from asyncsat.config import Settings
@@ -82,12 +83,16 @@ async def test_server_ignoring_range_restarts_from_zero(server: FileServer, dsn:
     data = os.urandom(1_000_000)
     server.add("b.zip.bin", data, drop_after=[400_000], ignore_range=True)
     await queue(dsn, server.url("b.zip.bin"))
-    await drain(settings)
+    with structlog.testing.capture_logs() as logs:
+        await drain(settings)
 
     assert _final(settings, _provider(server), "b.zip.bin").read_bytes() == data
     gets = _gets(server, "b.zip.bin")
     assert gets[1]["range"] == "bytes=400000-"  # asked to resume, got a 200: not appended
     assert server.bytes_sent == 400_000 + len(data)
+    # said when it happens, not only by the `done` line's `restarted`
+    [restart] = [e for e in logs if e["event"] == "download restarted from zero"]
+    assert restart["kept"] == 400_000 and restart["log_level"] == "warning"
 
 
 async def test_changed_etag_restarts_with_the_new_file(server: FileServer, dsn: str,
