@@ -23,8 +23,9 @@ MASK = "***"
 _PATTERNS = (
     re.compile(r"(?P<keep>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@"),
     re.compile(
-        # (a name, not the end of a word or of a path: `/etc/passwd: x` holds no secret)
-        r"(?P<keep>(?i:(?<![a-z0-9/])(?:access_token|refresh_token|token|password|passwd|pwd|"
+        # (a name, not the end of a path: `/etc/passwd: x` holds no secret; the end of a
+        # word is one: `PGPASSWORD=`, `accessToken`, `clientSecret`, `apitoken=`)
+        r"(?P<keep>(?i:(?<!/)(?:access_token|refresh_token|token|password|passwd|pwd|"
         r"secret|apikey|api_key|client_secret|x-auth-token|x-amz-signature|x-amz-credential|"
         r"x-amz-security-token|x-goog-signature|x-goog-credential|sig|signature|__token__|hdnts)"
         r"[\"']?\s*[=:]\s*[\"']?))[^&\s\"',;}]+"

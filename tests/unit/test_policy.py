@@ -276,3 +276,16 @@ def test_redactor_leaves_a_path_or_a_word_that_ends_like_a_secrets_name() -> Non
         assert r(text) == text
     assert r("db_password=swordfish") == "db_password=***"
     assert r('{"password": "x1"}') == '{"password": "***"}'
+
+
+def test_redactor_masks_a_secrets_name_at_the_end_of_a_word() -> None:
+    """A name joined to a word before it is still a secret's (camelCase JSON, an
+    environment variable, a vendor's query parameter): the redactor caught these before it
+    left the end of a word alone."""
+    r = Redactor()
+    assert r("PGPASSWORD=hunter2 psql") == "PGPASSWORD=*** psql"
+    assert r('{"accessToken": "abc123", "idToken": "t2"}') == \
+        '{"accessToken": "***", "idToken": "***"}'
+    assert r("https://h.example/x?apitoken=abc123") == "https://h.example/x?apitoken=***"
+    assert r("clientSecret=abc123") == "clientSecret=***"
+    assert r("https://h.example/p?a=1&sessionToken=s3") == "https://h.example/p?a=1&sessionToken=***"
