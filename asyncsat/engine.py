@@ -706,7 +706,8 @@ class Engine:
                                           d.login_secret)
         if d.product_id is None and lease.login.user and not sends_login(provider, d.url):
             bound.warning("the account's login is not sent to a server outside the "
-                          "provider's: fetched without it", host=urlsplit(d.url).netloc)
+                          "provider's: fetched without it",
+                          host=urlsplit(d.url).netloc.rpartition("@")[2])  # (no userinfo)
             return ANONYMOUS
         return self.auths.for_account(provider, lease.account, lease.login.user,
                                       lease.login.secret)

@@ -72,3 +72,25 @@ async def test_a_row_with_a_url_off_its_providers_servers_goes_without_the_login
         assert warned["level"] == "warning" and warned["host"] == f"127.0.0.1:{other.port}"
     finally:
         await other.stop()
+
+
+async def test_the_warning_of_a_row_off_its_providers_servers_shows_no_login_in_its_url(
+        server: FileServer, dsn: str, tmp_path: Path) -> None:
+    """A psql row whose URL holds a login of its own (`user:pw@host`), off the provider's
+    servers: the warning names the host, not the login (its `host` field was the URL's
+    whole netloc, userinfo and all, which no redaction pattern matches)."""
+    other = await FileServer().start()
+    try:
+        other.add("h.bin", os.urandom(2000))
+        await add_provider(dsn, "files", server.base, credentials=[("alice", "s3cret-pw", 2)])
+        url = other.url("h.bin", user="bob", password="bobs-own-pw")
+        await sql(dsn, "INSERT INTO download (provider_id, url, dest) SELECT id, $1, $2"
+                  " FROM provider WHERE name = 'files'", url, str(tmp_path / "d"))
+        run = await asyncio.to_thread(cli, "run", "--exit-when-idle", dsn=dsn, home=tmp_path)
+        assert run.returncode == 0, run.stderr
+        [warned] = [json.loads(line) for line in run.stdout.splitlines()
+                    if "outside the provider" in line]
+        assert warned["host"] == f"127.0.0.1:{other.port}"
+        assert "bobs-own-pw" not in run.stdout + run.stderr
+    finally:
+        await other.stop()
