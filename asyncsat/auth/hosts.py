@@ -23,7 +23,8 @@ def _origin(url: str) -> tuple[str, int | None] | None:
 
 def login_hosts(provider: Provider) -> tuple[frozenset[tuple[str, int | None]], frozenset[str]]:
     """The origins a provider's login goes to (its URL's and its `download_url`'s: host and
-    port), and the hosts its `auth_hosts` setting names (any port; `host:port` for one)."""
+    port), and the hosts its `auth_hosts` setting names (any port; `host:port` for one; an
+    IPv6 address with or without its brackets)."""
     origins = {o for u in (provider.url, provider.settings.get("download_url"))
                if isinstance(u, str) and (o := _origin(u)) is not None}
     named = provider.settings.get("auth_hosts")
@@ -42,4 +43,6 @@ def sends_login(provider: Provider, url: str) -> bool:
     if origin is None:
         return False
     host, port = origin
-    return origin in origins or host in hosts or f"{host}:{port}" in hosts
+    name = f"[{host}]" if ":" in host else host  # (an IPv6 address as a URL writes it)
+    return origin in origins or bool(
+        {host, name, f"{host}:{port}", f"{name}:{port}"} & hosts)

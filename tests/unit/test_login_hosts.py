@@ -37,3 +37,13 @@ def _provider(url: str | None, **settings: object) -> Provider:
 def test_a_login_goes_to_the_providers_own_servers_only(
         provider: Provider, url: str, sent: bool) -> None:
     assert sends_login(provider, url) is sent
+
+
+@pytest.mark.parametrize("named", ["[::1]:8768", "[::1]", "[::1]:8768".upper()])
+def test_auth_hosts_names_an_ipv6_host_as_a_url_writes_it(named: str) -> None:
+    """`get --provider` suggests `auth_hosts=["<the URL's host:port>"]`, brackets and all
+    for an IPv6 address: that entry lets the login go there (it matched only the unbracketed
+    `::1:8768`, which the suggestion never shows)."""
+    provider = _provider("http://[::1]:8765/a/", auth_hosts=[named])
+    assert sends_login(provider, "http://[::1]:8768/x")
+    assert not sends_login(provider, "http://[::2]:8768/x")
