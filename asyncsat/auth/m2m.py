@@ -17,7 +17,7 @@ import aiohttp
 
 from asyncsat.auth.base import Auth
 from asyncsat.errors import AuthError, PermanentError, RetryableError, TransferError
-from asyncsat.transfer.http import error_for_status, map_exceptions
+from asyncsat.transfer.http import error_for_status, keep_home, map_exceptions
 
 EXPIRED = frozenset({"AUTH_EXPIRED", "AUTH_KEY_INVALID"})
 """Error codes that mean: log in again."""
@@ -106,8 +106,11 @@ class ApiKeySource(Auth):
     async def _post(self, endpoint: str, body: dict[str, Any],
                     headers: dict[str, str]) -> Any:
         with map_exceptions():
-            async with self._session.post(f"{self._root}{endpoint}", json=body,
-                                          headers=headers) as response:
+            url = f"{self._root}{endpoint}"
+            home = keep_home(url, headers)  # (the key stays on the API's origin)
+            async with self._session.post(url, json=body, headers=headers,
+                                          middlewares=None if home is None else (home,)) \
+                    as response:
                 if response.status >= 400:
                     raise error_for_status(response.status, response.reason or "",
                                            response.headers.get("Retry-After"))

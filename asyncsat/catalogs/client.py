@@ -18,7 +18,7 @@ import structlog
 from asyncsat.auth.base import Auth
 from asyncsat.errors import AuthError, PermanentError, RetryableError
 from asyncsat.retry import Policy, decide
-from asyncsat.transfer.http import USER_AGENT, error_for_status, map_exceptions
+from asyncsat.transfer.http import USER_AGENT, error_for_status, keep_home, map_exceptions
 
 log = structlog.get_logger("asyncsat")
 
@@ -98,7 +98,8 @@ class JsonClient:
         with map_exceptions():
             for renewal in (True, False):
                 sent = await auth.headers()
-                async with self._http().request(method, url, headers=sent) as response:
+                async with self._http().request(method, url, headers=sent,
+                                                middlewares=_home(url, sent)) as response:
                     if response.status == 401 and renewal and auth.rejected(sent):
                         continue  # a token renewed once, the same request again
                     body = await response.content.read(4096)
@@ -109,7 +110,8 @@ class JsonClient:
     async def _once(self, method: str, url: str, headers: dict[str, str],
                     params: dict[str, str] | None, body: Any) -> tuple[int, str, str | None, bytes]:
         async with self._http().request(method, url, params=params, json=body,
-                                        headers=headers) as response:
+                                        headers=headers,
+                                        middlewares=_home(url, headers)) as response:
             buffer = bytearray()
             async for chunk in response.content.iter_chunked(1 << 16):
                 buffer += chunk
@@ -124,6 +126,13 @@ class JsonClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _home(url: str, sent: dict[str, str]) -> tuple[aiohttp.ClientMiddlewareType, ...] | None:
+    """The middleware that keeps a login header of its own (M2M's key) on `url`'s origin
+    through redirects; None (the session's: none) when the headers hold no such one."""
+    home = keep_home(url, sent)
+    return None if home is None else (home,)
 
 
 def shown(url: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -226,17 +226,19 @@ class HttpDriver:
                    ) -> aiohttp.ClientResponse:
         auth, url = source.auth, _target(source.url)
         # (None: the session's middleware; a provider that allows redirects to http: none)
-        follows = () if source.allow_insecure_redirects else None
+        follows: tuple[aiohttp.ClientMiddlewareType, ...] | None = \
+            () if source.allow_insecure_redirects else None
         sent = await auth.headers()
         response = await self._session.get(url, headers={**sent, **headers},
-                                           middlewares=follows)
+                                           middlewares=_with(follows, keep_home(url, sent)))
         if response.status == 401 and auth.rejected(sent):
             # a token that expired (or was revoked) before its time: one renewal, same
             # request; a resume goes on from the same offset under the new token
             response.release()
             sent = await auth.headers()
-            response = await self._session.get(url, headers={**sent, **headers},
-                                               middlewares=follows)
+            response = await self._session.get(
+                url, headers={**sent, **headers},
+                middlewares=_with(follows, keep_home(url, sent)))
         if response.status >= 400 and not (ok_416 and response.status == 416):
             detail = await _error_detail(response)
             response.release()
@@ -272,6 +274,38 @@ class HttpDriver:
 
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+_DROPPED = frozenset({"authorization", "cookie", "proxy-authorization"})
+"""The headers aiohttp itself leaves behind on a redirect to another origin."""
+
+
+def keep_home(url: str | yarl.URL, sent: Mapping[str, str]) -> \
+        aiohttp.ClientMiddlewareType | None:
+    """A middleware that keeps the login headers aiohttp does not know (M2M's
+    `X-Auth-Token`) on the origin of `url`: a redirect elsewhere (an object store, a CDN)
+    goes without them, as it goes without `Authorization`. None when `sent` has none."""
+    names = [n for n in sent if n.lower() not in _DROPPED]
+    if not names:
+        return None
+    home = yarl.URL(url).origin()
+
+    async def middleware(request: aiohttp.ClientRequest,
+                         handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+        if request.url.origin() != home:
+            for name in names:
+                request.headers.popall(name, None)
+        return await handler(request)
+
+    return middleware
+
+
+def _with(follows: tuple[aiohttp.ClientMiddlewareType, ...] | None,
+          home: aiohttp.ClientMiddlewareType | None) \
+        -> tuple[aiohttp.ClientMiddlewareType, ...] | None:
+    """The middlewares of a request: `follows` (None: the session's), and `home`."""
+    if home is None:
+        return follows
+    return (*((_refuse_downgrade,) if follows is None else follows), home)
 
 
 async def _refuse_downgrade(request: aiohttp.ClientRequest,
