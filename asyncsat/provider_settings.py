@@ -51,7 +51,7 @@ def _text(value: object) -> str | None:
 def _url(value: object) -> str | None:
     if isinstance(value, str):
         parts = urlsplit(value)
-        if parts.scheme in ("http", "https") and parts.hostname and not parts.username:
+        if parts.scheme in ("http", "https") and parts.hostname and "@" not in parts.netloc:
             return None
     return "an http(s):// URL with a host and no login"
 

@@ -63,6 +63,9 @@ def test_good_settings_pass(protocol: str, settings: dict[str, object]) -> None:
     ("ftp", {"collections": ["SST/*.nc"]}, "collections="),
     ("http", {"allow_insecure_redirects": "yes"}, "allow_insecure_redirects=yes"),
     ("odata", {"token_url": "not a url"}, "token_url=not a url"),
+    # a password with no user is a login too (it was taken, and shown by provider list)
+    ("odata", {"token_url": "https://:pw-only@id.example/token"}, "token_url="),
+    ("odata", {"download_url": "https://:pw-only@dl.example/odata/v1"}, "download_url="),
     ("stac", {"assets": "B04"}, "assets=B04"),
 ])
 def test_bad_settings_name_the_key(protocol: str, settings: dict[str, object],
