@@ -106,8 +106,8 @@ async def provider_set(args: argparse.Namespace, settings: Settings, redactor: R
         if args.url is not None:
             _check_url(args.url, provider.protocol)
         known = provider_settings.KEYS.get(provider.protocol, {})
-        for key in sorted(dropped):
-            if key not in known:
+        for key in sorted(dropped):  # (a key written with psql, unknown, goes too)
+            if key not in known and key not in provider.settings:
                 raise UsageError(f"unknown setting {key!r} for {provider.protocol} providers; "
                                  "known: " + ", ".join(sorted(known)))
         if args.url is not None and provider.implicit:

@@ -195,3 +195,28 @@ async def test_a_running_daemon_stops_using_a_disabled_account(
         assert sum(r["user"] == "alice" for r in server.requests) >= 6
     finally:
         await server.stop()
+
+
+async def test_provider_set_unsets_a_key_written_with_psql_that_it_does_not_know(
+        dsn: str, tmp_path: Path) -> None:
+    """A misspelt key written with psql (`UPDATE provider SET settings = settings ||
+    '{"page_sise": 50}'`, which the README shows, unchecked) is taken out with `--unset`:
+    it was refused as unknown, and every `--set` too (the settings as a whole failed to
+    validate), which left psql as the only way back."""
+    await add_provider(dsn, "hub", "https://hub.example/odata/v1", {"page_size": 50},
+                       protocol="odata")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE provider SET settings = settings || '{\"page_sise\": 50}'"
+                           " WHERE name = 'hub'")
+    finally:
+        await conn.close()
+    unset = await asyncio.to_thread(cli, "provider", "set", "hub", "--unset", "page_sise",
+                                    dsn=dsn, home=tmp_path)
+    assert unset.returncode == 0, unset.stderr
+    assert unset.stdout == "provider hub: page_sise back to its default\n"
+    assert json.loads(str((await _provider_row(dsn, "hub"))["settings"])) == {"page_size": 50}
+    # a key neither known nor set is still refused
+    bogus = await asyncio.to_thread(cli, "provider", "set", "hub", "--unset", "bogus",
+                                    dsn=dsn, home=tmp_path)
+    assert bogus.returncode == 2 and "'bogus'" in bogus.stderr
