@@ -20,15 +20,18 @@ from asyncsat.dsn import split_password
 MASK = "***"
 
 # userinfo in URLs, secret-looking query parameters and header values
+_NAMES = (r"(?:access_token|refresh_token|token|password|passwd|pwd|secret|apikey|api_key|"
+          r"client_secret|x-auth-token|x-amz-signature|x-amz-credential|x-amz-security-token|"
+          r"x-goog-signature|x-goog-credential|sig|signature|__token__|hdnts)")
 _PATTERNS = (
     re.compile(r"(?P<keep>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@"),
     re.compile(
-        # (a name, not the end of a path: `/etc/passwd: x` holds no secret; the end of a
-        # word is one: `PGPASSWORD=`, `accessToken`, `clientSecret`, `apitoken=`)
-        r"(?P<keep>(?i:(?<!/)(?:access_token|refresh_token|token|password|passwd|pwd|"
-        r"secret|apikey|api_key|client_secret|x-auth-token|x-amz-signature|x-amz-credential|"
-        r"x-amz-security-token|x-goog-signature|x-goog-credential|sig|signature|__token__|hdnts)"
-        r"[\"']?\s*[=:]\s*[\"']?))[^&\s\"',;}]+"
+        # (a name, not the end of a path followed by `:`: `/etc/passwd: x` holds no secret;
+        # the end of a word is one: `PGPASSWORD=`, `accessToken`, `clientSecret`; and a
+        # name that starts a path's segment with `=` is one: a CDN's token in the path,
+        # `/hdnts=exp=...~hmac=.../file.nc`)
+        rf"(?P<keep>(?i:(?:(?<!/){_NAMES}[\"']?\s*[=:]|(?<=/){_NAMES}=)\s*[\"']?))"
+        r"[^&\s\"',;}]+"
     ),
     re.compile(r"(?P<keep>(?i:authorization[\"']?\s*[=:]\s*[\"']?(?:basic|bearer)?\s*))[^\s\"',;}]+"),
 )

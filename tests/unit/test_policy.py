@@ -289,3 +289,14 @@ def test_redactor_masks_a_secrets_name_at_the_end_of_a_word() -> None:
     assert r("https://h.example/x?apitoken=abc123") == "https://h.example/x?apitoken=***"
     assert r("clientSecret=abc123") == "clientSecret=***"
     assert r("https://h.example/p?a=1&sessionToken=s3") == "https://h.example/p?a=1&sessionToken=***"
+
+
+def test_redactor_masks_a_token_that_starts_a_paths_segment() -> None:
+    """A CDN's token in the path (Akamai's `hdnts=` / `__token__=` segment) is a secret as
+    it is in the query: the name follows a `/`, and b76f69e left it in clear; a path that
+    ends like a name, followed by `:`, is still left alone."""
+    r = Redactor()
+    assert r("GET https://cdn.example/hdnts=exp=1~acl=*~hmac=f00d/a.nc failed") == \
+        "GET https://cdn.example/hdnts=*** failed"
+    assert r("https://cdn.example/__token__=hmac=beef/b.nc") == "https://cdn.example/__token__=***"
+    assert r("see /run/secrets/token: missing") == "see /run/secrets/token: missing"
