@@ -737,7 +737,7 @@ async def _requests(conn: Any, args: argparse.Namespace, database: str,
                 print("\x1b[H\x1b[2J", end="")
             print(f"database: {database}")
             print(await _daemon_line(conn, args.request, await _serving(conn)))
-            print(redactor(request_progress_table(rows)))
+            print(redactor(request_progress_table(rows, redactor)))
         if not args.watch:
             return 0
         sys.stdout.flush()

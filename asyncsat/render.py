@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -288,8 +288,11 @@ def request_summary(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def request_progress_table(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per request: status, products found, done, failed, bytes."""
+def request_progress_table(rows: Sequence[dict[str, Any]],
+                           redact: Callable[[str], str] = str) -> str:
+    """One line per request: status, products found, done, failed, bytes. What it asks for
+    is `redact`ed before it is cut to its end: a pre-signed URL's end is its signature,
+    which the redactor no longer knows once the name before it is cut off."""
     if not rows:
         return "no requests"
     lines = [f"{'ID':>6}  {'STATUS':<9}  {'PROVIDER':<16}  {'FOUND':>6}  {'DONE':>6}  "
@@ -299,7 +302,7 @@ def request_progress_table(rows: Sequence[dict[str, Any]]) -> str:
         size = f"{human(r['bytes_done'])}/{human(r['size'])}"
         line = (f"{r['id']:>6}  {r['status']:<9}  {(r['provider'] or '-')[:16]:<16}  "
                 f"{r['products']:>6}  {r['done']:>6}  {r['failed']:>6}  {size:<20}  "
-                f"{_tail(what, 60)}")
+                f"{_tail(redact(what), 60)}")
         if r["offline"]:
             line += f"  [{r['offline']} offline]"
         if r["next_run"]:

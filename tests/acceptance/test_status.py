@@ -339,3 +339,18 @@ async def test_a_request_of_urls_shows_its_products_provider_and_its_first_url(
     assert table[3].endswith(f"{server.url('a.bin')} (+1 more)"), table
     assert f" 127.0.0.1_{server.port} " in table[3]
     assert table[4].endswith("..." + long[-57:]), table
+
+
+async def test_status_requests_shows_no_signature_of_a_long_presigned_url(
+        dsn: str, tmp_path: Path) -> None:
+    """A request of a pre-signed URL longer than the column: its end is shown, and that end
+    is the signature. It is masked before the URL is cut (cut first, the name before it was
+    gone and the redactor had nothing to find: the signature was printed)."""
+    signature = "f" * 40 + "0123456789abcdef0123"
+    url = ("https://bucket.example.org/S2/a.zip?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+           f"&X-Amz-Expires=3600&X-Amz-Signature={signature}")
+    await sql(dsn, "INSERT INTO request (urls) VALUES ($1)", [url])
+    for args in (["status", "--requests"], ["status"]):
+        shown = await asyncio.to_thread(cli, *args, dsn=dsn, home=tmp_path / "h")
+        assert shown.returncode == 0, shown.stderr
+        assert signature[-20:] not in shown.stdout, shown.stdout
