@@ -134,7 +134,11 @@ _UNSET = object()
 
 
 def _check_url(url: str, protocol: str) -> None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises for a port out of range or not a number)
+    except ValueError:
+        parts = urlsplit("")
     if parts.scheme not in ("http", "https", "ftp", "ftps") or not parts.hostname:
         raise UsageError(f"invalid provider URL {url!r}: use http(s):// or ftp:// with a host")
     ftp = parts.scheme in ("ftp", "ftps")

@@ -37,7 +37,8 @@ def sends_login(provider: Provider, url: str) -> bool:
     URL on one of its servers (`login_hosts`). A provider with none (no URL, no
     `auth_hosts`) has no servers of its own: the user binds each URL to it."""
     origins, hosts = login_hosts(provider)
-    if not origins and not hosts:
+    if not origins and not hosts and not provider.url and \
+            not provider.settings.get("download_url"):  # (a URL that cannot be read: none)
         return True
     origin = _origin(url)
     if origin is None:

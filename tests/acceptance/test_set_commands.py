@@ -53,6 +53,11 @@ async def test_provider_set_changes_in_place_and_bad_input_changes_nothing(
         (["hub", "--set", "page_size=3", "--unset", "page_size"], "both set and unset"),
         (["hub", "--url", "nota url"], "invalid provider URL"),
         (["hub", "--url", "https://me:pw@hub.example/"], "credential"),
+        # a port out of range, a bracket left open: refused as any bad URL (the first was
+        # taken, and a URL that cannot be read gave the provider no server of its own: its
+        # accounts' login went to any URL; the second ended 1, ValueError)
+        (["hub", "--url", "https://hub.example:99999/odata/v1"], "invalid provider URL"),
+        (["hub", "--url", "https://[::1/odata/v1"], "invalid provider URL"),
         (["hub", "--url", "https://OTHER.example/data"], "provider other already has"),
         # (the last key is bad: nothing of the first is written either)
         (["hub", "--set", "page_size=7", "--set", "backoff_max=-1"], "backoff_max=-1"),

@@ -47,3 +47,11 @@ def test_auth_hosts_names_an_ipv6_host_as_a_url_writes_it(named: str) -> None:
     provider = _provider("http://[::1]:8765/a/", auth_hosts=[named])
     assert sends_login(provider, "http://[::1]:8768/x")
     assert not sends_login(provider, "http://[::2]:8768/x")
+
+
+def test_a_provider_url_that_cannot_be_read_sends_the_login_nowhere() -> None:
+    """A provider's URL that does not parse (written with psql: a port out of range) is no
+    provider without servers: its login goes nowhere, not everywhere."""
+    provider = _provider("https://data.example.org:99999/a/")
+    assert not sends_login(provider, "https://evil.example.net/x")
+    assert not sends_login(provider, "https://data.example.org/x")
