@@ -326,7 +326,11 @@ def _dest(given: str | None, settings: Settings) -> Path:
     is the daemon's to find: it may run as another user, on another host)."""
     dest = Path(given).expanduser().absolute() if given else settings.default_dest
     for folder in (dest, *dest.parents):
-        if folder.exists():
+        try:
+            there = folder.exists()
+        except OSError:  # (this user may not look there; the daemon's user may write there)
+            break
+        if there:
             if not folder.is_dir():
                 raise UsageError(f"--dest {dest}: {folder} is a file, not a folder")
             break
