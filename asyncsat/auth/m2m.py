@@ -17,7 +17,7 @@ import aiohttp
 
 from asyncsat.auth.base import Auth
 from asyncsat.errors import AuthError, PermanentError, RetryableError, TransferError
-from asyncsat.transfer.http import error_for_status, keep_home, map_exceptions
+from asyncsat.transfer.http import error_for_status, keep_home, map_exceptions, stay_home
 
 EXPIRED = frozenset({"AUTH_EXPIRED", "AUTH_KEY_INVALID"})
 """Error codes that mean: log in again."""
@@ -108,8 +108,10 @@ class ApiKeySource(Auth):
         with map_exceptions():
             url = f"{self._root}{endpoint}"
             home = keep_home(url, headers)  # (the key stays on the API's origin)
-            async with self._session.post(url, json=body, headers=headers,
-                                          middlewares=None if home is None else (home,)) \
+            # (and the login's body, the account's token, too)
+            async with self._session.post(
+                    url, json=body, headers=headers,
+                    middlewares=(stay_home,) if home is None else (stay_home, home)) \
                     as response:
                 if response.status >= 400:
                     raise error_for_status(response.status, response.reason or "",

@@ -22,7 +22,7 @@ import aiohttp
 
 from asyncsat.auth.base import Auth
 from asyncsat.errors import AuthError, RetryableError, TransferError
-from asyncsat.transfer.http import error_for_status, map_exceptions
+from asyncsat.transfer.http import error_for_status, map_exceptions, stay_home
 
 REFUSAL_MEMORY = 30.0
 """Seconds a refused login is remembered: callers meanwhile fail at once, without asking."""
@@ -103,7 +103,8 @@ class TokenSource(Auth):
         data["client_id"] = self._client_id
         sent_at = self._clock()
         with map_exceptions():
-            async with self._session.post(self._token_url, data=data) as response:
+            async with self._session.post(self._token_url, data=data,
+                                          middlewares=(stay_home,)) as response:
                 body = await response.read()
                 if response.status >= 400:
                     raise self._error(kind, response, body)

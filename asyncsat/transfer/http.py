@@ -299,6 +299,30 @@ def keep_home(url: str | yarl.URL, sent: Mapping[str, str]) -> \
     return middleware
 
 
+async def stay_home(request: aiohttp.ClientRequest,
+                    handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+    """A middleware for requests whose body is a login (a password grant, M2M's token):
+    a redirect to another origin (another server, or http:// from https://) is refused
+    before it is followed; aiohttp would post the same body there (307, 308)."""
+    response = await handler(request)
+    if response.status not in _REDIRECTS:
+        return response
+    location = response.headers.get("Location") or response.headers.get("URI")
+    if not location:
+        return response
+    try:
+        target = request.url.join(yarl.URL(location))
+    except ValueError:
+        return response  # aiohttp refuses a Location that is not a URL by itself
+    if target.origin() != request.url.origin():
+        response.close()
+        raise PermanentError(
+            f"{_shown(request.url)} redirected the login to another server "
+            f"({_shown(target)}): it is not sent there; point the provider's setting at "
+            "that URL if it is the provider's")
+    return response
+
+
 def _with(follows: tuple[aiohttp.ClientMiddlewareType, ...] | None,
           home: aiohttp.ClientMiddlewareType | None) \
         -> tuple[aiohttp.ClientMiddlewareType, ...] | None:

@@ -106,3 +106,73 @@ async def test_a_catalog_call_redirected_elsewhere_leaves_the_api_key_home(
     assert home.seen == [("/to", "api-key-7731"), ("/json", "api-key-7731")] + \
         [("/to", "api-key-7731")] * 2
     assert other.seen == [("/json", None)] * 2
+
+
+class TokenServer:
+    """A token endpoint at /token that answers 307 to `where` (a redirect that keeps the
+    method and the body), recording every body it or its target receives."""
+
+    def __init__(self) -> None:
+        self.bodies: list[tuple[int, str]] = []
+        self.where = ""
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> TokenServer:
+        app = web.Application()
+        app.router.add_post("/token", self._token)
+        app.router.add_post("/login-token", self._token)  # (M2M's login)
+        app.router.add_post("/moved", self._moved)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def _token(self, request: web.Request) -> web.Response:
+        self.bodies.append((self.port, await request.text()))
+        raise web.HTTPTemporaryRedirect(self.where)
+
+    async def _moved(self, request: web.Request) -> web.Response:
+        self.bodies.append((self.port, await request.text()))
+        return web.json_response({"access_token": "tok-1", "expires_in": 300,
+                                  "data": "api-key-1", "errorCode": None})
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def test_a_login_posted_to_a_token_endpoint_does_not_follow_it_elsewhere() -> None:
+    """The password grant's body (the account's password) and M2M's login (its token) are
+    not posted again to another server a 307 points to: aiohttp re-sends a 307's body to
+    any origin. The same server's redirect is followed as before."""
+    import aiohttp
+
+    from asyncsat.auth.m2m import ApiKeySource
+    from asyncsat.auth.oauth import TokenSource
+    from asyncsat.errors import TransferError
+
+    home, other = await TokenServer().start(), await TokenServer().start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for target, ok in ((f"http://127.0.0.1:{home.port}/moved", True),
+                               (f"http://127.0.0.1:{other.port}/moved", False)):
+                home.where = target
+                oauth = TokenSource(session, token_url=f"http://127.0.0.1:{home.port}/token",
+                                    client_id="c", user="alice", password="pw-of-alice",
+                                    on_token=lambda _t: None)
+                m2m = ApiKeySource(session, root=f"http://127.0.0.1:{home.port}/",
+                                   user="bob", token="token-of-bob", on_key=lambda _k: None)
+                for source in (oauth, m2m):
+                    if ok:
+                        assert await source.headers()
+                    else:
+                        with pytest.raises(TransferError, match="another server"):
+                            await source.headers()
+    finally:
+        await home.stop()
+        await other.stop()
+    assert other.bodies == []
+    assert [port for port, _ in home.bodies].count(home.port) == 6
