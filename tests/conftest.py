@@ -178,7 +178,11 @@ class DaemonProcess:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float = 15) -> int:
-        return self.proc.wait(timeout=timeout)
+        """The exit code, once the lines it wrote are read (`lines`: the reader thread had
+        not always reached its last line when the process was reaped)."""
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)  # (a child that keeps its stdout: no end, 5 s)
+        return code
 
     def kill(self) -> None:
         if self.proc.poll() is None:
