@@ -414,7 +414,7 @@ async def _wait(settings: Settings, redactor: Redactor, request_id: int,
                 print(redactor(text), file=sys.stderr)
 
             settled = await daemon.wait_for_request(settings, request_id, tick=show,
-                                                    note=note, served=_serving)
+                                                    note=note, served=_watched)
             if went:  # (the database restarted meanwhile: this connection went with it)
                 conn = await stack.enter_async_context(daemon.connection(settings))
             if not settled:  # (a daemon that died: its rows are taken over as any daemon's)
@@ -806,6 +806,18 @@ async def _live(conn: Any) -> list[dict[str, Any]]:
 async def _serving(conn: Any) -> bool:
     """True while a daemon serves the database."""
     return bool(await _live(conn))
+
+
+async def _watched(conn: Any) -> bool:
+    """Whether `get --wait` still has a daemon to wait for: one serving the database, or one
+    of this host whose process runs, whatever its heartbeat's age (back from a database
+    that was away longer than its lease timeout, it has not beaten again yet)."""
+    if await _serving(conn):
+        return True
+    space = daemon.machine()
+    return bool(space) and any(
+        d["machine"] == space and daemon.process_alive(d["pid"])
+        for d in await queries.unstopped_daemons_on(conn, socket.gethostname()))
 
 
 def _daemons(live: list[dict[str, Any]]) -> str:

@@ -328,6 +328,9 @@ async def _alone(step: Callable[[], None], timeout: float) -> None:
     await asyncio.wait_for(asyncio.shield(ended), timeout)
 
 
+ALONE_GRACE = 3.0
+"""Seconds `get --wait` sees no daemon before it does the work itself: a daemon restarted
+(`systemctl restart`) is back within them."""
 LOOK_GAP = 0.05
 """Seconds at least between two looks of `get --wait` at its request while a daemon works
 it: every download's change sends a NOTIFY (hundreds a second with small files), and each
@@ -341,8 +344,9 @@ async def wait_for_request(
     served: Callable[[Any], Awaitable[bool]] | None = None,
 ) -> bool:
     """Wait until every download of a request is final (served by a running daemon):
-    True; or, with `served(connection)`, False as soon as it says no daemon serves the
-    database any more (asked once a second: the caller may do the work itself).
+    True; or, with `served(connection)`, False once it has said for `ALONE_GRACE` seconds
+    that no daemon serves the database any more (asked once a second: the caller may do
+    the work itself; a daemon restarted meanwhile is waited for).
     `tick(connection)` meanwhile, every `progress_interval` seconds (to show progress). A
     database that goes away (restarted, out of reach) is waited for, as the daemons wait
     for it, and `note(text)` tells why and when it is back; one that refuses (a login, a
@@ -383,14 +387,20 @@ async def _watch_request(conn: Any, settings: Settings, request_id: int,
     changed = asyncio.Event()
     await conn.add_listener("asyncsat_status", lambda *_a: changed.set())
     ticked = asked = float("-inf")
+    alone: float | None = None
+    """Since when no daemon has served the database."""
     while True:
         changed.clear()
         looked = time.monotonic()
         if await queries.request_settled(conn, request_id, sorted(TERMINAL)):
             return True
-        if served is not None and looked - asked >= 1.0:
+        if served is not None and looked - asked >= 0.9:  # (about once a second)
             asked = looked
-            if not await served(conn):
+            if await served(conn):
+                alone = None
+            elif alone is None:
+                alone = looked
+            elif looked - alone >= ALONE_GRACE:
                 return False
         if tick is not None and looked - ticked >= settings.progress_interval:
             await tick(conn)

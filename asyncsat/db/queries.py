@@ -802,6 +802,14 @@ async def heartbeat(db: Any, daemon_id: str, lease_seconds: float) -> set[int]:
     return {r["id"] for r in rows}
 
 
+async def unstopped_daemons_on(db: Any, host: str) -> list[dict[str, Any]]:
+    """The daemons of a host that never said they stopped, however old their heartbeat
+    (one whose database was away longer than its lease timeout is alive all the same)."""
+    rows = await db.fetch("SELECT id, pid, machine FROM daemon WHERE host = $1"
+                          " AND stopped_at IS NULL", host)
+    return [dict(r) for r in rows]
+
+
 async def live_daemons(db: Any) -> list[dict[str, Any]]:
     """The daemons whose heartbeat is younger than their lease timeout, with what each
     is doing (running downloads and the connections they hold, requests it searches or

@@ -143,3 +143,31 @@ async def test_get_wait_does_the_work_itself_when_the_daemon_it_watched_dies(
     assert final.read_bytes() == data
     resumed = [r for r in server.requests if r["range"]]
     assert len(server.requests) == 2 and resumed and resumed[0]["range"] != "bytes=0-"
+
+
+async def test_get_wait_waits_for_a_daemon_restarted_under_it(
+        server: FileServer, dsn: str, tmp_path, daemons) -> None:
+    """A daemon stopped and started again at once (`systemctl restart`): `get --wait`
+    waits for the new one, it does not take the work over (ALONE_GRACE)."""
+    import signal
+
+    from tests.conftest import DaemonProcess
+
+    first = DaemonProcess(dsn, tmp_path / "h")
+    daemons.append(first)
+    await first.wait_for(lambda line: line["event"] == "daemon started")
+    server.add("long.bin", os.urandom(3_000_000), rate=1_000_000)  # 3 s
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "asyncsat", "--dsn", dsn, "--home", str(tmp_path / "h"),
+        "get", server.url("long.bin"), "--dest", str(tmp_path / "d"), "--wait",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    await first.wait_for(lambda line: line["event"] == "download running")
+    first.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(first.wait) == 0
+    await asyncio.sleep(2.0)  # (its looks, once a second, see none for two seconds)
+    second = DaemonProcess(dsn, tmp_path / "h")
+    daemons.append(second)
+    _out, err = await asyncio.wait_for(proc.communicate(), 40)
+    assert proc.returncode == 0, err.decode()
+    assert "does the work itself" not in err.decode(), err.decode()
+    await second.wait_for(lambda line: line["event"] == "download done")
