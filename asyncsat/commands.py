@@ -126,7 +126,8 @@ async def provider_set(args: argparse.Namespace, settings: Settings, redactor: R
         f"{k} back to its default" for k in sorted(dropped) if k in provider.settings]
     print(f"provider {provider.name}: " + ("; ".join(changes) if changes else "no change")
           + ("" if not changes or url == provider.url else
-             " (downloads queued already keep their URLs)"))
+             " (downloads queued already keep their URLs; those off its servers now go "
+             "without its accounts' login)"))
     return 0
 
 
@@ -459,7 +460,8 @@ async def _logins_stay_home(conn: Any, provider: Provider,
     if away is not None and await queries.has_enabled_credential(conn, provider.id):
         host = urlsplit(away).netloc
         raise UsageError(
-            f"{away} is not on a server of provider {provider.name} ({provider.url}): its "
+            f"{away} is not on a server of provider {provider.name}"
+            + (f" ({provider.url})" if provider.url else "") + ": its "
             f"accounts' login is sent to its own servers only; to send it to {host}, "
             f"asyncsat provider set {provider.name} --set 'auth_hosts=[\"{host}\"]'")
 

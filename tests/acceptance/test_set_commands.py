@@ -74,7 +74,8 @@ async def test_provider_set_changes_in_place_and_bad_input_changes_nothing(
     assert code == 0, err
     assert out == ("provider hub: URL https://hub2.example/odata/v1/; max_connections=6; "
                    "page_size=20; max_attempts back to its default (downloads queued "
-                   "already keep their URLs)\n")
+                   "already keep their URLs; those off its servers now go without its "
+                   "accounts' login)\n")
     listed = json.loads((await asyncio.to_thread(
         cli, "provider", "list", "--json", dsn=dsn, home=tmp_path)).stdout)
     hub = next(p for p in listed if p["name"] == "hub")
