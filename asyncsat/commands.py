@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from asyncsat import checksums, daemon, intake, provider_settings, secret_refs
-from asyncsat.auth.hosts import sends_login
+from asyncsat.auth.hosts import LOGIN_SPREAD, one_server, sends_login
 from asyncsat.catalogs.base import Filter, Query, parse_bbox, parse_time
 from asyncsat.catalogs.ftp_tree import layout
 from asyncsat.catalogs.templates import split_pattern
@@ -361,6 +361,8 @@ async def get(args: argparse.Namespace, settings: Settings, redactor: Redactor) 
             await _logins_stay_home(conn, provider, urls)
         if patterns:  # the daemon lists the folders: the request waits for it, queued
             login = next((u for u in urls if u.user), None)
+            if login is not None and not one_server([u.url for u in urls]):
+                raise UsageError(LOGIN_SPREAD)
             request_id = await queries.request_insert(
                 conn, provider_id=provider.id if provider else None,
                 urls=[u.url for u in urls], search=None, dest=str(dest), checksum=None,

@@ -27,7 +27,7 @@ import structlog
 
 from asyncsat import intake
 from asyncsat.auth.base import ANONYMOUS, Auth
-from asyncsat.auth.hosts import sends_login
+from asyncsat.auth.hosts import LOGIN_SPREAD, one_server, sends_login
 from asyncsat.auth.registry import Auths
 from asyncsat.catalogs.base import Catalog, ProductRef, Query, checked
 from asyncsat.catalogs.registry import Catalogs
@@ -234,6 +234,8 @@ class Resolver:
         if request.login_user:  # a `get` keeps the login apart from the URLs
             login = SplitUrl("", request.login_user, request.login_secret)
             self._redactor.add_login(login.user, login.password)
+        if login is not None and not one_server([u.url for u in urls]):
+            raise AsyncsatError(LOGIN_SPREAD)
         return provider, login
 
     async def _ask(self, catalog: Catalog, request: Request, provider: Provider,

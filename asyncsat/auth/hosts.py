@@ -21,6 +21,16 @@ def _origin(url: str) -> tuple[str, int | None] | None:
     return parts.hostname.lower(), port if port is not None else _PORTS.get(parts.scheme)
 
 
+LOGIN_SPREAD = ("a login in the URLs of a request with a pattern goes with each of them: "
+                "give URLs of one server (host and port), or one request per server")
+
+
+def one_server(urls: list[str]) -> bool:
+    """Whether the URLs are all on one server (host and port): a login given in one of a
+    request's URLs goes with each of them."""
+    return len({_origin(u) for u in urls}) <= 1
+
+
 def login_hosts(provider: Provider) -> tuple[frozenset[tuple[str, int | None]], frozenset[str]]:
     """The origins a provider's login goes to (its URL's and its `download_url`'s: host and
     port), and the hosts its `auth_hosts` setting names (any port; `host:port` for one; an

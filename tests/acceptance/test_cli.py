@@ -49,6 +49,8 @@ async def _count(dsn: str) -> int:
     ["provider", "add", "x", "--protocol", "http", "--set", "bogus_key=1"],
     ["provider", "add", "x", "--protocol", "odata", "--url", "https://HUB.example/odata/v1"],
     ["status", "--request", "999"],
+    # a login in one URL of a pattern request would go to the other server too
+    ["get", "ftp://u:pw@a.example/x/*.nc", "ftp://b.example/y/*.nc", "--provider", "hub"],
     # a file where the folder would be (itself, or one of its parents)
     ["get", "https://ok.example/a.zip", "--dest", "/etc/passwd"],
     ["get", "https://ok.example/a.zip", "--dest", "/etc/passwd/sub/dir"],

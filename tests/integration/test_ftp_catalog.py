@@ -72,6 +72,24 @@ async def test_a_glob_request_inserted_with_psql_and_a_login_in_the_url(
     assert set(ftp.logins) == {USER}
 
 
+async def test_a_login_in_a_pattern_request_never_goes_to_another_server(
+        ftp: FtpServer, dsn: str, settings: Settings) -> None:
+    """A psql request of one provider's, a login in one of its pattern URLs and another URL
+    on another server: the login would go with both; the request fails saying so, and
+    nothing is listed."""
+    _feed(ftp)
+    await add_provider(dsn, "feeds", ftp.base, protocol="ftp")
+    with FtpServer(users={USER: PASSWORD}, anonymous=True) as other:
+        await sql(dsn, "INSERT INTO request (provider_id, urls) SELECT id, $1 FROM provider",
+                  [ftp.url("sst/2024/02/*.nc", user=USER, password=PASSWORD),
+                   other.base + "sst/*.nc"])
+        await drain(settings)
+        [req] = await sql(dsn, "SELECT status, error FROM request")
+        assert req["status"] == "failed" and req["error"].startswith(
+            "a login in the URLs of a request with a pattern goes with each of them")
+        assert not other.logins and not ftp.logins
+
+
 async def test_a_pattern_in_a_missing_folder_fails_the_request_with_its_reason(
         ftp: FtpServer, dsn: str, settings: Settings) -> None:
     _feed(ftp)
