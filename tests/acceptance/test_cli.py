@@ -143,9 +143,12 @@ async def test_provider_and_credential_lists_never_show_a_secret(dsn: str,
     listed = await asyncio.to_thread(cli, "credential", "list", "--json", dsn=dsn, home=tmp_path)
     creds = json.loads(listed.stdout)
     assert creds == [
-        {"provider": "cdse", "user": "alice", "max_connections": 4, "enabled": True},
-        {"provider": "cdse", "user": "bob", "max_connections": 2, "enabled": True},
-        {"provider": "cdse", "user": "carol", "max_connections": 2, "enabled": True},
+        {"provider": "cdse", "user": "alice", "max_connections": 4, "enabled": True,
+         "secret_ref": None},
+        {"provider": "cdse", "user": "bob", "max_connections": 2, "enabled": True,
+         "secret_ref": None},
+        {"provider": "cdse", "user": "carol", "max_connections": 2, "enabled": True,
+         "secret_ref": None},
     ]
     plain = await asyncio.to_thread(cli, "credential", "list", dsn=dsn, home=tmp_path)
     for secret in ("s3cret-from-file", "env-secret-bob", "stdin-secret"):
