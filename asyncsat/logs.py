@@ -191,6 +191,14 @@ def configure(
     root.setLevel(least)
 
 
+def reset() -> None:
+    """Undo `configure` (tests that configure logging in-process): structlog's defaults,
+    and no forwarder of library records on the root logger."""
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not isinstance(h, _Forward)]
+
+
 class _Forward(logging.Handler):
     """A library's log record (asyncpg's pool retrying a connection, aiohttp's, the
     embedded server's) as one of our events: a JSON line on stdout, redacted, its

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from aiohttp import web
 
 from asyncsat import daemon, logs
@@ -123,7 +122,7 @@ def captured_logs() -> Iterator[tuple[Redactor, io.StringIO]]:
     redactor, out = Redactor(), io.StringIO()
     logs.configure(redactor, fmt="json", level="debug", stream=out)
     yield redactor, out
-    structlog.reset_defaults()
+    logs.reset()
 
 
 def _final(settings: Settings, name: str, provider: str = "local") -> Path:

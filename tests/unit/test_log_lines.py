@@ -33,9 +33,7 @@ def out() -> Iterator[CountingStream]:
     stream = CountingStream()
     logs.configure(logs.Redactor(), fmt="json", level="info", stream=stream)
     yield stream
-    structlog.reset_defaults()
-    root = logging.getLogger()  # (the forwarder of library records goes with it)
-    root.handlers[:] = [h for h in root.handlers if not isinstance(h, logs._Forward)]
+    logs.reset()
 
 
 def _events(stream: io.StringIO) -> list[str]:
