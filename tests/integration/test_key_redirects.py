@@ -17,6 +17,15 @@ from asyncsat.transfer.base import Source, Validator
 from asyncsat.transfer.http import HttpDriver
 
 
+async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    """`app` on 127.0.0.1, on a port of its own: (its runner, the port)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
 class KeyAuth(Auth):
     user = "usgs-user"
 
@@ -37,11 +46,7 @@ class Server:
         app.router.add_get("/to", self._to)
         app.router.add_get("/file", self._file)
         app.router.add_get("/json", self._json)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await _serve(app)
         return self
 
     def url(self, path: str) -> str:
@@ -123,11 +128,7 @@ class TokenServer:
         app.router.add_post("/token", self._token)
         app.router.add_post("/login-token", self._token)  # (M2M's login)
         app.router.add_post("/moved", self._moved)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await _serve(app)
         return self
 
     async def _token(self, request: web.Request) -> web.Response:
